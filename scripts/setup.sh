@@ -18,7 +18,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-pip_quiet() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v '^WARNING: Location' || true; }
+pip_quiet() {
+  local log; log=$(mktemp)
+  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" >"$log" 2>&1; then
+    grep -v '^WARNING: Location' "$log" >&2; rm -f "$log"; echo "[setup] pip install $* failed" >&2; exit 1
+  fi
+  rm -f "$log"
+}
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing torch==2.13.0 (CPU build)"
   pip_quiet "torch==2.13.0"
