@@ -1,0 +1,155 @@
+"""Turn a validated Config into the objects a run needs, checking everything before any compute.
+
+Order matters: the cheap checks (data rows, domains, tokenizers, chat templates) run before any weights
+load, so a wrong config fails in seconds. Each model folder is loaded once, however many roles it plays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from opd.checks import (
+    StartupError,
+    check_domains,
+    check_output_width,
+    check_same_prompt_rendering,
+    check_same_vocabulary,
+)
+from opd.config import STUDENT_INIT, Config
+from opd.data import DataError, PromptRow, load_prompts
+from opd.models import end_of_sequence_ids, load_model, load_tokenizer, output_width, render_prompt
+from opd.objectives import Objective, build_objective
+from opd.rollout import SamplingSettings
+from opd.teachers import DomainScorer, ScoringSettings
+from opd.types import Signal
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Run:
+    student: nn.Module
+    tokenizer: object
+    rows: list[PromptRow]
+    prompt_ids: list[list[int]]  # student token ids of each dataset row's prompt
+    scorers: dict[str, DomainScorer]  # by domain
+    objective: Objective
+    sampling: SamplingSettings
+    scoring: ScoringSettings
+
+
+def assemble(config: Config, student_path: str | None = None) -> Run:
+    """Load and check everything; `student_path` overrides config.student.path (resuming a checkpoint)."""
+    objective = build_objective(config.objective)
+    rows = load_prompts(config.data.path, config.data.default_domain)
+    check_domains(rows, [t.domain for t in config.teachers], config.data.path)
+
+    tokenizer = load_tokenizer(config.student.path, key="student.path")
+    prompt_ids = []
+    for row in rows:
+        ids = render_prompt(tokenizer, row.messages, config.data.prompt_format)
+        if len(ids) > config.data.max_prompt_tokens:
+            raise DataError(
+                f"{config.data.path}: row {row.index + 1} has {len(ids)} prompt tokens, more than "
+                f"data.max_prompt_tokens={config.data.max_prompt_tokens}"
+            )
+        prompt_ids.append(ids)
+    teacher_prompts = _check_teacher_tokenizers(config, tokenizer, rows)
+
+    student = load_model(student_path or config.student.path, config.student.dtype, key="student.path", trainable=True)
+    needs_topk = Signal.TEACHER_TOPK in objective.needs or config.objective.topk > 0
+    frozen = _FrozenModels(config, tokenizer, output_width(student), needs_topk)
+    scorers = {}
+    for index, teacher in enumerate(config.teachers):
+        scorers[teacher.domain] = DomainScorer(
+            domain=teacher.domain,
+            teacher=frozen.get(teacher.path, teacher.dtype, f"teachers.{index}.path"),
+            reference=frozen.reference(teacher.reference, teacher.dtype, f"teachers.{index}.reference"),
+            reward_scale=config.lam_for(teacher),
+            teacher_prompts=teacher_prompts.get(teacher.domain),
+        )
+    eos_ids = end_of_sequence_ids(student, tokenizer)
+    sampling = SamplingSettings(
+        samples_per_prompt=config.rollout.samples_per_prompt,
+        temperature=config.rollout.temperature,
+        top_p=config.rollout.top_p,
+        max_new_tokens=config.rollout.max_new_tokens,
+        batch_size=config.rollout.batch_size,
+        end_of_sequence_ids=eos_ids,
+        pad_id=tokenizer.pad_token_id,
+    )
+    any_reference = any(s.reference is not None for s in scorers.values())
+    scoring = ScoringSettings(
+        temperature=config.score_temperature,
+        topk=config.objective.topk,
+        chunk_size=config.train.logit_chunk,
+        rows_per_forward=config.optim.micro_batch_size,
+        logprob_floor=config.objective.logprob_floor,
+        # References are scored whenever configured: the objective may use them and the implicit reward
+        # lT - lR is always logged. Set reference: null (lam = 1 only) to skip that forward pass.
+        need_reference=any_reference,
+    )
+    return Run(student=student, tokenizer=tokenizer, rows=rows, prompt_ids=prompt_ids, scorers=scorers,
+               objective=objective, sampling=sampling, scoring=scoring)
+
+
+def _check_teacher_tokenizers(config: Config, student_tokenizer, rows) -> dict[str, dict[int, list[int]]]:
+    """Vocabulary and template checks; returns the teacher-rendered prompts of teachers with own templates."""
+    own_prompts: dict[str, dict[int, list[int]]] = {}
+    for index, teacher in enumerate(config.teachers):
+        key = f"teachers.{index}"
+        teacher_tokenizer = load_tokenizer(teacher.path, key=f"{key}.path", chat_template=teacher.chat_template)
+        check_same_vocabulary(student_tokenizer, teacher_tokenizer, key)
+        if teacher.chat_template is None:
+            check_same_prompt_rendering(student_tokenizer, teacher_tokenizer, rows, config.data.prompt_format, key,
+                                        config.data.path)
+        else:
+            own_prompts[teacher.domain] = {
+                row.index: render_prompt(teacher_tokenizer, row.messages, config.data.prompt_format)
+                for row in rows
+                if row.domain == teacher.domain
+            }
+        if teacher.reference not in (None, STUDENT_INIT):
+            reference_tokenizer = load_tokenizer(teacher.reference, key=f"{key}.reference")
+            check_same_vocabulary(student_tokenizer, reference_tokenizer, f"{key}.reference")
+    return own_prompts
+
+
+class _FrozenModels:
+    """Loads each frozen model folder once and checks its output head against the student's."""
+
+    def __init__(self, config: Config, tokenizer, student_width: int, needs_topk: bool):
+        self._config, self._tokenizer = config, tokenizer
+        self._student_width, self._needs_topk = student_width, needs_topk
+        self._loaded: dict[tuple[str, str], nn.Module] = {}
+
+    def get(self, path: str, dtype: str, key: str) -> nn.Module:
+        identity = (str(Path(path).resolve()), dtype)
+        if identity not in self._loaded:
+            model = load_model(path, dtype, key=key)
+            check_output_width(self._student_width, output_width(model), len(self._tokenizer), key, self._needs_topk)
+            self._loaded[identity] = model
+        return self._loaded[identity]
+
+    def reference(self, reference: str | None, dtype: str, key: str) -> nn.Module | None:
+        if reference is None:
+            return None
+        if reference == STUDENT_INIT:
+            # Always the initial weights, also when resuming: the reference must not move with the student.
+            return self.get(self._config.student.path, self._config.student.dtype, key)
+        return self.get(reference, dtype, key)  # a teacher-side base: the teacher's dtype
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+__all__ = ["Run", "assemble", "seed_everything", "StartupError"]

@@ -1,0 +1,332 @@
+"""The run configuration: one frozen dataclass tree, loaded from YAML plus dotted overrides.
+
+The tree is the schema, the documentation and the run record (it is written to `config.yaml` in the run
+folder). Unknown keys, wrong types and inconsistent values fail at load time with the key's dotted path
+and the file it came from: nothing is checked later inside the training loop. Checks that need the
+models or the data (vocabularies, chat templates, domains) live in `checks.py` and also run before any
+compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "token-sum"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+STUDENT_INIT = "student_init"  # reference = a frozen copy of the student's initial weights
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the dotted key and the file it came from."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    path: str  # a local Hugging Face folder (save_pretrained layout)
+    dtype: Dtype = "float32"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TeacherConfig:
+    domain: str  # prompts whose `domain` equals this are scored by this teacher
+    path: str  # local Hugging Face folder
+    dtype: Dtype = "float32"
+    lam: float | None = None  # reward scale for this domain; None = objective.lam
+    # The G-OPD reference for this domain: "student_init" (a frozen copy of the student's initial
+    # weights), a local HF folder (e.g. the teacher's pre-RL base: reward correction), or null (no
+    # reference: only allowed with lam == 1, and the implicit reward is then not logged).
+    reference: str | None = STUDENT_INIT
+    # A chat template (Jinja text, or a path to a .jinja file) the teacher renders prompts with.
+    # null: the teacher must tokenize every prompt exactly as the student does (checked at start-up).
+    chat_template: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    path: str  # .jsonl or .parquet with `prompt` (text or chat messages), optional `domain`, `answer`, `tests`
+    default_domain: str = "default"  # domain of rows that carry none
+    # chat: text prompts become one user message rendered with the chat template; raw: tokenized as is.
+    prompt_format: Literal["chat", "raw"] = "chat"
+    shuffle: bool = True
+    max_prompt_tokens: int = 1024  # longer prompts are an error naming the row, never silently cut
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RolloutConfig:
+    backend: Literal["hf"] = "hf"
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    batch_size: int = 32  # rows per generate call
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ObjectiveConfig:
+    name: Literal["opd", "gopd"] = "gopd"
+    lam: float = 1.0  # global reward scale (ALGORITHMS §1); ExOPD: 1.25
+    # Truncated importance sampling against the sampler: weight min(pi_S / pi_sampler, is_cap), detached.
+    is_cap: float = 5.0
+    clip_eps: float | None = None  # PPO clip of the ratio; None = off (one update per batch)
+    aggregation: Aggregation = "token-mean"
+    score_temperature: float | None = None  # None = the rollout temperature (ALGORITHMS §5)
+    logprob_floor: float = -30.0  # teacher / reference log-probs below this are clamped and counted
+    topk: int = 0  # teacher top-k to score; objectives that need top-k set their own minimum
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["constant", "warmup-cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # warmup-cosine decays to lr * min_lr_ratio
+    max_grad_norm: float | None = 1.0  # None = no clipping (the norm is still logged)
+    micro_batch_size: int = 8  # rows per forward/backward; the gradient does not depend on it
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+    output_dir: str = "runs/opd"
+    save_every: int = 50  # checkpoint every N steps (and at the end); 0 = only at the end
+    keep_checkpoints: int = 2
+    logit_chunk: int = 512  # tokens per output-head chunk (ALGORITHMS §6)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    student: ModelConfig
+    teachers: tuple[TeacherConfig, ...]
+    data: DataConfig
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def teacher_for(self, domain: str) -> TeacherConfig:
+        for teacher in self.teachers:
+            if teacher.domain == domain:
+                return teacher
+        raise KeyError(domain)
+
+    def lam_for(self, teacher: TeacherConfig) -> float:
+        return self.objective.lam if teacher.lam is None else teacher.lam
+
+    @property
+    def score_temperature(self) -> float:
+        return self.objective.score_temperature or self.rollout.temperature
+
+
+def validate(config: Config) -> None:
+    """Cross-field rules. Each message names the key; types were checked by the loader."""
+    problems: list[str] = []
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    require(len(config.teachers) > 0, "teachers: at least one teacher is needed")
+    domains = [teacher.domain for teacher in config.teachers]
+    duplicates = sorted({d for d in domains if domains.count(d) > 1})
+    require(not duplicates, f"teachers: domain(s) {duplicates} have more than one teacher")
+    for index, teacher in enumerate(config.teachers):
+        lam = config.lam_for(teacher)
+        where = f"teachers.{index}"
+        require(math.isfinite(lam), f"{where}.lam: must be finite, got {lam}")
+        if teacher.reference is None and lam != 1.0:
+            problems.append(
+                f"{where}.reference: lam = {lam} for domain '{teacher.domain}' needs a reference model "
+                "(G-OPD reward lam*(log pi_T - log pi_ref)); set reference to 'student_init' or a model "
+                "folder. opd never falls back to plain OPD silently."
+            )
+        if config.objective.name == "opd" and lam != 1.0:
+            problems.append(
+                f"{where}.lam: objective 'opd' ignores lam, but lam = {lam}; use objective.name=gopd"
+            )
+    rollout, objective, optim, train = config.rollout, config.objective, config.optim, config.train
+    require(rollout.prompts_per_step >= 1, "rollout.prompts_per_step: must be >= 1")
+    require(rollout.samples_per_prompt >= 1, "rollout.samples_per_prompt: must be >= 1")
+    require(rollout.temperature > 0, "rollout.temperature: must be > 0 (greedy rollouts have no log-probs to learn from)")
+    require(0 < rollout.top_p <= 1, "rollout.top_p: must be in (0, 1]")
+    require(rollout.max_new_tokens >= 1, "rollout.max_new_tokens: must be >= 1")
+    require(rollout.batch_size >= 1, "rollout.batch_size: must be >= 1")
+    require(objective.is_cap >= 1, "objective.is_cap: must be >= 1 (it caps pi_S / pi_sampler)")
+    require(objective.clip_eps is None or 0 < objective.clip_eps < 1, "objective.clip_eps: must be in (0, 1) or null")
+    require(objective.score_temperature is None or objective.score_temperature > 0,
+            "objective.score_temperature: must be > 0 or null")
+    require(objective.logprob_floor < 0, "objective.logprob_floor: must be negative")
+    require(objective.topk >= 0, "objective.topk: must be >= 0")
+    require(optim.lr > 0, "optim.lr: must be > 0")
+    require(optim.warmup_steps >= 0, "optim.warmup_steps: must be >= 0")
+    require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio: must be in [0, 1]")
+    require(optim.max_grad_norm is None or optim.max_grad_norm > 0, "optim.max_grad_norm: must be > 0 or null")
+    require(optim.micro_batch_size >= 1, "optim.micro_batch_size: must be >= 1")
+    require(train.steps >= 1, "train.steps: must be >= 1")
+    require(train.save_every >= 0, "train.save_every: must be >= 0")
+    require(train.keep_checkpoints >= 1, "train.keep_checkpoints: must be >= 1")
+    require(train.logit_chunk >= 1, "train.logit_chunk: must be >= 1")
+    require(config.data.max_prompt_tokens >= 1, "data.max_prompt_tokens: must be >= 1")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *, base: dict | None = None) -> Config:
+    """Load YAML (or start from `base`), apply `a.b.c=value` overrides, build and validate the tree."""
+    source = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        data.update(loaded)
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return build(Config, data, "")
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def apply_override(data: dict, override: str) -> None:
+    """`a.b=1` sets data['a']['b']; `teachers.0.lam=1.5` indexes lists. Values are parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like key.path=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            node = node[_list_index(part, node, here)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override '{override}': '{here}' is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(last, node, key)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(part: str, node: list, here: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override key '{here}': index {part} out of range (list has {len(node)} items)")
+    return int(part)
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types by dotted path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {[_join(where, k) for k in unknown]}; valid keys here: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required key '{_join(where, f.name)}'")
+            continue
+        kwargs[f.name] = _convert(hints[f.name], data[f.name], _join(where, f.name))
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        if where:
+            raise
+        raise ConfigError(str(error)) from None
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], item, f"{where}.{i}") for i, item in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_convert(a, item, f"{where}.{i}") for i, (a, item) in enumerate(zip(args, value, strict=True)))
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where)
+    if hint is float:
+        # YAML 1.1 reads `1e-5` as a string; accept any string Python parses as a number.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {hint}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def to_dict(config: Any) -> Any:
+    """Plain data (for YAML) from a config tree."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, tuple):
+        return [to_dict(item) for item in config]
+    return config

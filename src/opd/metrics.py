@@ -1,0 +1,85 @@
+"""What a step reports: rollout and teacher metrics of the whole batch, and combining micro-batch metrics.
+
+Names are "<area>/<name>"; how a metric combines is its `Reduce`, never parsed from its name.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from opd.aggregate import masked_mean, masked_quantile
+from opd.functional import kl_estimate
+from opd.types import Metric, Reduce, RolloutBatch, TeacherScores
+
+
+def combine(metric_sets: list[dict[str, Metric]]) -> dict[str, Metric]:
+    """Merge per-micro-batch metrics by each metric's reduction (MEAN is weighted by Metric.weight)."""
+    grouped: dict[str, list[Metric]] = defaultdict(list)
+    for metrics in metric_sets:
+        for name, metric in metrics.items():
+            grouped[name].append(metric)
+    combined = {}
+    for name, items in grouped.items():
+        reduce = items[0].reduce
+        values = [m.value for m in items]
+        if reduce is Reduce.MEAN:
+            total = sum(m.weight for m in items)
+            value = sum(m.value * m.weight for m in items) / total if total else 0.0
+            combined[name] = Metric(value=value, reduce=reduce, weight=total)
+        elif reduce is Reduce.SUM:
+            combined[name] = Metric(value=sum(values), reduce=reduce)
+        elif reduce is Reduce.MAX:
+            combined[name] = Metric(value=max(values), reduce=reduce)
+        else:
+            combined[name] = Metric(value=min(values), reduce=reduce)
+    return combined
+
+
+def rollout_metrics(
+    batch: RolloutBatch,
+    teacher: TeacherScores,
+    student_logprobs: Tensor,  # [N, T] detached, from the training forward
+    student_entropy: Tensor,  # [N, T] detached
+) -> dict[str, Metric]:
+    """Teacher KL, implicit reward per domain, lengths and entropy of the batch (both papers plot these)."""
+    sampled = batch.response_mask & ~batch.from_teacher  # KL estimators assume student-sampled tokens
+    count = float(sampled.sum())
+    lengths = batch.response_mask.sum(dim=1).float()
+    metrics = {
+        "teacher/kl_k1": Metric(value=masked_mean(kl_estimate(student_logprobs, teacher.logprobs, "k1"), sampled), weight=count),
+        "teacher/kl_k3": Metric(value=masked_mean(kl_estimate(student_logprobs, teacher.logprobs, "k3"), sampled), weight=count),
+        "teacher/floored_fraction": Metric(value=masked_mean(teacher.floored.float(), batch.response_mask), weight=count),
+        "student/entropy": Metric(value=masked_mean(student_entropy, batch.response_mask), weight=count),
+        "rollout/response_length": Metric(value=float(lengths.mean()), weight=float(len(lengths))),
+        "rollout/response_length_max": Metric(value=float(lengths.max()), reduce=Reduce.MAX),
+        "rollout/truncated_fraction": Metric(value=float(batch.truncated.float().mean()), weight=float(len(lengths))),
+        "rollout/tokens": Metric(value=float(batch.response_mask.sum()), reduce=Reduce.SUM),
+    }
+    if teacher.ref_logprobs is not None:
+        metrics.update(implicit_reward_metrics(batch, teacher))
+    return metrics
+
+
+def implicit_reward_metrics(batch: RolloutBatch, teacher: TeacherScores) -> dict[str, Metric]:
+    """lT - lR per domain: G-OPD's dense reward. A rising max/p99 at lam = 1.5 signals reward hacking."""
+    reward = teacher.logprobs - teacher.ref_logprobs
+    metrics = {}
+    for domain in sorted(set(batch.domain)):
+        in_domain = torch.tensor([d == domain for d in batch.domain]) & teacher.has_reference
+        mask = batch.response_mask & in_domain[:, None]
+        if not mask.any():
+            continue
+        count = float(mask.sum())
+        prefix = f"reward/{domain}"
+        metrics[f"{prefix}/implicit_mean"] = Metric(value=masked_mean(reward, mask), weight=count)
+        metrics[f"{prefix}/implicit_p1"] = Metric(value=masked_quantile(reward, mask, 0.01), reduce=Reduce.MIN)
+        metrics[f"{prefix}/implicit_p99"] = Metric(value=masked_quantile(reward, mask, 0.99), reduce=Reduce.MAX)
+        metrics[f"{prefix}/implicit_max"] = Metric(value=float(reward[mask].max()), reduce=Reduce.MAX)
+    return metrics
+
+
+def as_floats(metrics: dict[str, Metric]) -> dict[str, float]:
+    return {name: float(metric.value) for name, metric in sorted(metrics.items())}

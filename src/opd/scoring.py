@@ -1,0 +1,198 @@
+"""Log-probs, top-k and entropy of sampled tokens, computed from hidden states in token chunks.
+
+This module owns ALGORITHMS.md §6: the `[tokens, vocab]` logits of a batch are never materialised.
+Hidden states are taken at response positions only, flattened to `[M, H]` (M = response tokens in the
+batch), and the output head is applied `chunk_size` tokens at a time. For the student, a custom autograd
+function saves only the hidden states and recomputes each chunk's logits in the backward pass, so the
+extra memory of the loss is O(chunk_size * V) instead of O(M * V).
+
+What it leaves out: choosing which model scores which row (routing lives in `teachers.py`) and any
+loss math (objectives).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+# Teacher log-probs of -inf (a token the teacher's distribution excludes) would make the OPD advantage
+# -inf. ALGORITHMS §5: clamp to a floor and count it.
+DEFAULT_LOGPROB_FLOOR = -30.0
+
+
+def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The (weight [V, H], bias [V] | None) of a causal LM's output projection.
+
+    Heads that transform logits after the projection (soft-capping, logit scales) would make our
+    chunked log-probs differ from the model's own: refuse them instead of computing something else.
+    """
+    config = getattr(model, "config", None)
+    for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        value = getattr(config, attribute, None)
+        if value not in (None, 1, 1.0):
+            raise NotImplementedError(
+                f"{type(model).__name__} post-processes its logits (config.{attribute}={value}); "
+                "opd's chunked scorer supports plain linear output heads only"
+            )
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise NotImplementedError(
+            f"{type(model).__name__}'s output head is {type(head).__name__}, not nn.Linear; "
+            "opd's chunked scorer supports plain linear output heads only"
+        )
+    return head.weight, head.bias
+
+
+def response_hidden_states(
+    model: nn.Module,
+    prompt_ids: Tensor,  # [N, P] left-padded
+    prompt_mask: Tensor,  # [N, P] bool
+    response_ids: Tensor,  # [N, T] right-padded
+    response_mask: Tensor,  # [N, T] bool
+) -> Tensor:  # [N, T, H]: the final hidden state that predicts each response token
+    """Run the decoder body (no output head) over prompt + response."""
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
+    # Left padding: positions count real tokens only, as generation did, so scores match the sampler.
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    body = model.base_model  # the decoder without the head; its last_hidden_state is post-norm
+    outputs = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = outputs.last_hidden_state
+    prompt_width = prompt_ids.shape[1]
+    # The state at position i predicts token i + 1, so response token t is predicted at P - 1 + t.
+    return hidden[:, prompt_width - 1 : prompt_width - 1 + response_ids.shape[1]]
+
+
+def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    # At least float32 whatever the model dtype: bf16 log-probs are too coarse for KL estimates.
+    return torch.log_softmax(logits.to(score_dtype(logits.dtype)) / temperature, dim=-1)
+
+
+def score_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision models, float64 stays float64 (the tests' references use it)."""
+    return torch.promote_types(model_dtype, torch.float32)
+
+
+class _ChunkedStudentLogprobs(torch.autograd.Function):
+    """lS at target ids (and at extra gather ids) with logits recomputed chunk by chunk in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target_ids, gather_ids, temperature, chunk_size):
+        # hidden [M, H]; weight [V, H]; bias [V] | None; target_ids [M]; gather_ids [M, K] (K may be 0)
+        num_tokens, dtype = hidden.shape[0], score_dtype(hidden.dtype)
+        logprobs = hidden.new_empty(num_tokens, dtype=dtype)
+        gathered = hidden.new_empty(gather_ids.shape, dtype=dtype)
+        entropy = hidden.new_empty(num_tokens, dtype=dtype)
+        for start in range(0, num_tokens, chunk_size):
+            stop = min(start + chunk_size, num_tokens)
+            chunk_logprobs = _chunk_logprobs(hidden[start:stop], weight, bias, temperature)
+            logprobs[start:stop] = chunk_logprobs.gather(1, target_ids[start:stop, None]).squeeze(1)
+            gathered[start:stop] = chunk_logprobs.gather(1, gather_ids[start:stop].long())
+            entropy[start:stop] = -(chunk_logprobs.exp() * chunk_logprobs).sum(dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, target_ids, gather_ids)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, gathered, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_gathered, _grad_entropy):
+        hidden, weight, bias, target_ids, gather_ids = ctx.saved_tensors
+        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        # Accumulate the head's gradient in float32: summing thousands of bf16 chunk products loses bits.
+        dtype = score_dtype(hidden.dtype)
+        grad_weight = torch.zeros_like(weight, dtype=dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = None
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = torch.zeros_like(bias, dtype=dtype)
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)
+        if grad_gathered is None:
+            grad_gathered = torch.zeros(gather_ids.shape, dtype=dtype, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            stop = min(start + chunk_size, hidden.shape[0])
+            chunk_hidden = hidden[start:stop]
+            probs = _chunk_logprobs(chunk_hidden, weight, bias, temperature).exp_()
+            g_target = grad_logprobs[start:stop]
+            g_gather = grad_gathered[start:stop]
+            # d log p_i / d z_j = [i == j] - p_j, summed over every log-prob that received a gradient.
+            grad_logits = probs.mul_(-(g_target + g_gather.sum(dim=-1))[:, None])
+            grad_logits.scatter_add_(1, target_ids[start:stop, None], g_target[:, None])
+            grad_logits.scatter_add_(1, gather_ids[start:stop].long(), g_gather)
+            grad_logits = (grad_logits / temperature).to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T.to(dtype), chunk_hidden.to(dtype))
+            if grad_bias is not None:
+                grad_bias += grad_logits.to(dtype).sum(dim=0)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def student_token_logprobs(
+    hidden: Tensor,  # [M, H] with gradient
+    weight: Tensor,  # [V, H]
+    bias: Tensor | None,  # [V]
+    target_ids: Tensor,  # [M] long
+    gather_ids: Tensor | None = None,  # [M, K] ids to gather log-probs at (the teacher's top-k)
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+) -> tuple[Tensor, Tensor | None, Tensor]:  # lS [M], lS at gather_ids [M, K] | None, entropy [M] detached
+    """Differentiable student log-probs with O(chunk_size * V) extra memory in forward and backward."""
+    _check_chunk(chunk_size, temperature)
+    ids = gather_ids if gather_ids is not None else target_ids.new_empty(target_ids.shape[0], 0)
+    logprobs, gathered, entropy = _ChunkedStudentLogprobs.apply(
+        hidden, weight, bias, target_ids.long(), ids, temperature, chunk_size
+    )
+    return logprobs, (gathered if gather_ids is not None else None), entropy
+
+
+@torch.no_grad()
+def teacher_token_scores(
+    hidden: Tensor,  # [M, H]
+    weight: Tensor,  # [V, H]
+    bias: Tensor | None,  # [V]
+    target_ids: Tensor,  # [M] long
+    *,
+    topk: int = 0,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:  # log-probs [M], top-k ids [M, K] int32, top-k log-probs [M, K]
+    """Detached log-probs of the target tokens and, if topk > 0, the k most likely tokens."""
+    _check_chunk(chunk_size, temperature)
+    num_tokens, dtype = hidden.shape[0], score_dtype(hidden.dtype)
+    logprobs = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
+    topk_ids = torch.empty(num_tokens, topk, dtype=torch.int32, device=hidden.device) if topk else None
+    topk_logprobs = torch.empty(num_tokens, topk, dtype=dtype, device=hidden.device) if topk else None
+    for start in range(0, num_tokens, chunk_size):
+        stop = min(start + chunk_size, num_tokens)
+        chunk_logprobs = _chunk_logprobs(hidden[start:stop], weight, bias, temperature)
+        logprobs[start:stop] = chunk_logprobs.gather(1, target_ids[start:stop, None].long()).squeeze(1)
+        if topk:
+            values, indices = chunk_logprobs.topk(topk, dim=-1)
+            topk_ids[start:stop] = indices.to(torch.int32)
+            topk_logprobs[start:stop] = values
+    return logprobs, topk_ids, topk_logprobs
+
+
+def _check_chunk(chunk_size: int, temperature: float) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not temperature > 0:
+        raise ValueError(f"scoring temperature must be > 0, got {temperature}")
+
+
+def scatter_tokens(values: Tensor, mask: Tensor, fill: float = 0.0) -> Tensor:
+    """Put per-token values [M, ...] back at the True positions of mask [N, T] -> [N, T, ...]."""
+    out = values.new_full((*mask.shape, *values.shape[1:]), fill)
+    out[mask] = values
+    return out

@@ -1,0 +1,222 @@
+"""One on-policy distillation step, and the loop around it. Read top to bottom.
+
+    rollout (student samples)  ->  score (teachers, references)  ->  train_step (forward, loss, backward,
+    finite check, optimizer step)  ->  log  ->  maybe checkpoint
+
+Reduction happens once, in `aggregate`, with a denominator counted over the whole optimizer batch before
+the micro-batch loop: the gradient does not depend on micro_batch_size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from opd.aggregate import aggregate, count_denominator
+from opd.assemble import Run, assemble, seed_everything
+from opd.checkpoint import CheckpointRecord, latest_checkpoint, load_checkpoint_state, save_checkpoint
+from opd.config import Config, OptimConfig, to_dict
+from opd.data import prompts_for_step
+from opd.metrics import as_floats, combine, rollout_metrics
+from opd.monitor import MetricsLogger
+from opd.objectives import Objective
+from opd.rollout import rollout
+from opd.scoring import output_head, response_hidden_states, scatter_tokens, student_token_logprobs
+from opd.teachers import score_batch
+from opd.types import Metric, Reduce, RolloutBatch, Signal, StudentOutputs, TeacherScores
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepSettings:
+    aggregation: str
+    micro_batch_size: int
+    temperature: float  # the student's log-probs are taken at its sampling temperature
+    chunk_size: int
+    max_grad_norm: float | None
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainState:
+    student: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int = 0  # optimizer steps completed (skipped ones included)
+    skipped_steps: int = 0  # steps whose gradient was not finite
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def student_forward(model: nn.Module, batch: RolloutBatch, teacher: TeacherScores, objective: Objective,
+                    settings: StepSettings) -> StudentOutputs:
+    """lS of the sampled tokens (and at the teacher's top-k ids if the objective needs them), chunked."""
+    mask = batch.response_mask.to(model.device)
+    hidden = response_hidden_states(model, batch.prompt_ids.to(model.device), batch.prompt_mask.to(model.device),
+                                     batch.response_ids.to(model.device), mask)
+    weight, bias = output_head(model)
+    gather_ids = None
+    if Signal.TEACHER_TOPK in objective.needs:
+        gather_ids = teacher.topk_ids.to(model.device)[mask]
+    logprobs, topk_logprobs, entropy = student_token_logprobs(
+        hidden[mask], weight, bias, batch.response_ids.to(model.device)[mask], gather_ids,
+        temperature=settings.temperature, chunk_size=settings.chunk_size,
+    )
+    return StudentOutputs(
+        logprobs=scatter_tokens(logprobs, mask).cpu(),
+        entropy=scatter_tokens(entropy, mask).cpu(),
+        topk_logprobs=scatter_tokens(topk_logprobs, mask).cpu() if topk_logprobs is not None else None,
+    )
+
+
+def accumulate_gradients(model: nn.Module, batch: RolloutBatch, teacher: TeacherScores, objective: Objective,
+                         settings: StepSettings) -> tuple[dict[str, Metric], Tensor, Tensor]:
+    """Forward + backward over micro-batches; returns metrics and the batch's detached lS and entropy [N, T]."""
+    denominator = count_denominator(batch.response_mask, settings.aggregation)  # the whole optimizer batch
+    metric_sets, logprobs, entropies = [], [], []
+    for start in range(0, batch.num_rows, settings.micro_batch_size):
+        rows = slice(start, start + settings.micro_batch_size)
+        micro_batch, micro_teacher = select_rows(batch, rows), select_rows(teacher, rows)
+        student = student_forward(model, micro_batch, micro_teacher, objective, settings)
+        token_loss = objective(student, micro_batch, micro_teacher)
+        loss = aggregate(token_loss.per_token, micro_batch.response_mask, settings.aggregation, denominator)
+        loss.backward()
+        metric_sets.append({**token_loss.metrics, "loss": Metric(value=float(loss.detach()), reduce=Reduce.SUM)})
+        logprobs.append(student.logprobs.detach())
+        entropies.append(student.entropy)
+    return combine(metric_sets), torch.cat(logprobs), torch.cat(entropies)
+
+
+def apply_update(state: TrainState, max_grad_norm: float | None) -> dict[str, Metric]:
+    """Clip, check the gradient is finite, and step; a non-finite gradient skips the step and is counted."""
+    parameters = [p for p in state.student.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm is not None else math.inf)
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        state.optimizer.step()
+    else:
+        state.skipped_steps += 1
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return {
+        "optim/grad_norm": Metric(value=float(grad_norm), reduce=Reduce.MAX),
+        "optim/skipped_steps": Metric(value=float(state.skipped_steps), reduce=Reduce.MAX),
+        "optim/lr": Metric(value=state.optimizer.param_groups[0]["lr"], reduce=Reduce.MAX),
+    }
+
+
+def train_step(state: TrainState, batch: RolloutBatch, teacher: TeacherScores, objective: Objective,
+               settings: StepSettings) -> dict[str, Metric]:
+    """One optimizer step on a scored rollout batch."""
+    metrics, logprobs, entropy = accumulate_gradients(state.student, batch, teacher, objective, settings)
+    metrics.update(rollout_metrics(batch, teacher, logprobs, entropy))
+    metrics.update(apply_update(state, settings.max_grad_norm))
+    return metrics
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(config: Config, *, resume: bool = False) -> Path:
+    """Train the student; returns the folder of the final model (a save_pretrained folder)."""
+    run_dir = Path(config.train.output_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None and not resume:
+        raise FileExistsError(
+            f"train.output_dir: '{run_dir}' already holds checkpoints; pass --resume to continue that run, "
+            "or choose another output_dir (nothing was overwritten)"
+        )
+    seed_everything(config.train.seed)
+    run = assemble(config, student_path=str(checkpoint / "model") if checkpoint is not None else None)
+    state = TrainState(student=run.student, optimizer=build_optimizer(run.student, config.optim))
+    if checkpoint is not None:
+        record = load_checkpoint_state(checkpoint, state.optimizer)
+        state.step, state.skipped_steps = record.step, record.skipped_steps
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    settings = StepSettings(
+        aggregation=config.objective.aggregation, micro_batch_size=config.optim.micro_batch_size,
+        temperature=config.rollout.temperature, chunk_size=config.train.logit_chunk,
+        max_grad_norm=config.optim.max_grad_norm,
+    )
+    logger = MetricsLogger(run_dir, total_steps=config.train.steps, start_step=state.step,
+                           tensorboard=config.train.tensorboard, progress=config.train.progress)
+    try:
+        while state.step < config.train.steps:
+            set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)
+            values = run_one_step(run, state, config, settings)
+            logger.log(state.step, values)
+            if _should_save(state.step, config):
+                save_checkpoint(run_dir, state.student, run.tokenizer, state.optimizer,
+                                CheckpointRecord(step=state.step, skipped_steps=state.skipped_steps,
+                                                 data_position=state.step * config.rollout.prompts_per_step),
+                                keep=config.train.keep_checkpoints)
+    finally:
+        logger.close()
+    final = run_dir / "final"
+    state.student.save_pretrained(str(final))
+    run.tokenizer.save_pretrained(str(final))
+    return final
+
+
+def run_one_step(run: Run, state: TrainState, config: Config, settings: StepSettings) -> dict[str, float]:
+    started = time.perf_counter()
+    indices = prompts_for_step(len(run.rows), state.step, config.rollout.prompts_per_step, config.train.seed,
+                               config.data.shuffle)
+    batch = rollout(run.student, [run.prompt_ids[i] for i in indices], indices,
+                    [run.rows[i].domain for i in indices], run.sampling)
+    rolled = time.perf_counter()
+    teacher = score_batch(batch, run.scorers, run.scoring)
+    scored = time.perf_counter()
+    metrics = train_step(state, batch, teacher, run.objective, settings)
+    finished = time.perf_counter()
+    values = as_floats(metrics)
+    values.update({
+        "perf/rollout_seconds": rolled - started,
+        "perf/score_seconds": scored - rolled,
+        "perf/train_seconds": finished - scored,
+        "perf/tokens_per_second": float(batch.response_mask.sum()) / (finished - started),
+    })
+    return values
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, eps=config.eps,
+                             weight_decay=config.weight_decay)
+
+
+def learning_rate(config: OptimConfig, step: int, total_steps: int) -> float:
+    """constant, or linear warmup then cosine decay to lr * min_lr_ratio at the last step."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    decay_steps = max(total_steps - config.warmup_steps - 1, 1)
+    progress = min((step - config.warmup_steps) / decay_steps, 1.0)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: OptimConfig, step: int, total_steps: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step, total_steps)
+
+
+def select_rows(data, rows: slice):
+    """The same dataclass with every per-row field (tensors on dim 0, tuples) cut to `rows`."""
+    values = {}
+    for field in dataclasses.fields(data):
+        value = getattr(data, field.name)
+        values[field.name] = value[rows] if isinstance(value, (Tensor, tuple)) else value
+    return type(data)(**values)
+
+
+def _should_save(step: int, config: Config) -> bool:
+    every = config.train.save_every
+    return step == config.train.steps or (every > 0 and step % every == 0)
