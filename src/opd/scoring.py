@@ -64,11 +64,15 @@ def response_hidden_states(
 
 
 def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    # In-place where possible: each [chunk, V] temporary is the dominant memory of the whole loss.
     logits = hidden @ weight.T
     if bias is not None:
-        logits = logits + bias
+        logits += bias
     # At least float32 whatever the model dtype: bf16 log-probs are too coarse for KL estimates.
-    return torch.log_softmax(logits.to(score_dtype(logits.dtype)) / temperature, dim=-1)
+    logits = logits.to(score_dtype(logits.dtype))
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return torch.log_softmax(logits, dim=-1)
 
 
 def score_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -91,7 +95,7 @@ class _ChunkedStudentLogprobs(torch.autograd.Function):
             chunk_logprobs = _chunk_logprobs(hidden[start:stop], weight, bias, temperature)
             logprobs[start:stop] = chunk_logprobs.gather(1, target_ids[start:stop, None]).squeeze(1)
             gathered[start:stop] = chunk_logprobs.gather(1, gather_ids[start:stop].long())
-            entropy[start:stop] = -(chunk_logprobs.exp() * chunk_logprobs).sum(dim=-1)
+            entropy[start:stop] = -chunk_logprobs.exp().mul_(chunk_logprobs).sum(dim=-1)
         ctx.save_for_backward(hidden, weight, bias, target_ids, gather_ids)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
@@ -123,7 +127,9 @@ class _ChunkedStudentLogprobs(torch.autograd.Function):
             grad_logits = probs.mul_(-(g_target + g_gather.sum(dim=-1))[:, None])
             grad_logits.scatter_add_(1, target_ids[start:stop, None], g_target[:, None])
             grad_logits.scatter_add_(1, gather_ids[start:stop].long(), g_gather)
-            grad_logits = (grad_logits / temperature).to(weight.dtype)
+            if temperature != 1.0:
+                grad_logits.div_(temperature)
+            grad_logits = grad_logits.to(weight.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:stop] = grad_logits @ weight
             if grad_weight is not None:

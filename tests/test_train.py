@@ -1,0 +1,169 @@
+"""End to end on tiny real HF folders: training, metrics, multi-teacher routing, accumulation, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_config
+from transformers import AutoModelForCausalLM
+
+from opd.assemble import assemble, seed_everything
+from opd.monitor import read_metrics
+from opd.rollout import rollout
+from opd.teachers import score_batch
+from opd.train import StepSettings, accumulate_gradients, train
+
+REQUIRED_METRICS = [
+    "teacher/kl_k1", "teacher/kl_k3", "rollout/response_length", "student/entropy",
+    "optim/grad_norm", "pg/is_weight_mean", "pg/is_truncated_fraction", "optim/skipped_steps",
+    "perf/tokens_per_second", "loss", "optim/lr",
+]
+
+
+def parameters_of(folder):
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_three_steps_move_parameters_write_metrics_and_save_an_hf_folder(model_dir, prompts_file, tmp_path):
+    config = make_config(model_dir, prompts_file, tmp_path / "run", train={"tensorboard": True})
+    final = train(config)
+    before, after = parameters_of(model_dir / "student"), parameters_of(final)
+    moved = [name for name in before if not torch.equal(before[name], after[name])]
+    assert len(moved) == len(before), f"parameters that did not move: {set(before) - set(moved)}"
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for name in REQUIRED_METRICS:
+        assert all(name in r for r in records), name
+    # The implicit reward lT - lR is logged per domain present in the step's batch.
+    for record in records:
+        domains = {key.split("/")[1] for key in record if key.startswith("reward/")}
+        assert domains and domains <= {"math", "code"}
+        for domain in domains:
+            for statistic in ("implicit_mean", "implicit_p1", "implicit_p99", "implicit_max"):
+                assert f"reward/{domain}/{statistic}" in record
+    assert {key.split("/")[1] for r in records for key in r if key.startswith("reward/")} == {"math", "code"}
+    assert all(r["optim/skipped_steps"] == 0 for r in records)
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    assert (final / "tokenizer.json").is_file()
+
+
+def test_multi_teacher_routing_scores_each_row_with_its_domain_teacher(model_dir, prompts_file, tmp_path):
+    config = make_config(model_dir, prompts_file, tmp_path / "run", rollout={"prompts_per_step": 6},
+                         teachers=[{"domain": "math", "path": str(model_dir / "teacher"), "lam": 1.5},
+                                   {"domain": "code", "path": str(model_dir / "teacher_b"),
+                                    "reference": str(model_dir / "base")}])
+    seed_everything(0)
+    run = assemble(config)
+    indices = list(range(6))
+    batch = rollout(run.student, [run.prompt_ids[i] for i in indices], indices,
+                    [run.rows[i].domain for i in indices], run.sampling)
+    scores = score_batch(batch, run.scorers, run.scoring)
+    assert set(batch.domain) == {"math", "code"}
+    for row, domain in enumerate(batch.domain):
+        expected_lam = 1.5 if domain == "math" else 1.25
+        assert scores.reward_scale[row].item() == pytest.approx(expected_lam)
+        # Score this row alone with each teacher and reference: only its own domain's models match.
+        single = {d: s for d, s in run.scorers.items()}
+        own = score_batch(_one_row(batch, row), {domain: single[domain]}, run.scoring)
+        mask = batch.response_mask[row]
+        torch.testing.assert_close(scores.logprobs[row][mask], own.logprobs[0][mask])
+        torch.testing.assert_close(scores.ref_logprobs[row][mask], own.ref_logprobs[0][mask])
+        other = "code" if domain == "math" else "math"
+        foreign = score_batch(_one_row(batch, row, domain=other), {other: single[other]}, run.scoring)
+        assert not torch.allclose(scores.logprobs[row][mask], foreign.logprobs[0][mask])
+    # The code domain's reference is `base`, the math domain's the student's initial weights.
+    assert run.scorers["code"].reference is not run.scorers["math"].reference
+
+
+def _one_row(batch, row, domain=None):
+    import dataclasses
+
+    from opd.train import select_rows
+
+    single = select_rows(batch, slice(row, row + 1))
+    return dataclasses.replace(single, domain=(domain or single.domain[0],))
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "token-sum"])
+def test_gradient_accumulation_does_not_change_the_gradient(model_dir, prompts_file, tmp_path, mode):
+    config = make_config(model_dir, prompts_file, tmp_path / "run", rollout={"prompts_per_step": 4})
+    seed_everything(0)
+    run = assemble(config)
+    indices = [0, 1, 2, 3]
+    batch = rollout(run.student, [run.prompt_ids[i] for i in indices], indices,
+                    [run.rows[i].domain for i in indices], run.sampling)
+    # Rows of unequal length (a random tiny model rarely samples EOS): cut each row's mask differently.
+    lengths = torch.tensor([8, 3, 5, 1, 8, 6, 2, 7])
+    import dataclasses
+
+    batch = dataclasses.replace(batch, response_mask=torch.arange(8)[None, :] < lengths[:, None])
+    scores = score_batch(batch, run.scorers, run.scoring)
+    gradients = []
+    for micro_batch_size in (8, 2):
+        run.student.zero_grad(set_to_none=True)
+        settings = StepSettings(aggregation=mode, micro_batch_size=micro_batch_size, temperature=1.0,
+                                chunk_size=7, max_grad_norm=None)
+        accumulate_gradients(run.student, batch, scores, run.objective, settings)
+        gradients.append({n: p.grad.clone() for n, p in run.student.named_parameters()})
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[1][name], gradients[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_resume_gives_identical_weights(model_dir, prompts_file, tmp_path):
+    straight = train(make_config(model_dir, prompts_file, tmp_path / "straight", train={"steps": 4}))
+    halted = make_config(model_dir, prompts_file, tmp_path / "resumed", train={"steps": 2, "save_every": 2})
+    train(halted)
+    resumed = train(make_config(model_dir, prompts_file, tmp_path / "resumed", train={"steps": 4, "save_every": 2}),
+                    resume=True)
+    a, b = parameters_of(straight), parameters_of(resumed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    records = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    straight_records = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    assert records[3]["teacher/kl_k1"] == straight_records[3]["teacher/kl_k1"]
+
+
+def test_resume_after_a_crash_discards_unsaved_metrics_and_partial_checkpoints(model_dir, prompts_file, tmp_path):
+    config = make_config(model_dir, prompts_file, tmp_path / "run", train={"steps": 3, "save_every": 2})
+    train(config)
+    run_dir = tmp_path / "run"
+    # Simulate a crash: step 3's checkpoint half-written, and a stale step-4 record in the log.
+    (run_dir / "checkpoints" / ".partial-step_000004").mkdir()
+    with (run_dir / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_000003")
+    train(make_config(model_dir, prompts_file, tmp_path / "run", train={"steps": 4, "save_every": 2}), resume=True)
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_existing_run_without_resume_is_refused(model_dir, prompts_file, tmp_path):
+    config = make_config(model_dir, prompts_file, tmp_path / "run", train={"steps": 1})
+    train(config)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config)
+
+
+def test_non_finite_gradient_skips_the_step(model_dir, prompts_file, tmp_path, monkeypatch):
+    import opd.train as train_module
+
+    original = train_module.accumulate_gradients
+
+    def poisoned(model, *args, **kwargs):
+        result = original(model, *args, **kwargs)
+        next(model.parameters()).grad.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(train_module, "accumulate_gradients", poisoned)
+    final = train(make_config(model_dir, prompts_file, tmp_path / "run", train={"steps": 2}))
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["optim/skipped_steps"] for r in records] == [1, 2]
+    before, after = parameters_of(model_dir / "student"), parameters_of(final)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # nothing was applied
