@@ -1,0 +1,24 @@
+# The two commands of the README, and their neighbours. Each target creates .venv first if it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_FLAGS ?= -q
+
+.PHONY: env test test-slow demo clean
+
+env:
+	@bash scripts/setup.sh
+
+# The CI suite (what .ci/run calls). pytest's exit code 5 (no tests collected) fails the target.
+test: env
+	$(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
+
+# Tests too slow for CI's 20-minute budget on 2 cores.
+test-slow: env
+	$(PY) -m pytest -m slow $(PYTEST_FLAGS)
+
+# The main job on its embedded default: build two tiny models and distill one into the other (CPU).
+demo: env
+	$(VENV)/bin/opd demo
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,97 @@
+"""Config loading: unknown keys, bad values and inconsistent settings fail at load time, naming the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from opd.config import ConfigError, load_config, to_dict
+
+MINIMAL = {
+    "student": {"path": "s"},
+    "teachers": [{"domain": "default", "path": "t"}],
+    "data": {"path": "d.jsonl"},
+}
+
+
+def write(tmp_path, data):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_minimal_config_loads_with_defaults(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.objective.name == "gopd" and config.objective.lam == 1.0
+    assert config.teachers[0].reference == "student_init"
+    assert config.score_temperature == config.rollout.temperature
+    assert load_config(base=to_dict(config)) == config  # the run record round-trips
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rollout": {"temprature": 0.7}}, r"unknown key\(s\) \['rollout.temprature'\]"),
+        ({"extra_section": {}}, r"unknown key\(s\) \['extra_section'\]"),
+        ({"rollout": {"temperature": "hot"}}, r"rollout.temperature: expected a number, got 'hot'"),
+        ({"rollout": {"temperature": 0}}, r"rollout.temperature: must be > 0"),
+        ({"objective": {"aggregation": "mean"}}, r"objective.aggregation: 'mean' is not one of"),
+        ({"objective": {"name": "nope"}}, r"objective.name: 'nope' is not one of"),
+        ({"optim": {"micro_batch_size": 1.5}}, r"optim.micro_batch_size: expected an integer"),
+        ({"train": {"steps": 0}}, r"train.steps: must be >= 1"),
+        ({"teachers": []}, r"teachers: at least one teacher"),
+        ({"teachers": [{"domain": "a", "path": "t"}, {"domain": "a", "path": "u"}]}, r"more than one teacher"),
+        ({"teachers": [{"path": "t"}]}, r"missing required key 'teachers.0.domain'"),
+    ],
+)
+def test_bad_config_fails_at_load_naming_the_key_and_file(tmp_path, change, message):
+    data = {**MINIMAL, **{k: ({**MINIMAL.get(k, {}), **v} if isinstance(v, dict) else v) for k, v in change.items()}}
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(write(tmp_path, data))
+    assert "run.yaml" in str(error.value)
+
+
+def test_lam_without_reference_is_an_error_not_a_fallback(tmp_path):
+    data = {**MINIMAL, "teachers": [{"domain": "default", "path": "t", "reference": None}], "objective": {"lam": 1.25}}
+    with pytest.raises(ConfigError, match=r"teachers.0.reference: lam = 1.25 .* needs a reference model"):
+        load_config(write(tmp_path, data))
+    # Per-teacher lam counts too, and lam = 1 without a reference is fine (plain OPD).
+    data["objective"] = {"lam": 1.0}
+    assert load_config(write(tmp_path, data)).teachers[0].reference is None
+    data["teachers"][0]["lam"] = 0.5
+    with pytest.raises(ConfigError, match="lam = 0.5"):
+        load_config(write(tmp_path, data))
+
+
+def test_opd_objective_with_lam_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="objective 'opd' ignores lam"):
+        load_config(write(tmp_path, {**MINIMAL, "objective": {"name": "opd", "lam": 1.25}}))
+
+
+def test_dotted_overrides(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    config = load_config(path, ["objective.lam=1.25", "teachers.0.lam=1.5", "optim.lr=1e-5", "optim.max_grad_norm=null",
+                                "rollout.top_p=0.9"])
+    assert config.objective.lam == 1.25 and config.teachers[0].lam == 1.5
+    assert config.optim.lr == 1e-5 and config.optim.max_grad_norm is None and config.rollout.top_p == 0.9
+    with pytest.raises(ConfigError, match="index 3 out of range"):
+        load_config(path, ["teachers.3.lam=1"])
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        load_config(path, ["objective.lam"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(path, ["objective.lamda=2"])
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("student: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+
+
+def test_config_is_frozen(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL))
+    with pytest.raises(AttributeError):
+        config.objective.lam = 2.0

@@ -1,0 +1,113 @@
+"""HF-generate rollouts: sampler log-probs, end-of-sequence handling, and the checkpoint-defaults trap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from opd.models import end_of_sequence_ids, load_model, load_tokenizer, render_prompt
+from opd.rollout import SamplingSettings, left_pad, response_mask_until_end, rollout
+from opd.scoring import output_head, response_hidden_states, teacher_token_scores
+
+
+@pytest.fixture(scope="module")
+def student(model_dir):
+    return load_model(str(model_dir / "student")), load_tokenizer(str(model_dir / "student"))
+
+
+def settings_for(model, tokenizer, **overrides):
+    values = dict(samples_per_prompt=2, temperature=0.7, top_p=1.0, max_new_tokens=10, batch_size=3,
+                  end_of_sequence_ids=end_of_sequence_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
+    values.update(overrides)
+    return SamplingSettings(**values)
+
+
+def prompts(tokenizer):
+    texts = ["what is 12 + 7?", "hello", "count the letters in hello world please"]
+    return [render_prompt(tokenizer, text, "chat") for text in texts]
+
+
+def rescore(model, batch, temperature):
+    hidden = response_hidden_states(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    weight, bias = output_head(model)
+    mask = batch.response_mask
+    logprobs, _, _ = teacher_token_scores(hidden[mask], weight, bias, batch.response_ids[mask], temperature=temperature)
+    return logprobs, batch.sampler_logprobs[mask]
+
+
+def test_sampler_logprobs_equal_the_scorers_at_the_sampling_temperature(student):
+    model, tokenizer = student
+    torch.manual_seed(0)
+    batch = rollout(model, prompts(tokenizer), [0, 1, 2], ["a", "a", "b"], settings_for(model, tokenizer))
+    assert batch.num_rows == 6 and batch.prompt_index == (0, 0, 1, 1, 2, 2)
+    scored, recorded = rescore(model, batch, 0.7)
+    torch.testing.assert_close(recorded, scored, atol=1e-5, rtol=1e-5)  # left padding handled like generate
+
+
+def test_top_p_logprobs_are_of_the_truncated_distribution(student):
+    model, tokenizer = student
+    torch.manual_seed(0)
+    batch = rollout(model, prompts(tokenizer), [0, 1, 2], ["a"] * 3, settings_for(model, tokenizer, top_p=0.5))
+    scored, recorded = rescore(model, batch, 0.7)
+    assert (recorded >= scored - 1e-6).all() and (recorded > scored + 1e-3).any()  # renormalised mass
+
+
+def test_checkpoint_generation_defaults_do_not_leak_into_sampling(model_dir, tmp_path, student):
+    """A folder whose generation_config says greedy top_k=1 must still be sampled with our settings."""
+    model, tokenizer = student
+    model.generation_config = GenerationConfig(do_sample=False, top_k=1, temperature=0.01, eos_token_id=1)
+    try:
+        torch.manual_seed(0)
+        batch = rollout(model, prompts(tokenizer)[:1] * 4, [0] * 4, ["a"] * 4,
+                        settings_for(model, tokenizer, samples_per_prompt=1))
+        distinct = {tuple(row.tolist()) for row in batch.response_ids}
+        assert len(distinct) > 1  # greedy would give 4 identical rows
+    finally:
+        model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                                   pad_token_id=tokenizer.pad_token_id)
+
+
+def test_response_mask_stops_after_the_first_end_token():
+    ids = torch.tensor([[5, 6, 1, 7, 1], [5, 5, 5, 5, 5], [2, 9, 9, 9, 9]])
+    mask, truncated = response_mask_until_end(ids, (1, 2))
+    assert mask.tolist() == [[True, True, True, False, False], [True] * 5, [True, False, False, False, False]]
+    assert truncated.tolist() == [False, True, False]
+
+
+def test_end_token_rows_are_padded_and_masked(student):
+    model, tokenizer = student
+    eos = tokenizer.eos_token_id
+    # Make EOS overwhelmingly likely so responses end early and unequally.
+    head = model.get_output_embeddings()
+    original = head.weight.data[eos].clone()
+    head.weight.data[eos] = head.weight.data.mean(0) + 0.3 * head.weight.data.std()
+    try:
+        torch.manual_seed(1)
+        batch = rollout(model, prompts(tokenizer), [0, 1, 2], ["a"] * 3, settings_for(model, tokenizer, max_new_tokens=12))
+    finally:
+        head.weight.data[eos] = original
+    lengths = batch.response_mask.sum(1)
+    ended = ~batch.truncated
+    assert ended.any()
+    for row in range(batch.num_rows):
+        n = int(lengths[row])
+        if ended[row]:
+            assert batch.response_ids[row, n - 1] == eos
+        assert (batch.response_ids[row, n:] == tokenizer.pad_token_id).all()
+        assert (batch.sampler_logprobs[row, n:] == 0).all()
+
+
+def test_left_pad():
+    ids, mask = left_pad([[1, 2], [3]], pad_id=0)
+    assert ids.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[True, True], [False, True]]
+
+
+def test_unsupported_output_heads_are_refused(student):
+    model, _ = student
+    model.config.final_logit_softcapping = 30.0
+    try:
+        with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+            output_head(model)
+    finally:
+        model.config.final_logit_softcapping = None
