@@ -64,7 +64,7 @@ def test_lam_without_reference_is_an_error_not_a_fallback(tmp_path):
 
 
 def test_opd_objective_with_lam_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="objective 'opd' ignores lam"):
+    with pytest.raises(ConfigError, match=r"objective \[.opd.\] ignores lam"):
         load_config(write(tmp_path, {**MINIMAL, "objective": {"name": "opd", "lam": 1.25}}))
 
 

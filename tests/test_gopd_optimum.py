@@ -46,6 +46,7 @@ def test_gopd_converges_to_the_closed_form_optimum(lam):
         teacher = TeacherScores(
             logprobs=log_teacher[tokens][:, None], topk_ids=None, topk_logprobs=None,
             ref_logprobs=log_reference[tokens][:, None], has_reference=torch.ones(SAMPLES, dtype=torch.bool),
+            has_teacher=torch.ones(SAMPLES, dtype=torch.bool),
             reward_scale=torch.full((SAMPLES,), lam, dtype=torch.float64), floored=torch.zeros(SAMPLES, 1, dtype=torch.bool),
         )
         student = StudentOutputs(logprobs=log_student[tokens][:, None], entropy=None, topk_logprobs=None)

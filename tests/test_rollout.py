@@ -32,7 +32,7 @@ def rescore(model, batch, temperature):
     hidden = response_hidden_states(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
     weight, bias = output_head(model)
     mask = batch.response_mask
-    logprobs, _, _ = teacher_token_scores(hidden[mask], weight, bias, batch.response_ids[mask], temperature=temperature)
+    logprobs, _, _, _ = teacher_token_scores(hidden[mask], weight, bias, batch.response_ids[mask], temperature=temperature)
     return logprobs, batch.sampler_logprobs[mask]
 
 

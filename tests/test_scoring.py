@@ -64,7 +64,7 @@ def test_student_logprobs_without_gather_and_gradcheck():
 @pytest.mark.parametrize("chunk_size", [1, 4, 100])
 def test_teacher_scores_match_reference(chunk_size):
     h, w, b, targets, _ = inputs()
-    logprobs, topk_ids, topk_logprobs = teacher_token_scores(h.detach(), w.detach(), b.detach(), targets, topk=6,
+    logprobs, topk_ids, topk_logprobs, _ = teacher_token_scores(h.detach(), w.detach(), b.detach(), targets, topk=6,
                                                              temperature=0.7, chunk_size=chunk_size)
     full = torch.log_softmax((h @ w.T + b).detach() / 0.7, dim=-1)
     torch.testing.assert_close(logprobs, full.gather(1, targets[:, None]).squeeze(1))

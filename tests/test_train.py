@@ -17,7 +17,8 @@ from opd.train import StepSettings, accumulate_gradients, train
 
 REQUIRED_METRICS = [
     "teacher/kl_k1", "teacher/kl_k3", "rollout/response_length", "student/entropy",
-    "optim/grad_norm", "pg/is_weight_mean", "pg/is_truncated_fraction", "optim/skipped_steps",
+    "optim/grad_norm", "gopd/is_weight_mean", "gopd/is_truncated_fraction", "gopd/advantage_mean",
+    "gopd/advantage_std", "optim/skipped_steps", "rollout/truncated_fraction",
     "perf/tokens_per_second", "loss", "optim/lr",
 ]
 

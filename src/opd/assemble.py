@@ -22,6 +22,7 @@ from opd.checks import (
 from opd.config import STUDENT_INIT, Config
 from opd.data import DataError, PromptRow, load_prompts
 from opd.models import end_of_sequence_ids, load_model, load_tokenizer, output_width, render_prompt
+from opd.graders import Grader, build_grader
 from opd.objectives import Objective, build_objective
 from opd.rollout import SamplingSettings
 from opd.teachers import DomainScorer, ScoringSettings
@@ -38,11 +39,13 @@ class Run:
     objective: Objective
     sampling: SamplingSettings
     scoring: ScoringSettings
+    graders: dict[str, Grader]  # by domain; domains without a grader are absent
+    dataset_responses: dict[int, list[int]] | None = None  # gkd's off-policy share: row -> response ids
 
 
 def assemble(config: Config, student_path: str | None = None) -> Run:
     """Load and check everything; `student_path` overrides config.student.path (resuming a checkpoint)."""
-    objective = build_objective(config.objective)
+    objective = build_objective(config.objective, temperature=config.score_temperature)
     rows = load_prompts(config.data.path, config.data.default_domain)
     check_domains(rows, [t.domain for t in config.teachers], config.data.path)
 
@@ -57,16 +60,19 @@ def assemble(config: Config, student_path: str | None = None) -> Run:
             )
         prompt_ids.append(ids)
     teacher_prompts = _check_teacher_tokenizers(config, tokenizer, rows)
+    dataset_responses = _dataset_responses(config, tokenizer, rows) if config.objective.onpolicy_fraction < 1 else None
 
     student = load_model(student_path or config.student.path, config.student.dtype, key="student.path", trainable=True)
-    needs_topk = Signal.TEACHER_TOPK in objective.needs or config.objective.topk > 0
+    needs_topk = Signal.TEACHER_TOPK in objective.needs
     frozen = _FrozenModels(config, tokenizer, output_width(student), needs_topk)
     scorers = {}
     for index, teacher in enumerate(config.teachers):
         scorers[teacher.domain] = DomainScorer(
             domain=teacher.domain,
-            teacher=frozen.get(teacher.path, teacher.dtype, f"teachers.{index}.path"),
-            reference=frozen.reference(teacher.reference, teacher.dtype, f"teachers.{index}.reference"),
+            teacher=frozen.get(teacher.path, teacher.dtype, f"teachers.{index}.path") if teacher.path else None,
+            # Without a teacher there is no reward lT - lR to anchor: no reference either.
+            reference=frozen.reference(teacher.reference, teacher.dtype, f"teachers.{index}.reference")
+            if teacher.path else None,
             reward_scale=config.lam_for(teacher),
             teacher_prompts=teacher_prompts.get(teacher.domain),
         )
@@ -83,16 +89,32 @@ def assemble(config: Config, student_path: str | None = None) -> Run:
     any_reference = any(s.reference is not None for s in scorers.values())
     scoring = ScoringSettings(
         temperature=config.score_temperature,
-        topk=config.objective.topk,
+        topk=config.objective.topk if needs_topk else 0,
         chunk_size=config.train.logit_chunk,
         rows_per_forward=config.optim.micro_batch_size,
         logprob_floor=config.objective.logprob_floor,
         # References are scored whenever configured: the objective may use them and the implicit reward
         # lT - lR is always logged. Set reference: null (lam = 1 only) to skip that forward pass.
         need_reference=any_reference,
+        need_entropy=Signal.TEACHER_ENTROPY in objective.needs,
+        need_hidden=Signal.FULL_DISTRIBUTIONS in objective.needs,
     )
+    graders = {t.domain: build_grader(t.grader) for t in config.teachers if t.grader != "none"}
     return Run(student=student, tokenizer=tokenizer, rows=rows, prompt_ids=prompt_ids, scorers=scorers,
-               objective=objective, sampling=sampling, scoring=scoring)
+               objective=objective, sampling=sampling, scoring=scoring, graders=graders,
+               dataset_responses=dataset_responses)
+
+
+def _dataset_responses(config: Config, tokenizer, rows: list[PromptRow]) -> dict[int, list[int]]:
+    """gkd with onpolicy_fraction < 1 answers some prompts with the row's `response` (plus end of sequence)."""
+    responses = {}
+    for row in rows:
+        text = row.extra.get("response")
+        if not isinstance(text, str) or not text:
+            raise DataError(f"{config.data.path}: row {row.index + 1} has no 'response' text, which "
+                            f"objective.onpolicy_fraction={config.objective.onpolicy_fraction} needs")
+        responses[row.index] = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    return responses
 
 
 def _check_teacher_tokenizers(config: Config, student_tokenizer, rows) -> dict[str, dict[int, list[int]]]:
@@ -100,6 +122,8 @@ def _check_teacher_tokenizers(config: Config, student_tokenizer, rows) -> dict[s
     own_prompts: dict[str, dict[int, list[int]]] = {}
     for index, teacher in enumerate(config.teachers):
         key = f"teachers.{index}"
+        if teacher.path is None:
+            continue
         teacher_tokenizer = load_tokenizer(teacher.path, key=f"{key}.path", chat_template=teacher.chat_template)
         check_same_vocabulary(student_tokenizer, teacher_tokenizer, key)
         if teacher.chat_template is None:

@@ -20,6 +20,12 @@ from typing import Any, Literal
 import yaml
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "token-sum"]
+ObjectiveName = Literal[
+    "opd", "gopd", "tropd", "fkl_topk", "jsd_topk", "gkd", "eopd", "reopold", "entropy_opd", "aopd", "sft", "grpo"
+]
+GraderName = Literal["none", "exact", "math", "code"]
+# Objectives whose advantage reads lam (per domain) and therefore may need a reference model.
+_USES_LAM = ("gopd",)
 Dtype = Literal["float32", "bfloat16", "float16"]
 STUDENT_INIT = "student_init"  # reference = a frozen copy of the student's initial weights
 
@@ -37,7 +43,8 @@ class ModelConfig:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TeacherConfig:
     domain: str  # prompts whose `domain` equals this are scored by this teacher
-    path: str  # local Hugging Face folder
+    # Local Hugging Face folder. null only for objectives that need no teacher (e.g. grpo alone).
+    path: str | None
     dtype: Dtype = "float32"
     lam: float | None = None  # reward scale for this domain; None = objective.lam
     # The G-OPD reference for this domain: "student_init" (a frozen copy of the student's initial
@@ -47,6 +54,8 @@ class TeacherConfig:
     # A chat template (Jinja text, or a path to a .jinja file) the teacher renders prompts with.
     # null: the teacher must tokenize every prompt exactly as the student does (checked at start-up).
     chat_template: str | None = None
+    # How this domain's rollouts are graded (outcome reward for grpo; accuracy is logged whenever set).
+    grader: GraderName = "none"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -71,8 +80,24 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class GuidanceConfig:
+    """Teacher-prefix guidance (ALGORITHMS §3): some rollouts continue a teacher-written prefix."""
+
+    enabled: bool = False
+    fraction: float = 0.5  # of each prompt's rollouts that get a prefix (the paper does not report it)
+    beta: float = 0.001  # weight of the imitation term beta * (lT - lS) on prefix tokens
+    max_prefix_tokens: int | None = None  # start of the cosine-annealed maximum; None = rollout.max_new_tokens
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TermConfig:
+    name: ObjectiveName
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ObjectiveConfig:
-    name: Literal["opd", "gopd"] = "gopd"
+    name: ObjectiveName = "gopd"
     lam: float = 1.0  # global reward scale (ALGORITHMS §1); ExOPD: 1.25
     # Truncated importance sampling against the sampler: weight min(pi_S / pi_sampler, is_cap), detached.
     is_cap: float = 5.0
@@ -80,7 +105,35 @@ class ObjectiveConfig:
     aggregation: Aggregation = "token-mean"
     score_temperature: float | None = None  # None = the rollout temperature (ALGORITHMS §5)
     logprob_floor: float = -30.0  # teacher / reference log-probs below this are clamped and counted
-    topk: int = 0  # teacher top-k to score; objectives that need top-k set their own minimum
+    topk: int = 64  # teacher top-k, scored only for objectives that need it (eopd's sources use 16)
+    renormalize: bool = False  # renormalise the teacher's top-k probabilities in top-k forward KL
+    # tropd
+    advantage: Literal["opd", "gopd"] = "opd"  # the trust region's advantage (gopd: TrOPD x ExOPD)
+    outlier: Literal["mask", "clip", "fkl"] = "fkl"
+    clip_floor: float = -3.0  # tau of outlier=clip: A = max(lT - lS, tau); ours, the paper does not report it
+    # jsd_topk, gkd
+    jsd_beta: float = 0.5
+    gkd_beta: float = 0.5  # 0 forward KL, 1 reverse KL (TRL's convention)
+    onpolicy_fraction: float = 1.0  # gkd: share of prompts answered by the student (the rest: dataset `response`)
+    # eopd (secondary sources)
+    entropy_threshold: float = 0.8  # top-k forward KL where the teacher's entropy exceeds this
+    # reopold (secondary sources)
+    reopold_ratio: float = 0.2  # reward floor log(r / (1 - r))
+    reopold_entropy_selection: bool = False  # train only the highest-entropy tokens (entropy_fraction)
+    reopold_stage_two_step: int | None = None  # from this step on, entropy selection replaces the floor
+    # entropy_opd
+    entropy_fraction: float = 0.2  # share of the batch's tokens, by the highest student entropy, that train
+    # Extra weighted terms summed with the main objective, e.g. [{name: grpo, weight: 0.1}].
+    add: tuple[TermConfig, ...] = ()
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *(term.name for term in self.add))
+
+    @property
+    def uses_lam(self) -> bool:
+        return any(n in _USES_LAM for n in self.names) or ("tropd" in self.names and self.advantage == "gopd")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -135,6 +188,10 @@ class Config:
         return self.objective.score_temperature or self.rollout.temperature
 
 
+def _needs_teacher(objective: ObjectiveConfig) -> bool:
+    return any(name != "grpo" for name in objective.names)
+
+
 def validate(config: Config) -> None:
     """Cross-field rules. Each message names the key; types were checked by the loader."""
     problems: list[str] = []
@@ -157,10 +214,17 @@ def validate(config: Config) -> None:
                 "(G-OPD reward lam*(log pi_T - log pi_ref)); set reference to 'student_init' or a model "
                 "folder. opd never falls back to plain OPD silently."
             )
-        if config.objective.name == "opd" and lam != 1.0:
+        if not config.objective.uses_lam and lam != 1.0:
             problems.append(
-                f"{where}.lam: objective 'opd' ignores lam, but lam = {lam}; use objective.name=gopd"
+                f"{where}.lam: objective {list(config.objective.names)} ignores lam, but lam = {lam}; "
+                "use gopd (or tropd with objective.advantage=gopd)"
             )
+        if teacher.path is None and _needs_teacher(config.objective):
+            problems.append(f"{where}.path: objective {list(config.objective.names)} needs a teacher for "
+                            f"domain '{teacher.domain}'")
+        if "grpo" in config.objective.names and teacher.grader == "none":
+            problems.append(f"{where}.grader: grpo needs an outcome reward; set a grader for domain "
+                            f"'{teacher.domain}' (exact, math or code)")
     rollout, objective, optim, train = config.rollout, config.objective, config.optim, config.train
     require(rollout.prompts_per_step >= 1, "rollout.prompts_per_step: must be >= 1")
     require(rollout.samples_per_prompt >= 1, "rollout.samples_per_prompt: must be >= 1")
@@ -173,7 +237,25 @@ def validate(config: Config) -> None:
     require(objective.score_temperature is None or objective.score_temperature > 0,
             "objective.score_temperature: must be > 0 or null")
     require(objective.logprob_floor < 0, "objective.logprob_floor: must be negative")
-    require(objective.topk >= 0, "objective.topk: must be >= 0")
+    require(objective.topk >= 1, "objective.topk: must be >= 1")
+    require(0 <= objective.jsd_beta <= 1, "objective.jsd_beta: must be in [0, 1]")
+    require(0 <= objective.gkd_beta <= 1, "objective.gkd_beta: must be in [0, 1]")
+    require(0 <= objective.onpolicy_fraction <= 1, "objective.onpolicy_fraction: must be in [0, 1]")
+    require(objective.onpolicy_fraction == 1 or objective.names == ("gkd",),
+            "objective.onpolicy_fraction: dataset responses (< 1) are only meaningful for gkd alone")
+    require(0 < objective.reopold_ratio < 1, "objective.reopold_ratio: must be in (0, 1)")
+    require(0 < objective.entropy_fraction <= 1, "objective.entropy_fraction: must be in (0, 1]")
+    require(len(set(objective.names)) == len(objective.names), "objective.add: an objective appears twice")
+    guidance = objective.guidance
+    require(0 < guidance.fraction <= 1, "objective.guidance.fraction: must be in (0, 1]")
+    require(guidance.beta >= 0, "objective.guidance.beta: must be >= 0")
+    require(guidance.max_prefix_tokens is None or guidance.max_prefix_tokens >= 1,
+            "objective.guidance.max_prefix_tokens: must be >= 1 or null")
+    require(not (guidance.enabled and "sft" in objective.names),
+            "objective.guidance: sft already trains on whole teacher responses; disable guidance")
+    if guidance.enabled:
+        require(all(t.path is not None for t in config.teachers),
+                "objective.guidance: every domain needs a teacher to write prefixes")
     require(optim.lr > 0, "optim.lr: must be > 0")
     require(optim.warmup_steps >= 0, "optim.warmup_steps: must be >= 0")
     require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio: must be in [0, 1]")

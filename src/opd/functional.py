@@ -6,6 +6,7 @@ ALGORITHMS.md: student_logprobs = lS, teacher_logprobs = lT, ref_logprobs = lR, 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -13,7 +14,17 @@ from torch import Tensor
 
 from opd.aggregate import aggregate
 
-__all__ = ["aggregate", "gopd_advantage", "kl_estimate", "policy_gradient_loss"]
+__all__ = [
+    "aggregate",
+    "generalized_jsd",
+    "gopd_advantage",
+    "grpo_advantages",
+    "kl_estimate",
+    "policy_gradient_loss",
+    "topk_forward_kl",
+    "trust_probability",
+    "trust_region_mask",
+]
 
 
 def gopd_advantage(
@@ -80,6 +91,78 @@ def policy_gradient_loss(
     # exp(x - sg(x)) is 1 in value and has the gradient of x: a REINFORCE term whose value is the loss.
     unit = torch.exp(student_logprobs - student_logprobs.detach())
     return -weight * unit * advantages, weight
+
+
+def trust_probability(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """TrOPD's p_trust = min(pi_T / pi_S, 1) of a student-sampled token (speculative decoding's acceptance)."""
+    return torch.exp((teacher_logprobs - student_logprobs).clamp(max=0.0)).detach()
+
+
+def trust_region_mask(
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """TrOPD's partition: M ~ Bernoulli(min(pi_T / pi_S, 1)); True = trust region, False = outlier.
+
+    The draw is `noise < p_trust` with uniform noise from `generator` (or given, e.g. fixed at rollout time),
+    so identical seeds give identical masks.
+    """
+    probability = trust_probability(student_logprobs, teacher_logprobs)
+    if noise is None:
+        noise = torch.rand(probability.shape, generator=generator, dtype=probability.dtype,
+                           device=probability.device)
+    return noise < probability
+
+
+def topk_forward_kl(student_topk_logprobs: Tensor, teacher_topk_logprobs: Tensor, renormalize: bool = False) -> Tensor:
+    """Forward KL toward the teacher over its top-k tokens, per position: sum_v p_T(v) (lT_v - lS_v).
+
+    By default the teacher's probabilities are not renormalised over the top-k (ALGORITHMS §2): the term is
+    the top-k part of the full forward KL. renormalize=True uses q = softmax(lT_topk) and sum_v q(v)(log q(v) - lS_v).
+    The last dimension is K. Gradients flow into student_topk_logprobs only.
+    """
+    teacher = teacher_topk_logprobs.detach()
+    if renormalize:
+        teacher = torch.log_softmax(teacher, dim=-1)
+    return (teacher.exp() * (teacher - student_topk_logprobs)).sum(dim=-1)
+
+
+def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float = 1.0) -> Tensor:
+    """Generalized Jensen-Shannon divergence per position over the full vocabulary (last dimension), as TRL.
+
+    M = beta p_T + (1 - beta) p_S; JSD = beta KL(p_T || M) + (1 - beta) KL(p_S || M). The end points are the
+    plain KLs rather than the (vanishing) limits: beta = 0 is forward KL(p_T || p_S), beta = 1 is reverse
+    KL(p_S || p_T). Teacher logits are detached.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"generalized_jsd: beta must be in [0, 1], got {beta}")
+    student = torch.log_softmax(student_logits / temperature, dim=-1)
+    teacher = torch.log_softmax(teacher_logits.detach() / temperature, dim=-1)
+    if beta == 0.0:
+        return (teacher.exp() * (teacher - student)).sum(dim=-1)
+    if beta == 1.0:
+        return (student.exp() * (student - teacher)).sum(dim=-1)
+    mixture = torch.logaddexp(teacher + math.log(beta), student + math.log1p(-beta))
+    to_teacher = (teacher.exp() * (teacher - mixture)).sum(dim=-1)
+    to_student = (student.exp() * (student - mixture)).sum(dim=-1)
+    return beta * to_teacher + (1.0 - beta) * to_student
+
+
+def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """(r_i - mean_group(r)) / (std_group(r) + eps) for consecutive groups of `group_size` rewards.
+
+    std is the unbiased sample standard deviation (as TRL and verl); a group of one has advantage 0.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"grpo_advantages: {rewards.numel()} rewards do not split into groups of {group_size}")
+    groups = rewards.reshape(-1, group_size).to(torch.float64)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if group_size == 1:
+        return torch.zeros_like(rewards)
+    return (centred / (groups.std(dim=1, keepdim=True) + eps)).reshape(rewards.shape).to(rewards.dtype)
 
 
 def _all_equal_one(lam: float | Tensor) -> bool:

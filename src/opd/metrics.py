@@ -45,19 +45,32 @@ def rollout_metrics(
     student_entropy: Tensor,  # [N, T] detached
 ) -> dict[str, Metric]:
     """Teacher KL, implicit reward per domain, lengths and entropy of the batch (both papers plot these)."""
-    sampled = batch.response_mask & ~batch.from_teacher  # KL estimators assume student-sampled tokens
+    # KL estimators assume tokens the student sampled, scored by a teacher.
+    sampled = batch.response_mask & ~batch.from_teacher & teacher.has_teacher[:, None]
+    if batch.from_dataset is not None:
+        sampled &= ~batch.from_dataset[:, None]
     count = float(sampled.sum())
+    all_tokens = float(batch.response_mask.sum())
     lengths = batch.response_mask.sum(dim=1).float()
     metrics = {
-        "teacher/kl_k1": Metric(value=masked_mean(kl_estimate(student_logprobs, teacher.logprobs, "k1"), sampled), weight=count),
-        "teacher/kl_k3": Metric(value=masked_mean(kl_estimate(student_logprobs, teacher.logprobs, "k3"), sampled), weight=count),
-        "teacher/floored_fraction": Metric(value=masked_mean(teacher.floored.float(), batch.response_mask), weight=count),
-        "student/entropy": Metric(value=masked_mean(student_entropy, batch.response_mask), weight=count),
+        "student/entropy": Metric(value=masked_mean(student_entropy, batch.response_mask), weight=all_tokens),
         "rollout/response_length": Metric(value=float(lengths.mean()), weight=float(len(lengths))),
         "rollout/response_length_max": Metric(value=float(lengths.max()), reduce=Reduce.MAX),
         "rollout/truncated_fraction": Metric(value=float(batch.truncated.float().mean()), weight=float(len(lengths))),
-        "rollout/tokens": Metric(value=float(batch.response_mask.sum()), reduce=Reduce.SUM),
+        "rollout/tokens": Metric(value=all_tokens, reduce=Reduce.SUM),
+        "rollout/teacher_token_fraction": Metric(value=masked_mean(batch.from_teacher.float(), batch.response_mask),
+                                                 weight=all_tokens),
     }
+    if count:
+        metrics.update({
+            "teacher/kl_k1": Metric(value=masked_mean(kl_estimate(student_logprobs, teacher.logprobs, "k1"), sampled),
+                                    weight=count),
+            "teacher/kl_k3": Metric(value=masked_mean(kl_estimate(student_logprobs, teacher.logprobs, "k3"), sampled),
+                                    weight=count),
+            "teacher/floored_fraction": Metric(value=masked_mean(teacher.floored.float(), sampled), weight=count),
+        })
+    if batch.rewards is not None:
+        metrics.update(accuracy_metrics(batch))
     if teacher.ref_logprobs is not None:
         metrics.update(implicit_reward_metrics(batch, teacher))
     return metrics
@@ -78,6 +91,16 @@ def implicit_reward_metrics(batch: RolloutBatch, teacher: TeacherScores) -> dict
         metrics[f"{prefix}/implicit_p1"] = Metric(value=masked_quantile(reward, mask, 0.01), reduce=Reduce.MIN)
         metrics[f"{prefix}/implicit_p99"] = Metric(value=masked_quantile(reward, mask, 0.99), reduce=Reduce.MAX)
         metrics[f"{prefix}/implicit_max"] = Metric(value=float(reward[mask].max()), reduce=Reduce.MAX)
+    return metrics
+
+
+def accuracy_metrics(batch: RolloutBatch) -> dict[str, Metric]:
+    """Graded accuracy of the rollouts per domain (logged even when the objective ignores it)."""
+    metrics = {"reward/accuracy": Metric(value=float(batch.rewards.mean()), weight=float(batch.num_rows))}
+    for domain in sorted(set(batch.domain)):
+        rows = torch.tensor([d == domain for d in batch.domain])
+        metrics[f"reward/{domain}/accuracy"] = Metric(value=float(batch.rewards[rows].mean()),
+                                                      weight=float(rows.sum()))
     return metrics
 
 

@@ -172,13 +172,16 @@ def teacher_token_scores(
     topk: int = 0,
     temperature: float = 1.0,
     chunk_size: int = 512,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:  # log-probs [M], top-k ids [M, K] int32, top-k log-probs [M, K]
-    """Detached log-probs of the target tokens and, if topk > 0, the k most likely tokens."""
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Detached log-probs of the target tokens [M]; if topk > 0 the k most likely tokens (ids [M, K] int32,
+    log-probs [M, K]); if with_entropy the full-vocabulary entropy [M]."""
     _check_chunk(chunk_size, temperature)
     num_tokens, dtype = hidden.shape[0], score_dtype(hidden.dtype)
     logprobs = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
     topk_ids = torch.empty(num_tokens, topk, dtype=torch.int32, device=hidden.device) if topk else None
     topk_logprobs = torch.empty(num_tokens, topk, dtype=dtype, device=hidden.device) if topk else None
+    entropy = torch.empty(num_tokens, dtype=dtype, device=hidden.device) if with_entropy else None
     for start in range(0, num_tokens, chunk_size):
         stop = min(start + chunk_size, num_tokens)
         chunk_logprobs = _chunk_logprobs(hidden[start:stop], weight, bias, temperature)
@@ -187,7 +190,9 @@ def teacher_token_scores(
             values, indices = chunk_logprobs.topk(topk, dim=-1)
             topk_ids[start:stop] = indices.to(torch.int32)
             topk_logprobs[start:stop] = values
-    return logprobs, topk_ids, topk_logprobs
+        if with_entropy:
+            entropy[start:stop] = -chunk_logprobs.exp().mul_(chunk_logprobs).sum(dim=-1)
+    return logprobs, topk_ids, topk_logprobs, entropy
 
 
 def _check_chunk(chunk_size: int, temperature: float) -> None:

@@ -22,7 +22,7 @@ class DomainScorer:
     """Everything needed to score one domain's rows."""
 
     domain: str
-    teacher: nn.Module
+    teacher: nn.Module | None  # None: the objective needs no teacher (e.g. grpo alone)
     reference: nn.Module | None
     reward_scale: float  # lam
     # Teacher prompt ids per dataset row, when the teacher renders prompts with its own chat template;
@@ -38,39 +38,56 @@ class ScoringSettings:
     rows_per_forward: int
     logprob_floor: float
     need_reference: bool  # the objective or the metrics use lR
+    need_entropy: bool = False  # H(pi_T) at each position
+    need_hidden: bool = False  # teacher hidden states and heads for full-vocabulary losses
 
 
 def score_batch(batch: RolloutBatch, scorers: dict[str, DomainScorer], settings: ScoringSettings) -> TeacherScores:
-    """Teacher (and reference) scores of every sampled response token, routed by domain."""
+    """Teacher (and reference) scores of every response token, routed by domain."""
     num_rows, width = batch.response_ids.shape
+    k = settings.topk
     logprobs = torch.zeros(num_rows, width)
     ref_logprobs = torch.zeros(num_rows, width) if settings.need_reference else None
-    topk_ids = torch.zeros(num_rows, width, settings.topk, dtype=torch.int32) if settings.topk else None
-    topk_logprobs = torch.full((num_rows, width, settings.topk), settings.logprob_floor) if settings.topk else None
+    topk_ids = torch.zeros(num_rows, width, k, dtype=torch.int32) if k else None
+    topk_logprobs = torch.full((num_rows, width, k), settings.logprob_floor) if k else None
+    entropy = torch.zeros(num_rows, width) if settings.need_entropy else None
+    hidden, heads = None, {} if settings.need_hidden else None
     reward_scale = torch.ones(num_rows)
     has_reference = torch.zeros(num_rows, dtype=torch.bool)
+    has_teacher = torch.zeros(num_rows, dtype=torch.bool)
     for domain in sorted(set(batch.domain)):
         scorer = scorers[domain]
         rows = torch.tensor([i for i, d in enumerate(batch.domain) if d == domain])
         reward_scale[rows] = scorer.reward_scale
+        if scorer.teacher is None:
+            continue
+        has_teacher[rows] = True
+        if heads is not None:
+            heads[domain] = output_head(scorer.teacher)
         for start in range(0, len(rows), settings.rows_per_forward):
             chunk = rows[start : start + settings.rows_per_forward]
             mask = batch.response_mask[chunk]
             prompt_ids, prompt_mask = _prompts_for(scorer, batch, chunk)
-            teacher = _score_model(scorer.teacher, prompt_ids, prompt_mask, batch, chunk, settings, settings.topk)
-            _check_finite(teacher[0], f"teacher for domain '{domain}'")
-            logprobs[chunk] = scatter_tokens(teacher[0], mask)
-            if settings.topk:
-                topk_ids[chunk] = scatter_tokens(teacher[1], mask)
-                topk_logprobs[chunk] = scatter_tokens(teacher[2], mask, fill=settings.logprob_floor)
+            scores = _score_model(scorer.teacher, prompt_ids, prompt_mask, batch, chunk, settings, k,
+                                  settings.need_entropy, settings.need_hidden)
+            _check_finite(scores[0], f"teacher for domain '{domain}'")
+            logprobs[chunk] = scatter_tokens(scores[0], mask)
+            if k:
+                topk_ids[chunk] = scatter_tokens(scores[1], mask)
+                topk_logprobs[chunk] = scatter_tokens(scores[2], mask, fill=settings.logprob_floor)
+            if entropy is not None:
+                entropy[chunk] = scatter_tokens(scores[3], mask)
+            if settings.need_hidden:
+                if hidden is None:
+                    hidden = torch.zeros(num_rows, width, scores[4].shape[-1], dtype=scores[4].dtype)
+                hidden[chunk] = scores[4]
             if ref_logprobs is not None:
                 if scorer.reference is None:
                     ref_logprobs[chunk] = logprobs[chunk]  # lam == 1 here (config check): zero reward
                 else:
                     # The reference reads the student's prompt: it is the student-side anchor of the reward.
-                    reference = _score_model(
-                        scorer.reference, batch.prompt_ids[chunk], batch.prompt_mask[chunk], batch, chunk, settings, 0
-                    )
+                    reference = _score_model(scorer.reference, batch.prompt_ids[chunk], batch.prompt_mask[chunk],
+                                             batch, chunk, settings, 0, False, False)
                     _check_finite(reference[0], f"reference for domain '{domain}'")
                     ref_logprobs[chunk] = scatter_tokens(reference[0], mask)
                     has_reference[chunk] = True
@@ -86,8 +103,12 @@ def score_batch(batch: RolloutBatch, scorers: dict[str, DomainScorer], settings:
         topk_logprobs=topk_logprobs,
         ref_logprobs=ref_logprobs,
         has_reference=has_reference,
+        has_teacher=has_teacher,
         reward_scale=reward_scale,
         floored=floored,
+        entropy=entropy,
+        hidden=hidden,
+        heads=heads,
     )
 
 
@@ -101,7 +122,7 @@ def _prompts_for(scorer: DomainScorer, batch: RolloutBatch, rows: Tensor) -> tup
 
 
 @torch.no_grad()
-def _score_model(model, prompt_ids, prompt_mask, batch, rows, settings, topk):
+def _score_model(model, prompt_ids, prompt_mask, batch, rows, settings, topk, with_entropy, with_hidden):
     device = model.device
     mask = batch.response_mask[rows]
     hidden = response_hidden_states(
@@ -116,8 +137,10 @@ def _score_model(model, prompt_ids, prompt_mask, batch, rows, settings, topk):
         topk=topk,
         temperature=settings.temperature,
         chunk_size=settings.chunk_size,
+        with_entropy=with_entropy,
     )
-    return tuple(v.cpu() if v is not None else None for v in values)
+    values = tuple(v.cpu() if v is not None else None for v in values)
+    return (*values, hidden.cpu() if with_hidden else None)
 
 
 def _check_finite(values: Tensor, what: str) -> None:

@@ -27,7 +27,7 @@ from opd.data import prompts_for_step
 from opd.metrics import as_floats, combine, rollout_metrics
 from opd.monitor import MetricsLogger
 from opd.objectives import Objective
-from opd.rollout import rollout
+from opd.collect import CollectSettings, attach_rewards, collect, max_prefix_length
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, student_token_logprobs
 from opd.teachers import score_batch
 from opd.types import Metric, Reduce, RolloutBatch, Signal, StudentOutputs, TeacherScores
@@ -55,22 +55,25 @@ class TrainState:
 
 def student_forward(model: nn.Module, batch: RolloutBatch, teacher: TeacherScores, objective: Objective,
                     settings: StepSettings) -> StudentOutputs:
-    """lS of the sampled tokens (and at the teacher's top-k ids if the objective needs them), chunked."""
-    mask = batch.response_mask.to(model.device)
-    hidden = response_hidden_states(model, batch.prompt_ids.to(model.device), batch.prompt_mask.to(model.device),
-                                     batch.response_ids.to(model.device), mask)
+    """lS of the response tokens (and at the teacher's top-k ids if the objective needs them), chunked.
+
+    `batch` and `teacher` are already on the model's device.
+    """
+    mask = batch.response_mask
+    hidden = response_hidden_states(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask)
     weight, bias = output_head(model)
-    gather_ids = None
-    if Signal.TEACHER_TOPK in objective.needs:
-        gather_ids = teacher.topk_ids.to(model.device)[mask]
+    gather_ids = teacher.topk_ids[mask] if Signal.TEACHER_TOPK in objective.needs else None
     logprobs, topk_logprobs, entropy = student_token_logprobs(
-        hidden[mask], weight, bias, batch.response_ids.to(model.device)[mask], gather_ids,
+        hidden[mask], weight, bias, batch.response_ids[mask], gather_ids,
         temperature=settings.temperature, chunk_size=settings.chunk_size,
     )
+    full = Signal.FULL_DISTRIBUTIONS in objective.needs
     return StudentOutputs(
-        logprobs=scatter_tokens(logprobs, mask).cpu(),
-        entropy=scatter_tokens(entropy, mask).cpu(),
-        topk_logprobs=scatter_tokens(topk_logprobs, mask).cpu() if topk_logprobs is not None else None,
+        logprobs=scatter_tokens(logprobs, mask),
+        entropy=scatter_tokens(entropy, mask),
+        topk_logprobs=scatter_tokens(topk_logprobs, mask) if topk_logprobs is not None else None,
+        hidden=hidden if full else None,
+        head=(weight, bias) if full else None,
     )
 
 
@@ -81,14 +84,15 @@ def accumulate_gradients(model: nn.Module, batch: RolloutBatch, teacher: Teacher
     metric_sets, logprobs, entropies = [], [], []
     for start in range(0, batch.num_rows, settings.micro_batch_size):
         rows = slice(start, start + settings.micro_batch_size)
-        micro_batch, micro_teacher = select_rows(batch, rows), select_rows(teacher, rows)
+        micro_batch = to_device(select_rows(batch, rows), model.device)
+        micro_teacher = to_device(select_rows(teacher, rows), model.device)
         student = student_forward(model, micro_batch, micro_teacher, objective, settings)
         token_loss = objective(student, micro_batch, micro_teacher)
         loss = aggregate(token_loss.per_token, micro_batch.response_mask, settings.aggregation, denominator)
         loss.backward()
         metric_sets.append({**token_loss.metrics, "loss": Metric(value=float(loss.detach()), reduce=Reduce.SUM)})
-        logprobs.append(student.logprobs.detach())
-        entropies.append(student.entropy)
+        logprobs.append(student.logprobs.detach().cpu())
+        entropies.append(student.entropy.cpu())
     return combine(metric_sets), torch.cat(logprobs), torch.cat(entropies)
 
 
@@ -144,12 +148,14 @@ def train(config: Config, *, resume: bool = False) -> Path:
         temperature=config.rollout.temperature, chunk_size=config.train.logit_chunk,
         max_grad_norm=config.optim.max_grad_norm,
     )
+    collect_settings = collect_settings_for(config)
+    teacher_cache: dict = {}  # sft's teacher responses, generated once per prompt
     logger = MetricsLogger(run_dir, total_steps=config.train.steps, start_step=state.step,
                            tensorboard=config.train.tensorboard, progress=config.train.progress)
     try:
         while state.step < config.train.steps:
             set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)
-            values = run_one_step(run, state, config, settings)
+            values = run_one_step(run, state, config, settings, collect_settings, teacher_cache)
             logger.log(state.step, values)
             if _should_save(state.step, config):
                 save_checkpoint(run_dir, state.student, run.tokenizer, state.optimizer,
@@ -164,18 +170,23 @@ def train(config: Config, *, resume: bool = False) -> Path:
     return final
 
 
-def run_one_step(run: Run, state: TrainState, config: Config, settings: StepSettings) -> dict[str, float]:
+def run_one_step(run: Run, state: TrainState, config: Config, settings: StepSettings,
+                 collect_settings: CollectSettings, teacher_cache: dict) -> dict[str, float]:
     started = time.perf_counter()
     indices = prompts_for_step(len(run.rows), state.step, config.rollout.prompts_per_step, config.train.seed,
                                config.data.shuffle)
-    batch = rollout(run.student, [run.prompt_ids[i] for i in indices], indices,
-                    [run.rows[i].domain for i in indices], run.sampling)
+    batch = collect(run, state.step, indices, collect_settings, teacher_cache)
+    if run.graders:
+        batch = attach_rewards(batch, grade_batch(run, batch), run.sampling.samples_per_prompt)
     rolled = time.perf_counter()
     teacher = score_batch(batch, run.scorers, run.scoring)
     scored = time.perf_counter()
     metrics = train_step(state, batch, teacher, run.objective, settings)
     finished = time.perf_counter()
     values = as_floats(metrics)
+    if collect_settings.guidance:
+        values["guidance/max_prefix_length"] = float(
+            max_prefix_length(state.step - 1, config.train.steps, collect_settings.max_prefix_tokens))
     values.update({
         "perf/rollout_seconds": rolled - started,
         "perf/score_seconds": scored - rolled,
@@ -183,6 +194,29 @@ def run_one_step(run: Run, state: TrainState, config: Config, settings: StepSett
         "perf/tokens_per_second": float(batch.response_mask.sum()) / (finished - started),
     })
     return values
+
+
+def grade_batch(run: Run, batch: RolloutBatch) -> Tensor:  # [N] rewards in [0, 1]
+    """Grade every response with its domain's grader; a domain without one is an error (grpo needs all)."""
+    rewards = torch.zeros(batch.num_rows)
+    for row in range(batch.num_rows):
+        domain = batch.domain[row]
+        if domain not in run.graders:
+            raise ValueError(f"domain '{domain}' has no grader (teachers.*.grader), but others do: grade all or none")
+        ids = batch.response_ids[row][batch.response_mask[row]]
+        completion = run.tokenizer.decode(ids, skip_special_tokens=True)
+        rewards[row] = run.graders[domain](run.rows[batch.prompt_index[row]], completion)
+    return rewards
+
+
+def collect_settings_for(config: Config) -> CollectSettings:
+    guidance = config.objective.guidance
+    return CollectSettings(
+        guidance=guidance.enabled, guidance_fraction=guidance.fraction,
+        max_prefix_tokens=guidance.max_prefix_tokens or config.rollout.max_new_tokens,
+        total_steps=config.train.steps, teacher_written="sft" in config.objective.names,
+        onpolicy_fraction=config.objective.onpolicy_fraction, seed=config.train.seed,
+    )
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
@@ -206,6 +240,15 @@ def learning_rate(config: OptimConfig, step: int, total_steps: int) -> float:
 def set_learning_rate(optimizer: torch.optim.Optimizer, config: OptimConfig, step: int, total_steps: int) -> None:
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(config, step, total_steps)
+
+
+def to_device(data, device):
+    """The same dataclass with every tensor field on `device` (a no-op on the CPU)."""
+    values = {}
+    for field in dataclasses.fields(data):
+        value = getattr(data, field.name)
+        values[field.name] = value.to(device) if isinstance(value, Tensor) else value
+    return type(data)(**values)
 
 
 def select_rows(data, rows: slice):

@@ -23,9 +23,11 @@ class Signal(enum.Enum):
     """What an objective needs computed before it can run. The scorer computes exactly these."""
 
     TEACHER_LOGPROBS = "teacher_logprobs"
-    TEACHER_TOPK = "teacher_topk"
+    TEACHER_TOPK = "teacher_topk"  # the teacher's top-k ids and log-probs at each position
+    TEACHER_ENTROPY = "teacher_entropy"  # H(pi_T) over the full vocabulary at each position
     REF_LOGPROBS = "ref_logprobs"
-    STUDENT_ENTROPY = "student_entropy"
+    REWARD = "reward"  # outcome rewards from each domain's grader
+    FULL_DISTRIBUTIONS = "full_distributions"  # teacher and student hidden states + heads (full-vocabulary losses)
 
 
 class Reduce(enum.Enum):
@@ -57,6 +59,17 @@ class RolloutBatch:
     truncated: Tensor  # [N] bool, the response hit max_new_tokens without an end-of-sequence token
     domain: tuple[str, ...]  # [N] selects teacher, lam and reference
     prompt_index: tuple[int, ...]  # [N] row of the prompt in the dataset (groups samples of one prompt)
+    step: int = 0  # the optimizer step this batch was sampled for (schedules read it)
+    # Uniform [0, 1) draws fixed at rollout time, for stochastic token selection (TrOPD's Bernoulli trust
+    # mask): drawn per batch, they make the selection independent of how the batch is cut into micro-batches.
+    noise: Tensor | None = None  # [N, T] float32
+    # Entropy of the sampling distribution at each position, and its rank in the batch (0 lowest, 1 highest):
+    # with the HF backend the sampler is the current student, so this is the student's entropy.
+    sampler_entropy: Tensor | None = None  # [N, T] float32
+    entropy_rank: Tensor | None = None  # [N, T] float32 in [0, 1]
+    from_dataset: Tensor | None = None  # [N] bool, the response is the dataset's (GKD's off-policy mix)
+    rewards: Tensor | None = None  # [N] float32, grader outcome rewards
+    group_advantages: Tensor | None = None  # [N] float32, rewards normalised within each prompt's group (GRPO)
 
     @property
     def num_rows(self) -> int:
@@ -72,8 +85,13 @@ class TeacherScores:
     topk_logprobs: Tensor | None  # [N, T, K] float32, their teacher log-probs
     ref_logprobs: Tensor | None  # [N, T] float32, lR; None when no row has a reference
     has_reference: Tensor  # [N] bool; rows without one (lam == 1 only) carry lR = lT, a zero reward
+    has_teacher: Tensor  # [N] bool; domains without a teacher (grpo alone) carry lT = 0
     reward_scale: Tensor  # [N] float32, lam of each row's domain (ALGORITHMS §1)
     floored: Tensor  # [N, T] bool, teacher log-prob was -inf (or below the floor) and was clamped
+    entropy: Tensor | None = None  # [N, T] float32, H(pi_T) at each position
+    # Full-vocabulary losses (gkd) recompute teacher logits chunk by chunk from these:
+    hidden: Tensor | None = None  # [N, T, H_teacher]
+    heads: dict[str, tuple[Tensor, Tensor | None]] | None = None  # domain -> (weight [V, H], bias [V] | None)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -83,6 +101,8 @@ class StudentOutputs:
     logprobs: Tensor  # [N, T] float32, lS with gradient
     entropy: Tensor | None  # [N, T] float32, detached H(pi_S) at each response position
     topk_logprobs: Tensor | None  # [N, T, K] float32, lS at the teacher's top-k ids, with gradient
+    hidden: Tensor | None = None  # [N, T, H] with gradient (full-vocabulary losses)
+    head: tuple[Tensor, Tensor | None] | None = None  # (weight [V, H], bias [V] | None), with gradient
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -36,11 +36,27 @@ def registered_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_objective(config) -> Objective:
-    """The objective named by config.name, built from the ObjectiveConfig's plain values."""
-    if config.name not in _REGISTRY:
-        raise ValueError(f"unknown objective {config.name!r}; registered: {registered_names()}")
-    return _REGISTRY[config.name].from_config(config)
+def build_single(name: str, config, temperature: float = 1.0) -> Objective:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown objective {name!r}; registered: {registered_names()}")
+    return _REGISTRY[name].from_config(config, temperature)
 
 
-from opd.objectives import pg  # noqa: E402,F401  (registers opd and gopd)
+def build_objective(config, temperature: float = 1.0) -> Objective:
+    """The configured objective: `name`, plus weighted `add` terms, plus the guidance term when enabled.
+
+    `temperature` is the scoring temperature (full-vocabulary objectives apply it to both models' logits).
+    """
+    from opd.objectives.compose import PrefixImitation, Weighted
+
+    main = build_single(config.name, config, temperature)
+    terms = [(term.weight, build_single(term.name, config, temperature)) for term in config.add]
+    if config.guidance.enabled:
+        terms.append((1.0, PrefixImitation(beta=config.guidance.beta)))
+    if not terms:
+        return main
+    return Weighted(terms=((1.0, main), *terms))
+
+
+# Importing the modules registers their objectives.
+from opd.objectives import baselines, grpo, kl, pg, tropd  # noqa: E402,F401

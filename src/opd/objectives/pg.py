@@ -1,8 +1,9 @@
 """The policy-gradient OPD family (ALGORITHMS.md §1): `opd` and `gopd` (ExOPD, reward correction).
 
-Every response token gets the dense advantage A_t (discount 0) and the loss -w_t * ratio_t * sg(A_t)
-of `functional.policy_gradient_loss`. Tokens copied from a teacher prefix never get a policy-gradient
-term (ALGORITHMS §3): they are left out of this objective's mask.
+Every student-sampled token gets the dense advantage A_t (discount 0) and the loss -w_t * ratio_t * sg(A_t)
+of `functional.policy_gradient_loss`. Tokens copied from a teacher prefix never get a policy-gradient term
+(ALGORITHMS §3): `student_sampled` leaves them out. The helpers here are shared by every objective that
+has a policy-gradient part (tropd, reopold, entropy_opd, aopd, grpo, eopd).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from opd.aggregate import masked_mean
 from opd.functional import gopd_advantage, policy_gradient_loss
@@ -22,30 +24,51 @@ class PolicyGradientSettings:
     is_cap: float = 5.0
     clip_eps: float | None = None
 
+    @classmethod
+    def from_config(cls, config) -> "PolicyGradientSettings":
+        return cls(is_cap=config.is_cap, clip_eps=config.clip_eps)
 
-def policy_gradient_token_loss(
-    advantages: torch.Tensor,  # [N, T], detached inside
-    student: StudentOutputs,
-    batch: RolloutBatch,
-    settings: PolicyGradientSettings,
-) -> TokenLoss:
-    """Shared by every PG objective: the IS-corrected loss on student-sampled tokens, with its metrics."""
-    mask = batch.response_mask & ~batch.from_teacher
-    loss, weight = policy_gradient_loss(
-        student.logprobs, batch.sampler_logprobs, advantages, is_cap=settings.is_cap, clip_eps=settings.clip_eps
-    )
-    loss = torch.where(mask, loss, torch.zeros_like(loss))
+
+def student_sampled(batch: RolloutBatch) -> Tensor:  # [N, T] bool
+    """Response tokens the student sampled itself (not copied from a teacher prefix)."""
+    return batch.response_mask & ~batch.from_teacher
+
+
+def policy_gradient_terms(advantages: Tensor, student: StudentOutputs, batch: RolloutBatch,
+                          settings: PolicyGradientSettings) -> tuple[Tensor, Tensor]:
+    """Unmasked per-token PG loss [N, T] and IS weight [N, T] (see functional.policy_gradient_loss)."""
+    return policy_gradient_loss(student.logprobs, batch.sampler_logprobs, advantages,
+                                is_cap=settings.is_cap, clip_eps=settings.clip_eps)
+
+
+def policy_gradient_metrics(area: str, advantages: Tensor, weight: Tensor, mask: Tensor,
+                            settings: PolicyGradientSettings) -> dict[str, Metric]:
     count = float(mask.sum())
-    truncated = (torch.exp(student.logprobs.detach() - batch.sampler_logprobs) > settings.is_cap) & mask
     selected = advantages.detach()[mask]
-    metrics = {
-        "pg/advantage_mean": Metric(value=masked_mean(advantages.detach(), mask), weight=count),
-        "pg/advantage_std": Metric(value=float(selected.std()) if selected.numel() > 1 else 0.0, weight=count),
-        "pg/is_weight_mean": Metric(value=masked_mean(weight, mask), weight=count),
-        "pg/is_truncated_fraction": Metric(value=masked_mean(truncated.float(), mask), weight=count),
-        "pg/loss_tokens": Metric(value=count, reduce=Reduce.SUM),
+    return {
+        f"{area}/advantage_mean": Metric(value=masked_mean(advantages.detach(), mask), weight=count),
+        f"{area}/advantage_std": Metric(value=float(selected.std()) if selected.numel() > 1 else 0.0, weight=count),
+        f"{area}/is_weight_mean": Metric(value=masked_mean(weight, mask), weight=count),
+        f"{area}/is_truncated_fraction": Metric(value=masked_mean((weight >= settings.is_cap).float(), mask),
+                                                weight=count),
+        f"{area}/tokens": Metric(value=count, reduce=Reduce.SUM),
     }
-    return TokenLoss(per_token=loss, mask=mask, metrics=metrics)
+
+
+def masked_policy_gradient(area: str, advantages: Tensor, mask: Tensor, student: StudentOutputs, batch: RolloutBatch,
+                           settings: PolicyGradientSettings) -> TokenLoss:
+    """The PG loss on `mask` tokens only, with its metrics."""
+    loss, weight = policy_gradient_terms(advantages, student, batch, settings)
+    loss = torch.where(mask, loss, torch.zeros_like(loss))
+    return TokenLoss(per_token=loss, mask=mask, metrics=policy_gradient_metrics(area, advantages, weight, mask, settings))
+
+
+def domain_advantage(student: StudentOutputs, teacher: TeacherScores, use_lam: bool) -> Tensor:
+    """lT - lS, or the G-OPD advantage with each row's lam and reference."""
+    if not use_lam:
+        return gopd_advantage(student.logprobs.detach(), teacher.logprobs)
+    lam = teacher.reward_scale[:, None]
+    return gopd_advantage(student.logprobs.detach(), teacher.logprobs, teacher.ref_logprobs, lam)
 
 
 @register("gopd")
@@ -60,13 +83,12 @@ class GeneralizedOpd:
     needs: frozenset[Signal] = frozenset({Signal.TEACHER_LOGPROBS, Signal.REF_LOGPROBS})
 
     @classmethod
-    def from_config(cls, config) -> "GeneralizedOpd":
-        return cls(settings=PolicyGradientSettings(is_cap=config.is_cap, clip_eps=config.clip_eps))
+    def from_config(cls, config, temperature: float) -> "GeneralizedOpd":
+        return cls(settings=PolicyGradientSettings.from_config(config))
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
-        lam = teacher.reward_scale[:, None]
-        advantages = gopd_advantage(student.logprobs.detach(), teacher.logprobs, teacher.ref_logprobs, lam)
-        return policy_gradient_token_loss(advantages, student, batch, self.settings)
+        advantages = domain_advantage(student, teacher, use_lam=True)
+        return masked_policy_gradient("gopd", advantages, student_sampled(batch), student, batch, self.settings)
 
 
 @register("opd")
@@ -78,9 +100,9 @@ class Opd:
     needs: frozenset[Signal] = frozenset({Signal.TEACHER_LOGPROBS})
 
     @classmethod
-    def from_config(cls, config) -> "Opd":
-        return cls(settings=PolicyGradientSettings(is_cap=config.is_cap, clip_eps=config.clip_eps))
+    def from_config(cls, config, temperature: float) -> "Opd":
+        return cls(settings=PolicyGradientSettings.from_config(config))
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
-        advantages = gopd_advantage(student.logprobs.detach(), teacher.logprobs)
-        return policy_gradient_token_loss(advantages, student, batch, self.settings)
+        advantages = domain_advantage(student, teacher, use_lam=False)
+        return masked_policy_gradient("opd", advantages, student_sampled(batch), student, batch, self.settings)

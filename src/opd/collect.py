@@ -1,0 +1,123 @@
+"""Which responses a step trains on: student samples, continuations of teacher prefixes (TrOPD guidance,
+ALGORITHMS §3), whole teacher responses (`sft`, generated once per prompt and cached), or dataset
+responses (GKD's off-policy share). Grading and GRPO advantages are attached here too, once per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from opd.functional import grpo_advantages
+from opd.rollout import Responses, build_batch, concatenate, fixed_responses, sample_in_batches
+from opd.types import RolloutBatch
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CollectSettings:
+    guidance: bool
+    guidance_fraction: float
+    max_prefix_tokens: int  # the cosine schedule's starting maximum
+    total_steps: int
+    teacher_written: bool  # sft: every response is the teacher's
+    onpolicy_fraction: float  # gkd: share of prompts answered by the student
+    seed: int
+
+
+def max_prefix_length(step: int, total_steps: int, start: int) -> int:
+    """Cosine-annealed maximum prefix length: `start` at step 0, 0 at the last step (training ends on-policy)."""
+    if total_steps <= 1:
+        return 0
+    progress = min(step / (total_steps - 1), 1.0)
+    return int(math.floor(start * 0.5 * (1.0 + math.cos(math.pi * progress))))
+
+
+def draw_prefix(teacher_response: list[int], limit: int, end_ids: tuple[int, ...], rng: random.Random) -> list[int]:
+    """A prefix of length l ~ Uniform{0..min(limit, len)}; a final end-of-sequence token is never included,
+    so the student always writes the ending itself."""
+    usable = teacher_response[:-1] if teacher_response and teacher_response[-1] in end_ids else teacher_response
+    length = rng.randint(0, min(limit, len(usable)))
+    return usable[:length]
+
+
+def collect(run, step: int, indices: list[int], settings: CollectSettings, teacher_cache: dict) -> RolloutBatch:
+    """The step's RolloutBatch for dataset rows `indices` (each repeated samples_per_prompt times)."""
+    sampling = run.sampling
+    n = sampling.samples_per_prompt
+    prompts = [run.prompt_ids[i] for i in indices for _ in range(n)]
+    rows = [i for i in indices for _ in range(n)]
+    domains = [run.rows[i].domain for i in rows]
+    rng = random.Random(settings.seed * 1_000_003 + step)
+    if settings.teacher_written:
+        responses = fixed_responses([_cached_teacher_response(run, i, k, teacher_cache) for i in indices
+                                     for k in range(n)], sampling, from_teacher=True)
+        return build_batch(prompts, rows, domains, responses, sampling, step=step)
+    if settings.onpolicy_fraction < 1.0:
+        return _mixed_with_dataset(run, prompts, rows, domains, step, settings, rng)
+    prefixes = None
+    if settings.guidance:
+        limit = max_prefix_length(step, settings.total_steps, settings.max_prefix_tokens)
+        guided = [k < round(settings.guidance_fraction * n) for _ in indices for k in range(n)]
+        written = _teacher_responses(run, [r for r, g in zip(rows, guided) if g], [d for d, g in zip(domains, guided) if g])
+        written_iter = iter(written)
+        prefixes = [draw_prefix(next(written_iter), limit, sampling.end_of_sequence_ids, rng) if g else []
+                    for g in guided]
+    responses = sample_in_batches(run.student, prompts, sampling, prefixes)
+    return build_batch(prompts, rows, domains, responses, sampling, step=step)
+
+
+def _teacher_responses(run, rows: list[int], domains: list[str]) -> list[list[int]]:
+    """One full teacher sample per row, each from its domain's teacher reading its own prompt rendering."""
+    out: dict[int, list[int]] = {}
+    for domain in sorted(set(domains)):
+        positions = [p for p, d in enumerate(domains) if d == domain]
+        scorer = run.scorers[domain]
+        own = scorer.teacher_prompts
+        prompts = [own[rows[p]] if own is not None else run.prompt_ids[rows[p]] for p in positions]
+        responses = sample_in_batches(scorer.teacher, prompts, run.sampling)
+        for p, ids, mask in zip(positions, responses.ids, responses.mask, strict=True):
+            out[p] = ids[mask].tolist()
+    return [out[p] for p in range(len(rows))]
+
+
+def _cached_teacher_response(run, row: int, sample: int, cache: dict) -> list[int]:
+    """sft's teacher trajectories: generated the first time a prompt is visited, then reused."""
+    if row not in cache:
+        n = run.sampling.samples_per_prompt
+        cache[row] = _teacher_responses(run, [row] * n, [run.rows[row].domain] * n)
+    return cache[row][sample]
+
+
+def _mixed_with_dataset(run, prompts, rows, domains, step, settings: CollectSettings, rng) -> RolloutBatch:
+    """GKD's lambda: each prompt is answered by the student with probability onpolicy_fraction, else by the
+    dataset's `response` (its samples all use that one response)."""
+    n = run.sampling.samples_per_prompt
+    from_dataset = []
+    for start in range(0, len(rows), n):
+        choice = rng.random() >= settings.onpolicy_fraction
+        from_dataset.extend([choice] * n)
+    parts, order = [], []
+    student_rows = [p for p, d in enumerate(from_dataset) if not d]
+    dataset_rows = [p for p, d in enumerate(from_dataset) if d]
+    if student_rows:
+        parts.append(sample_in_batches(run.student, [prompts[p] for p in student_rows], run.sampling))
+        order.extend(student_rows)
+    if dataset_rows:
+        answers = [run.dataset_responses[rows[p]] for p in dataset_rows]
+        parts.append(fixed_responses(answers, run.sampling, from_teacher=False))
+        order.extend(dataset_rows)
+    merged = concatenate(parts, run.sampling.pad_id)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    responses = Responses(**{f.name: getattr(merged, f.name)[inverse] for f in dataclasses.fields(Responses)})
+    return build_batch(prompts, rows, domains, responses, run.sampling, step=step,
+                       from_dataset=torch.tensor(from_dataset))
+
+
+def attach_rewards(batch: RolloutBatch, rewards: torch.Tensor, group_size: int) -> RolloutBatch:
+    """The batch with graded rewards and their GRPO advantages (groups: a prompt's consecutive samples)."""
+    return dataclasses.replace(batch, rewards=rewards, group_advantages=grpo_advantages(rewards, group_size))

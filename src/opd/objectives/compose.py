@@ -1,0 +1,51 @@
+"""Combinators: objectives built from other objectives, without new code paths in the training step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opd.types import Metric, Reduce, RolloutBatch, Signal, StudentOutputs, TeacherScores, TokenLoss
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Weighted:
+    """sum_i w_i * loss_i per token, e.g. tropd + 0.1 x grpo. Needs the union of the terms' needs."""
+
+    terms: tuple[tuple[float, object], ...]
+
+    @property
+    def needs(self) -> frozenset[Signal]:
+        return frozenset().union(*(objective.needs for _, objective in self.terms))
+
+    def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
+        total, mask, metrics = None, None, {}
+        for weight, objective in self.terms:
+            loss = objective(student, batch, teacher)
+            total = weight * loss.per_token if total is None else total + weight * loss.per_token
+            mask = loss.mask if mask is None else mask | loss.mask
+            metrics.update(loss.metrics)
+        return TokenLoss(per_token=total, mask=mask, metrics=metrics)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PrefixImitation:
+    """Teacher-prefix tokens (ALGORITHMS §3): beta * (lT - lS) on the teacher-sampled token.
+
+    The gradient is a beta-weighted NLL on the prefix: TrOPD's K1 estimate of beta * KL(pi_T || pi_S).
+    """
+
+    beta: float
+    needs: frozenset[Signal] = frozenset({Signal.TEACHER_LOGPROBS})
+
+    def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
+        mask = batch.response_mask & batch.from_teacher
+        loss = self.beta * (teacher.logprobs - student.logprobs)
+        loss = torch.where(mask, loss, torch.zeros_like(loss))
+        count = float(mask.sum())
+        mean = float(loss.detach().sum() / count) if count else 0.0
+        return TokenLoss(per_token=loss, mask=mask, metrics={
+            "guidance/prefix_loss": Metric(value=mean, weight=count),
+            "guidance/prefix_tokens": Metric(value=count, reduce=Reduce.SUM),
+        })
