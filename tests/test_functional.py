@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -169,3 +171,113 @@ def test_policy_gradient_loss_ppo_clip():
     loss.sum().backward()
     unclipped = (ratio * advantage) <= (ratio.clamp(0.8, 1.2) * advantage)
     torch.testing.assert_close(student.grad, torch.where(unclipped, -ratio * advantage, torch.zeros_like(ratio)))
+
+
+# ---------------------------------------------------------------- TrOPD, divergences, GRPO (issue 3)
+
+from opd.fullvocab import chunked_generalized_jsd  # noqa: E402
+from opd.functional import (  # noqa: E402
+    generalized_jsd,
+    grpo_advantages,
+    topk_forward_kl,
+    trust_probability,
+    trust_region_mask,
+)
+
+
+def test_trust_region_mask_frequency_matches_min_ratio_within_binomial_bounds():
+    student = torch.log(torch.tensor([0.5, 0.2, 0.9, 0.05, 0.3], dtype=torch.float64))
+    teacher = torch.log(torch.tensor([0.25, 0.4, 0.09, 0.0475, 0.03], dtype=torch.float64))
+    expected = torch.clamp(teacher.exp() / student.exp(), max=1.0)  # [0.5, 1, 0.1, 0.95, 0.1]
+    torch.testing.assert_close(trust_probability(student, teacher), expected)
+    draws = 20_000
+    generator = torch.Generator().manual_seed(0)
+    hits = sum(trust_region_mask(student, teacher, generator).double() for _ in range(draws))
+    frequency = hits / draws
+    bound = 5 * torch.sqrt(expected * (1 - expected) / draws) + 1e-12  # 5 sigma: a false alarm is ~1e-6
+    assert ((frequency - expected).abs() <= bound).all(), (frequency, expected)
+    assert frequency[1] == 1.0  # the teacher likes the token more: always trusted
+    a = trust_region_mask(student.expand(8, 5), teacher.expand(8, 5), torch.Generator().manual_seed(3))
+    b = trust_region_mask(student.expand(8, 5), teacher.expand(8, 5), torch.Generator().manual_seed(3))
+    c = trust_region_mask(student.expand(8, 5), teacher.expand(8, 5), torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_topk_forward_kl_against_loop_reference():
+    g = torch.Generator().manual_seed(1)
+    student = torch.log_softmax(torch.randn(3, 4, 9, generator=g, dtype=torch.float64), -1)
+    teacher = torch.log_softmax(torch.randn(3, 4, 9, generator=g, dtype=torch.float64), -1)
+    values, ids = teacher.topk(4, dim=-1)
+    student_topk = student.gather(-1, ids).requires_grad_()
+    for renormalize in (False, True):
+        result = topk_forward_kl(student_topk, values, renormalize)
+        expected = torch.zeros(3, 4, dtype=torch.float64)
+        for i in range(3):
+            for j in range(4):
+                mass = sum(values[i, j].exp().tolist())
+                for k in range(4):
+                    p = values[i, j, k].exp().item() / (mass if renormalize else 1.0)
+                    expected[i, j] += p * (math.log(p) - student_topk[i, j, k].item())
+        torch.testing.assert_close(result.detach(), expected)
+        (grad,) = torch.autograd.grad(result.sum(), student_topk)
+        p = values.exp() / (values.exp().sum(-1, keepdim=True) if renormalize else 1.0)
+        torch.testing.assert_close(grad, -p)  # d/d lS_v = -p_T(v)
+    # Without renormalisation, k = V gives the full forward KL.
+    full = topk_forward_kl(student, teacher)
+    torch.testing.assert_close(full, (teacher.exp() * (teacher - student)).sum(-1))
+
+
+def kl(p_log, q_log):  # KL(p || q) over the last dimension, from the definition
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generalized_jsd_end_points_are_trls_forward_and_reverse_kl(temperature):
+    g = torch.Generator().manual_seed(2)
+    student = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    teacher = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    s = torch.log_softmax(student / temperature, -1)
+    t = torch.log_softmax(teacher / temperature, -1)
+    # TRL: beta = 0 is KL(teacher || student) (forward), beta = 1 is KL(student || teacher) (reverse).
+    torch.testing.assert_close(generalized_jsd(student, teacher, 0.0, temperature), kl(t, s))
+    torch.testing.assert_close(generalized_jsd(student, teacher, 1.0, temperature), kl(s, t))
+    for beta in (0.2, 0.5, 0.8):
+        mixture = torch.log(beta * t.exp() + (1 - beta) * s.exp())
+        expected = beta * kl(t, mixture) + (1 - beta) * kl(s, mixture)
+        torch.testing.assert_close(generalized_jsd(student, teacher, beta, temperature), expected)
+    with pytest.raises(ValueError, match="beta"):
+        generalized_jsd(student, teacher, 1.5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_chunked_generalized_jsd_equals_unchunked(beta):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(13, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(20, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(20, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(13, 4, generator=g, dtype=torch.float64)
+    teacher_weight = torch.randn(20, 4, generator=g, dtype=torch.float64)
+    chunked = chunked_generalized_jsd(hidden, weight, bias, teacher_hidden, teacher_weight, None, beta=beta,
+                                      temperature=0.9, chunk_size=4)
+    full = generalized_jsd(hidden @ weight.T + bias, teacher_hidden @ teacher_weight.T, beta, 0.9)
+    torch.testing.assert_close(chunked, full)
+    upstream = torch.randn(13, generator=g, dtype=torch.float64)
+    mine = torch.autograd.grad((chunked * upstream).sum(), (hidden, weight, bias))
+    theirs = torch.autograd.grad((full * upstream).sum(), (hidden, weight, bias))
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b)
+
+
+def test_grpo_advantages_against_reference():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.5, 1.0], dtype=torch.float64)
+    result = grpo_advantages(rewards, 3)
+    for start in range(0, 9, 3):
+        group = rewards[start : start + 3].tolist()
+        mean = sum(group) / 3
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / 2)
+        for i, r in enumerate(group):
+            assert result[start + i].item() == pytest.approx((r - mean) / (std + 1e-6))
+    assert (result[3:6] == 0).all()  # identical rewards: no signal, no NaN
+    assert (grpo_advantages(rewards, 1) == 0).all()
+    with pytest.raises(ValueError, match="groups of 4"):
+        grpo_advantages(rewards, 4)

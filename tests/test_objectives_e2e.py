@@ -1,0 +1,140 @@
+"""Every registered objective trains end to end on tiny real HF folders, and guidance follows its schedule."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import make_config
+from test_train import parameters_of
+
+from opd import graders
+from opd.assemble import assemble, seed_everything
+from opd.collect import CollectSettings, collect, draw_prefix, max_prefix_length
+from opd.monitor import read_metrics
+from opd.objectives import registered_names
+from opd.train import train
+
+ROWS = [
+    {"prompt": "what is 12 + 7?", "domain": "math", "answer": "19", "response": "12 + 7 = 19"},
+    {"prompt": "count the letters", "domain": "code", "answer": "3", "response": "answer: 3"},
+    {"prompt": "what is 3 * 4?", "domain": "math", "answer": "12", "response": "3 * 4 = 12"},
+    {"prompt": "hello world, repeat it", "domain": "code", "answer": "hello", "response": "hello world"},
+]
+
+# What each objective must log (besides the common metrics), proving its own code ran.
+OBJECTIVE_METRIC = {
+    "opd": "opd/advantage_mean", "gopd": "gopd/advantage_mean", "tropd": "tropd/outlier_fraction",
+    "fkl_topk": "fkl_topk/loss", "jsd_topk": "jsd_topk/forward_term", "gkd": "gkd/jsd",
+    "eopd": "eopd/gated_fraction", "reopold": "reopold/stage", "entropy_opd": "entropy_opd/selected_fraction",
+    "aopd": "aopd/positive_fraction", "sft": "sft/nll", "grpo": "grpo/reward_mean",
+}
+OBJECTIVE_SETTINGS = {
+    "gopd": {"lam": 1.25},
+    "gkd": {"onpolicy_fraction": 0.5},
+    "eopd": {"topk": 16, "entropy_threshold": 0.5},
+    "reopold": {"reopold_entropy_selection": True},
+}
+
+
+@pytest.fixture
+def rows_file(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return path
+
+
+@pytest.fixture
+def length_grader(monkeypatch):
+    """A grader a random tiny model passes about half the time, so GRPO advantages are not all zero."""
+    monkeypatch.setitem(graders.GRADERS, "exact", lambda row, completion: float(len(completion) % 2 == 0))
+
+
+def test_every_registered_objective_is_covered():
+    assert sorted(OBJECTIVE_METRIC) == registered_names()
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVE_METRIC))
+def test_objective_trains_three_steps(name, model_dir, rows_file, tmp_path, length_grader):
+    grader = "exact" if name == "grpo" else "none"
+    config = make_config(
+        model_dir, rows_file, tmp_path / "run",
+        objective={"name": name, "lam": 1.0, **OBJECTIVE_SETTINGS.get(name, {})},
+        teachers=[{"domain": "math", "path": str(model_dir / "teacher"), "grader": grader},
+                  {"domain": "code", "path": str(model_dir / "teacher_b"), "grader": grader}],
+        rollout={"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 8},
+    )
+    final = train(config)
+    before, after = parameters_of(model_dir / "student"), parameters_of(final)
+    assert any(not torch.equal(before[n], after[n]) for n in before), "no parameter moved"
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(records) == 3
+    assert all(OBJECTIVE_METRIC[name] in r for r in records), (name, sorted(records[0]))
+    if name == "grpo":
+        assert all("reward/accuracy" in r for r in records)
+
+
+def test_tropd_with_guidance_follows_the_cosine_schedule(model_dir, rows_file, tmp_path):
+    config = make_config(
+        model_dir, rows_file, tmp_path / "run",
+        objective={"name": "tropd", "lam": 1.0, "guidance": {"enabled": True, "fraction": 0.5, "max_prefix_tokens": 6}},
+        rollout={"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 8},
+    )
+    train(config)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["guidance/max_prefix_length"] for r in records] == [6, 3, 0]
+    assert records[-1]["rollout/teacher_token_fraction"] == 0  # the last step is fully on-policy
+    assert all("guidance/prefix_tokens" in r for r in records)
+
+
+def test_guided_rollouts_flag_teacher_prefix_tokens(model_dir, rows_file, tmp_path):
+    config = make_config(model_dir, rows_file, tmp_path / "run", objective={"name": "tropd", "lam": 1.0},
+                         rollout={"prompts_per_step": 2, "samples_per_prompt": 4, "max_new_tokens": 8})
+    seed_everything(0)
+    run = assemble(config)
+    settings = CollectSettings(guidance=True, guidance_fraction=0.5, max_prefix_tokens=8, total_steps=10,
+                               teacher_written=False, onpolicy_fraction=1.0, seed=0)
+    lengths = []
+    for step in range(3):
+        batch = collect(run, step, [0, 1], settings, {})
+        prefix_lengths = batch.from_teacher.sum(dim=1)
+        guided = torch.tensor([k < 2 for _ in range(2) for k in range(4)])
+        assert (prefix_lengths[~guided] == 0).all()  # only guidance_fraction of each prompt's rollouts
+        assert (prefix_lengths <= max_prefix_length(step, 10, 8)).all()
+        for row in range(batch.num_rows):  # prefix tokens come first and are response tokens
+            flags = batch.from_teacher[row]
+            assert not (flags[1:] & ~flags[:-1]).any()
+            assert (batch.response_mask[row] | ~flags).all()
+            assert (batch.sampler_logprobs[row][flags] == 0).all()
+        lengths.extend(prefix_lengths[guided].tolist())
+    assert max(lengths) > 0
+
+
+def test_prefix_schedule_and_draws():
+    assert [max_prefix_length(s, 5, 100) for s in range(5)] == [100, 85, 50, 14, 0]
+    assert max_prefix_length(0, 1, 100) == 0
+    rng = random.Random(0)
+    draws = [draw_prefix([5, 6, 7, 8, 1], 10, (1,), rng) for _ in range(200)]
+    assert {len(d) for d in draws} == {0, 1, 2, 3, 4}  # uniform up to the length, never the final EOS
+    assert all(d == [5, 6, 7, 8][: len(d)] for d in draws)
+    assert {len(draw_prefix([5, 6, 7, 8], 2, (1,), rng)) for _ in range(100)} == {0, 1, 2}
+
+
+def test_sft_generates_teacher_responses_once_per_prompt(model_dir, rows_file, tmp_path):
+    config = make_config(model_dir, rows_file, tmp_path / "run", objective={"name": "sft", "lam": 1.0})
+    seed_everything(0)
+    run = assemble(config)
+    settings = CollectSettings(guidance=False, guidance_fraction=0.5, max_prefix_tokens=8, total_steps=3,
+                               teacher_written=True, onpolicy_fraction=1.0, seed=0)
+    cache: dict = {}
+    first = collect(run, 0, [0, 1], settings, cache)
+    assert (first.from_teacher == first.response_mask).all()
+    assert sorted(cache) == [0, 1] and all(len(v) == 2 for v in cache.values())
+    again = collect(run, 5, [1, 0], settings, cache)  # a later visit reuses the cached trajectories
+    for batch in (first, again):
+        for row in range(batch.num_rows):
+            sample = row % 2
+            written = batch.response_ids[row][batch.response_mask[row]].tolist()
+            assert written == cache[batch.prompt_index[row]][sample][: len(written)]
