@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import make_config
 
@@ -55,3 +56,61 @@ def test_demo_runs_and_the_student_moves_toward_the_teacher(tmp_path):
     assert len(records) == 12
     first, last = records[0]["teacher/kl_k1"], sum(r["teacher/kl_k1"] for r in records[-3:]) / 3
     assert last < first, (first, last)
+
+
+def test_opd_merge_expo_extrapolates_weights(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    result = run_cli("merge", "--expo", "--alpha", "0.5", "--teachers", str(model_dir / "teacher"),
+                     str(model_dir / "teacher_b"), "--student", str(model_dir / "student"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    load = lambda p: dict(AutoModelForCausalLM.from_pretrained(str(p)).named_parameters())  # noqa: E731
+    merged, student = load(out), load(model_dir / "student")
+    first, second = load(model_dir / "teacher"), load(model_dir / "teacher_b")
+    for name, value in merged.items():
+        mean = (first[name] + second[name]) / 2
+        torch.testing.assert_close(value, mean + 0.5 * (mean - student[name]))
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_opd_merge_refuses_mismatched_architectures(model_dir, tmp_path):
+    from opd.tiny import build_model, build_tokenizer
+
+    other = tmp_path / "wide"
+    build_model(other, build_tokenizer(other), hidden_size=48)
+    result = run_cli("merge", "--expo", "--alpha", "0.25", "--teachers", str(other), "--student",
+                     str(model_dir / "student"), "--out", str(tmp_path / "out"))
+    assert result.returncode != 0 and "has shape" in result.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_train_one_step_on_tiny_models(path, model_dir, tmp_path, monkeypatch):
+    """Each example, with its model and data paths pointed at tiny local stand-ins, trains a step."""
+    import json
+
+    from opd import graders
+    from opd.train import train
+
+    monkeypatch.setitem(graders.GRADERS, "math", lambda row, completion: float(len(completion) % 2 == 0))
+    data = yaml.safe_load(path.read_text())
+    rows = tmp_path / "rows.jsonl"
+    domains = [t["domain"] for t in data["teachers"]]
+    rows.write_text("".join(json.dumps({"prompt": f"what is {i} + {i}?", "domain": domains[i % len(domains)],
+                                        "answer": str(2 * i), "response": f"{i} + {i} = {2 * i}"}) + "\n"
+                            for i in range(4)))
+    data["student"] = {"path": str(model_dir / "student")}
+    for teacher in data["teachers"]:
+        teacher["dtype"] = "float32"
+        if teacher.get("path") is not None:
+            teacher["path"] = str(model_dir / "teacher")
+        if teacher.get("reference") not in (None, "student_init"):
+            teacher["reference"] = str(model_dir / "base")
+    data["data"] = {**data["data"], "path": str(rows)}
+    data["rollout"] = {**data["rollout"], "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 6,
+                       "batch_size": 4}
+    data["optim"] = {**data["optim"], "micro_batch_size": 2}
+    data["train"] = {**data["train"], "steps": 1, "output_dir": str(tmp_path / "run"), "tensorboard": False,
+                     "progress": False}
+    final = train(load_config(base=data))
+    assert (final / "config.json").is_file()
