@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     merge_parser.add_argument("--student", required=True, help="the student model folder")
     merge_parser.add_argument("--out", required=True, help="output folder")
 
+    bench_parser = commands.add_parser("bench", help="speed and memory benchmarks, as ratios measured in one run")
+    bench_parser.add_argument("name", choices=["memory", "overhead", "step"])
+    bench_parser.add_argument("--quick", action="store_true", help="reduced sizes (what CI runs)")
+    bench_parser.add_argument("--output", help="also write the raw results as JSON to this file")
+
     args = parser.parse_args(argv)
     try:
         run_command(args)
@@ -53,6 +58,8 @@ def run_command(args) -> None:
 
         out = expo_merge(args.teachers, args.student, args.alpha, args.out)
         print(f"opd: ExPO merge (alpha={args.alpha}) of {len(args.teachers)} teacher(s) written to {out}")
+    elif args.command == "bench":
+        run_bench(args.name, args.quick, args.output)
     elif args.command == "demo":
         from opd.demo import run_demo
 
@@ -62,3 +69,32 @@ def run_command(args) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def run_bench(name: str, quick: bool, output: str | None) -> None:
+    import json
+    import platform
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", str(min(os.cpu_count() or 1, 16)))))
+    if name == "memory":
+        from opd.bench import memory
+
+        raw = memory.benchmark(memory.QUICK if quick else memory.FULL)
+        table = memory.format_table(raw)
+    elif name == "overhead":
+        from opd.bench import overhead
+
+        raw = overhead.run(quick=quick)
+        table = overhead.format_table(raw)
+    else:
+        from opd.bench import step
+
+        raw = step.run(quick=quick)
+        table = step.format_table(raw)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    print(f"opd bench {name}{' --quick' if quick else ''} ({machine})\n\n{table}")
+    if output:
+        with open(output, "w") as handle:
+            json.dump({"benchmark": name, "quick": quick, "machine": machine, "results": raw}, handle, indent=2)

@@ -1,0 +1,148 @@
+"""`opd bench step`: one full on-policy distillation step (generate, score, update), opd vs TRL.
+
+Both sides train the same tiny student against the same teacher on the same prompts, one response per
+prompt, the same generation length, batch size and learning rate, with HF `generate` and no gradient
+checkpointing. TRL's side is its maintained on-policy trainer, `DistillationTrainer` (reverse KL, beta = 1,
+the configuration TRL recommends over GKD with lmbda = 1). Each side runs in a fresh process; throughput is
+generated tokens (prompts x max_new_tokens x timed steps: random tiny models practically never stop early,
+and opd's measured count is reported beside it) per second over the steps after a warm-up, and memory is
+the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QUICK = {"hidden": 64, "layers": 2, "vocab": 512, "prompts": 8, "new_tokens": 16, "steps": 4}
+FULL = {"hidden": 256, "layers": 4, "vocab": 16384, "prompts": 16, "new_tokens": 128, "steps": 6}
+
+
+def _build(root: Path, size: dict) -> list[str]:
+    from opd.tiny import build_model, build_tokenizer
+
+    corpus = [f"problem {i}: what is {i} plus {2 * i}? the answer is {3 * i}." for i in range(4000)]
+    corpus += [" ".join(f"w{j}{i % 97}" for j in range(20)) for i in range(4000)]
+    tokenizer = build_tokenizer(root / "student", corpus=corpus, vocab_size=size["vocab"])
+    build_model(root / "student", tokenizer, hidden_size=size["hidden"], num_layers=size["layers"], num_heads=4, seed=0)
+    build_model(root / "teacher", tokenizer, hidden_size=size["hidden"], num_layers=size["layers"], num_heads=4, seed=1)
+    return [f"what is {i} plus {2 * i}?" for i in range(size["prompts"] * (size["steps"] + 1))]
+
+
+def run_opd(root: Path, prompts: list[str], size: dict) -> dict:
+    from opd.config import load_config
+    from opd.monitor import read_metrics
+    from opd.train import train
+
+    data = root / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    config = load_config(base={
+        "student": {"path": str(root / "student")},
+        "teachers": [{"domain": "default", "path": str(root / "teacher"), "reference": None}],
+        "data": {"path": str(data), "shuffle": False},
+        "rollout": {"prompts_per_step": size["prompts"], "samples_per_prompt": 1, "max_new_tokens": size["new_tokens"],
+                    "batch_size": size["prompts"]},
+        "objective": {"name": "opd"},
+        "optim": {"lr": 1e-5, "micro_batch_size": size["prompts"]},
+        "train": {"steps": size["steps"] + 1, "output_dir": str(root / "opd"), "save_every": 0,
+                  "tensorboard": False, "progress": False},
+    })
+    train(config)
+    records = read_metrics(root / "opd" / "metrics.jsonl")[1:]  # the first step is the warm-up
+    seconds = sum(r["perf/rollout_seconds"] + r["perf/score_seconds"] + r["perf/train_seconds"] for r in records)
+    return {"seconds": seconds, "measured_tokens": sum(r["rollout/tokens"] for r in records)}
+
+
+def run_trl(root: Path, prompts: list[str], size: dict) -> dict:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "student"))
+    student = AutoModelForCausalLM.from_pretrained(str(root / "student"))
+    teacher = AutoModelForCausalLM.from_pretrained(str(root / "teacher"))
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
+    args = DistillationConfig(
+        output_dir=str(root / "trl"), per_device_train_batch_size=size["prompts"], max_completion_length=size["new_tokens"],
+        beta=1.0, temperature=1.0, learning_rate=1e-5, max_steps=size["steps"] + 1, logging_steps=1, report_to="none",
+        use_cpu=True, save_strategy="no", gradient_checkpointing=False, shuffle_dataset=False, bf16=False,
+        disable_dropout=True,
+    )
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.starts, self.ends = [], []
+
+        def on_step_begin(self, *unused, **kwargs):
+            self.starts.append(time.perf_counter())
+
+        def on_step_end(self, *unused, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    timer = StepTimer()
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                                  processing_class=tokenizer, callbacks=[timer])
+    trainer.train()
+    return {"seconds": sum(e - s for s, e in list(zip(timer.starts, timer.ends))[1:]), "measured_tokens": None}
+
+
+def run_variant(variant: str, quick: bool) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    size = QUICK if quick else FULL
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        prompts = _build(root, size)
+        result = run_opd(root, prompts, size) if variant == "opd" else run_trl(root, prompts, size)
+    tokens = size["prompts"] * size["new_tokens"] * size["steps"]
+    return {"variant": variant, **result, "tokens_per_second": tokens / result["seconds"],
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "size": size}
+
+
+def run(quick: bool = False) -> list[dict]:
+    results = []
+    for variant in ("trl", "opd"):
+        process = subprocess.run([sys.executable, "-m", "opd.bench.step", variant] + (["--quick"] if quick else []),
+                                 capture_output=True, text=True)
+        if process.returncode != 0:
+            last = (process.stderr.strip().splitlines() or ["failed"])[-1]
+            results.append({"variant": variant, "error": last[:200]})
+        else:
+            results.append(json.loads(process.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    by_name = {r["variant"]: r for r in results}
+    trl = by_name.get("trl")
+    lines = ["| trainer | tokens/s | peak RSS MiB | throughput / TRL | memory / TRL |", "|---|---:|---:|---:|---:|"]
+    for name in ("trl", "opd"):
+        row = by_name.get(name)
+        if row is None or "error" in row:
+            lines.append(f"| {name} | not measured: {row['error'] if row else 'missing'} | | | |")
+            continue
+        throughput = memory = "n/a"
+        if trl and "error" not in trl:
+            throughput = f"{row['tokens_per_second'] / trl['tokens_per_second']:.2f}"
+            memory = f"{row['peak_rss_bytes'] / trl['peak_rss_bytes']:.2f}"
+        label = "TRL DistillationTrainer" if name == "trl" else "opd"
+        lines.append(f"| {label} | {row['tokens_per_second']:.0f} | {row['peak_rss_bytes'] / 2**20:.0f} | "
+                     f"{throughput} | {memory} |")
+    opd = by_name.get("opd")
+    if opd and "error" not in opd:
+        size = opd["size"]
+        lines.append(f"\nopd generated {opd['measured_tokens']:.0f} of the {size['prompts'] * size['new_tokens'] * size['steps']} "
+                     "tokens counted for both sides.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_variant(sys.argv[1], "--quick" in sys.argv)))
