@@ -111,3 +111,20 @@ def test_unsupported_output_heads_are_refused(student):
             output_head(model)
     finally:
         model.config.final_logit_softcapping = None
+
+
+def test_sampler_entropy_is_the_students_entropy(student):
+    """student/entropy is logged from the sampler's record: it must equal the full-vocabulary entropy."""
+    model, tokenizer = student
+    torch.manual_seed(0)
+    batch = rollout(model, prompts(tokenizer), [0, 1, 2], ["a"] * 3, settings_for(model, tokenizer))
+    hidden = response_hidden_states(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    weight, bias = output_head(model)
+    mask = batch.response_mask
+    _, _, _, entropy = teacher_token_scores(hidden[mask], weight, bias, batch.response_ids[mask], temperature=0.7,
+                                            with_entropy=True)
+    torch.testing.assert_close(batch.sampler_entropy[mask], entropy, atol=1e-5, rtol=1e-5)
+    ranks = batch.entropy_rank[mask]
+    assert ranks.min() == 0 and ranks.max() == 1
+    order = batch.sampler_entropy[mask].argsort(stable=True)
+    assert (ranks[order].diff() > 0).all()  # ranks increase with entropy

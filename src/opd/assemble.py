@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from opd import distributed
 from opd.checks import (
     StartupError,
     check_domains,
@@ -85,6 +86,7 @@ def assemble(config: Config, student_path: str | None = None) -> Run:
         batch_size=config.rollout.batch_size,
         end_of_sequence_ids=eos_ids,
         pad_id=tokenizer.pad_token_id,
+        synced=distributed.world_size() > 1,
     )
     any_reference = any(s.reference is not None for s in scorers.values())
     scoring = ScoringSettings(

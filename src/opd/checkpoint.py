@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opd import distributed
+
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step_"
 
@@ -29,23 +31,40 @@ class CheckpointRecord:
     data_position: int  # prompts consumed so far (informational: the data order is a function of step)
 
 
+def save_model(student, tokenizer, folder: Path) -> None:
+    """The student as an HF folder; under FSDP every rank gathers, rank 0 writes."""
+    state = distributed.full_state_dict(student)
+    if distributed.is_main():
+        student.save_pretrained(str(folder), state_dict=state)
+        tokenizer.save_pretrained(str(folder))
+    distributed.barrier()
+
+
 def save_checkpoint(run_dir: Path, student, tokenizer, optimizer, record: CheckpointRecord, keep: int) -> Path:
+    """Every rank must call this (the model and optimizer are gathered); rank 0 writes and renames."""
     root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{record.step:06d}"
     partial = root / f".partial-{final.name}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    student.save_pretrained(str(partial / "model"))
-    tokenizer.save_pretrained(str(partial / "model"))
-    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-    torch.save(_rng_states(), partial / "rng.pt")
-    (partial / "record.json").write_text(json.dumps(_record_dict(record)))
-    _fsync_tree(partial)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    _prune(root, keep)
+    if distributed.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    distributed.barrier()
+    torch.save(_rng_states(), partial / f"rng_{distributed.rank()}.pt")  # each rank's own streams
+    save_model(student, tokenizer, partial / "model")
+    if distributed.world_size() > 1:
+        optimizer_state = distributed.full_optimizer_state(student, optimizer)
+    else:
+        optimizer_state = optimizer.state_dict()
+    if distributed.is_main():
+        torch.save(optimizer_state, partial / "optimizer.pt")
+        (partial / "record.json").write_text(json.dumps(_record_dict(record)))
+        _fsync_tree(partial)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _prune(root, keep)
+    distributed.barrier()
     return final
 
 
@@ -58,10 +77,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint_state(folder: Path, optimizer) -> CheckpointRecord:
+def load_checkpoint_state(folder: Path, student, optimizer) -> CheckpointRecord:
     """Restore optimizer and RNG states from `folder` (the model is loaded from folder/'model')."""
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
-    _set_rng_states(torch.load(folder / "rng.pt", weights_only=False))
+    optimizer_state = torch.load(folder / "optimizer.pt", weights_only=False)
+    if distributed.world_size() > 1:
+        distributed.load_full_optimizer_state(student, optimizer, optimizer_state)
+    else:
+        optimizer.load_state_dict(optimizer_state)
+    rng_file = folder / f"rng_{distributed.rank()}.pt"
+    if not rng_file.is_file():
+        raise FileNotFoundError(f"{rng_file}: the checkpoint was written by fewer processes than this run has")
+    _set_rng_states(torch.load(rng_file, weights_only=False))
     data = json.loads((folder / "record.json").read_text())
     return CheckpointRecord(**data)
 

@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("config", help="YAML config file (see configs/)")
     train_parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.lam=1.25")
     train_parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train_parser.add_argument("--nproc", type=int, default=1,
+                              help="processes on this machine (re-launches under torchrun; FSDP2 data parallel)")
 
     demo_parser = commands.add_parser("demo", help="build two tiny models and distill one into the other (CPU)")
     demo_parser.add_argument("--output-dir", default="runs/demo")
@@ -48,11 +50,17 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_command(args) -> None:
     if args.command == "train":
+        config = load_config(args.config, args.overrides)  # fail on a bad config before launching anything
+        if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+            launch_torchrun(args)
+            return
+        from opd import distributed
         from opd.train import train
 
-        config = load_config(args.config, args.overrides)
+        distributed.init_from_environment()
         final = train(config, resume=args.resume)
-        print(f"opd: trained student written to {final}")
+        if distributed.is_main():
+            print(f"opd: trained student written to {final}")
     elif args.command == "merge":
         from opd.merge import expo_merge
 
@@ -98,3 +106,14 @@ def run_bench(name: str, quick: bool, output: str | None) -> None:
     if output:
         with open(output, "w") as handle:
             json.dump({"benchmark": name, "quick": quick, "machine": machine, "results": raw}, handle, indent=2)
+
+
+def launch_torchrun(args) -> None:
+    """`opd train ... --nproc N` is `torchrun --nproc-per-node N -m opd train ...` on this machine."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "opd", "train", args.config, *args.overrides] + (["--resume"] if args.resume else [])
+    completed = subprocess.run(command)
+    if completed.returncode != 0:
+        sys.exit(f"opd: torchrun exited with status {completed.returncode}")

@@ -51,9 +51,12 @@ def rollout_metrics(
         sampled &= ~batch.from_dataset[:, None]
     count = float(sampled.sum())
     all_tokens = float(batch.response_mask.sum())
+    sampled_by_student = batch.response_mask & ~batch.from_teacher
+    if batch.from_dataset is not None:
+        sampled_by_student &= ~batch.from_dataset[:, None]
     lengths = batch.response_mask.sum(dim=1).float()
     metrics = {
-        "student/entropy": Metric(value=masked_mean(student_entropy, batch.response_mask), weight=all_tokens),
+        "student/entropy": Metric(value=masked_mean(student_entropy, sampled_by_student), weight=float(sampled_by_student.sum())),
         "rollout/response_length": Metric(value=float(lengths.mean()), weight=float(len(lengths))),
         "rollout/response_length_max": Metric(value=float(lengths.max()), reduce=Reduce.MAX),
         "rollout/truncated_fraction": Metric(value=float(batch.truncated.float().mean()), weight=float(len(lengths))),

@@ -30,6 +30,7 @@ class SamplingSettings:
     batch_size: int  # rows (prompt x sample) per generate call
     end_of_sequence_ids: tuple[int, ...]
     pad_id: int
+    synced: bool = False  # more than one process shares the student (FSDP)
 
 
 class _SampledLogprobRecorder:
@@ -117,6 +118,8 @@ def generate_responses(
             attention_mask=prompt_mask.long(),
             generation_config=generation_config,
             logits_processor=LogitsProcessorList(processors),
+            # Sharded (FSDP) students need every rank in every forward: ranks keep stepping until all finish.
+            synced_gpus=settings.synced,
         )
     finally:
         model.train(was_training)

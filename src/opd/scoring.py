@@ -63,7 +63,7 @@ def response_hidden_states(
     return hidden[:, prompt_width - 1 : prompt_width - 1 + response_ids.shape[1]]
 
 
-def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
     # In-place where possible: each [chunk, V] temporary is the dominant memory of the whole loss.
     logits = hidden @ weight.T
     if bias is not None:
@@ -72,7 +72,11 @@ def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, tempera
     logits = logits.to(score_dtype(logits.dtype))
     if temperature != 1.0:
         logits.div_(temperature)
-    return torch.log_softmax(logits, dim=-1)
+    return logits
+
+
+def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    return torch.log_softmax(_chunk_logits(hidden, weight, bias, temperature), dim=-1)
 
 
 def score_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -84,18 +88,19 @@ class _ChunkedStudentLogprobs(torch.autograd.Function):
     """lS at target ids (and at extra gather ids) with logits recomputed chunk by chunk in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target_ids, gather_ids, temperature, chunk_size):
+    def forward(ctx, hidden, weight, bias, target_ids, gather_ids, temperature, chunk_size, with_entropy):
         # hidden [M, H]; weight [V, H]; bias [V] | None; target_ids [M]; gather_ids [M, K] (K may be 0)
         num_tokens, dtype = hidden.shape[0], score_dtype(hidden.dtype)
         logprobs = hidden.new_empty(num_tokens, dtype=dtype)
         gathered = hidden.new_empty(gather_ids.shape, dtype=dtype)
-        entropy = hidden.new_empty(num_tokens, dtype=dtype)
+        entropy = hidden.new_zeros(num_tokens if with_entropy else 0, dtype=dtype)
         for start in range(0, num_tokens, chunk_size):
             stop = min(start + chunk_size, num_tokens)
             chunk_logprobs = _chunk_logprobs(hidden[start:stop], weight, bias, temperature)
             logprobs[start:stop] = chunk_logprobs.gather(1, target_ids[start:stop, None]).squeeze(1)
             gathered[start:stop] = chunk_logprobs.gather(1, gather_ids[start:stop].long())
-            entropy[start:stop] = -chunk_logprobs.exp().mul_(chunk_logprobs).sum(dim=-1)
+            if with_entropy:
+                entropy[start:stop] = -chunk_logprobs.exp().mul_(chunk_logprobs).sum(dim=-1)
         ctx.save_for_backward(hidden, weight, bias, target_ids, gather_ids)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
@@ -120,7 +125,7 @@ class _ChunkedStudentLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             stop = min(start + chunk_size, hidden.shape[0])
             chunk_hidden = hidden[start:stop]
-            probs = _chunk_logprobs(chunk_hidden, weight, bias, temperature).exp_()
+            probs = torch.softmax(_chunk_logits(chunk_hidden, weight, bias, temperature), dim=-1)
             g_target = grad_logprobs[start:stop]
             g_gather = grad_gathered[start:stop]
             # d log p_i / d z_j = [i == j] - p_j, summed over every log-prob that received a gradient.
@@ -140,7 +145,7 @@ class _ChunkedStudentLogprobs(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def student_token_logprobs(
@@ -152,14 +157,19 @@ def student_token_logprobs(
     *,
     temperature: float = 1.0,
     chunk_size: int = 512,
-) -> tuple[Tensor, Tensor | None, Tensor]:  # lS [M], lS at gather_ids [M, K] | None, entropy [M] detached
-    """Differentiable student log-probs with O(chunk_size * V) extra memory in forward and backward."""
+    with_entropy: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:  # lS [M], lS at gather_ids [M, K] | None, entropy [M] | None
+    """Differentiable student log-probs with O(chunk_size * V) extra memory in forward and backward.
+
+    The entropy (detached) costs two extra passes over each chunk's logits; skip it when it is known
+    already (the HF sampler records the entropy of the distribution it samples from).
+    """
     _check_chunk(chunk_size, temperature)
     ids = gather_ids if gather_ids is not None else target_ids.new_empty(target_ids.shape[0], 0)
     logprobs, gathered, entropy = _ChunkedStudentLogprobs.apply(
-        hidden, weight, bias, target_ids.long(), ids, temperature, chunk_size
+        hidden, weight, bias, target_ids.long(), ids, temperature, chunk_size, with_entropy
     )
-    return logprobs, (gathered if gather_ids is not None else None), entropy
+    return logprobs, (gathered if gather_ids is not None else None), (entropy if with_entropy else None)
 
 
 @torch.no_grad()

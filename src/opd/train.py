@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from opd.aggregate import aggregate, count_denominator
 from opd.assemble import Run, assemble, seed_everything
-from opd.checkpoint import CheckpointRecord, latest_checkpoint, load_checkpoint_state, save_checkpoint
+from opd import distributed
+from opd.checkpoint import CheckpointRecord, latest_checkpoint, load_checkpoint_state, save_checkpoint, save_model
 from opd.config import Config, OptimConfig, to_dict
 from opd.data import prompts_for_step
 from opd.metrics import as_floats, combine, rollout_metrics
@@ -63,14 +64,18 @@ def student_forward(model: nn.Module, batch: RolloutBatch, teacher: TeacherScore
     hidden = response_hidden_states(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask)
     weight, bias = output_head(model)
     gather_ids = teacher.topk_ids[mask] if Signal.TEACHER_TOPK in objective.needs else None
+    # The sampler recorded the entropy of the distribution it drew from (the student's, with HF generate);
+    # tokens it did not sample (teacher prefixes, dataset responses) carry 0 there, so recompute only
+    # when there is no record.
     logprobs, topk_logprobs, entropy = student_token_logprobs(
         hidden[mask], weight, bias, batch.response_ids[mask], gather_ids,
         temperature=settings.temperature, chunk_size=settings.chunk_size,
+        with_entropy=batch.sampler_entropy is None,
     )
     full = Signal.FULL_DISTRIBUTIONS in objective.needs
     return StudentOutputs(
         logprobs=scatter_tokens(logprobs, mask),
-        entropy=scatter_tokens(entropy, mask),
+        entropy=scatter_tokens(entropy, mask) if entropy is not None else batch.sampler_entropy,
         topk_logprobs=scatter_tokens(topk_logprobs, mask) if topk_logprobs is not None else None,
         hidden=hidden if full else None,
         head=(weight, bias) if full else None,
@@ -80,7 +85,8 @@ def student_forward(model: nn.Module, batch: RolloutBatch, teacher: TeacherScore
 def accumulate_gradients(model: nn.Module, batch: RolloutBatch, teacher: TeacherScores, objective: Objective,
                          settings: StepSettings) -> tuple[dict[str, Metric], Tensor, Tensor]:
     """Forward + backward over micro-batches; returns metrics and the batch's detached lS and entropy [N, T]."""
-    denominator = count_denominator(batch.response_mask, settings.aggregation)  # the whole optimizer batch
+    # The whole optimizer batch: every micro-batch on every rank divides by the same number.
+    denominator = distributed.all_reduce_sum(count_denominator(batch.response_mask, settings.aggregation))
     metric_sets, logprobs, entropies = [], [], []
     for start in range(0, batch.num_rows, settings.micro_batch_size):
         rows = slice(start, start + settings.micro_batch_size)
@@ -93,13 +99,14 @@ def accumulate_gradients(model: nn.Module, batch: RolloutBatch, teacher: Teacher
         metric_sets.append({**token_loss.metrics, "loss": Metric(value=float(loss.detach()), reduce=Reduce.SUM)})
         logprobs.append(student.logprobs.detach().cpu())
         entropies.append(student.entropy.cpu())
+    distributed.synchronize_replicated_gradients(model)
     return combine(metric_sets), torch.cat(logprobs), torch.cat(entropies)
 
 
 def apply_update(state: TrainState, max_grad_norm: float | None) -> dict[str, Metric]:
     """Clip, check the gradient is finite, and step; a non-finite gradient skips the step and is counted."""
     parameters = [p for p in state.student.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm is not None else math.inf)
+    grad_norm = distributed.clip_gradients(parameters, max_grad_norm if max_grad_norm is not None else math.inf)
     finite = bool(torch.isfinite(grad_norm))
     if finite:
         state.optimizer.step()
@@ -119,6 +126,7 @@ def train_step(state: TrainState, batch: RolloutBatch, teacher: TeacherScores, o
     """One optimizer step on a scored rollout batch."""
     metrics, logprobs, entropy = accumulate_gradients(state.student, batch, teacher, objective, settings)
     metrics.update(rollout_metrics(batch, teacher, logprobs, entropy))
+    metrics = combine(distributed.gather_objects(metrics))  # every rank's rows
     metrics.update(apply_update(state, settings.max_grad_norm))
     return metrics
 
@@ -135,14 +143,19 @@ def train(config: Config, *, resume: bool = False) -> Path:
             f"train.output_dir: '{run_dir}' already holds checkpoints; pass --resume to continue that run, "
             "or choose another output_dir (nothing was overwritten)"
         )
-    seed_everything(config.train.seed)
+    if config.rollout.prompts_per_step % distributed.world_size():
+        raise ValueError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must divide evenly over "
+                         f"{distributed.world_size()} processes")
+    seed_everything(config.train.seed + distributed.rank())
     run = assemble(config, student_path=str(checkpoint / "model") if checkpoint is not None else None)
+    distributed.shard_student(run.student)  # before the optimizer: FSDP2 replaces parameters by shards
     state = TrainState(student=run.student, optimizer=build_optimizer(run.student, config.optim))
     if checkpoint is not None:
-        record = load_checkpoint_state(checkpoint, state.optimizer)
+        record = load_checkpoint_state(checkpoint, state.student, state.optimizer)
         state.step, state.skipped_steps = record.step, record.skipped_steps
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     settings = StepSettings(
         aggregation=config.objective.aggregation, micro_batch_size=config.optim.micro_batch_size,
         temperature=config.rollout.temperature, chunk_size=config.train.logit_chunk,
@@ -150,23 +163,26 @@ def train(config: Config, *, resume: bool = False) -> Path:
     )
     collect_settings = collect_settings_for(config)
     teacher_cache: dict = {}  # sft's teacher responses, generated once per prompt
-    logger = MetricsLogger(run_dir, total_steps=config.train.steps, start_step=state.step,
-                           tensorboard=config.train.tensorboard, progress=config.train.progress)
+    logger = None
+    if distributed.is_main():
+        logger = MetricsLogger(run_dir, total_steps=config.train.steps, start_step=state.step,
+                               tensorboard=config.train.tensorboard, progress=config.train.progress)
     try:
         while state.step < config.train.steps:
             set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)
             values = run_one_step(run, state, config, settings, collect_settings, teacher_cache)
-            logger.log(state.step, values)
+            if logger is not None:
+                logger.log(state.step, values)
             if _should_save(state.step, config):
                 save_checkpoint(run_dir, state.student, run.tokenizer, state.optimizer,
                                 CheckpointRecord(step=state.step, skipped_steps=state.skipped_steps,
                                                  data_position=state.step * config.rollout.prompts_per_step),
                                 keep=config.train.keep_checkpoints)
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
     final = run_dir / "final"
-    state.student.save_pretrained(str(final))
-    run.tokenizer.save_pretrained(str(final))
+    save_model(state.student, run.tokenizer, final)
     return final
 
 
@@ -175,6 +191,8 @@ def run_one_step(run: Run, state: TrainState, config: Config, settings: StepSett
     started = time.perf_counter()
     indices = prompts_for_step(len(run.rows), state.step, config.rollout.prompts_per_step, config.train.seed,
                                config.data.shuffle)
+    share = len(indices) // distributed.world_size()  # this rank's contiguous share of the step's prompts
+    indices = indices[distributed.rank() * share : (distributed.rank() + 1) * share]
     batch = collect(run, state.step, indices, collect_settings, teacher_cache)
     if run.graders:
         batch = attach_rewards(batch, grade_batch(run, batch), run.sampling.samples_per_prompt)
@@ -191,7 +209,7 @@ def run_one_step(run: Run, state: TrainState, config: Config, settings: StepSett
         "perf/rollout_seconds": rolled - started,
         "perf/score_seconds": scored - rolled,
         "perf/train_seconds": finished - scored,
-        "perf/tokens_per_second": float(batch.response_mask.sum()) / (finished - started),
+        "perf/tokens_per_second": distributed.all_reduce_sum(float(batch.response_mask.sum())) / (finished - started),
     })
     return values
 

@@ -61,7 +61,7 @@ def run_variant(variant: str, size: MemorySize, chunk_size: int = 512) -> dict:
         teacher_logprobs, topk_ids, topk_logprobs, _ = teacher_token_scores(
             teacher_hidden, teacher_weight, None, targets, topk=TOPK, chunk_size=chunk_size)
         student_logprobs, student_topk, _ = student_token_logprobs(
-            student_hidden, student_weight, None, targets, topk_ids, chunk_size=chunk_size)
+            student_hidden, student_weight, None, targets, topk_ids, chunk_size=chunk_size, with_entropy=False)
         loss = _loss(student_logprobs, teacher_logprobs, student_topk, topk_logprobs, topk_forward_kl)
     elif variant == "naive":
         from opd.functional import topk_forward_kl

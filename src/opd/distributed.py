@@ -1,0 +1,161 @@
+"""Data parallelism and FSDP2 sharding: the only module that imports torch.distributed.
+
+Launch with `torchrun --nproc-per-node N -m opd train CONFIG` (or `opd train CONFIG --nproc N`); multi-node
+runs use torchrun's standard rendezvous flags. Each rank takes an equal, contiguous share of the step's
+prompts (a prompt's samples stay on one rank, so GRPO groups are whole), generates and scores its rows,
+and the token-mean denominator is all-reduced once per optimizer batch.
+
+Sharding (`shard_student`): every decoder layer is an FSDP2 unit (`fully_shard`), so the bulk of the
+weights, gradients and optimizer state is split across ranks. The embeddings and the output head stay
+replicated: opd's chunked scorer multiplies hidden states by the head weight itself (it never calls the
+head module), so the head must be a whole tensor on every rank; its gradient is all-reduced explicitly.
+Gradients are summed, not averaged, across ranks: every rank's loss is already divided by the global
+denominator, so the sum is the gradient of the whole batch's loss (the reduction FSDP does by default,
+a mean, would divide it by the world size).
+
+Teachers and references are replicated (each rank scores its own rows, no collectives).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_environment() -> None:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...); a no-op without it."""
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+
+
+def shard_student(model: nn.Module) -> nn.Module:
+    """FSDP2 on every decoder layer, with gradients summed across ranks (see the module docstring)."""
+    if world_size() == 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(model.base_model, "layers", None)
+    if layers is None:
+        raise NotImplementedError(f"{type(model).__name__}: no `layers` list to shard with FSDP2")
+    for layer in layers:
+        fully_shard(layer)
+        layer.set_gradient_divide_factor(1.0)
+        layer.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+    return model
+
+
+def all_reduce_sum(value: float) -> float:
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def gather_objects(value) -> list:
+    if world_size() == 1:
+        return [value]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_object(value):
+    if world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def _is_sharded(parameter) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(parameter, DTensor)
+
+
+def synchronize_replicated_gradients(model: nn.Module) -> None:
+    """All-reduce (sum) the gradients of the parameters FSDP does not own (embeddings, output head)."""
+    if world_size() == 1:
+        return
+    for parameter in model.parameters():
+        if parameter.grad is not None and not _is_sharded(parameter):
+            dist.all_reduce(parameter.grad)
+
+
+def clip_gradients(parameters: list, max_norm: float) -> torch.Tensor:
+    """Global gradient norm over sharded and replicated parameters; scales gradients down to max_norm."""
+    if world_size() == 1:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for parameter in parameters:
+        if parameter.grad is None:
+            continue
+        if _is_sharded(parameter.grad):
+            sharded += parameter.grad.to_local().double().pow(2).sum()
+        else:
+            replicated += parameter.grad.double().pow(2).sum()
+    dist.all_reduce(sharded)  # each rank holds a different shard; replicated grads are equal everywhere
+    total = torch.sqrt(sharded + replicated)
+    if math.isfinite(total.item()) and max_norm < math.inf:
+        scale = min(1.0, max_norm / (total.item() + 1e-6))
+        if scale < 1.0:
+            for parameter in parameters:
+                if parameter.grad is not None:
+                    parameter.grad.mul_(scale)
+    return total.float()
+
+
+def full_state_dict(model: nn.Module) -> dict | None:
+    """The whole model's state dict on rank 0 (CPU), None elsewhere; every rank must call it."""
+    if world_size() == 1:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if is_main() else None
+
+
+def full_optimizer_state(model: nn.Module, optimizer) -> dict | None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if is_main() else None
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))

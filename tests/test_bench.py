@@ -1,0 +1,42 @@
+"""The benchmark commands run in a reduced size so that they cannot rot. They check that every variant was
+measured and that the tables carry ratios against the same-run baseline; the figures live in
+docs/benchmarks.md, measured by the full commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run_bench(name, tmp_path):
+    output = tmp_path / f"{name}.json"
+    result = subprocess.run([sys.executable, "-m", "opd", "bench", name, "--quick", "--output", str(output)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result.stdout, json.loads(output.read_text())
+
+
+def test_bench_memory_quick(tmp_path):
+    table, raw = run_bench("memory", tmp_path)
+    rows = raw["results"]
+    assert {r["variant"] for r in rows} == {"naive", "opd", "trl"}
+    assert all("error" not in r for r in rows), rows
+    assert "memory / naive" in table
+    by = {(r["tokens"], r["variant"]): r for r in rows}
+    # Even at the quick size, opd's loss path needs less memory than the full-logits one at the larger size.
+    assert by[(2048, "opd")]["peak_extra_bytes"] < by[(2048, "naive")]["peak_extra_bytes"]
+
+
+def test_bench_overhead_quick(tmp_path):
+    table, raw = run_bench("overhead", tmp_path)
+    assert "ratio (opd / bare)" in table
+    assert raw["results"]["ratio"] > 0 and set(raw["results"]["parts_seconds"]) == {
+        "generate", "teacher forward", "student forward + backward"}
+
+
+def test_bench_step_quick(tmp_path):
+    table, raw = run_bench("step", tmp_path)
+    assert [r["variant"] for r in raw["results"]] == ["trl", "opd"]
+    assert all("error" not in r for r in raw["results"]), raw["results"]
+    assert "throughput / TRL" in table
