@@ -95,3 +95,24 @@ def test_config_is_frozen(tmp_path):
     config = load_config(write(tmp_path, MINIMAL))
     with pytest.raises(AttributeError):
         config.objective.lam = 2.0
+
+
+def test_lora_and_precision_settings(tmp_path):
+    config = load_config(write(tmp_path, {**MINIMAL, "student": {"path": "s", "lora": {"rank": 8}}}))
+    assert config.student.lora.rank == 8 and "q_proj" in config.student.lora.target_modules
+    with pytest.raises(ConfigError, match="student.lora.dropout: must be 0"):
+        load_config(write(tmp_path, {**MINIMAL, "student": {"path": "s", "lora": {"dropout": 0.1}}}))
+    with pytest.raises(ConfigError, match="train.mixed_precision: 'fp8' is not one of"):
+        load_config(write(tmp_path, {**MINIMAL, "train": {"mixed_precision": "fp8"}}))
+
+
+def test_bf16_autocast_on_cpu_is_refused(tmp_path):
+    import torch
+
+    from opd.train import train
+
+    config = load_config(write(tmp_path, {**MINIMAL, "train": {"mixed_precision": "bf16"}}))
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: bf16 autocast is allowed")
+    with pytest.raises(ValueError, match="on the CPU training stays float32"):
+        train(config)

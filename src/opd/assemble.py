@@ -24,6 +24,7 @@ from opd.config import STUDENT_INIT, Config
 from opd.data import DataError, PromptRow, load_prompts
 from opd.models import end_of_sequence_ids, load_model, load_tokenizer, output_width, render_prompt
 from opd.graders import Grader, build_grader
+from opd.lora import AdaptersDisabled, attach_adapters, causal_lm, is_adapted
 from opd.objectives import Objective, build_objective
 from opd.rollout import SamplingSettings
 from opd.teachers import DomainScorer, ScoringSettings
@@ -44,8 +45,8 @@ class Run:
     dataset_responses: dict[int, list[int]] | None = None  # gkd's off-policy share: row -> response ids
 
 
-def assemble(config: Config, student_path: str | None = None) -> Run:
-    """Load and check everything; `student_path` overrides config.student.path (resuming a checkpoint)."""
+def assemble(config: Config, checkpoint: Path | None = None) -> Run:
+    """Load and check everything; with `checkpoint`, the student's weights (or adapter) come from it."""
     objective = build_objective(config.objective, temperature=config.score_temperature)
     rows = load_prompts(config.data.path, config.data.default_domain)
     check_domains(rows, [t.domain for t in config.teachers], config.data.path)
@@ -63,7 +64,7 @@ def assemble(config: Config, student_path: str | None = None) -> Run:
     teacher_prompts = _check_teacher_tokenizers(config, tokenizer, rows)
     dataset_responses = _dataset_responses(config, tokenizer, rows) if config.objective.onpolicy_fraction < 1 else None
 
-    student = load_model(student_path or config.student.path, config.student.dtype, key="student.path", trainable=True)
+    student = load_student(config, checkpoint)
     needs_topk = Signal.TEACHER_TOPK in objective.needs
     frozen = _FrozenModels(config, tokenizer, output_width(student), needs_topk)
     scorers = {}
@@ -72,7 +73,7 @@ def assemble(config: Config, student_path: str | None = None) -> Run:
             domain=teacher.domain,
             teacher=frozen.get(teacher.path, teacher.dtype, f"teachers.{index}.path") if teacher.path else None,
             # Without a teacher there is no reward lT - lR to anchor: no reference either.
-            reference=frozen.reference(teacher.reference, teacher.dtype, f"teachers.{index}.reference")
+            reference=frozen.reference(teacher.reference, teacher.dtype, f"teachers.{index}.reference", student)
             if teacher.path else None,
             reward_scale=config.lam_for(teacher),
             teacher_prompts=teacher_prompts.get(teacher.domain),
@@ -105,6 +106,21 @@ def assemble(config: Config, student_path: str | None = None) -> Run:
     return Run(student=student, tokenizer=tokenizer, rows=rows, prompt_ids=prompt_ids, scorers=scorers,
                objective=objective, sampling=sampling, scoring=scoring, graders=graders,
                dataset_responses=dataset_responses)
+
+
+def load_student(config: Config, checkpoint: Path | None) -> nn.Module:
+    """The trainable student: full weights, or the base with LoRA adapters (new, or the checkpoint's)."""
+    settings = config.student
+    if settings.lora is None:
+        path = str(checkpoint / "model") if checkpoint is not None else settings.path
+        student = load_model(path, settings.dtype, key="student.path", trainable=True)
+    else:
+        base = load_model(settings.path, settings.dtype, key="student.path", trainable=False)
+        adapter = str(checkpoint / "adapter") if checkpoint is not None else None
+        student = attach_adapters(base, settings.lora, adapter)
+    if settings.gradient_checkpointing:
+        causal_lm(student).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return student
 
 
 def _dataset_responses(config: Config, tokenizer, rows: list[PromptRow]) -> dict[int, list[int]]:
@@ -159,9 +175,11 @@ class _FrozenModels:
             self._loaded[identity] = model
         return self._loaded[identity]
 
-    def reference(self, reference: str | None, dtype: str, key: str) -> nn.Module | None:
+    def reference(self, reference: str | None, dtype: str, key: str, student=None) -> nn.Module | None:
         if reference is None:
             return None
+        if reference == STUDENT_INIT and student is not None and is_adapted(student):
+            return AdaptersDisabled(student)  # LoRA's initial student is the model without its adapters
         if reference == STUDENT_INIT:
             # Always the initial weights, also when resuming: the reference must not move with the student.
             return self.get(self._config.student.path, self._config.student.dtype, key)

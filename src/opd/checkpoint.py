@@ -32,7 +32,15 @@ class CheckpointRecord:
 
 
 def save_model(student, tokenizer, folder: Path) -> None:
-    """The student as an HF folder; under FSDP every rank gathers, rank 0 writes."""
+    """The student as an HF folder; under FSDP every rank gathers, rank 0 writes. A LoRA student is
+    written merged (an ordinary HF folder) with its adapter beside it in `<folder>_adapter`."""
+    from opd.lora import is_adapted, save_adapter, save_merged
+
+    if is_adapted(student):
+        save_merged(student, folder)
+        save_adapter(student, folder.with_name(folder.name + "_adapter"))
+        tokenizer.save_pretrained(str(folder))
+        return
     state = distributed.full_state_dict(student)
     if distributed.is_main():
         student.save_pretrained(str(folder), state_dict=state)
@@ -51,7 +59,12 @@ def save_checkpoint(run_dir: Path, student, tokenizer, optimizer, record: Checkp
         partial.mkdir()
     distributed.barrier()
     torch.save(_rng_states(), partial / f"rng_{distributed.rank()}.pt")  # each rank's own streams
-    save_model(student, tokenizer, partial / "model")
+    from opd.lora import is_adapted, save_adapter
+
+    if is_adapted(student):
+        save_adapter(student, partial / "adapter")  # resume loads the base from student.path plus this
+    else:
+        save_model(student, tokenizer, partial / "model")
     if distributed.world_size() > 1:
         optimizer_state = distributed.full_optimizer_state(student, optimizer)
     else:

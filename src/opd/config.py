@@ -35,9 +35,22 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class LoraSettings:
+    """LoRA adapters through peft: only the adapters train; the reference 'student_init' is the same model
+    with its adapters disabled (no second copy in memory)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0  # > 0 would make the training forward differ from the sampling policy
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
     path: str  # a local Hugging Face folder (save_pretrained layout)
     dtype: Dtype = "float32"
+    lora: LoraSettings | None = None  # student only: train LoRA adapters instead of all weights
+    gradient_checkpointing: bool = False  # student only: recompute activations in backward (less memory)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -157,6 +170,8 @@ class TrainConfig:
     save_every: int = 50  # checkpoint every N steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 2
     logit_chunk: int = 512  # tokens per output-head chunk (ALGORITHMS §6)
+    # bf16 autocast of the forward passes on a GPU; on the CPU training stays float32 (an error otherwise).
+    mixed_precision: Literal["none", "bf16"] = "none"
     tensorboard: bool = True
     progress: bool = True
 
@@ -266,6 +281,12 @@ def validate(config: Config) -> None:
     require(train.keep_checkpoints >= 1, "train.keep_checkpoints: must be >= 1")
     require(train.logit_chunk >= 1, "train.logit_chunk: must be >= 1")
     require(config.data.max_prompt_tokens >= 1, "data.max_prompt_tokens: must be >= 1")
+    lora = config.student.lora
+    if lora is not None:
+        require(lora.rank >= 1, "student.lora.rank: must be >= 1")
+        require(lora.dropout == 0.0, "student.lora.dropout: must be 0 (dropout would make the training policy "
+                                     "differ from the policy that sampled)")
+        require(len(lora.target_modules) > 0, "student.lora.target_modules: name at least one module")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from opd.lora import scoring_context
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, teacher_token_scores
 from opd.types import RolloutBatch, TeacherScores
 
@@ -125,9 +126,10 @@ def _prompts_for(scorer: DomainScorer, batch: RolloutBatch, rows: Tensor) -> tup
 def _score_model(model, prompt_ids, prompt_mask, batch, rows, settings, topk, with_entropy, with_hidden):
     device = model.device
     mask = batch.response_mask[rows]
-    hidden = response_hidden_states(
-        model, prompt_ids.to(device), prompt_mask.to(device), batch.response_ids[rows].to(device), mask.to(device)
-    )
+    with scoring_context(model):  # a LoRA student's reference: the same model with adapters disabled
+        hidden = response_hidden_states(
+            model, prompt_ids.to(device), prompt_mask.to(device), batch.response_ids[rows].to(device), mask.to(device)
+        )
     weight, bias = output_head(model)
     values = teacher_token_scores(
         hidden[mask.to(device)],

@@ -147,7 +147,13 @@ def train(config: Config, *, resume: bool = False) -> Path:
         raise ValueError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must divide evenly over "
                          f"{distributed.world_size()} processes")
     seed_everything(config.train.seed + distributed.rank())
-    run = assemble(config, student_path=str(checkpoint / "model") if checkpoint is not None else None)
+    if config.train.mixed_precision == "bf16" and not torch.cuda.is_available():
+        raise ValueError("train.mixed_precision=bf16 autocasts on a GPU; on the CPU training stays float32 "
+                         "(set train.mixed_precision=none)")
+    if config.student.lora is not None and distributed.world_size() > 1:
+        raise NotImplementedError("student.lora with more than one process is not supported yet (FSDP2 over "
+                                  "peft adapters is untested); run LoRA on one process")
+    run = assemble(config, checkpoint)
     distributed.shard_student(run.student)  # before the optimizer: FSDP2 replaces parameters by shards
     state = TrainState(student=run.student, optimizer=build_optimizer(run.student, config.optim))
     if checkpoint is not None:
@@ -170,7 +176,8 @@ def train(config: Config, *, resume: bool = False) -> Path:
     try:
         while state.step < config.train.steps:
             set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)
-            values = run_one_step(run, state, config, settings, collect_settings, teacher_cache)
+            with _autocast(config.train.mixed_precision):
+                values = run_one_step(run, state, config, settings, collect_settings, teacher_cache)
             if logger is not None:
                 logger.log(state.step, values)
             if _should_save(state.step, config):
@@ -276,6 +283,14 @@ def select_rows(data, rows: slice):
         value = getattr(data, field.name)
         values[field.name] = value[rows] if isinstance(value, (Tensor, tuple)) else value
     return type(data)(**values)
+
+
+def _autocast(mode: str):
+    import contextlib
+
+    if mode == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _should_save(step: int, config: Config) -> bool:
