@@ -138,3 +138,17 @@ def test_sft_generates_teacher_responses_once_per_prompt(model_dir, rows_file, t
             sample = row % 2
             written = batch.response_ids[row][batch.response_mask[row]].tolist()
             assert written == cache[batch.prompt_index[row]][sample][: len(written)]
+
+
+@pytest.mark.parametrize("grader", ["math", "code"])
+def test_training_logs_graded_accuracy_with_real_graders(grader, model_dir, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"what is {i} + {i}?", "domain": "math", "answer": str(2 * i),
+                                        "tests": [f"assert double({i}) == {2 * i}"]}) + "\n" for i in range(4)))
+    config = make_config(model_dir, rows, tmp_path / "run", objective={"name": "opd", "lam": 1.0},
+                         teachers=[{"domain": "math", "path": str(model_dir / "teacher"), "reference": None,
+                                    "grader": grader}], train={"steps": 2})
+    train(config)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    # A random tiny model solves nothing: the pipeline, not the score, is under test here.
+    assert all(r["reward/accuracy"] == 0.0 and r["reward/math/accuracy"] == 0.0 for r in records)

@@ -37,16 +37,56 @@ def exact_grader(row: PromptRow, completion: str) -> float:
     return float(final_answer(completion) == str(row.answer).strip())
 
 
-def math_grader(row: PromptRow, completion: str) -> float:
-    from opd.evaluate.graders import grade_math_answer
+# math-verify bounds its parsing and comparison time with signals, which work only in a process's main
+# thread: verification runs in a small pool of worker processes, never in our threads.
+_MATH_POOL = None
+_MATH_TIMEOUT_SECONDS = 10.0
 
+
+def _verify_in_worker(gold: str, completion: str) -> bool:
+    from math_verify import parse, verify
+
+    gold_parsed = parse(gold if "$" in gold or "\\boxed" in gold else f"${gold}$")
+    return bool(verify(gold_parsed, parse(completion)))
+
+
+def grade_math_answer(gold: str, completion: str) -> bool:
+    """True when the completion's final answer is mathematically equal to `gold` (math-verify)."""
+    import concurrent.futures
+    import multiprocessing
+
+    global _MATH_POOL
+    if _MATH_POOL is None:
+        _MATH_POOL = concurrent.futures.ProcessPoolExecutor(max_workers=1,
+                                                            mp_context=multiprocessing.get_context("spawn"))
+    future = _MATH_POOL.submit(_verify_in_worker, gold, completion)
+    try:
+        return future.result(timeout=_MATH_TIMEOUT_SECONDS)
+    except concurrent.futures.TimeoutError:
+        _MATH_POOL.shutdown(wait=False, cancel_futures=True)  # a stuck worker: start a fresh pool next time
+        _MATH_POOL = None
+        return False
+
+
+def math_grader(row: PromptRow, completion: str) -> float:
     if row.answer is None:
         raise ValueError(f"row {row.index + 1} has no 'answer' to grade against")
     return float(grade_math_answer(str(row.answer), completion))
 
 
+_CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def extract_code(completion: str) -> str:
+    """The program in a chat answer: the first fenced block that defines something, else the last fenced
+    block, else the whole text (a base model's plain continuation)."""
+    blocks = _CODE_BLOCK.findall(completion)
+    if not blocks:
+        return completion
+    return next((b for b in blocks if "def " in b or "class " in b), blocks[-1])
+
+
 def code_grader(row: PromptRow, completion: str) -> float:
-    from opd.evaluate.graders import extract_code
     from opd.sandbox import check_program
 
     if not row.tests:

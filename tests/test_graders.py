@@ -1,0 +1,61 @@
+"""Training graders: exact final answers, math equivalence through math-verify, code through the sandbox."""
+
+from __future__ import annotations
+
+import pytest
+
+from opd.data import PromptRow
+from opd.graders import build_grader, extract_code, final_answer, grade_math_answer
+
+
+def row(answer=None, tests=None):
+    return PromptRow(index=0, prompt="q", domain="d", answer=answer, tests=tests)
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("12 + 7 = 19", "19"), ("answer: 42", "42"), ("work\nanswer: -3.5.", "-3.5"), ("", ""), ("hello", "hello"),
+])
+def test_final_answer(completion, expected):
+    assert final_answer(completion) == expected
+
+
+def test_exact_grader():
+    grade = build_grader("exact")
+    assert grade(row("19"), "12 + 7 = 19") == 1.0
+    assert grade(row("19"), "12 + 7 = 18") == 0.0
+    with pytest.raises(ValueError, match="no 'answer'"):
+        grade(row(None), "19")
+    with pytest.raises(ValueError, match="unknown grader"):
+        build_grader("fuzzy")
+
+
+@pytest.mark.parametrize("gold, completion, correct", [
+    ("\\frac{1}{2}", "The answer is $\\boxed{0.5}$", True),
+    ("0.5", "so we get $\\frac{1}{2}$", True),
+    ("\\{1, 2\\}", "$\\boxed{\\{2, 1\\}}$", True),
+    ("(0, 1]", "$\\boxed{(0,1]}$", True),
+    ("10\\%", "$\\boxed{10\\%}$", True),
+    ("3", "$x = 3$", True),
+    ("3", "$\\boxed{4}$", False),
+    ("(0, 1]", "$\\boxed{[0,1]}$", False),
+])
+def test_math_equivalences(gold, completion, correct):
+    assert grade_math_answer(gold, completion) is correct
+
+
+def test_math_grader_on_rows():
+    grade = build_grader("math")
+    assert grade(row("19"), "adding gives \\boxed{19}") == 1.0
+    assert grade(row("19"), "adding gives \\boxed{20}") == 0.0
+
+
+def test_code_extraction_and_grading():
+    chat = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\nIt adds."
+    assert extract_code(chat).strip().startswith("def add")
+    assert extract_code("def f():\n    return 1") == "def f():\n    return 1"
+    grade = build_grader("code")
+    assert grade(row(tests=["assert add(1, 2) == 3", "assert add(0, 0) == 0"]), chat) == 1.0
+    assert grade(row(tests="assert add(1, 2) == 4"), chat) == 0.0
+    assert grade(row(tests=["assert add(1, 2) == 3"]), "def add(a, b):\n    return a * b") == 0.0
+    with pytest.raises(ValueError, match="no 'tests'"):
+        grade(row(tests=None), chat)
