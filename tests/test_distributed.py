@@ -66,7 +66,10 @@ def test_one_and_two_processes_give_the_same_weights(model_dir, prompts_file, tm
 
 
 def test_opd_train_nproc_2_trains_checkpoints_and_resumes(model_dir, prompts_file, tmp_path):
+    # The math teacher is sharded, the code teacher replicated: both paths run inside training.
     config = make_config(model_dir, prompts_file, tmp_path / "run", rollout={"prompts_per_step": 4},
+                         teachers=[{"domain": "math", "path": str(model_dir / "teacher"), "shard": True},
+                                   {"domain": "code", "path": str(model_dir / "teacher_b")}],
                          train={"steps": 2, "save_every": 1})
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(to_dict(config)))
@@ -85,3 +88,30 @@ def test_opd_train_nproc_2_trains_checkpoints_and_resumes(model_dir, prompts_fil
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "final"))
+
+
+def test_sharded_teachers_score_like_replicated_ones(model_dir, prompts_file, tmp_path):
+    import dataclasses
+
+    config = make_config(model_dir, prompts_file, tmp_path / "run", rollout={"prompts_per_step": 4},
+                         objective={"name": "tropd", "advantage": "gopd", "lam": 1.25, "topk": 4},
+                         teachers=[{"domain": "math", "path": str(model_dir / "teacher"), "shard": True},
+                                   {"domain": "code", "path": str(model_dir / "teacher_b"), "shard": True}],
+                         optim={"micro_batch_size": 2})
+    seed_everything(0)
+    run = assemble(config)  # one process: shard is a no-op, the models are whole
+    indices = [0, 2, 1, 4]  # rank 0 gets only math rows, rank 1 code then math: unequal forward counts
+    batch = rollout(run.student, [run.prompt_ids[i] for i in indices], indices,
+                    [run.rows[i].domain for i in indices], run.sampling)
+    assert batch.domain == ("math",) * 4 + ("code", "code", "math", "math")
+    expected = score_batch(batch, run.scorers, run.scoring)
+    config_path, batch_path = tmp_path / "config.yaml", tmp_path / "batch.pt"
+    config_path.write_text(yaml.safe_dump(to_dict(config)))
+    torch.save(batch, batch_path)
+    result = torchrun(str(WORKER.with_name("distributed_scoring_worker.py")), str(config_path), str(batch_path),
+                      str(tmp_path / "scores.pt"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    logprobs, ref_logprobs, topk_ids = torch.load(tmp_path / "scores.pt")
+    torch.testing.assert_close(logprobs, expected.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_logprobs, expected.ref_logprobs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(topk_ids, expected.topk_ids)

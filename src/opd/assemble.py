@@ -71,9 +71,11 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
     for index, teacher in enumerate(config.teachers):
         scorers[teacher.domain] = DomainScorer(
             domain=teacher.domain,
-            teacher=frozen.get(teacher.path, teacher.dtype, f"teachers.{index}.path") if teacher.path else None,
+            teacher=frozen.get(teacher.path, teacher.dtype, f"teachers.{index}.path", teacher.shard)
+            if teacher.path else None,
             # Without a teacher there is no reward lT - lR to anchor: no reference either.
-            reference=frozen.reference(teacher.reference, teacher.dtype, f"teachers.{index}.reference", student)
+            reference=frozen.reference(teacher.reference, teacher.dtype, f"teachers.{index}.reference", student,
+                                       teacher.shard)
             if teacher.path else None,
             reward_scale=config.lam_for(teacher),
             teacher_prompts=teacher_prompts.get(teacher.domain),
@@ -167,23 +169,23 @@ class _FrozenModels:
         self._student_width, self._needs_topk = student_width, needs_topk
         self._loaded: dict[tuple[str, str], nn.Module] = {}
 
-    def get(self, path: str, dtype: str, key: str) -> nn.Module:
-        identity = (str(Path(path).resolve()), dtype)
+    def get(self, path: str, dtype: str, key: str, shard: bool = False) -> nn.Module:
+        identity = (str(Path(path).resolve()), dtype, shard)
         if identity not in self._loaded:
             model = load_model(path, dtype, key=key)
             check_output_width(self._student_width, output_width(model), len(self._tokenizer), key, self._needs_topk)
-            self._loaded[identity] = model
+            self._loaded[identity] = distributed.shard_frozen(model) if shard else model
         return self._loaded[identity]
 
-    def reference(self, reference: str | None, dtype: str, key: str, student=None) -> nn.Module | None:
+    def reference(self, reference: str | None, dtype: str, key: str, student=None, shard: bool = False):
         if reference is None:
             return None
         if reference == STUDENT_INIT and student is not None and is_adapted(student):
             return AdaptersDisabled(student)  # LoRA's initial student is the model without its adapters
         if reference == STUDENT_INIT:
             # Always the initial weights, also when resuming: the reference must not move with the student.
-            return self.get(self._config.student.path, self._config.student.dtype, key)
-        return self.get(reference, dtype, key)  # a teacher-side base: the teacher's dtype
+            return self.get(self._config.student.path, self._config.student.dtype, key, shard)
+        return self.get(reference, dtype, key, shard)  # a teacher-side base: the teacher's dtype
 
 
 def seed_everything(seed: int) -> None:

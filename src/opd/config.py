@@ -69,6 +69,9 @@ class TeacherConfig:
     chat_template: str | None = None
     # How this domain's rollouts are graded (outcome reward for grpo; accuracy is logged whenever set).
     grader: GraderName = "none"
+    # With several processes: FSDP2-shard this teacher and its reference across them (less memory per
+    # process, an all-gather per layer per forward) instead of a full copy on each.
+    shard: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -69,6 +69,31 @@ def shard_student(model: nn.Module) -> nn.Module:
     return model
 
 
+def shard_frozen(model: nn.Module) -> nn.Module:
+    """FSDP2 over the decoder layers of a frozen model (teacher or reference). Every rank must then run
+    the same number of forwards through it: see teachers.score_batch."""
+    if world_size() == 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.layers:
+        fully_shard(layer)
+    model.opd_sharded = True
+    return model
+
+
+def is_sharded_model(model) -> bool:
+    return getattr(model, "opd_sharded", False)
+
+
+def all_reduce_max(value: int) -> int:
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def all_reduce_sum(value: float) -> float:
     if world_size() == 1:
         return value

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from opd import distributed
 from opd.lora import scoring_context
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, teacher_token_scores
 from opd.types import RolloutBatch, TeacherScores
@@ -56,15 +57,25 @@ def score_batch(batch: RolloutBatch, scorers: dict[str, DomainScorer], settings:
     reward_scale = torch.ones(num_rows)
     has_reference = torch.zeros(num_rows, dtype=torch.bool)
     has_teacher = torch.zeros(num_rows, dtype=torch.bool)
-    for domain in sorted(set(batch.domain)):
+    sharded = any(distributed.is_sharded_model(s.teacher) for s in scorers.values())
+    domains = set(batch.domain)
+    if sharded:  # every rank must walk the same domains and run as many forwards through a sharded model
+        domains = set().union(*distributed.gather_objects(domains))
+    for domain in sorted(domains):
         scorer = scorers[domain]
-        rows = torch.tensor([i for i, d in enumerate(batch.domain) if d == domain])
+        rows = torch.tensor([i for i, d in enumerate(batch.domain) if d == domain], dtype=torch.long)
         reward_scale[rows] = scorer.reward_scale
         if scorer.teacher is None:
             continue
         has_teacher[rows] = True
         if heads is not None:
             heads[domain] = output_head(scorer.teacher)
+        local_chunks = -(-len(rows) // settings.rows_per_forward)
+        if distributed.is_sharded_model(scorer.teacher):
+            for _ in range(distributed.all_reduce_max(local_chunks) - local_chunks):
+                _idle_forward(scorer.teacher)  # pairs with another rank's real forward (same order)
+                if ref_logprobs is not None and scorer.reference is not None:
+                    _idle_forward(scorer.reference)
         for start in range(0, len(rows), settings.rows_per_forward):
             chunk = rows[start : start + settings.rows_per_forward]
             mask = batch.response_mask[chunk]
@@ -143,6 +154,14 @@ def _score_model(model, prompt_ids, prompt_mask, batch, rows, settings, topk, wi
     )
     values = tuple(v.cpu() if v is not None else None for v in values)
     return (*values, hidden.cpu() if with_hidden else None)
+
+
+@torch.no_grad()
+def _idle_forward(model) -> None:
+    """A one-token forward whose only purpose is taking part in a sharded model's collectives."""
+    from opd.lora import causal_lm
+
+    causal_lm(model).base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=False)
 
 
 def _check_finite(values: Tensor, what: str) -> None:
