@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     bench_parser.add_argument("name", choices=["memory", "overhead", "step"])
     bench_parser.add_argument("--quick", action="store_true", help="reduced sizes (what CI runs)")
     bench_parser.add_argument("--output", help="also write the raw results as JSON to this file")
+    bench_parser.add_argument("--tokens", type=int, nargs="+", help="memory: only these response-token counts")
 
     args = parser.parse_args(argv)
     try:
@@ -67,7 +68,7 @@ def run_command(args) -> None:
         out = expo_merge(args.teachers, args.student, args.alpha, args.out)
         print(f"opd: ExPO merge (alpha={args.alpha}) of {len(args.teachers)} teacher(s) written to {out}")
     elif args.command == "bench":
-        run_bench(args.name, args.quick, args.output)
+        run_bench(args.name, args.quick, args.output, args.tokens)
     elif args.command == "demo":
         from opd.demo import run_demo
 
@@ -79,7 +80,7 @@ if __name__ == "__main__":
     main()
 
 
-def run_bench(name: str, quick: bool, output: str | None) -> None:
+def run_bench(name: str, quick: bool, output: str | None, tokens: list[int] | None = None) -> None:
     import json
     import platform
 
@@ -89,7 +90,12 @@ def run_bench(name: str, quick: bool, output: str | None) -> None:
     if name == "memory":
         from opd.bench import memory
 
-        raw = memory.benchmark(memory.QUICK if quick else memory.FULL)
+        sizes = memory.QUICK if quick else memory.FULL
+        if tokens:
+            sizes = tuple(size for size in sizes if size.tokens in tokens)
+            if not sizes:
+                raise ValueError(f"--tokens {tokens}: no such size; sizes: {[s.tokens for s in memory.FULL]}")
+        raw = memory.benchmark(sizes)
         table = memory.format_table(raw)
     elif name == "overhead":
         from opd.bench import overhead
