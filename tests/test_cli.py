@@ -51,7 +51,8 @@ def test_demo_runs_and_the_student_moves_toward_the_teacher(tmp_path):
     from opd.demo import run_demo
     from opd.monitor import read_metrics
 
-    final = run_demo(str(tmp_path / "demo"), steps=12, teacher_steps=60, progress=False)
+    final = run_demo(str(tmp_path / "demo"), steps=12, teacher_steps=300, student_steps=60, progress=False,
+                     objectives=("tropd",))
     records = read_metrics(final.parent / "metrics.jsonl")
     assert len(records) == 12
     first, last = records[0]["teacher/kl_k1"], sum(r["teacher/kl_k1"] for r in records[-3:]) / 3

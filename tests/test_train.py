@@ -168,3 +168,16 @@ def test_non_finite_gradient_skips_the_step(model_dir, prompts_file, tmp_path, m
     assert [r["optim/skipped_steps"] for r in records] == [1, 2]
     before, after = parameters_of(model_dir / "student"), parameters_of(final)
     assert all(torch.equal(before[n], after[n]) for n in before)  # nothing was applied
+
+
+def test_progress_bar_shows_the_key_figures():
+    from opd.monitor import progress_figures
+
+    text = progress_figures({"teacher/kl_k1": 0.5, "teacher/kl_k3": 0.4, "student/entropy": 2.0,
+                             "rollout/response_length": 12, "optim/grad_norm": 1.5, "optim/skipped_steps": 0,
+                             "perf/tokens_per_second": 900, "gopd/is_weight_mean": 1.0,
+                             "gopd/is_truncated_fraction": 0.01, "reward/math/implicit_mean": 0.2,
+                             "reward/math/implicit_p99": 1.5, "reward/math/implicit_max": 3.0})
+    for piece in ("kl1 0.5", "kl3 0.4", "H 2", "len 12", "|g| 1.5", "skipped 0", "tok/s 900", "w 1 (cut 0.01)",
+                  "r[math] 0.2/1.5/3"):
+        assert piece in text, (piece, text)

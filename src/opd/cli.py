@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
 
     demo_parser = commands.add_parser("demo", help="build two tiny models and distill one into the other (CPU)")
     demo_parser.add_argument("--output-dir", default="runs/demo")
-    demo_parser.add_argument("--steps", type=int, default=30)
+    demo_parser.add_argument("--steps", type=int, default=150)
 
     merge_parser = commands.add_parser("merge", help="merge model weights without training (ExPO)")
     merge_parser.add_argument("--expo", action="store_true", required=True,
@@ -72,8 +72,8 @@ def run_command(args) -> None:
     elif args.command == "demo":
         from opd.demo import run_demo
 
-        final = run_demo(args.output_dir, steps=args.steps)
-        print(f"opd: demo finished; student at {final}, metrics in {final.parent / 'metrics.jsonl'}")
+        run_demo(args.output_dir, steps=args.steps)
+        print(f"opd: demo finished; runs (metrics.jsonl, final/ student folders) under {args.output_dir}")
 
 
 if __name__ == "__main__":

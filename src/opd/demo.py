@@ -1,7 +1,8 @@
 """The README's embedded default until the lab exists: build two tiny models and distill one into the other.
 
-A teacher is taught a small arithmetic format by plain next-token training; a fresh student then learns
-it from the teacher by on-policy distillation alone. Everything is built on the fly as real Hugging Face
+A teacher is taught small sums by plain next-token training until it is nearly always right; a student is
+taught briefly (it knows the answer format, rarely the sum) and then learns from the teacher by on-policy
+distillation alone. Everything is built on the fly as real Hugging Face
 folders under the output directory, so the run exercises exactly the path a user's checkpoint takes.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,17 +20,16 @@ from opd.tiny import build_model, build_tokenizer
 from opd.train import train
 
 
-def arithmetic_problems(count: int, seed: int) -> list[tuple[str, str]]:
+def arithmetic_problems(count: int, seed: int, held_out: bool = False) -> list[tuple[str, str]]:
+    """Sums of two numbers below 20; one pair in five is held out of training for evaluation."""
     generator = random.Random(seed)
-    problems = []
-    for _ in range(count):
-        a, b = generator.randint(0, 49), generator.randint(0, 49)
-        problems.append((f"what is {a} + {b}?", f"{a} + {b} = {a + b}"))
-    return problems
+    pairs = [(a, b) for a in range(20) for b in range(20) if ((a * 20 + b) % 5 == 0) == held_out]
+    return [(f"what is {a} + {b}?", f"{a} + {b} = {a + b}") for a, b in
+            (generator.choice(pairs) for _ in range(count))]
 
 
-def teach_teacher(folder: Path, tokenizer, problems: list[tuple[str, str]], steps: int, seed: int) -> None:
-    """Plain supervised next-token training of the tiny teacher on (prompt, answer) pairs."""
+def teach(folder: Path, tokenizer, problems: list[tuple[str, str]], steps: int, seed: int) -> None:
+    """Plain supervised next-token training of a tiny model on (prompt, answer) pairs."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -54,8 +55,9 @@ def teach_teacher(folder: Path, tokenizer, problems: list[tuple[str, str]], step
     model.save_pretrained(str(folder))
 
 
-def run_demo(output_dir: str = "runs/demo", steps: int = 30, teacher_steps: int = 150, seed: int = 0,
-             progress: bool = True) -> Path:
+def run_demo(output_dir: str = "runs/demo", steps: int = 150, teacher_steps: int = 400, student_steps: int = 60,
+             seed: int = 0, progress: bool = True, objectives: tuple[str, ...] = ("opd", "tropd")) -> Path:
+    """Build the models (once), then distill with each objective; returns the last run's final folder."""
     root = Path(output_dir)
     models = root / "models"
     problems = arithmetic_problems(512, seed)
@@ -64,22 +66,63 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 30, teacher_steps: int 
         tokenizer = build_tokenizer(models / "student", corpus=corpus, vocab_size=320)
         build_model(models / "student", tokenizer, hidden_size=64, num_layers=2, seed=seed)
         build_model(models / "teacher", tokenizer, hidden_size=64, num_layers=2, seed=seed + 1)
-        teach_teacher(models / "teacher", tokenizer, problems, teacher_steps, seed)
+        teach(models / "teacher", tokenizer, problems, teacher_steps, seed)
+        # The student knows the format but not the sums yet (a distillation student is pretrained too).
+        teach(models / "student", tokenizer, problems, student_steps, seed + 1)
     data = root / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in problems))
-    config = load_config(base={
-        "student": {"path": str(models / "student")},
-        "teachers": [{"domain": "default", "path": str(models / "teacher"), "reference": None}],
-        "data": {"path": str(data)},
-        "rollout": {"prompts_per_step": 8, "samples_per_prompt": 4, "max_new_tokens": 16},
-        "objective": {"name": "opd"},
-        "optim": {"lr": 2e-3, "micro_batch_size": 16},
-        "train": {"steps": steps, "seed": seed, "output_dir": str(root / "run"), "save_every": 0,
-                  "progress": progress},
-    })
-    run_dir = root / "run"
-    if (run_dir / "checkpoints").exists():
-        import shutil
+    evaluation = {"training sums": arithmetic_problems(64, seed + 2000),
+                  "held-out sums": arithmetic_problems(64, seed + 1000, held_out=True)}
+    before = {name: exact_match(models / "student", problems) for name, problems in evaluation.items()}
+    results = {}
+    for objective in objectives:
+        run_dir = root / objective
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # the demo always starts over
+        config = load_config(base={
+            "student": {"path": str(models / "student")},
+            "teachers": [{"domain": "default", "path": str(models / "teacher"), "reference": None}],
+            "data": {"path": str(data)},
+            "rollout": {"prompts_per_step": 16, "samples_per_prompt": 4, "max_new_tokens": 16},
+            "objective": {"name": objective},
+            "optim": {"lr": 1e-3, "micro_batch_size": 32},
+            "train": {"steps": steps, "seed": seed, "output_dir": str(run_dir), "save_every": 0, "progress": progress},
+        })
+        results[objective] = train(config)
+    if progress:
+        print_summary(root, evaluation, before, models / "teacher", results)
+    return results[objectives[-1]]
 
-        shutil.rmtree(run_dir)
-    return train(config)
+
+@torch.no_grad()
+def exact_match(folder: Path, problems: list[tuple[str, str]]) -> float:
+    """Greedy answers of the model at `folder` whose final number equals the true sum."""
+    from opd.graders import final_answer
+    from opd.models import load_model, load_tokenizer, render_prompt
+    from opd.rollout import left_pad
+
+    model, tokenizer = load_model(str(folder)), load_tokenizer(str(folder))
+    prompts, mask = left_pad([render_prompt(tokenizer, q, "chat") for q, _ in problems], tokenizer.pad_token_id)
+    output = model.generate(input_ids=prompts, attention_mask=mask.long(), do_sample=False, max_new_tokens=16,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(output[:, prompts.shape[1]:], skip_special_tokens=True)
+    return sum(final_answer(text) == answer.split("= ")[-1] for text, (_, answer) in zip(texts, problems)) / len(problems)
+
+
+def print_summary(root: Path, evaluation: dict, before: dict, teacher: Path, finals: dict[str, Path]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from opd.monitor import read_metrics
+
+    table = Table(title="opd demo: distilling a tiny arithmetic teacher (greedy exact match on 64 sums)")
+    for column in ("model", "teacher KL (k1), first step", "last 5 steps", *evaluation):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_row("student before", "", "", *(f"{before[name]:.1%}" for name in evaluation))
+    for objective, final in finals.items():
+        records = read_metrics(root / objective / "metrics.jsonl")
+        last = sum(r["teacher/kl_k1"] for r in records[-5:]) / min(5, len(records))
+        table.add_row(f"student after {objective}", f"{records[0]['teacher/kl_k1']:.3f}", f"{last:.3f}",
+                      *(f"{exact_match(final, problems):.1%}" for problems in evaluation.values()))
+    table.add_row("teacher", "", "", *(f"{exact_match(teacher, problems):.1%}" for problems in evaluation.values()))
+    Console().print(table)

@@ -12,12 +12,31 @@ from pathlib import Path
 
 # The figures the progress bar shows, in order, with short labels; absent ones are skipped.
 _PROGRESS_FIGURES = (
-    ("teacher/kl_k1", "kl"),
-    ("loss", "loss"),
+    ("teacher/kl_k1", "kl1"),
+    ("teacher/kl_k3", "kl3"),
+    ("student/entropy", "H"),
     ("rollout/response_length", "len"),
     ("optim/grad_norm", "|g|"),
+    ("optim/skipped_steps", "skipped"),
     ("perf/tokens_per_second", "tok/s"),
 )
+
+
+def progress_figures(values: dict[str, float]) -> str:
+    """The bar's text: fixed figures, then the IS weights and each domain's implicit reward (mean/p99/max)."""
+    parts = [f"{label} {values[key]:.4g}" for key, label in _PROGRESS_FIGURES if key in values]
+    for key in sorted(values):
+        if key.endswith("/is_weight_mean"):
+            area = key.split("/")[0]
+            parts.append(f"w {values[key]:.3g} (cut {values.get(f'{area}/is_truncated_fraction', 0.0):.2g})")
+            break
+    for key in sorted(values):
+        if key.startswith("reward/") and key.endswith("/implicit_mean"):
+            prefix = key.rsplit("/", 1)[0]
+            domain = prefix.split("/", 1)[1]
+            parts.append(f"r[{domain}] {values[key]:.3g}/{values.get(prefix + '/implicit_p99', 0.0):.3g}/"
+                         f"{values.get(prefix + '/implicit_max', 0.0):.3g}")
+    return "  ".join(parts)
 
 
 class MetricsLogger:
@@ -49,8 +68,7 @@ class MetricsLogger:
             for name, value in values.items():
                 self._tensorboard.add_scalar(name, value, step)
         if self._progress is not None:
-            figures = "  ".join(f"{label} {values[key]:.4g}" for key, label in _PROGRESS_FIGURES if key in values)
-            self._progress.update(self._task, completed=step, figures=figures)
+            self._progress.update(self._task, completed=step, figures=progress_figures(values))
 
     def close(self) -> None:
         self._file.close()
