@@ -32,6 +32,18 @@ def main(argv: list[str] | None = None) -> None:
     merge_parser.add_argument("--student", required=True, help="the student model folder")
     merge_parser.add_argument("--out", required=True, help="output folder")
 
+    eval_parser = commands.add_parser("eval", help="sample, grade and report benchmarks offline")
+    eval_parser.add_argument("model", nargs="?", help="a local HF model folder (omit with --responses)")
+    eval_parser.add_argument("--benchmarks", default="gsm8k,math500,aime24,aime25,humaneval,mbpp,mmlu_stem,arc_challenge")
+    eval_parser.add_argument("--benchmark", help="with --responses: the benchmark the responses answer")
+    eval_parser.add_argument("--responses", help="grade these JSONL responses instead of sampling a model")
+    eval_parser.add_argument("--samples", type=int, default=1, help="K samples per problem (avg@K, pass@K)")
+    eval_parser.add_argument("--temperature", type=float, default=1.0)
+    eval_parser.add_argument("--top-p", type=float, default=1.0)
+    eval_parser.add_argument("--max-new-tokens", type=int, default=1024)
+    eval_parser.add_argument("--limit", type=int, help="only the first M problems of each benchmark")
+    eval_parser.add_argument("--output-dir", default="runs/eval")
+
     bench_parser = commands.add_parser("bench", help="speed and memory benchmarks, as ratios measured in one run")
     bench_parser.add_argument("name", choices=["memory", "overhead", "step"])
     bench_parser.add_argument("--quick", action="store_true", help="reduced sizes (what CI runs)")
@@ -67,6 +79,8 @@ def run_command(args) -> None:
 
         out = expo_merge(args.teachers, args.student, args.alpha, args.out)
         print(f"opd: ExPO merge (alpha={args.alpha}) of {len(args.teachers)} teacher(s) written to {out}")
+    elif args.command == "eval":
+        run_eval(args)
     elif args.command == "bench":
         run_bench(args.name, args.quick, args.output, args.tokens)
     elif args.command == "demo":
@@ -123,3 +137,20 @@ def launch_torchrun(args) -> None:
     completed = subprocess.run(command)
     if completed.returncode != 0:
         sys.exit(f"opd: torchrun exited with status {completed.returncode}")
+
+
+def run_eval(args) -> None:
+    from opd.evaluate.run import EvalSettings, evaluate, format_table
+
+    if (args.model is None) == (args.responses is None):
+        raise ValueError("opd eval: give a MODEL folder or --responses FILE --benchmark NAME (one of the two)")
+    if args.responses is not None and not args.benchmark:
+        raise ValueError("opd eval --responses needs --benchmark NAME")
+    if args.samples < 1 or not args.temperature > 0:
+        raise ValueError("opd eval: --samples must be >= 1 and --temperature > 0 (sampled evaluation, avg@k)")
+    benchmarks = [args.benchmark] if args.responses else [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    settings = EvalSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, limit=args.limit)
+    results = evaluate(benchmarks, settings, args.output_dir, model_dir=args.model, responses_path=args.responses)
+    print(format_table(results))
+    print(f"opd: every sample with its grade and reason in {args.output_dir}/results.json")

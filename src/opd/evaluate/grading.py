@@ -1,0 +1,89 @@
+"""Grading one completion of one benchmark problem, and the metrics over samples (avg@k, pass@k)."""
+
+from __future__ import annotations
+
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from opd.evaluate.benchmarks import LETTERS, Problem
+from opd.graders import extract_code, grade_math_answer
+from opd.sandbox import SandboxLimits, check_program
+
+CODE_LIMITS = SandboxLimits(timeout_seconds=10.0)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Grade:
+    correct: bool
+    reason: str
+
+
+_MC_PATTERNS = (
+    re.compile(r"answer\s*(?:is|:)?\s*\**\(?([A-J])\)?\**(?![A-Za-z])", re.IGNORECASE),
+    re.compile(r"\\boxed\{\s*\(?([A-J])\)?\s*\}"),
+    # A line that is just a letter, or starts with "B." / "B)" / "B:" (not the pronoun "I pick...").
+    re.compile(r"^\s*\**\(?([A-J])(?:[).:]\**(?:\s|$)|\**\s*$)", re.MULTILINE),
+    re.compile(r"\(([A-J])\)"),
+)
+
+
+def mc_letter(completion: str) -> str | None:
+    """The option letter a completion commits to: the last 'answer is X', boxed letter, a line starting
+    with a letter, or a parenthesised letter, tried in that order."""
+    for pattern in _MC_PATTERNS:
+        found = pattern.findall(completion)
+        if found:
+            return found[-1].upper()
+    return None
+
+
+def humaneval_program(problem: Problem, completion: str) -> str:
+    """The stub followed by the completion: a continuation of the body, or a full re-definition."""
+    entry = problem.payload["entry_point"]
+    code = extract_code(completion)
+    if re.search(rf"^def {re.escape(entry)}\s*\(", code, re.MULTILINE):
+        return problem.payload["stub"] + "\n    pass\n\n" + code
+    return problem.payload["stub"] + completion
+
+
+def grade(problem: Problem, completion: str) -> Grade:
+    if problem.domain == "math":
+        correct = grade_math_answer(problem.answer, completion)
+        return Grade(correct=correct, reason="math-verify: equal" if correct else "math-verify: not equal")
+    if problem.benchmark == "humaneval":
+        tests = problem.payload["test"] + f"\n\ncheck({problem.payload['entry_point']})\n"
+        result = check_program(humaneval_program(problem, completion), tests, CODE_LIMITS)
+        return Grade(correct=result.passed, reason=result.reason)
+    if problem.benchmark == "mbpp":
+        program = problem.payload["setup"] + "\n" + extract_code(completion)
+        result = check_program(program, problem.payload["tests"], CODE_LIMITS)
+        return Grade(correct=result.passed, reason=result.reason)
+    if problem.domain == "stem":
+        letter = mc_letter(completion)
+        if letter is None:
+            return Grade(correct=False, reason="no option letter found")
+        return Grade(correct=letter == problem.answer, reason=f"chose {letter}, gold {problem.answer}")
+    raise ValueError(f"no grader for benchmark {problem.benchmark!r}")
+
+
+def grade_all(pairs: list[tuple[Problem, str]], workers: int = 4) -> list[Grade]:
+    """Grade many (problem, completion) pairs; code runs in parallel sandboxes."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda pair: grade(*pair), pairs))
+
+
+def pass_at_k(samples: int, correct: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n - c, k) / C(n, k)."""
+    if k > samples:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {samples}")
+    if samples - correct < k:
+        return 1.0
+    return 1.0 - math.prod((samples - correct - i) / (samples - i) for i in range(k))
+
+
+def average_at_k(correct_flags: list[bool]) -> float:
+    """avg@k: mean accuracy over the k samples (the papers' metric)."""
+    return sum(correct_flags) / len(correct_flags) if correct_flags else 0.0
+

