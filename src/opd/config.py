@@ -180,6 +180,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class EvalConfig:
+    """Periodic evaluation during training (`opd eval`'s benchmarks), logged as eval/<benchmark>/avg_at_k."""
+
+    every: int = 0  # steps between evaluations; 0 = never
+    benchmarks: tuple[str, ...] = ()
+    samples: int = 1
+    limit: int | None = 50  # first M problems of each benchmark
+    temperature: float = 1.0
+    max_new_tokens: int = 512
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     student: ModelConfig
     teachers: tuple[TeacherConfig, ...]
@@ -188,6 +200,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -284,6 +297,15 @@ def validate(config: Config) -> None:
     require(train.keep_checkpoints >= 1, "train.keep_checkpoints: must be >= 1")
     require(train.logit_chunk >= 1, "train.logit_chunk: must be >= 1")
     require(config.data.max_prompt_tokens >= 1, "data.max_prompt_tokens: must be >= 1")
+    evaluation = config.eval
+    require(evaluation.every >= 0, "eval.every: must be >= 0")
+    require(evaluation.every == 0 or len(evaluation.benchmarks) > 0, "eval.benchmarks: name at least one benchmark")
+    require(evaluation.samples >= 1 and evaluation.temperature > 0, "eval.samples >= 1 and eval.temperature > 0")
+    if evaluation.benchmarks:
+        from opd.evaluate.benchmarks import BENCHMARKS
+
+        unknown = sorted(set(evaluation.benchmarks) - set(BENCHMARKS))
+        require(not unknown, f"eval.benchmarks: unknown {unknown}; available: {sorted(BENCHMARKS)}")
     lora = config.student.lora
     if lora is not None:
         require(lora.rank >= 1, "student.lora.rank: must be >= 1")

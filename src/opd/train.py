@@ -178,6 +178,8 @@ def train(config: Config, *, resume: bool = False) -> Path:
             set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)
             with _autocast(config.train.mixed_precision):
                 values = run_one_step(run, state, config, settings, collect_settings, teacher_cache)
+            if config.eval.every and state.step % config.eval.every == 0:
+                values.update(evaluate_during_training(state.student, run.tokenizer, config, run_dir))
             if logger is not None:
                 logger.log(state.step, values)
             if _should_save(state.step, config):
@@ -218,6 +220,25 @@ def run_one_step(run: Run, state: TrainState, config: Config, settings: StepSett
         "perf/train_seconds": finished - scored,
         "perf/tokens_per_second": distributed.all_reduce_sum(float(batch.response_mask.sum())) / (finished - started),
     })
+    return values
+
+
+def evaluate_during_training(student: nn.Module, tokenizer, config: Config, run_dir: Path) -> dict[str, float]:
+    """Write the current student to run_dir/eval_model and run `opd eval`'s pipeline on it (rank 0)."""
+    from opd.evaluate.run import EvalSettings, evaluate
+
+    folder = run_dir / "eval_model"
+    save_model(student, tokenizer, folder)  # every rank takes part in gathering a sharded student
+    values: dict[str, float] = {}
+    if distributed.is_main():
+        settings = EvalSettings(samples=config.eval.samples, temperature=config.eval.temperature,
+                                max_new_tokens=config.eval.max_new_tokens, limit=config.eval.limit)
+        results = evaluate(list(config.eval.benchmarks), settings, str(run_dir / "eval"), model_dir=str(folder))
+        for name, result in results["benchmarks"].items():
+            values[f"eval/{name}/avg_at_k"] = result["avg_at_k"]
+        for domain, value in results["domains"].items():
+            values[f"eval/{domain}/average"] = value
+    distributed.barrier()
     return values
 
 

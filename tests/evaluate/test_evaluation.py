@@ -114,3 +114,19 @@ def test_opd_eval_end_to_end_on_a_tiny_model(model_dir, tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and sorted((output / "cache").glob("*.jsonl")) == cached
     assert all(len(p.read_text().splitlines()) == 10 for p in cached)
+
+
+def test_training_evaluates_every_n_steps(model_dir, prompts_file, tmp_path):
+    from conftest import make_config
+
+    from opd.monitor import read_metrics
+    from opd.train import train
+
+    config = make_config(model_dir, prompts_file, tmp_path / "run", train={"steps": 2},
+                         eval={"every": 1, "benchmarks": ["humaneval", "arc_challenge"], "limit": 2,
+                               "max_new_tokens": 8})
+    train(config)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    for record in records:
+        assert {"eval/humaneval/avg_at_k", "eval/arc_challenge/avg_at_k", "eval/code/average"} <= set(record)
+    assert (tmp_path / "run" / "eval" / "results.json").is_file()
