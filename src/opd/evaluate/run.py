@@ -100,6 +100,7 @@ def score(problems: list[Problem], completions: dict[str, list[str]]) -> dict:
     pairs = [(p, c) for p in answered for c in completions[p.problem_id]]
     grades = iter(grade_all(pairs))
     samples, per_problem = [], []
+    instruction_levels: dict[str, list[float]] = defaultdict(list)
     for problem in answered:
         flags = []
         for completion in completions[problem.problem_id]:
@@ -107,9 +108,15 @@ def score(problems: list[Problem], completions: dict[str, list[str]]) -> dict:
             flags.append(graded.correct)
             samples.append({"problem_id": problem.problem_id, "completion": completion, "correct": graded.correct,
                             "reason": graded.reason})
+            if graded.instructions is not None:
+                for mode, followed in graded.instructions.items():
+                    instruction_levels[f"prompt_level_{mode}"].append(float(all(followed)))
+                    instruction_levels[f"instruction_level_{mode}"].extend(float(f) for f in followed)
         per_problem.append(flags)
     k = min((len(f) for f in per_problem), default=0)
+    extra = {"ifeval": {name: sum(v) / len(v) for name, v in sorted(instruction_levels.items())}} if instruction_levels else {}
     return {
+        **extra,
         "problems": len(answered),
         "samples_per_problem": k,
         "avg_at_k": sum(average_at_k(f) for f in per_problem) / len(per_problem) if per_problem else 0.0,
@@ -157,4 +164,7 @@ def format_table(results: dict) -> str:
                      f"{r['pass_at_k'].get('1', 0.0):.3f} | {r['pass_at_k'].get(str(k), 0.0):.3f} |")
     for domain, value in results["domains"].items():
         lines.append(f"| **{domain} average** | | | | {value:.3f} | | |")
+    ifeval = results["benchmarks"].get("ifeval", {}).get("ifeval")
+    if ifeval:
+        lines.append("\nIFEval: " + ", ".join(f"{name.replace('_', ' ')} {value:.3f}" for name, value in ifeval.items()))
     return "\n".join(lines)
