@@ -76,10 +76,16 @@ def grade(problem: Problem, completion: str) -> Grade:
     raise ValueError(f"no grader for benchmark {problem.benchmark!r}")
 
 
-def grade_all(pairs: list[tuple[Problem, str]], workers: int = 4) -> list[Grade]:
-    """Grade many (problem, completion) pairs; code runs in parallel sandboxes."""
+def grade_all(pairs: list[tuple[Problem, str]], workers: int = 4, on_grade=None) -> list[Grade]:
+    """Grade many (problem, completion) pairs; code runs in parallel sandboxes. `on_grade(grade)` is called
+    as each result arrives, in order (for a running accuracy)."""
+    grades = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda pair: grade(*pair), pairs))
+        for result in pool.map(lambda pair: grade(*pair), pairs):
+            grades.append(result)
+            if on_grade is not None:
+                on_grade(result)
+    return grades
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -94,11 +95,11 @@ def read_responses(path: str, problems: list[Problem]) -> dict[str, list[str]]:
     return dict(responses)
 
 
-def score(problems: list[Problem], completions: dict[str, list[str]]) -> dict:
+def score(problems: list[Problem], completions: dict[str, list[str]], on_grade=None) -> dict:
     """Grade every sample; per-benchmark avg@k and pass@k, and every sample with its grade and reason."""
     answered = [p for p in problems if completions.get(p.problem_id)]
     pairs = [(p, c) for p in answered for c in completions[p.problem_id]]
-    grades = iter(grade_all(pairs))
+    grades = iter(grade_all(pairs, on_grade=on_grade))
     samples, per_problem = [], []
     instruction_levels: dict[str, list[float]] = defaultdict(list)
     for problem in answered:
@@ -129,24 +130,41 @@ def score(problems: list[Problem], completions: dict[str, list[str]]) -> dict:
 def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, model_dir: str | None = None,
              responses_path: str | None = None) -> dict:
     """Run (or grade given responses for) each benchmark; writes results.json; returns the results."""
-    from rich.progress import Progress
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from opd.evaluate.benchmarks import BENCHMARKS
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {"settings": asdict(settings), "model": model_dir, "benchmarks": {}}
-    with Progress(transient=True) as progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[rate]}"))
+    with Progress(*columns, transient=True) as progress:
         for name in benchmarks:
             problems = load_benchmark(name)[: settings.limit]
             if responses_path is not None:
                 completions = read_responses(responses_path, problems)
             else:
-                task = progress.add_task(f"{name}: sampling", total=len(problems) * settings.samples)
-                completions = generate_completions(model_dir, problems, settings, out / "cache",
-                                                   progress=lambda n, task=task: progress.advance(task, n))
-            task = progress.add_task(f"{name}: grading", total=None)
-            results["benchmarks"][name] = {"domain": BENCHMARKS[name].domain, **score(problems, completions)}
+                task = progress.add_task(f"{name}: sampling", total=len(problems) * settings.samples, rate="")
+                started = time.perf_counter()
+
+                def advance(count, task=task, started=started):
+                    progress.advance(task, count)
+                    done = progress.tasks[task].completed
+                    progress.update(task, rate=f"{done / (time.perf_counter() - started):.1f} samples/s")
+
+                completions = generate_completions(model_dir, problems, settings, out / "cache", progress=advance)
+            total = sum(len(v) for v in completions.values())
+            task = progress.add_task(f"{name}: grading", total=total, rate="")
+            tally = {"graded": 0, "correct": 0}
+
+            def graded(result, task=task, tally=tally):
+                tally["graded"] += 1
+                tally["correct"] += result.correct
+                progress.update(task, advance=1, rate=f"accuracy {tally['correct'] / tally['graded']:.3f}")
+
+            results["benchmarks"][name] = {"domain": BENCHMARKS[name].domain,
+                                           **score(problems, completions, on_grade=graded)}
             progress.remove_task(task)
     domains: dict[str, list[float]] = defaultdict(list)
     for name, result in results["benchmarks"].items():
