@@ -114,8 +114,12 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxR
     try:
         stdout, stderr, timed_out, flooded = _collect(process, limits)
     finally:
-        if process.poll() is None:  # still running (timeout, output flood): kill the whole group
-            os.killpg(process.pid, signal.SIGKILL)  # the reaper's death then empties its namespace
+        if process.poll() is None:  # still running (timeout, output flood): the launcher stops the run
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:  # a launcher that cannot even do that: kill the whole group
+                os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         process.stdout.close()
         process.stderr.close()
@@ -261,12 +265,19 @@ def _launch(config: dict) -> None:
         else:
             _check(libc.unshare(namespaces), "unshare")
         libc.prctl(_PR_SET_DUMPABLE, 0)  # a same-uid program may not ptrace us or open our /proc/<pid>/fd
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # until the handler below knows the reaper
         reaper = os.fork()
     except BaseException as error:
         _report(status, f"error: launcher: {type(error).__name__}: {error}")
         os._exit(125)
     if reaper == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         _reap(config, libc)
+    # SIGTERM from run_python (timeout, output flood) stops the run: the reaper's death empties its namespace,
+    # and we still reap it, so that it never lingers as a zombie of whatever process adopts orphans.
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(reaper, signal.SIGKILL))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     os.waitpid(reaper, 0)
     os._exit(0)
 

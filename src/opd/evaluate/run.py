@@ -146,12 +146,12 @@ def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, mod
                 completions = read_responses(responses_path, problems)
             else:
                 task = progress.add_task(f"{name}: sampling", total=len(problems) * settings.samples, rate="")
-                started = time.perf_counter()
+                sampled = {"count": 0, "started": time.perf_counter()}
 
-                def advance(count, task=task, started=started):
-                    progress.advance(task, count)
-                    done = progress.tasks[task].completed
-                    progress.update(task, rate=f"{done / (time.perf_counter() - started):.1f} samples/s")
+                def advance(count, task=task, sampled=sampled):
+                    sampled["count"] += count
+                    rate = sampled["count"] / (time.perf_counter() - sampled["started"])
+                    progress.update(task, advance=count, rate=f"{rate:.1f} samples/s")
 
                 completions = generate_completions(model_dir, problems, settings, out / "cache", progress=advance)
             total = sum(len(v) for v in completions.values())
