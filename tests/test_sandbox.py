@@ -257,7 +257,16 @@ def test_runs_in_parallel_threads_are_independent():
 
 
 def test_setup_failures_raise_and_programs_cannot_fake_them(monkeypatch):
-    forged = run_python("import sys\nsys.stderr.write('error: setup: fake\\n')\nsys.exit(125)\n", FAST)
+    forge = textwrap.dedent("""
+        import os, sys
+        for fd in range(1024):  # the reaper's report pipe, were it still open here
+            try:
+                os.write(fd, b"error: setup: forged")
+            except OSError:
+                pass
+        sys.exit(125)
+    """)
+    forged = run_python(forge, FAST)
     assert not forged.passed and forged.returncode == 125
     monkeypatch.setattr(sys, "_base_executable", "/nonexistent/python3", raising=False)
     with pytest.raises(SandboxError, match="program start"):

@@ -5,13 +5,16 @@ and an evaluation score mean the same thing. A model's program is hostile by acc
 fork loops, huge allocations, endless prints) and sometimes by reward hacking, so each protection below
 is enforced by the kernel, not by the program's good will.
 
-Three processes, started by `run_python` with `start_new_session=True` (one process group we can kill):
+Three processes, the first started by `run_python` with `start_new_session=True`:
 1. the *launcher* (this file run as a script, `python -I -S`) creates fresh network, mount, PID and IPC
    namespaces, plus a user namespace when we are not root, and waits for
 2. the *reaper*, PID 1 of the new PID namespace, which builds the file system view, forks the program and
    reaps orphans. When it exits the kernel kills everything left in the namespace, so background children,
-   even ones that called setsid() to leave our process group, never outlive a run.
+   even ones that called setsid() to leave the process group, never outlive a run.
 3. the *program*: resource limits, then (as root) a fresh uid, then `python -I -S -B program.py`.
+At the timeout (or an output flood) `run_python` sends SIGTERM to the launcher, which SIGKILLs the reaper
+and reaps it: killing the group directly would orphan the reaper, and in a container whose PID 1 is the
+trainer itself nobody would ever reap it. `os.killpg` on the group is the fallback if the launcher hangs.
 A separate launcher process (not `preexec_fn`) keeps `run_python` safe to call from many threads.
 
 What the program gets:
@@ -38,9 +41,10 @@ Root versus ordinary user, as `isolation_level()` reports:
   uid: outside the hidden folders it can READ every file you can (it still cannot write them: read-only
   mounts). Prefer running graders as root, or in a container, when that matters. If user namespaces are
   disabled, `run_python` raises SandboxError rather than run with less isolation.
-Not covered: a total memory cap across processes (RLIMIT_AS is per process: max_processes * memory_bytes
-in the worst case; a memory cgroup would be needed), seccomp filtering, and CPU time beyond the timeout.
-Needs Linux >= 5.14 (mount_setattr, per-namespace process counts) and no extra packages.
+Not covered: a total memory cap (RLIMIT_AS is per process, so max_processes * memory_bytes at worst; that
+needs a memory cgroup), seccomp filtering, and world-readable files outside the hidden folders (the code
+of this repository, for one), which stay readable. Needs Linux >= 5.14 and no extra packages; as root it
+needs CAP_SYS_ADMIN (a default Docker container lacks it, and then run_python raises SandboxError).
 """
 
 from __future__ import annotations
@@ -87,29 +91,13 @@ def isolation_level() -> str:
 
 def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run `source` as a Python program in the sandbox; passed means exit code 0 within the limits."""
-    python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
     status_read, status_write = os.pipe()  # the reaper reports "exit: <wait status>" or "error: <why>"
-    source_fd = os.memfd_create("opd-sandbox-program")  # the program's text, never on disk
     try:
-        data = source.encode("utf-8", errors="surrogateescape")
-        for start in range(0, len(data), 1 << 20):
-            os.write(source_fd, data[start:start + (1 << 20)])
-        os.lseek(source_fd, 0, os.SEEK_SET)
-        hidden = _hidden_folders()
-        config = {"uid": _fresh_uid() if os.geteuid() == 0 else None, "python": python,
-                  "hide": hidden, "expose": _exposed_folders(python, hidden),
-                  "source_fd": source_fd, "status_fd": status_write, "memory": limits.memory_bytes,
-                  "cpu": int(limits.timeout_seconds) + 1, "processes": limits.max_processes,
-                  "file": limits.max_file_bytes, "scratch": 4 * limits.max_file_bytes + len(data)}
-        process = subprocess.Popen([sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config)],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   pass_fds=(source_fd, status_write), cwd="/", env={"PATH": "/usr/bin:/bin"},
-                                   start_new_session=True)
+        process = _start(source, limits, status_write)
     except BaseException:
         os.close(status_read)
         raise
     finally:
-        os.close(source_fd)
         os.close(status_write)
     try:
         stdout, stderr, timed_out, flooded = _collect(process, limits)
@@ -178,6 +166,29 @@ def _exposed_folders(python: str, hidden: list[str]) -> list[str]:
     folders = {os.path.realpath(path) for path in (sys.base_prefix, sys.base_exec_prefix, os.path.dirname(python))}
     inside = sorted(path for path in folders if any(path.startswith(h + "/") for h in hidden))
     return [path for path in inside if not any(path.startswith(other + "/") for other in inside)]
+
+
+def _start(source: str, limits: SandboxLimits, status_write: int) -> subprocess.Popen:
+    """Start the launcher (this file as a script) in a new session, so that it leads its process group."""
+    data = source.encode("utf-8", errors="replace")  # a lone surrogate becomes "?", never a crash
+    source_fd = os.memfd_create("opd-sandbox-program")  # the program's text, never on disk
+    try:
+        for start in range(0, len(data), 1 << 20):
+            os.write(source_fd, data[start:start + (1 << 20)])
+        os.lseek(source_fd, 0, os.SEEK_SET)
+        python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+        hidden = _hidden_folders()
+        config = {"uid": _fresh_uid() if os.geteuid() == 0 else None, "python": python,
+                  "hide": hidden, "expose": _exposed_folders(python, hidden),
+                  "source_fd": source_fd, "status_fd": status_write, "memory": limits.memory_bytes,
+                  "cpu": int(limits.timeout_seconds) + 1, "processes": limits.max_processes,
+                  "file": limits.max_file_bytes, "scratch": 4 * limits.max_file_bytes + len(data)}
+        return subprocess.Popen([sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                pass_fds=(source_fd, status_write), cwd="/", env={"PATH": "/usr/bin:/bin"},
+                                start_new_session=True)
+    finally:
+        os.close(source_fd)
 
 
 def _collect(process: subprocess.Popen, limits: SandboxLimits) -> tuple[bytes, bytes, bool, bool]:
