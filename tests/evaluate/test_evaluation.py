@@ -175,3 +175,49 @@ def test_ifeval_prompt_and_instruction_level_scores():
     result = score([problem], {problem.problem_id: ["x", "y, z"]})
     assert set(result["ifeval"]) == {"prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
                                      "instruction_level_loose"}
+
+
+HOSTILE_COMPLETIONS = {
+    "infinite loop": "```python\nwhile True:\n    pass\n```",
+    "process flood": "```python\nimport os, time\nfor _ in range(500):\n    if os.fork() == 0:\n"
+                     "        time.sleep(3)\n        os._exit(0)\n```",
+    "4 GB allocation": "```python\nblock = bytearray(4 * 1024 ** 3)\n```",
+    "endless output": "```python\nwhile True:\n    print('x' * 1000)\n```",
+    "write outside": "```python\nopen('/root/opd-eval-escape.txt', 'w').write('x')\n```",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_COMPLETIONS))
+def test_hostile_programs_are_contained_on_the_eval_path(name, monkeypatch):
+    """The same sandbox guards `opd eval`: each hostile completion is graded wrong, within its limits."""
+    import os
+    import time
+
+    from opd.evaluate import grading
+    from opd.sandbox import SandboxLimits
+
+    monkeypatch.setattr(grading, "CODE_LIMITS", SandboxLimits(timeout_seconds=3.0, max_processes=16))
+    problem = load_benchmark("mbpp")[0]
+    started = time.monotonic()
+    result = grade(problem, HOSTILE_COMPLETIONS[name])
+    assert not result.correct and result.reason
+    assert time.monotonic() - started < 30
+    assert not os.path.exists("/root/opd-eval-escape.txt")
+
+
+def test_network_is_unreachable_on_the_eval_path():
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        port = listener.getsockname()[1]
+        problem = load_benchmark("mbpp")[0]
+        completion = f"```python\nimport socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n```"
+        assert not grade(problem, completion).correct
+        listener.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            listener.accept()  # nothing ever connected
+    finally:
+        listener.close()
