@@ -1,7 +1,8 @@
 """One on-policy distillation step, and the loop around it. Read top to bottom.
 
-    rollout (student samples)  ->  score (teachers, references)  ->  train_step (forward, loss, backward,
-    finite check, optimizer step)  ->  log  ->  maybe checkpoint
+    collect (student samples, teacher prefixes, ...)  ->  grade (if graders)  ->  score (teachers,
+    references)  ->  train_step (forward, loss, backward, finite check, optimizer step)  ->  log
+    ->  maybe evaluate  ->  maybe checkpoint
 
 Reduction happens once, in `aggregate`, with a denominator counted over the whole optimizer batch before
 the micro-batch loop: the gradient does not depend on micro_batch_size.
@@ -19,16 +20,16 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from opd import distributed
 from opd.aggregate import aggregate, count_denominator
 from opd.assemble import Run, assemble, seed_everything
-from opd import distributed
 from opd.checkpoint import CheckpointRecord, latest_checkpoint, load_checkpoint_state, save_checkpoint, save_model
 from opd.config import Config, OptimConfig, to_dict
 from opd.data import prompts_for_step
 from opd.metrics import as_floats, combine, rollout_metrics
 from opd.monitor import MetricsLogger
-from opd.objectives import Objective
 from opd.collect import CollectSettings, attach_rewards, collect, max_prefix_length
+from opd.objectives import Objective
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, student_token_logprobs
 from opd.teachers import score_batch
 from opd.types import Metric, Reduce, RolloutBatch, Signal, StudentOutputs, TeacherScores
