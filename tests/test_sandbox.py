@@ -56,19 +56,33 @@ def _spawn_marked(marker: str, body: str) -> str:
     """)
 
 
+def _visible_to_sandbox(path: Path) -> bool:
+    from opd.sandbox import _hidden_folders
+
+    hidden = [*_hidden_folders(), "/tmp", "/var/tmp", "/dev/shm"]
+    resolved = str(path.resolve())
+    return not any(resolved == h or resolved.startswith(h + "/") for h in hidden)
+
+
 @pytest.fixture
 def visible_dir():
-    """A folder the sandbox still sees (not under /tmp, /root, /home or /run, which it replaces): a scratch
-    folder in the repository's git-ignored .pytest_cache, world-traversable like the repository itself."""
-    base = Path(__file__).resolve().parents[1] / ".pytest_cache"
-    try:
-        base.mkdir(exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix="opd-sandbox-test-", dir=base))
-    except OSError as error:
-        pytest.skip(f"no writable folder outside the hidden ones: {error}")
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder)
+    """A folder the sandbox still sees (not under /tmp, /root, /home or /run, which it replaces). The
+    repository's git-ignored .pytest_cache when the checkout is visible; a checkout under /tmp (a fresh CI
+    clone may be one) is hidden, so then a scratch folder under /var/lib, /srv or /opt is used."""
+    candidates = [Path(__file__).resolve().parents[1] / ".pytest_cache", Path("/var/lib"), Path("/srv"), Path("/opt")]
+    for base in candidates:
+        if not _visible_to_sandbox(base):
+            continue
+        try:
+            base.mkdir(exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix="opd-sandbox-test-", dir=base))
+        except OSError:
+            continue
+        folder.chmod(0o755)
+        yield folder
+        shutil.rmtree(folder)
+        return
+    pytest.skip("no writable folder that the sandbox does not hide")
 
 
 def test_passing_and_failing_solutions():
