@@ -181,3 +181,20 @@ def test_progress_bar_shows_the_key_figures():
     for piece in ("kl1 0.5", "kl3 0.4", "H 2", "len 12", "|g| 1.5", "skipped 0", "tok/s 900", "w 1 (cut 0.01)",
                   "r[math] 0.2/1.5/3"):
         assert piece in text, (piece, text)
+
+
+def test_sft_resume_reuses_the_checkpointed_teacher_responses(model_dir, prompts_file, tmp_path):
+    """sft caches teacher trajectories per prompt; the cache travels with the checkpoint, so a resumed run
+    trains on exactly the trajectories an uninterrupted one does (and draws the same random numbers)."""
+    sft = {"name": "sft", "lam": 1.0}
+    settings = {"prompts_per_step": 2}
+    straight = train(make_config(model_dir, prompts_file, tmp_path / "straight", objective=sft, rollout=settings,
+                                 train={"steps": 4}))
+    train(make_config(model_dir, prompts_file, tmp_path / "resumed", objective=sft, rollout=settings,
+                      train={"steps": 2, "save_every": 2}))
+    assert (tmp_path / "resumed" / "checkpoints" / "step_000002" / "state_0.pt").is_file()
+    resumed = train(make_config(model_dir, prompts_file, tmp_path / "resumed", objective=sft, rollout=settings,
+                                train={"steps": 4, "save_every": 2}), resume=True)
+    a, b = parameters_of(straight), parameters_of(resumed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -48,8 +48,12 @@ def save_model(student, tokenizer, folder: Path) -> None:
     distributed.barrier()
 
 
-def save_checkpoint(run_dir: Path, student, tokenizer, optimizer, record: CheckpointRecord, keep: int) -> Path:
-    """Every rank must call this (the model and optimizer are gathered); rank 0 writes and renames."""
+def save_checkpoint(run_dir: Path, student, tokenizer, optimizer, record: CheckpointRecord, keep: int,
+                    rank_state: dict | None = None) -> Path:
+    """Every rank must call this (the model and optimizer are gathered); rank 0 writes and renames.
+
+    `rank_state` is this rank's own extra state (e.g. sft's cached teacher responses), restored on resume.
+    """
     root = run_dir / CHECKPOINTS
     final = root / f"{_PREFIX}{record.step:06d}"
     partial = root / f".partial-{final.name}"
@@ -59,6 +63,7 @@ def save_checkpoint(run_dir: Path, student, tokenizer, optimizer, record: Checkp
         partial.mkdir()
     distributed.barrier()
     torch.save(_rng_states(), partial / f"rng_{distributed.rank()}.pt")  # each rank's own streams
+    torch.save(rank_state or {}, partial / f"state_{distributed.rank()}.pt")
     from opd.lora import is_adapted, save_adapter
 
     if is_adapted(student):
@@ -88,6 +93,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     complete = sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / "record.json").is_file())
     return complete[-1] if complete else None
+
+
+def load_rank_state(folder: Path) -> dict:
+    """This rank's extra state saved with the checkpoint (empty for checkpoints that have none)."""
+    path = folder / f"state_{distributed.rank()}.pt"
+    return torch.load(path, weights_only=False) if path.is_file() else {}
 
 
 def load_checkpoint_state(folder: Path, student, optimizer) -> CheckpointRecord:

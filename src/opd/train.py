@@ -23,7 +23,14 @@ from torch import Tensor, nn
 from opd import distributed
 from opd.aggregate import aggregate, count_denominator
 from opd.assemble import Run, assemble, seed_everything
-from opd.checkpoint import CheckpointRecord, latest_checkpoint, load_checkpoint_state, save_checkpoint, save_model
+from opd.checkpoint import (
+    CheckpointRecord,
+    latest_checkpoint,
+    load_checkpoint_state,
+    load_rank_state,
+    save_checkpoint,
+    save_model,
+)
 from opd.config import Config, OptimConfig, to_dict
 from opd.data import prompts_for_step
 from opd.metrics import as_floats, combine, rollout_metrics
@@ -169,7 +176,8 @@ def train(config: Config, *, resume: bool = False) -> Path:
         max_grad_norm=config.optim.max_grad_norm,
     )
     collect_settings = collect_settings_for(config)
-    teacher_cache: dict = {}  # sft's teacher responses, generated once per prompt
+    # sft's teacher responses, generated once per prompt; checkpointed, so a resumed run reuses them.
+    teacher_cache: dict = load_rank_state(checkpoint).get("teacher_responses", {}) if checkpoint else {}
     logger = None
     if distributed.is_main():
         logger = MetricsLogger(run_dir, total_steps=config.train.steps, start_step=state.step,
@@ -187,7 +195,7 @@ def train(config: Config, *, resume: bool = False) -> Path:
                 save_checkpoint(run_dir, state.student, run.tokenizer, state.optimizer,
                                 CheckpointRecord(step=state.step, skipped_steps=state.skipped_steps,
                                                  data_position=state.step * config.rollout.prompts_per_step),
-                                keep=config.train.keep_checkpoints)
+                                keep=config.train.keep_checkpoints, rank_state={"teacher_responses": teacher_cache})
     finally:
         if logger is not None:
             logger.close()
