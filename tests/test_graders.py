@@ -59,3 +59,12 @@ def test_code_extraction_and_grading():
     assert grade(row(tests=["assert add(1, 2) == 3"]), "def add(a, b):\n    return a * b") == 0.0
     with pytest.raises(ValueError, match="no 'tests'"):
         grade(row(tests=None), chat)
+
+
+def test_math_grading_from_many_threads():
+    """Graders run in thread pools: concurrent calls must neither race on the worker pool nor time out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda i: grade_math_answer(str(i), f"so \\boxed{{{i}}}"), range(48)))
+    assert all(results)

@@ -9,6 +9,7 @@ subprocess sandbox), shared so that training reward and evaluation score agree.
 from __future__ import annotations
 
 import re
+import threading
 from typing import Callable, Protocol
 
 from opd.data import PromptRow
@@ -41,6 +42,7 @@ def exact_grader(row: PromptRow, completion: str) -> float:
 # thread: verification runs in a small pool of worker processes, never in our threads.
 _MATH_POOL = None
 _MATH_TIMEOUT_SECONDS = 10.0
+_MATH_LOCK = threading.Lock()
 
 
 def _verify_in_worker(gold: str, completion: str) -> bool:
@@ -51,21 +53,29 @@ def _verify_in_worker(gold: str, completion: str) -> bool:
 
 
 def grade_math_answer(gold: str, completion: str) -> bool:
-    """True when the completion's final answer is mathematically equal to `gold` (math-verify)."""
+    """True when the completion's final answer is mathematically equal to `gold` (math-verify).
+
+    Calls are serialised (graders run in thread pools): each verification takes about a millisecond, and
+    the timeout must measure this job alone, not a queue of other threads' jobs.
+    """
     import concurrent.futures
     import multiprocessing
 
     global _MATH_POOL
-    if _MATH_POOL is None:
-        _MATH_POOL = concurrent.futures.ProcessPoolExecutor(max_workers=1,
-                                                            mp_context=multiprocessing.get_context("spawn"))
-    future = _MATH_POOL.submit(_verify_in_worker, gold, completion)
-    try:
-        return future.result(timeout=_MATH_TIMEOUT_SECONDS)
-    except concurrent.futures.TimeoutError:
-        _MATH_POOL.shutdown(wait=False, cancel_futures=True)  # a stuck worker: start a fresh pool next time
-        _MATH_POOL = None
-        return False
+    with _MATH_LOCK:
+        if _MATH_POOL is None:
+            _MATH_POOL = concurrent.futures.ProcessPoolExecutor(max_workers=1,
+                                                                mp_context=multiprocessing.get_context("spawn"))
+        future = _MATH_POOL.submit(_verify_in_worker, gold, completion)
+        try:
+            return future.result(timeout=_MATH_TIMEOUT_SECONDS)
+        except concurrent.futures.TimeoutError:
+            # A stuck worker: stop it and start a fresh pool next time; the answer counts as wrong.
+            for process in list(getattr(_MATH_POOL, "_processes", {}).values()):
+                process.kill()
+            _MATH_POOL.shutdown(wait=False, cancel_futures=True)
+            _MATH_POOL = None
+            return False
 
 
 def math_grader(row: PromptRow, completion: str) -> float:

@@ -221,3 +221,8 @@ def test_network_is_unreachable_on_the_eval_path():
             listener.accept()  # nothing ever connected
     finally:
         listener.close()
+
+
+def test_mbpp_setup_code_runs_after_the_solution():
+    with_setup = [p for p in load_benchmark("mbpp") if p.payload["setup"].strip()]
+    assert with_setup and all(g.correct for g in grade_all([(p, p.answer) for p in with_setup]))

@@ -58,7 +58,8 @@ def grade(problem: Problem, completion: str) -> Grade:
         result = check_program(humaneval_program(problem, completion), tests, CODE_LIMITS)
         return Grade(correct=result.passed, reason=result.reason)
     if problem.benchmark == "mbpp":
-        program = problem.payload["setup"] + "\n" + extract_code(completion)
+        # MBPP's setup code uses the solution's own definitions (e.g. its Node class): it runs after them.
+        program = extract_code(completion) + "\n" + problem.payload["setup"]
         result = check_program(program, problem.payload["tests"], CODE_LIMITS)
         return Grade(correct=result.passed, reason=result.reason)
     if problem.benchmark == "ifeval":
