@@ -1,7 +1,6 @@
 """Run by test_distributed.py under torchrun: score a fixed batch with FSDP2-sharded teachers, each rank
 its own contiguous rows (unequal domain mixes, so ranks need idle forwards), and gather the scores."""
 
-import dataclasses
 import sys
 
 import torch

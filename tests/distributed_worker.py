@@ -11,7 +11,7 @@ import torch
 from opd import distributed
 from opd.assemble import assemble, seed_everything
 from opd.config import load_config
-from opd.train import StepSettings, TrainState, apply_update, build_optimizer, select_rows, train_step
+from opd.train import StepSettings, TrainState, build_optimizer, select_rows, train_step
 
 
 def main(config_path: str, batches_path: str, output_path: str) -> None:

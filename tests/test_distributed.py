@@ -91,7 +91,6 @@ def test_opd_train_nproc_2_trains_checkpoints_and_resumes(model_dir, prompts_fil
 
 
 def test_sharded_teachers_score_like_replicated_ones(model_dir, prompts_file, tmp_path):
-    import dataclasses
 
     config = make_config(model_dir, prompts_file, tmp_path / "run", rollout={"prompts_per_step": 4},
                          objective={"name": "tropd", "advantage": "gopd", "lam": 1.25, "topk": 4},

@@ -1,9 +1,10 @@
 """Outcome graders for training: `(row, completion) -> reward` in [0, 1].
 
 Training uses them for `grpo`'s reward and logs the graded accuracy of every rollout batch whenever a
-domain has a grader (both papers plot training accuracy). `exact` compares the final answer string; `math`
-and `code` are the evaluation harness's graders (math-verify in worker processes; unit tests in the
-subprocess sandbox), shared so that training reward and evaluation score agree.
+domain has a grader (both papers plot training accuracy). `exact` compares the final answer string; `math` uses
+math-verify in a worker process and `code` runs unit tests in the subprocess sandbox. The evaluation
+harness (evaluate/grading.py) calls the same `grade_math_answer` and `extract_code`, so a training reward
+and an evaluation score agree.
 """
 
 from __future__ import annotations

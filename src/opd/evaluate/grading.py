@@ -7,7 +7,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from opd.evaluate.benchmarks import LETTERS, Problem
+from opd.evaluate.benchmarks import Problem
 from opd.graders import extract_code, grade_math_answer
 from opd.sandbox import SandboxLimits, check_program
 
