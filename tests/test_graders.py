@@ -68,3 +68,27 @@ def test_math_grading_from_many_threads():
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(lambda i: grade_math_answer(str(i), f"so \\boxed{{{i}}}"), range(48)))
     assert all(results)
+
+
+def _grade_in_worker(answer: str) -> bool:
+    return grade_math_answer("12", answer)
+
+
+def test_a_process_pool_worker_that_graded_math_exits():
+    # The math verifier is a child process of whichever process grades; a pool worker exits by joining its
+    # children, which once waited forever on the idle verifier (the lab's pool hung at its end).
+    import concurrent.futures
+    import multiprocessing
+    import threading
+
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    assert pool.submit(_grade_in_worker, "so the answer is \\boxed{12}").result(timeout=60) is True
+    workers = list(pool._processes.values())
+    closing = threading.Thread(target=pool.shutdown, daemon=True)  # shutdown waits for the worker's exit
+    closing.start()
+    closing.join(timeout=30)
+    hung = closing.is_alive()
+    if hung:
+        for worker in workers:
+            worker.kill()
+    assert not hung, "the pool worker did not exit after grading math"

@@ -1,4 +1,4 @@
-"""The `opd` command line: `opd train CONFIG [key=value ...] [--resume]`, `opd merge --expo ...`, `opd demo`."""
+"""The `opd` command line: `opd train CONFIG [key=value ...] [--resume]`, `opd merge --expo ...`, `opd lab`, `opd demo`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,14 @@ def main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("--nproc", type=int, default=1,
                               help="processes on this machine (re-launches under torchrun; FSDP2 data parallel)")
 
+    lab_parser = commands.add_parser("lab", help="reproduce the papers' findings with tiny models on the CPU")
+    lab_parser.add_argument("--quick", action="store_true", help="the whole pipeline shrunk to ~3 minutes (CI)")
+    lab_parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3; quick 2)")
+    lab_parser.add_argument("--only", action="append", default=None, metavar="EXPERIMENT",
+                            help="run only this experiment (repeatable): lam_sweep, distillation, strong_to_weak, "
+                                 "mismatch, temperature")
+    lab_parser.add_argument("--output", default=None, help="lab folder (default runs/lab or runs/lab-quick)")
+    lab_parser.add_argument("--workers", type=int, default=None, help="worker processes (default: 2)")
     demo_parser = commands.add_parser("demo", help="build two tiny models and distill one into the other (CPU)")
     demo_parser.add_argument("--output-dir", default="runs/demo")
     demo_parser.add_argument("--steps", type=int, default=150)
@@ -84,6 +92,14 @@ def run_command(args) -> None:
         run_eval(args)
     elif args.command == "bench":
         run_bench(args.name, args.quick, args.output, args.tokens)
+    elif args.command == "lab":
+        from opd.lab.plan import EXPERIMENTS
+        from opd.lab.pipeline import run_lab
+
+        output = args.output or ("runs/lab-quick" if args.quick else "runs/lab")
+        report = run_lab(output, quick=args.quick, seeds=args.seeds, only=tuple(args.only or EXPERIMENTS),
+                         workers=args.workers)
+        print(f"opd: lab finished; report at {report} (results.json and plots beside it)")
     elif args.command == "demo":
         from opd.demo import run_demo
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
+from functools import lru_cache
 from typing import Callable, Protocol
 
 from opd.data import PromptRow
@@ -61,12 +62,18 @@ def grade_math_answer(gold: str, completion: str) -> bool:
     """
     import concurrent.futures
     import multiprocessing
+    import multiprocessing.util
 
     global _MATH_POOL
     with _MATH_LOCK:
         if _MATH_POOL is None:
             _MATH_POOL = concurrent.futures.ProcessPoolExecutor(max_workers=1,
                                                                 mp_context=multiprocessing.get_context("spawn"))
+            # Inside a multiprocessing worker (the lab's pool, a user's), exit joins child processes before
+            # the threading atexit hook that would stop this pool runs: without this finaliser the exit waits
+            # forever on the idle verifier. It must run before the pool's queues close (their finalisers
+            # have priority 10), or the verifier never receives its stop signal.
+            multiprocessing.util.Finalize(None, _MATH_POOL.shutdown, exitpriority=100)
         future = _MATH_POOL.submit(_verify_in_worker, gold, completion)
         try:
             return future.result(timeout=_MATH_TIMEOUT_SECONDS)
@@ -97,13 +104,20 @@ def extract_code(completion: str) -> str:
     return next((b for b in blocks if "def " in b or "class " in b), blocks[-1])
 
 
-def code_grader(row: PromptRow, completion: str) -> float:
+@lru_cache(maxsize=1 << 16)
+def program_passes(program: str, tests: str) -> bool:
+    """One sandbox run per distinct (program, tests): an RL policy repeats its programs across samples and
+    steps, and a sandbox start costs ~70 ms. A program is judged once; its verdict (a timeout included) stands."""
     from opd.sandbox import check_program
 
+    return check_program(program, tests).passed
+
+
+def code_grader(row: PromptRow, completion: str) -> float:
     if not row.tests:
         raise ValueError(f"row {row.index + 1} has no 'tests' to run the completion against")
     tests = row.tests if isinstance(row.tests, str) else "\n".join(row.tests)
-    return float(check_program(extract_code(completion), tests).passed)
+    return float(program_passes(extract_code(completion), tests))
 
 
 GRADERS: dict[str, Callable[[PromptRow, str], float]] = {"exact": exact_grader, "math": math_grader,

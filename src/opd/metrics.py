@@ -71,6 +71,11 @@ def rollout_metrics(
             "teacher/kl_k3": Metric(value=masked_mean(kl_estimate(student_logprobs, teacher.logprobs, "k3"), sampled),
                                     weight=count),
             "teacher/floored_fraction": Metric(value=masked_mean(teacher.floored.float(), sampled), weight=count),
+            # TrOPD's expected outlier share, 1 - min(pi_T / pi_S, 1), logged for every objective so that
+            # OPD and TrOPD runs can be compared on the same axis.
+            "teacher/untrusted_fraction": Metric(
+                value=masked_mean(1.0 - (teacher.logprobs - student_logprobs).exp().clamp(max=1.0), sampled),
+                weight=count),
         })
     if batch.rewards is not None:
         metrics.update(accuracy_metrics(batch))

@@ -25,13 +25,21 @@ DEFAULT_CORPUS = (
 )
 
 
-def build_tokenizer(folder: str | Path, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 300):
-    """Train a byte-level BPE tokenizer with chat special tokens and save it to `folder`."""
+def build_tokenizer(folder: str | Path, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 300,
+                    individual_digits: bool = False):
+    """Train a byte-level BPE tokenizer with chat special tokens and save it to `folder`.
+
+    individual_digits: every digit is its own token (no merges across digits), which small arithmetic
+    models need to learn carries.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if individual_digits:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

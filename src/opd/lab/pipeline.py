@@ -1,0 +1,196 @@
+"""Running the lab: stages of independent jobs on a pool of single-threaded worker processes.
+
+    data + tokenizer -> pretrain (base, large base, mismatched base) -> grpo teachers -> experiments
+    -> report
+
+Two single-threaded processes side by side beat one process with two threads on this kind of machine
+(research/lab-feasibility.md), so each worker pins torch to one thread and the pool has one worker per
+core. A job writes `result.json` last: a finished job is reused when the lab runs again, so an
+interrupted lab resumes where it stopped and `--only` can add experiments to an existing folder.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from pathlib import Path
+
+from opd.lab.plan import EXPERIMENTS, FULL, QUICK, Job, Scale, experiment_jobs, model_jobs, teacher_jobs
+from opd.lab.tasks import DOMAINS, problems
+
+RESULT = "result.json"
+
+
+def _initialize_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from opd.models import quiet_transformers
+
+    quiet_transformers()
+
+
+def _absolute(root: Path, config: dict) -> dict:
+    """A job's opd config with the lab-relative model and data paths made absolute."""
+    config = json.loads(json.dumps(config))
+    config["student"]["path"] = str(root / config["student"]["path"])
+    config["data"]["path"] = str(root / config["data"]["path"])
+    for teacher in config["teachers"]:
+        for key in ("path", "reference"):
+            if teacher.get(key) not in (None, "student_init"):
+                teacher[key] = str(root / teacher[key])
+    return config
+
+
+def _curves(run_dir: Path) -> dict[str, list[float]]:
+    from opd.monitor import read_metrics
+
+    keys = ("rollout/response_length", "student/entropy", "optim/grad_norm", "teacher/untrusted_fraction",
+            "teacher/kl_k1", "reward/accuracy")
+    records = read_metrics(run_dir / "metrics.jsonl")
+    return {key: [record.get(key) for record in records] for key in keys if any(key in r for r in records)}
+
+
+def execute(job: Job, root: Path, scale: Scale) -> dict:
+    """Run one job in this process; returns (and saves) its result."""
+    from opd.config import load_config
+    from opd.lab.measure import measure
+    from opd.lab.pretrain import pretrain
+    from opd.merge import expo_merge
+    from opd.train import train
+
+    folder = root / job.name
+    started = time.perf_counter()
+    result: dict = {"name": job.name, "experiment": job.experiment, "labels": job.labels, "seed": job.seed}
+    if job.kind == "pretrain":
+        if folder.exists():
+            shutil.rmtree(folder)  # an unfinished job starts over
+        losses = pretrain(folder / "final", root / "tokenizer", job.pretrain["shape"], job.pretrain["settings"],
+                          job.pretrain["style"], job.seed)
+        result["loss"] = {"first": losses[0], "last": sum(losses[-10:]) / len(losses[-10:])}
+        model = folder / "final"
+    elif job.kind == "train":
+        if folder.exists():
+            shutil.rmtree(folder)
+        config = _absolute(root, job.config)
+        config["train"]["output_dir"] = str(folder)
+        model = train(load_config(base=config))
+        result["curves"] = _curves(folder)
+    elif job.kind == "merge":
+        model = folder / "final"
+        expo_merge([str(root / t) for t in job.merge["teachers"]], str(root / job.merge["student"]),
+                   job.merge["alpha"], str(model))
+    else:
+        model = root / job.model
+    measurements = {}
+    for domain in job.measure_domains:
+        test = problems(domain, scale.test_problems, seed=0, test=True)
+        for temperature in job.temperatures:
+            # The sampling seed is the run's seed: seeds of deterministic jobs (ExPO) differ only in sampling.
+            m = measure(str(model), test, temperature=temperature, samples=scale.test_samples, seed=1000 + job.seed)
+            measurements[f"{domain}@{temperature:g}"] = dataclasses.asdict(m)
+    result["measurements"] = measurements
+    result["seconds"] = time.perf_counter() - started
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RESULT).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _execute_in_worker(arguments) -> dict:
+    job = arguments[0]
+    try:
+        return execute(*arguments)
+    except Exception as error:  # name the job: a worker's traceback alone does not say which run failed
+        raise RuntimeError(f"lab job '{job.name}' failed: {type(error).__name__}: {error}") from error
+
+
+def write_data(root: Path, scale: Scale) -> None:
+    """Training prompts per domain (and both mixed), the held-out test split never among them."""
+    from opd.lab.pretrain import build_lab_tokenizer
+
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for domain in DOMAINS:
+        rows[domain] = [json.dumps({"prompt": p.prompt, "domain": domain, "answer": p.answer, "tests": p.tests or None})
+                        for p in problems(domain, scale.train_problems, seed=0, test=False)]
+        (data / f"{domain}.jsonl").write_text("\n".join(rows[domain]) + "\n")
+    mixed = [row for pair in zip(*rows.values()) for row in pair]
+    (data / "mixed.jsonl").write_text("\n".join(mixed) + "\n")
+    if not (root / "tokenizer" / "tokenizer.json").exists():
+        build_lab_tokenizer(root / "tokenizer")
+
+
+def run_lab(output_dir: str, *, quick: bool = False, seeds: int | None = None, only: tuple[str, ...] = EXPERIMENTS,
+            workers: int | None = None, progress: bool = True) -> Path:
+    """Run (or resume) the lab in `output_dir`; returns the path of results.md."""
+    from opd.lab.report import write_report
+
+    unknown = sorted(set(only) - set(EXPERIMENTS))
+    if unknown:
+        raise ValueError(f"--only: unknown experiment(s) {unknown}; valid: {list(EXPERIMENTS)}")
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    scale = QUICK if quick else FULL
+    root = Path(output_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / "lab.json"
+    identity = {"scale": "quick" if quick else "full"}
+    if marker.exists() and json.loads(marker.read_text()).get("scale") != identity["scale"]:
+        raise ValueError(f"{root} holds a {json.loads(marker.read_text())['scale']} lab; use another --output "
+                         f"for a {identity['scale']} one (nothing was changed)")
+    marker.write_text(json.dumps(identity))
+    started = time.perf_counter()
+    write_data(root, scale)
+    stages = [("pretraining", model_jobs(scale)), ("grpo teachers", teacher_jobs(scale)),
+              ("experiments", experiment_jobs(scale, seeds, only))]
+    workers = workers or max(1, min(2, os.cpu_count() or 1))
+    # concurrent.futures' workers may start processes of their own (the math grader's verifier); the
+    # daemonic workers of multiprocessing.Pool may not.
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_initialize_worker)
+    with pool, _progress(progress) as bars:
+        for stage, jobs in stages:
+            pending = [job for job in jobs if not (root / job.name / RESULT).exists()]
+            task = bars.add_task(stage, total=len(jobs), completed=len(jobs) - len(pending)) if bars else None
+            # Longest jobs first keeps both workers busy until the end of the stage.
+            pending.sort(key=lambda job: -job.config.get("train", {}).get("steps", 0))
+            futures = [pool.submit(_execute_in_worker, (job, root, scale)) for job in pending]
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    future.result()
+                    if bars:
+                        bars.advance(task)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    results = [json.loads((root / job.name / RESULT).read_text()) for _, jobs in stages for job in jobs]
+    return write_report(root, results, scale, seconds=time.perf_counter() - started, quick=quick)
+
+
+class _progress:
+    """rich progress bars (one per stage), or nothing when progress is off."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bars = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn())
+        self.bars.__enter__()
+        return self.bars
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bars.__exit__(*exc)
+        return False

@@ -1,0 +1,207 @@
+"""What the lab runs: its scale (full or quick), the models it builds, and every experiment's runs.
+
+A `Job` is one unit of work for a worker process: pretrain a model, train a teacher or a student with
+`opd.train`, merge (ExPO), or only measure. Jobs are grouped in stages that run in order; the jobs of a
+stage are independent and run in parallel. Each job writes `result.json` last, so a finished job is
+skipped when the lab runs again (stages are cached).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from opd.lab.pretrain import ModelShape, PretrainSettings
+from opd.lab.tasks import Demonstrations
+
+EXPERIMENTS = ("lam_sweep", "distillation", "strong_to_weak", "mismatch", "temperature")
+LAMS = (0.0, 0.5, 1.0, 1.25, 1.5)
+EXOPD_LAM = 1.25
+MISMATCH_VARIANTS = ("opd", "tropd-mask", "tropd-clip", "tropd-fkl",
+                     "tropd-mask+guidance", "tropd-clip+guidance", "tropd-fkl+guidance")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Scale:
+    """Everything the full lab and `--quick` differ in."""
+
+    small: ModelShape
+    large: ModelShape
+    pretrain_steps: int
+    large_pretrain_steps: int
+    mismatch_pretrain_steps: int
+    pretrain_batch: int
+    teacher_steps: int
+    teacher_prompts: int  # prompts per grpo step (8 samples each)
+    distill_steps: int
+    mismatch_steps: int
+    prompts_per_step: int
+    samples_per_prompt: int
+    lr: float
+    train_problems: int  # training prompts per domain
+    test_problems: int  # held-out problems per domain
+    test_samples: int  # samples per held-out problem (avg@k)
+    seeds: int
+    expo_alpha: float = 0.25  # ExPO's extrapolation, matching lam 1.25 in spirit
+    control_temperatures: tuple[float, ...] = (1.0, 0.7, 0.5)
+
+
+FULL = Scale(small=ModelShape(hidden_size=128, num_layers=4), large=ModelShape(hidden_size=192, num_layers=6),
+             pretrain_steps=300, large_pretrain_steps=300, mismatch_pretrain_steps=300, pretrain_batch=128,
+             teacher_steps=20, teacher_prompts=16, distill_steps=60, mismatch_steps=40, prompts_per_step=32,
+             samples_per_prompt=2, lr=1e-4, train_problems=1500, test_problems=200, test_samples=2, seeds=3)
+QUICK = Scale(small=ModelShape(hidden_size=32, num_layers=1, num_heads=2),
+              large=ModelShape(hidden_size=48, num_layers=1, num_heads=2),
+              pretrain_steps=12, large_pretrain_steps=12, mismatch_pretrain_steps=8, pretrain_batch=16,
+              teacher_steps=2, teacher_prompts=4, distill_steps=2, mismatch_steps=2, prompts_per_step=4,
+              samples_per_prompt=2, lr=1e-4, train_problems=64, test_problems=8, test_samples=1, seeds=2)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Job:
+    name: str  # unique; also the folder under the lab's output directory
+    kind: str  # pretrain | train | merge | measure
+    experiment: str  # which experiment's table it feeds ("models" for shared models)
+    seed: int = 0
+    pretrain: dict = field(default_factory=dict)  # kind pretrain: shape, settings, style
+    config: dict = field(default_factory=dict)  # kind train: the opd config (paths relative to the lab root)
+    merge: dict = field(default_factory=dict)  # kind merge: teachers, student, alpha
+    model: str = ""  # kind measure: a model folder (relative); train/merge measure their own output
+    measure_domains: tuple[str, ...] = ()
+    temperatures: tuple[float, ...] = (1.0,)
+    labels: dict = field(default_factory=dict)  # what the report groups by (method, lam, domain, ...)
+
+
+def _pretrain_job(name: str, shape: ModelShape, steps: int, scale: Scale, style: Demonstrations,
+                  domains: tuple[str, ...], seed: int) -> Job:
+    return Job(name=name, kind="pretrain", experiment="models", seed=seed,
+               pretrain={"shape": shape, "settings": PretrainSettings(steps=steps, batch_size=scale.pretrain_batch,
+                                                                      domains=domains), "style": style})
+
+
+def model_jobs(scale: Scale) -> list[Job]:
+    return [
+        _pretrain_job("models/base", scale.small, scale.pretrain_steps, scale, Demonstrations(), ("sums", "programs"), 1),
+        _pretrain_job("models/large_base", scale.large, scale.large_pretrain_steps, scale, Demonstrations(),
+                      ("sums", "programs"), 2),
+        # A student that writes half its answers in another surface style (every symbol spaced): many of its
+        # tokens are outliers under the teacher. (All answers spaced was tried: every objective, TrOPD's
+        # included, collapsed to repeating one digit within 40 steps; docs/lab.md.)
+        _pretrain_job("models/mismatched_base", scale.small, scale.mismatch_pretrain_steps, scale,
+                      Demonstrations(spaced=0.5), ("sums",), 3),
+    ]
+
+
+def _config(scale: Scale, *, student: str, teachers: list[dict], data: str, objective: dict, steps: int,
+            seed: int, prompts_per_step: int | None = None, samples: int | None = None) -> dict:
+    return {
+        "student": {"path": student},
+        "teachers": teachers,
+        "data": {"path": data},
+        "rollout": {"prompts_per_step": prompts_per_step or scale.prompts_per_step,
+                    "samples_per_prompt": samples or scale.samples_per_prompt, "max_new_tokens": 48,
+                    "batch_size": 256},
+        "objective": objective,
+        "optim": {"lr": scale.lr, "micro_batch_size": 256},
+        "train": {"steps": steps, "seed": seed, "save_every": 0, "progress": False},
+    }
+
+
+GRADER = {"sums": "math", "programs": "code"}
+
+
+def teacher_jobs(scale: Scale) -> list[Job]:
+    """Domain teachers: grpo from a base on one domain (binary reward from the domain's grader)."""
+    jobs = []
+    for name, base, domain in (("teachers/sums", "models/base/final", "sums"), ("teachers/programs", "models/base/final", "programs"),
+                               ("teachers/large_sums", "models/large_base/final", "sums")):
+        config = _config(scale, student=base, data=f"data/{domain}.jsonl", objective={"name": "grpo"},
+                         teachers=[{"domain": domain, "path": None, "reference": None, "grader": GRADER[domain]}],
+                         steps=scale.teacher_steps, seed=0, prompts_per_step=scale.teacher_prompts, samples=8)
+        jobs.append(Job(name=name, kind="train", experiment="models", config=config, measure_domains=(domain,),
+                        temperatures=scale.control_temperatures, labels={"role": "teacher", "domain": domain}))
+    return jobs
+
+
+def _teacher(domain: str, path: str, lam: float | None = None, reference: str | None = "student_init") -> dict:
+    entry = {"domain": domain, "path": path, "reference": reference}
+    if lam is not None:
+        entry["lam"] = lam
+    return entry
+
+
+def _seeded(scale: Scale, seeds: int | None) -> range:
+    return range(seeds if seeds is not None else scale.seeds)
+
+
+def experiment_jobs(scale: Scale, seeds: int | None = None, only: tuple[str, ...] = EXPERIMENTS) -> list[Job]:
+    jobs: list[Job] = []
+    seed_range = _seeded(scale, seeds)
+
+    def distill(name, experiment, seed, *, student="models/base/final", teachers, data, objective, labels, domains,
+                steps=None, temperatures=(1.0,)):
+        config = _config(scale, student=student, teachers=teachers, data=data, objective=objective,
+                         steps=steps or scale.distill_steps, seed=seed)
+        jobs.append(Job(name=f"{experiment}/{name}/seed{seed}", kind="train", experiment=experiment, seed=seed,
+                        config=config, measure_domains=domains, temperatures=temperatures,
+                        labels={**labels, "seed": seed}))
+
+    if "lam_sweep" in only:  # gopd from the base with the sums teacher; reference = the base (student_init)
+        for lam in LAMS:
+            for seed in seed_range:
+                distill(f"lam{lam}", "lam_sweep", seed, teachers=[_teacher("sums", "teachers/sums/final")],
+                        data="data/sums.jsonl", objective={"name": "gopd", "lam": lam}, domains=("sums",),
+                        labels={"lam": lam, "method": "OPD" if lam == 1 else f"G-OPD lam={lam}", "domain": "sums"},
+                        # The OPD student at lower temperatures too: the sharpening control.
+                        temperatures=scale.control_temperatures if lam == 1 else (1.0,))
+    if "distillation" in only:
+        for seed in seed_range:
+            distill("sft-sums", "distillation", seed, teachers=[_teacher("sums", "teachers/sums/final", reference=None)],
+                    data="data/sums.jsonl", objective={"name": "sft"}, domains=("sums",),
+                    labels={"method": "SFT", "setting": "single", "domain": "sums"})
+            for method, lam in (("SFT", None), ("OPD", 1.0), ("ExOPD", EXOPD_LAM)):
+                objective = {"name": "sft"} if lam is None else {"name": "gopd", "lam": lam}
+                reference = None if lam is None else "student_init"
+                distill(f"{method.lower()}-programs", "distillation", seed,
+                        teachers=[_teacher("programs", "teachers/programs/final", reference=reference)],
+                        data="data/programs.jsonl", objective=objective, domains=("programs",),
+                        labels={"method": method, "setting": "single", "domain": "programs"})
+                distill(f"{method.lower()}-multi", "distillation", seed,
+                        teachers=[_teacher(d, f"teachers/{d}/final", reference=reference) for d in ("sums", "programs")],
+                        data="data/mixed.jsonl", objective=objective, domains=("sums", "programs"),
+                        labels={"method": method, "setting": "multi", "domain": "both"})
+        for setting, teachers in (("single-sums", ["teachers/sums/final"]), ("single-programs", ["teachers/programs/final"]),
+                                  ("multi", ["teachers/sums/final", "teachers/programs/final"])):
+            domains = {"single-sums": ("sums",), "single-programs": ("programs",)}.get(setting, ("sums", "programs"))
+            jobs.append(Job(name=f"distillation/expo-{setting}", kind="merge", experiment="distillation",
+                            merge={"teachers": teachers, "student": "models/base/final", "alpha": scale.expo_alpha},
+                            measure_domains=domains, labels={"method": "ExPO", "setting": setting.split("-")[0],
+                                                             "domain": domains[0] if len(domains) == 1 else "both"}))
+    if "strong_to_weak" in only:  # the large teacher (its own base + grpo) into the small base
+        for seed in seed_range:
+            for method, lam, reference in (("OPD", 1.0, "student_init"), ("ExOPD", EXOPD_LAM, "student_init"),
+                                           ("ExOPD + reward correction", EXOPD_LAM, "models/large_base/final")):
+                slug = method.lower().replace(" + ", "-").replace(" ", "-")
+                distill(slug, "strong_to_weak", seed,
+                        teachers=[_teacher("sums", "teachers/large_sums/final", reference=reference)],
+                        data="data/sums.jsonl", objective={"name": "gopd", "lam": lam}, domains=("sums",),
+                        labels={"method": method, "domain": "sums"})
+    if "mismatch" in only:  # a partly spaced-style student distilled from the sums teacher
+        for variant in MISMATCH_VARIANTS:
+            name, _, guidance = variant.partition("+")
+            objective = {"name": "gopd", "lam": 1.0} if name == "opd" else {"name": "tropd", "outlier": name.split("-")[1]}
+            if guidance:
+                objective["guidance"] = {"enabled": True}
+            for seed in seed_range:
+                distill(variant, "mismatch", seed, student="models/mismatched_base/final",
+                        teachers=[_teacher("sums", "teachers/sums/final",
+                                           reference="student_init" if name == "opd" else None)],
+                        data="data/sums.jsonl", objective=objective, domains=("sums",), steps=scale.mismatch_steps,
+                        labels={"method": variant, "domain": "sums"})
+    if "temperature" in only:  # the control no paper ran: sharpening by temperature alone
+        for name, model, domain in (("base-sums", "models/base/final", "sums"), ("base-programs", "models/base/final", "programs"),
+                                    ("large-base-sums", "models/large_base/final", "sums"),
+                                    ("mismatched-base-sums", "models/mismatched_base/final", "sums")):
+            jobs.append(Job(name=f"temperature/{name}", kind="measure", experiment="temperature", model=model,
+                            measure_domains=(domain,), temperatures=scale.control_temperatures,
+                            labels={"model": name}))
+    return jobs

@@ -1,0 +1,302 @@
+"""The lab: its domains, statistics, verdict rules, and the whole pipeline at --quick scale."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from opd.lab import stats
+from opd.lab.plan import EXPERIMENTS, FULL, QUICK, experiment_jobs, model_jobs, teacher_jobs
+from opd.lab.report import build_report
+from opd.lab.tasks import (
+    TEST_INPUTS,
+    Demonstrations,
+    demonstration,
+    is_test_prompt,
+    problems,
+    programs_problem,
+    programs_response,
+    programs_value,
+    sums_problem,
+    sums_response,
+)
+
+# ---------------------------------------------------------------- the domains
+
+
+def _run_program(program: str, x: int) -> int:
+    namespace: dict = {}
+    exec(program, namespace)  # noqa: S102 - our own generated one-liners
+    return namespace["f"](x)
+
+
+def test_correct_sums_chain_adds_up_and_the_demonstrations_drop_carries():
+    rng = random.Random(0)
+    wrong = 0
+    for _ in range(300):
+        digits = sums_problem(rng)
+        assert sums_response(digits).endswith(f";#{sum(digits)}")
+        has_carry, total = False, digits[0]
+        for d in digits[1:]:
+            has_carry |= (total % 10) + d >= 10
+            total += d
+        always_wrong = sums_response(digits, random.Random(1), carry_error=1.0)
+        # The error is systematic: with a carry somewhere, dropping every carry always gives a wrong answer.
+        assert always_wrong.endswith(f";#{sum(digits)}") == (not has_carry)
+        wrong += not always_wrong.endswith(f";#{sum(digits)}")
+    assert wrong > 100  # most problems have a carry, so the base's mode is wrong
+
+
+def test_programs_reference_is_correct_and_the_missing_parentheses_break_it():
+    rng = random.Random(0)
+    for _ in range(200):
+        operations = programs_problem(rng)
+        program = programs_response(operations)
+        assert all(_run_program(program, x) == programs_value(operations, x) for x in TEST_INPUTS)
+        broken = programs_response(operations, random.Random(1), parenthesis_error=1.0)
+        # The second operation is always a multiplication after an additive step: without its parentheses
+        # the program fails at least one test input.
+        assert any(_run_program(broken, x) != programs_value(operations, x) for x in TEST_INPUTS)
+
+
+@pytest.mark.parametrize("domain", ["sums", "programs"])
+def test_train_and_test_problems_are_disjoint_and_demonstrations_come_from_train(domain):
+    train = problems(domain, 300, seed=0, test=False)
+    test = problems(domain, 60, seed=0, test=True)
+    assert len({p.prompt for p in train}) == 300 and len({p.prompt for p in test}) == 60
+    assert not {p.prompt for p in train} & {p.prompt for p in test}
+    rng = random.Random(0)
+    for _ in range(200):
+        prompt, _ = demonstration(domain, rng, Demonstrations())
+        assert not is_test_prompt(prompt)
+
+
+def test_spaced_demonstrations_differ_in_style_only():
+    plain = demonstration("sums", random.Random(3), Demonstrations(carry_error=0.0))
+    spaced = demonstration("sums", random.Random(3), Demonstrations(carry_error=0.0, spaced=1.0))
+    assert spaced[0] == plain[0] and spaced[1] != plain[1]
+    assert spaced[1].replace(" ", "") == plain[1].replace(" ", "")
+
+
+def test_graded_rows_match_the_domain_graders():
+    from opd.lab.measure import _grade
+
+    sums = problems("sums", 3, seed=0, test=True)[0]
+    digits = [int(d) for d in sums.prompt.split("+")]
+    assert _grade("sums", sums.prompt, sums.answer, "", sums_response(digits)) == 1.0
+    assert _grade("sums", sums.prompt, sums.answer, "", f"#{sum(digits) + 1}") == 0.0
+    program = problems("programs", 3, seed=0, test=True)[0]
+    assert _grade("programs", program.prompt, program.answer, program.tests, program.answer) == 1.0
+    assert _grade("programs", program.prompt, program.answer, program.tests, "def f(x):return x") == 0.0
+
+
+def test_code_grader_runs_each_distinct_program_once(monkeypatch):
+    import opd.sandbox
+    from opd.graders import program_passes
+
+    calls = []
+    real = opd.sandbox.check_program
+
+    def counting(program, tests, *args, **kwargs):
+        calls.append(program)
+        return real(program, tests, *args, **kwargs)
+
+    monkeypatch.setattr(opd.sandbox, "check_program", counting)
+    program_passes.cache_clear()
+    tests = "assert f(2) == 4"
+    assert program_passes("def f(x):return x*2", tests) and program_passes("def f(x):return x*2", tests)
+    assert not program_passes("def f(x):return x+3", tests)
+    assert len(calls) == 2
+    program_passes.cache_clear()
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_t_interval_matches_the_formula():
+    values = [0.61, 0.70, 0.66, 0.58]
+    got = stats.interval(values)
+    mean = sum(values) / 4
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 3)
+    assert got.mean == pytest.approx(mean)
+    assert got.high - got.mean == pytest.approx(3.182 * sd / 2)
+    assert stats.t_quantile(2) == pytest.approx(4.303) and stats.t_quantile(1000) == pytest.approx(1.96)
+    assert stats.t_quantile(11.5) == stats.t_quantile(10)  # between table rows: the wider quantile
+    assert stats.interval([0.5]).high == math.inf  # one seed says nothing about the spread
+
+
+def test_difference_against_a_single_model_adds_its_binomial_error():
+    runs = [0.80, 0.83, 0.78]
+    alone = stats.difference(runs, 0.6, 400)
+    assert alone.mean == pytest.approx(sum(runs) / 3 - 0.6)
+    seeds = stats._sample_variance(runs) / 3
+    binomial = 0.6 * 0.4 / 400
+    degrees = (seeds + binomial) ** 2 / (seeds ** 2 / 2)  # Welch-Satterthwaite; the binomial part is exact
+    assert alone.high - alone.mean == pytest.approx(stats.t_quantile(degrees) * math.sqrt(seeds + binomial))
+    assert alone.high - alone.mean > stats.interval([v - 0.6 for v in runs]).high - (sum(runs) / 3 - 0.6) - 1.0
+    other = [0.70, 0.72, 0.75]
+    welch = stats.difference(runs, other)
+    va, vb = stats._sample_variance(runs) / 3, stats._sample_variance(other) / 3
+    degrees = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)
+    assert welch.mean == pytest.approx(sum(runs) / 3 - sum(other) / 3)
+    assert welch.high - welch.mean == pytest.approx(stats.t_quantile(degrees) * math.sqrt(va + vb))
+    identical = stats.difference([0.5, 0.5], [0.5, 0.5])
+    assert identical.low == identical.high == 0.0
+
+
+@pytest.mark.parametrize("low,high,greater,equal", [
+    (0.01, 0.09, "reproduced", "inconclusive"),
+    (-0.09, -0.01, "not reproduced", "inconclusive"),
+    (-0.02, 0.03, "inconclusive", "reproduced"),
+    (0.06, 0.2, "reproduced", "not reproduced"),
+])
+def test_verdicts_follow_the_interval(low, high, greater, equal):
+    diff = stats.Interval(mean=(low + high) / 2, low=low, high=high, n=3)
+    assert stats.verdict_greater(diff) == greater
+    assert stats.verdict_equal(diff, 0.05) == equal
+
+
+# ---------------------------------------------------------------- the report's verdicts on synthetic results
+
+
+def _result(name, experiment, measurements, labels=None, seed=0, curves=None):
+    return {"name": name, "experiment": experiment, "labels": labels or {}, "seed": seed, "seconds": 1.0,
+            "curves": curves or {}, "measurements": {key: {"accuracy": a, "length": 20.0, "entropy": 0.5, "count": 400}
+                                                     for key, a in measurements.items()}}
+
+
+def _synthetic(teacher_sums: float, exopd: list[float], opd: list[float]) -> list[dict]:
+    results = [
+        _result("temperature/base-sums", "temperature", {"sums@1": 0.30}),
+        _result("teachers/sums", "models", {"sums@1": teacher_sums, "sums@0.7": teacher_sums, "sums@0.5": teacher_sums}),
+    ]
+    for lam, values in ((1.0, opd), (1.25, exopd)):
+        for seed, value in enumerate(values):
+            results.append(_result(f"lam_sweep/lam{lam}/seed{seed}", "lam_sweep", {"sums@1": value},
+                                   labels={"lam": lam, "seed": seed}, seed=seed))
+    return results
+
+
+def _verdict(findings, claim):
+    return next(f for f in findings if f["claim"] == claim)
+
+
+def test_report_reproduces_a_clear_gain_and_rejects_a_clear_loss():
+    _, findings, _ = build_report(_synthetic(0.70, exopd=[0.80, 0.81, 0.79], opd=[0.70, 0.71, 0.69]), FULL)
+    assert _verdict(findings, "ExOPD (λ = 1.25) beats the teacher (sums)")["verdict"] == "reproduced"
+    assert _verdict(findings, "ExOPD beats OPD (sums)")["verdict"] == "reproduced"
+    assert _verdict(findings, "OPD (λ = 1) matches the teacher")["verdict"] == "reproduced"
+    _, findings, _ = build_report(_synthetic(0.70, exopd=[0.55, 0.56, 0.54], opd=[0.70, 0.71, 0.69]), FULL)
+    assert _verdict(findings, "ExOPD (λ = 1.25) beats the teacher (sums)")["verdict"] == "not reproduced"
+    _, findings, _ = build_report(_synthetic(0.70, exopd=[0.60, 0.85, 0.75], opd=[0.70, 0.71, 0.69]), FULL)
+    assert _verdict(findings, "ExOPD beats OPD (sums)")["verdict"] == "inconclusive"  # noisy seeds
+
+
+def test_report_calls_nothing_reproduced_when_the_teacher_has_not_learned():
+    # The teacher is barely above the base (30%): even a large ExOPD margin proves nothing.
+    _, findings, _ = build_report(_synthetic(0.35, exopd=[0.50, 0.51, 0.49], opd=[0.35, 0.36, 0.34]), FULL)
+    row = _verdict(findings, "ExOPD (λ = 1.25) beats the teacher (sums)")
+    assert row["verdict"] == "inconclusive" and "not 15 points above its base" in row["evidence"]
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def test_the_full_plan_covers_every_experiment_with_three_seeds():
+    jobs = model_jobs(FULL) + teacher_jobs(FULL) + experiment_jobs(FULL)
+    names = [job.name for job in jobs]
+    assert len(names) == len(set(names))
+    by_experiment = {e: [j for j in jobs if j.experiment == e] for e in EXPERIMENTS}
+    assert all(by_experiment.values())
+    lams = {j.labels["lam"] for j in by_experiment["lam_sweep"]}
+    assert lams == {0.0, 0.5, 1.0, 1.25, 1.5}
+    for job in jobs:
+        if job.kind == "train" and job.experiment != "models":
+            same = [j for j in jobs if j.name.rsplit("/", 1)[0] == job.name.rsplit("/", 1)[0]]
+            assert len(same) >= 3, job.name
+    # Strong-to-weak with reward correction: the reference is the large teacher's own base.
+    corrected = [j for j in by_experiment["strong_to_weak"] if "correction" in j.labels["method"]]
+    assert corrected and all(j.config["teachers"][0]["reference"] == "models/large_base/final" for j in corrected)
+
+
+# ---------------------------------------------------------------- the whole pipeline, shrunk
+
+
+@pytest.fixture(scope="module")
+def quick_lab(tmp_path_factory):
+    from opd.lab.pipeline import run_lab
+
+    root = tmp_path_factory.mktemp("lab")
+    report = run_lab(str(root), quick=True, progress=False)
+    return root, report
+
+
+def test_quick_lab_runs_every_stage_and_writes_the_report(quick_lab):
+    root, report = quick_lab
+    text = report.read_text()
+    for section in ("## Verdicts", "## Models", "## G-OPD reward scale λ", "Table 2 layout", "## Strong-to-weak",
+                    "## Stability under mismatch", "## Control: sharpening"):
+        assert section in text, section
+    summary = json.loads((root / "results.json").read_text())
+    assert len(summary["findings"]) >= 15
+    assert {f["verdict"] for f in summary["findings"]} <= {"reproduced", "not reproduced", "inconclusive"}
+    jobs = model_jobs(QUICK) + teacher_jobs(QUICK) + experiment_jobs(QUICK)
+    assert len(summary["runs"]) == len(jobs)
+    for job in jobs:
+        result = json.loads((root / job.name / "result.json").read_text())
+        for domain in job.measure_domains:
+            for temperature in job.temperatures:
+                measured = result["measurements"][f"{domain}@{temperature:g}"]
+                assert 0.0 <= measured["accuracy"] <= 1.0 and measured["count"] > 0 and measured["length"] > 0
+        if job.kind == "train":
+            assert len(result["curves"]["rollout/response_length"]) == job.config["train"]["steps"]
+            if job.experiment != "models":
+                assert "student/entropy" in result["curves"]
+        if job.kind != "measure":
+            assert (root / job.name / "final" / "config.json").exists()
+    for plot in ("accuracy_vs_lam.png", "curves_lam_sweep.png", "curves_distillation.png",
+                 "curves_strong_to_weak.png", "curves_mismatch.png"):
+        assert (root / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+        assert f"]({plot})" in text
+    mismatch = json.loads((root / "mismatch" / "tropd-fkl" / "seed0" / "result.json").read_text())
+    assert "teacher/untrusted_fraction" in mismatch["curves"] and "optim/grad_norm" in mismatch["curves"]
+
+
+def test_quick_lab_teachers_start_from_the_base_and_the_trained_runs_moved(quick_lab):
+    from opd.models import load_model
+
+    root, _ = quick_lab
+    base = load_model(str(root / "models" / "base" / "final"))
+    teacher = load_model(str(root / "teachers" / "sums" / "final"))
+    student = load_model(str(root / "lam_sweep" / "lam1.25" / "seed0" / "final"))
+    for name, parameter in base.named_parameters():
+        assert parameter.shape == teacher.get_parameter(name).shape
+    moved = [not torch.equal(p, student.get_parameter(n)) for n, p in base.named_parameters()]
+    assert any(moved)
+
+
+def test_a_second_run_reuses_finished_jobs_and_bad_arguments_fail(quick_lab):
+    from opd.lab.pipeline import run_lab
+
+    root, _ = quick_lab
+    result = root / "lam_sweep" / "lam1.0" / "seed1" / "result.json"
+    before = result.stat().st_mtime_ns
+    run_lab(str(root), quick=True, progress=False)
+    assert result.stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="unknown experiment"):
+        run_lab(str(root), quick=True, only=("lam_swep",), progress=False)
+    with pytest.raises(ValueError, match="holds a quick lab"):
+        run_lab(str(root), quick=False, progress=False)
+
+
+def test_opd_lab_command_reports_a_bad_experiment_name(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "opd", "lab", "--quick", "--only", "nonsense", "--output",
+                             str(tmp_path / "lab")], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "nonsense" in result.stderr and "lam_sweep" in result.stderr
