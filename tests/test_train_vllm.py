@@ -30,7 +30,7 @@ def models(tmp_path_factory):
     return root
 
 
-def train_in_subprocess(models, prompts_file, folder, backend: str) -> list[dict]:
+def train_in_subprocess(models, prompts_file, folder, backend: str, **sections) -> list[dict]:
     config = make_config(
         models, prompts_file, folder / "run",
         rollout={"backend": backend, "vllm": {"kv_cache_gib": 0.0625}},
@@ -38,6 +38,7 @@ def train_in_subprocess(models, prompts_file, folder, backend: str) -> list[dict
         objective={"name": "tropd", "advantage": "gopd", "guidance": {"enabled": True}},
         teachers=[{"domain": "math", "path": str(models / "teacher"), "backend": backend},
                   {"domain": "code", "path": str(models / "teacher_b")}],
+        **sections,
     )
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(to_dict(config)))
@@ -65,3 +66,14 @@ def test_three_vllm_steps_give_the_hf_backends_metrics(models, prompts_file, tmp
     before = load_file(str(models / "student" / "model.safetensors"))
     after = load_file(str(tmp_path / "vllm" / "run" / "final" / "model.safetensors"))
     assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_a_lora_student_samples_from_its_merged_weights(models, prompts_file, tmp_path):
+    """The engine holds base weights; every sync must merge the trained adapters in, or from the second
+    step on the sampler would not be the policy and the importance weight would leave 1."""
+    records = train_in_subprocess(models, prompts_file, tmp_path, "vllm",
+                                  student={"path": str(models / "student"), "lora": {"rank": 4}},
+                                  optim={"lr": 0.05, "micro_batch_size": 2})
+    weights = [k for k in records[0] if k.endswith("is_weight_mean")]
+    assert weights and len(records) == 3
+    assert all(abs(record[key] - 1.0) < 1e-3 for record in records for key in weights), records
