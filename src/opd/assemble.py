@@ -143,8 +143,8 @@ def engine_settings(config: Config, path: str, dtype: str, max_logprobs: int) ->
 def _check_vllm_teachers(config: Config, objective: Objective) -> None:
     """vLLM returns log-probs and top-k only: objectives needing more are refused before any loading."""
     unavailable = {Signal.TEACHER_ENTROPY: "the teacher's entropy", Signal.FULL_DISTRIBUTIONS: "full distributions"}
+    missing = [unavailable[signal] for signal in objective.needs if signal in unavailable]
     for index, teacher in enumerate(config.teachers):
-        missing = [unavailable[s] for s in objective.needs if s in unavailable]
         if teacher.backend == "vllm" and missing:
             raise StartupError(f"teachers.{index}.backend: objective {list(config.objective.names)} needs "
                                f"{' and '.join(missing)}, which vLLM scoring does not return; use backend hf")
@@ -207,7 +207,7 @@ class _FrozenModels:
     def __init__(self, config: Config, tokenizer, student_width: int, needs_topk: bool):
         self._config, self._tokenizer = config, tokenizer
         self._student_width, self._needs_topk = student_width, needs_topk
-        self._loaded: dict[tuple[str, str], nn.Module] = {}
+        self._loaded: dict[tuple, nn.Module | VllmEngine] = {}
 
     def get(self, path: str, dtype: str, key: str, shard: bool = False, backend: str = "hf"):
         identity = (str(Path(path).resolve()), dtype, shard, backend)
