@@ -159,9 +159,11 @@ class VllmEngine:
                 # The entry holds the top-k plus the scored token (rank > k when it is not among them).
                 best = [sorted((t for t in entry.items() if t[1].rank <= topk), key=lambda t: t[1].rank)[:topk]
                         for entry in positions]
-                topk_ids = torch.tensor([[token for token, _ in row] for row in best], dtype=torch.int32)
-                topk_logprobs = torch.tensor([[value.logprob for _, value in row] for row in best])
-                topk_ids, topk_logprobs = topk_ids.reshape(len(response), topk), topk_logprobs.reshape(len(response), topk)
+                # reshape: an empty response gives [0, K], not [0]
+                topk_ids = torch.tensor([[token for token, _ in row] for row in best],
+                                        dtype=torch.int32).reshape(len(response), topk)
+                topk_logprobs = torch.tensor([[value.logprob for _, value in row] for row in best]).reshape(
+                    len(response), topk)
             scores.append(TokenScores(logprobs=logprobs, topk_ids=topk_ids, topk_logprobs=topk_logprobs))
         return scores
 

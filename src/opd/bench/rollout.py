@@ -47,7 +47,8 @@ def run_variant(variant: str, folder: str, size: dict) -> dict:
     rows = [p for p in prompts for _ in range(size["samples"])]
     settings = SamplingSettings(samples_per_prompt=size["samples"], temperature=1.0, top_p=1.0,
                                 max_new_tokens=size["new_tokens"], batch_size=len(rows),
-                                end_of_sequence_ids=end_of_sequence_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
+                                end_of_sequence_ids=end_of_sequence_ids(model, tokenizer),
+                                pad_id=tokenizer.pad_token_id)
     started = time.perf_counter()
     if variant == "vllm":
         from opd.rollout_vllm import EngineSettings, VllmEngine
