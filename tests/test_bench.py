@@ -37,6 +37,14 @@ def test_bench_overhead_quick(tmp_path):
 
 def test_bench_step_quick(tmp_path):
     table, raw = run_bench("step", tmp_path)
-    assert [r["variant"] for r in raw["results"]] == ["trl", "opd"]
+    assert [r["variant"] for r in raw["results"]] == ["trl", "opd", "opd-vllm"]
     assert all("error" not in r for r in raw["results"]), raw["results"]
     assert "throughput / TRL" in table
+
+
+def test_bench_rollout_quick(tmp_path):
+    table, raw = run_bench("rollout", tmp_path)
+    assert [r["variant"] for r in raw["results"]] == ["hf", "vllm"]
+    assert all("error" not in r for r in raw["results"]), raw["results"]
+    assert all(r["tokens"] > 0 and r["tokens_per_second"] > 0 for r in raw["results"])
+    assert "throughput / HF generate" in table

@@ -133,3 +133,14 @@ def test_rows_keep_answers_and_extra_fields(tmp_path):
     path.write_text(json.dumps({"prompt": "q", "answer": "4", "tests": ["assert f() == 1"], "source": "x"}) + "\n")
     row = load_prompts(str(path), default_domain="math")[0]
     assert (row.domain, row.answer, row.tests, row.extra) == ("math", "4", ["assert f() == 1"], {"source": "x"})
+
+
+def test_vllm_teacher_for_an_objective_needing_full_distributions_is_refused(model_dir, prompts_file, tmp_path):
+    """vLLM scoring returns log-probs and top-k only: gkd (full distributions) fails before any loading."""
+    from opd.assemble import assemble
+
+    config = make_config(model_dir, prompts_file, tmp_path, objective={"name": "gkd", "lam": 1.0},
+                         teachers=[{"domain": "math", "path": str(model_dir / "teacher"), "backend": "vllm"},
+                                   {"domain": "code", "path": str(model_dir / "teacher_b")}])
+    with pytest.raises(StartupError, match=r"teachers.0.backend: objective \['gkd'\] needs full distributions"):
+        assemble(config)

@@ -116,3 +116,36 @@ def test_bf16_autocast_on_cpu_is_refused(tmp_path):
         pytest.skip("this machine has a GPU: bf16 autocast is allowed")
     with pytest.raises(ValueError, match="on the CPU training stays float32"):
         train(config)
+
+
+VLLM_TEACHER = {**MINIMAL, "teachers": [{"domain": "default", "path": "t", "backend": "vllm"}]}
+
+
+def test_vllm_teacher_scoring_needs_temperature_one(tmp_path):
+    """vLLM's prompt_logprobs are at temperature 1: another scoring temperature fails at load, never mismatches."""
+    with pytest.raises(ConfigError, match=r"teachers.0.backend: vLLM scores prompts at temperature 1 only.*0.7"):
+        load_config(write(tmp_path, {**VLLM_TEACHER, "rollout": {"temperature": 0.7}}))
+    # Sampling at 0.7 is fine when the scores are taken at 1 (objective.score_temperature).
+    config = load_config(write(tmp_path, {**VLLM_TEACHER, "rollout": {"temperature": 0.7, "backend": "vllm"},
+                                          "objective": {"score_temperature": 1.0}}))
+    assert config.teachers[0].backend == "vllm" and config.rollout.backend == "vllm"
+    with pytest.raises(ConfigError, match=r"teachers.0.shard: a vLLM teacher"):
+        load_config(write(tmp_path, {**VLLM_TEACHER, "teachers": [{**VLLM_TEACHER["teachers"][0], "shard": True}]}))
+
+
+@pytest.mark.parametrize("objective, message", [
+    ({"name": "entropy_opd"}, r"rollout.backend: vllm reports no sampler entropy, which entropy_opd"),
+    ({"name": "reopold", "reopold_entropy_selection": True}, r"rollout.backend: vllm .* reopold's entropy selection"),
+])
+def test_vllm_rollouts_refuse_objectives_that_rank_by_sampler_entropy(tmp_path, objective, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, {**MINIMAL, "rollout": {"backend": "vllm"}, "objective": objective}))
+
+
+def test_vllm_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"rollout.vllm.kv_cache_gib: must be > 0"):
+        load_config(write(tmp_path, {**MINIMAL, "rollout": {"backend": "vllm", "vllm": {"kv_cache_gib": 0}}}))
+    with pytest.raises(ConfigError, match=r"rollout.vllm.max_model_len: must hold"):
+        load_config(write(tmp_path, {**MINIMAL, "rollout": {"backend": "vllm", "vllm": {"max_model_len": 64}}}))
+    with pytest.raises(ConfigError, match=r"rollout.backend: 'sglang' is not one of"):
+        load_config(write(tmp_path, {**MINIMAL, "rollout": {"backend": "sglang"}}))

@@ -90,7 +90,7 @@ def test_scatter_tokens_places_values_at_mask():
 
 MEMORY_PROBE = textwrap.dedent(
     """
-    import json, resource, sys, torch
+    import json, sys, torch
     from opd.scoring import student_token_logprobs, teacher_token_scores
     torch.set_num_threads(1)
     tokens, vocab, hidden, chunk, mode = int(sys.argv[1]), int(sys.argv[2]), 64, 256, sys.argv[3]
@@ -102,8 +102,13 @@ MEMORY_PROBE = textwrap.dedent(
     def rss():
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * 4096
+    def high_water():
+        # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across exec, so a
+        # large parent (a pytest process that has loaded vLLM) would hide the probe's own peak.
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     before = rss()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_before = high_water()
     if mode == "chunked":
         teacher_token_scores(h.detach(), w.detach(), None, targets, topk=64, chunk_size=chunk)
         lp, gathered, _ = student_token_logprobs(h, w, None, targets, ids, chunk_size=chunk)
@@ -111,7 +116,7 @@ MEMORY_PROBE = textwrap.dedent(
     else:
         full = torch.log_softmax(h @ w.T, dim=-1)
         (full.gather(1, targets[:, None]).sum() + full.gather(1, ids.long()).sum()).backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = high_water()
     print(json.dumps({"extra": peak - max(before, peak_before) if peak > peak_before else 0, "before": before}))
     """
 )

@@ -27,6 +27,7 @@ from opd.graders import Grader, build_grader
 from opd.lora import AdaptersDisabled, attach_adapters, causal_lm, is_adapted
 from opd.objectives import Objective, build_objective
 from opd.rollout import SamplingSettings
+from opd.rollout_vllm import EngineSettings, VllmEngine
 from opd.teachers import DomainScorer, ScoringSettings
 from opd.types import Signal
 
@@ -43,6 +44,20 @@ class Run:
     scoring: ScoringSettings
     graders: dict[str, Grader]  # by domain; domains without a grader are absent
     dataset_responses: dict[int, list[int]] | None = None  # gkd's off-policy share: row -> response ids
+    # rollout.backend vllm: the engine that samples for the student (weights synced after every step).
+    student_engine: VllmEngine | None = None
+
+    @property
+    def rollout_policy(self):
+        """What samples the student's responses: its vLLM engine, or the training model itself."""
+        return self.student_engine if self.student_engine is not None else self.student
+
+    def close(self) -> None:
+        """Free the vLLM engines (the student's and the teachers') now."""
+        engines = {id(e): e for e in [self.student_engine, *(s.teacher for s in self.scorers.values())]
+                   if isinstance(e, VllmEngine)}
+        for engine in engines.values():
+            engine.close()
 
 
 def assemble(config: Config, checkpoint: Path | None = None) -> Run:
@@ -64,14 +79,16 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
     teacher_prompts = _check_teacher_tokenizers(config, tokenizer, rows)
     dataset_responses = _dataset_responses(config, tokenizer, rows) if config.objective.onpolicy_fraction < 1 else None
 
-    student = load_student(config, checkpoint)
     needs_topk = Signal.TEACHER_TOPK in objective.needs
+    _check_vllm_teachers(config, objective)
+    student = load_student(config, checkpoint)
     frozen = _FrozenModels(config, tokenizer, output_width(student), needs_topk)
     scorers = {}
     for index, teacher in enumerate(config.teachers):
         scorers[teacher.domain] = DomainScorer(
             domain=teacher.domain,
-            teacher=frozen.get(teacher.path, teacher.dtype, f"teachers.{index}.path", teacher.shard)
+            teacher=frozen.get(teacher.path, teacher.dtype, f"teachers.{index}.path", teacher.shard,
+                               teacher.backend)
             if teacher.path else None,
             # Without a teacher there is no reward lT - lR to anchor: no reference either.
             reference=frozen.reference(teacher.reference, teacher.dtype, f"teachers.{index}.reference", student,
@@ -105,9 +122,32 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
         need_hidden=Signal.FULL_DISTRIBUTIONS in objective.needs,
     )
     graders = {t.domain: build_grader(t.grader) for t in config.teachers if t.grader != "none"}
+    student_engine = None
+    if config.rollout.backend == "vllm":
+        # Built from the student's folder; train() syncs the training weights (a checkpoint's, LoRA's) in.
+        student_engine = VllmEngine(engine_settings(config, config.student.path, config.student.dtype, 1))
     return Run(student=student, tokenizer=tokenizer, rows=rows, prompt_ids=prompt_ids, scorers=scorers,
                objective=objective, sampling=sampling, scoring=scoring, graders=graders,
-               dataset_responses=dataset_responses)
+               dataset_responses=dataset_responses, student_engine=student_engine)
+
+
+def engine_settings(config: Config, path: str, dtype: str, max_logprobs: int) -> EngineSettings:
+    vllm = config.rollout.vllm
+    return EngineSettings(
+        model_path=path, dtype=dtype, kv_cache_bytes=int(vllm.kv_cache_gib * 2**30),
+        max_model_len=vllm.max_model_len or config.data.max_prompt_tokens + config.rollout.max_new_tokens,
+        enforce_eager=vllm.enforce_eager, seed=config.train.seed, max_logprobs=max(max_logprobs, 1),
+    )
+
+
+def _check_vllm_teachers(config: Config, objective: Objective) -> None:
+    """vLLM returns log-probs and top-k only: objectives needing more are refused before any loading."""
+    unavailable = {Signal.TEACHER_ENTROPY: "the teacher's entropy", Signal.FULL_DISTRIBUTIONS: "full distributions"}
+    missing = [unavailable[signal] for signal in objective.needs if signal in unavailable]
+    for index, teacher in enumerate(config.teachers):
+        if teacher.backend == "vllm" and missing:
+            raise StartupError(f"teachers.{index}.backend: objective {list(config.objective.names)} needs "
+                               f"{' and '.join(missing)}, which vLLM scoring does not return; use backend hf")
 
 
 def load_student(config: Config, checkpoint: Path | None) -> nn.Module:
@@ -167,10 +207,15 @@ class _FrozenModels:
     def __init__(self, config: Config, tokenizer, student_width: int, needs_topk: bool):
         self._config, self._tokenizer = config, tokenizer
         self._student_width, self._needs_topk = student_width, needs_topk
-        self._loaded: dict[tuple[str, str], nn.Module] = {}
+        self._loaded: dict[tuple, nn.Module | VllmEngine] = {}
 
-    def get(self, path: str, dtype: str, key: str, shard: bool = False) -> nn.Module:
-        identity = (str(Path(path).resolve()), dtype, shard)
+    def get(self, path: str, dtype: str, key: str, shard: bool = False, backend: str = "hf"):
+        identity = (str(Path(path).resolve()), dtype, shard, backend)
+        if identity not in self._loaded and backend == "vllm":
+            check_output_width(self._student_width, _configured_width(path), len(self._tokenizer), key,
+                               self._needs_topk)
+            topk = self._config.objective.topk if self._needs_topk else 1
+            self._loaded[identity] = VllmEngine(engine_settings(self._config, path, dtype, topk))
         if identity not in self._loaded:
             model = load_model(path, dtype, key=key)
             check_output_width(self._student_width, output_width(model), len(self._tokenizer), key, self._needs_topk)
@@ -186,6 +231,12 @@ class _FrozenModels:
             # Always the initial weights, also when resuming: the reference must not move with the student.
             return self.get(self._config.student.path, self._config.student.dtype, key, shard)
         return self.get(reference, dtype, key, shard)  # a teacher-side base: the teacher's dtype
+
+
+def _configured_width(path: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True).vocab_size
 
 
 def seed_everything(seed: int) -> None:

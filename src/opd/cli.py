@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_parser.add_argument("--output-dir", default="runs/eval")
 
     bench_parser = commands.add_parser("bench", help="speed and memory benchmarks, as ratios measured in one run")
-    bench_parser.add_argument("name", choices=["memory", "overhead", "step"])
+    bench_parser.add_argument("name", choices=["memory", "overhead", "step", "rollout"])
     bench_parser.add_argument("--quick", action="store_true", help="reduced sizes (what CI runs)")
     bench_parser.add_argument("--output", help="also write the raw results as JSON to this file")
     bench_parser.add_argument("--tokens", type=int, nargs="+", help="memory: only these response-token counts")
@@ -133,6 +133,11 @@ def run_bench(name: str, quick: bool, output: str | None, tokens: list[int] | No
 
         raw = overhead.run(quick=quick)
         table = overhead.format_table(raw)
+    elif name == "rollout":
+        from opd.bench import rollout
+
+        raw = rollout.run(quick=quick)
+        table = rollout.format_table(raw)
     else:
         from opd.bench import step
 

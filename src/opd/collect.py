@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from opd.functional import grpo_advantages
-from opd.rollout import Responses, build_batch, concatenate, fixed_responses, sample_in_batches
+from opd.rollout import Responses, build_batch, concatenate, fixed_responses, sample_responses
 from opd.types import RolloutBatch
 
 
@@ -66,7 +66,7 @@ def collect(run, step: int, indices: list[int], settings: CollectSettings, teach
         written_iter = iter(written)
         prefixes = [draw_prefix(next(written_iter), limit, sampling.end_of_sequence_ids, rng) if g else []
                     for g in guided]
-    responses = sample_in_batches(run.student, prompts, sampling, prefixes)
+    responses = sample_responses(run.rollout_policy, prompts, sampling, prefixes)
     return build_batch(prompts, rows, domains, responses, sampling, step=step)
 
 
@@ -78,7 +78,7 @@ def _teacher_responses(run, rows: list[int], domains: list[str]) -> list[list[in
         scorer = run.scorers[domain]
         own = scorer.teacher_prompts
         prompts = [own[rows[p]] if own is not None else run.prompt_ids[rows[p]] for p in positions]
-        responses = sample_in_batches(scorer.teacher, prompts, run.sampling)
+        responses = sample_responses(scorer.teacher, prompts, run.sampling)
         for p, ids, mask in zip(positions, responses.ids, responses.mask, strict=True):
             out[p] = ids[mask].tolist()
     return [out[p] for p in range(len(rows))]
@@ -104,7 +104,7 @@ def _mixed_with_dataset(run, prompts, rows, domains, step, settings: CollectSett
     student_rows = [p for p, d in enumerate(from_dataset) if not d]
     dataset_rows = [p for p, d in enumerate(from_dataset) if d]
     if student_rows:
-        parts.append(sample_in_batches(run.student, [prompts[p] for p in student_rows], run.sampling))
+        parts.append(sample_responses(run.rollout_policy, [prompts[p] for p in student_rows], run.sampling))
         order.extend(student_rows)
     if dataset_rows:
         answers = [run.dataset_responses[rows[p]] for p in dataset_rows]
@@ -113,7 +113,8 @@ def _mixed_with_dataset(run, prompts, rows, domains, step, settings: CollectSett
     merged = concatenate(parts, run.sampling.pad_id)
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
-    responses = Responses(**{f.name: getattr(merged, f.name)[inverse] for f in dataclasses.fields(Responses)})
+    responses = Responses(**{f.name: None if getattr(merged, f.name) is None else getattr(merged, f.name)[inverse]
+                             for f in dataclasses.fields(Responses)})
     return build_batch(prompts, rows, domains, responses, run.sampling, step=step,
                        from_dataset=torch.tensor(from_dataset))
 

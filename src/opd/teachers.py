@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from opd import distributed
 from opd.lora import scoring_context
+from opd.rollout_vllm import VllmEngine
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, teacher_token_scores
 from opd.types import RolloutBatch, TeacherScores
 
@@ -24,7 +25,9 @@ class DomainScorer:
     """Everything needed to score one domain's rows."""
 
     domain: str
-    teacher: nn.Module | None  # None: the objective needs no teacher (e.g. grpo alone)
+    # A model scored in this process, or a vLLM engine (teachers.*.backend: vllm); None: the objective
+    # needs no teacher (e.g. grpo alone).
+    teacher: nn.Module | VllmEngine | None
     reference: nn.Module | None
     reward_scale: float  # lam
     # Teacher prompt ids per dataset row, when the teacher renders prompts with its own chat template;
@@ -80,8 +83,11 @@ def score_batch(batch: RolloutBatch, scorers: dict[str, DomainScorer], settings:
             chunk = rows[start : start + settings.rows_per_forward]
             mask = batch.response_mask[chunk]
             prompt_ids, prompt_mask = _prompts_for(scorer, batch, chunk)
-            scores = _score_model(scorer.teacher, prompt_ids, prompt_mask, batch, chunk, settings, k,
-                                  settings.need_entropy, settings.need_hidden)
+            if isinstance(scorer.teacher, VllmEngine):
+                scores = _score_engine(scorer.teacher, prompt_ids, prompt_mask, batch, chunk, k)
+            else:
+                scores = _score_model(scorer.teacher, prompt_ids, prompt_mask, batch, chunk, settings, k,
+                                      settings.need_entropy, settings.need_hidden)
             _check_finite(scores[0], f"teacher for domain '{domain}'")
             logprobs[chunk] = scatter_tokens(scores[0], mask)
             if k:
@@ -154,6 +160,19 @@ def _score_model(model, prompt_ids, prompt_mask, batch, rows, settings, topk, wi
     )
     values = tuple(v.cpu() if v is not None else None for v in values)
     return (*values, hidden.cpu() if with_hidden else None)
+
+
+def _score_engine(engine: VllmEngine, prompt_ids, prompt_mask, batch, rows, topk):
+    """`_score_model`'s tuple from a vLLM engine (temperature 1, checked at load; no entropy, no hidden)."""
+    prompts = [ids[mask].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
+    responses = [ids[mask].tolist() for ids, mask in zip(batch.response_ids[rows], batch.response_mask[rows],
+                                                          strict=True)]
+    scored = engine.score(prompts, responses, topk)
+    logprobs = torch.cat([s.logprobs for s in scored])
+    if not topk:
+        return logprobs, None, None, None, None
+    return (logprobs, torch.cat([s.topk_ids for s in scored]), torch.cat([s.topk_logprobs for s in scored]),
+            None, None)
 
 
 @torch.no_grad()

@@ -64,6 +64,7 @@ def build_model(
     num_heads: int = 2,
     seed: int = 0,
     vocab_size: int | None = None,
+    initializer_range: float = 0.02,  # larger: peakier distributions (log-prob comparisons that mean something)
 ):
     """A randomly initialised Qwen3-style causal LM saved (with the tokenizer) as an HF folder."""
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
@@ -84,6 +85,7 @@ def build_model(
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=initializer_range,
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

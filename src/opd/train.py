@@ -161,12 +161,26 @@ def train(config: Config, *, resume: bool = False) -> Path:
     if config.student.lora is not None and distributed.world_size() > 1:
         raise NotImplementedError("student.lora with more than one process is not supported yet (FSDP2 over "
                                   "peft adapters is untested); run LoRA on one process")
+    uses_vllm = config.rollout.backend == "vllm" or any(t.backend == "vllm" for t in config.teachers)
+    if uses_vllm and distributed.world_size() > 1:
+        raise NotImplementedError("rollout.backend / teachers.*.backend: vllm runs one engine in one training "
+                                  "process; with more than one process use backend hf")
     run = assemble(config, checkpoint)
+    try:
+        return _train(run, config, checkpoint)
+    finally:
+        run.close()
+
+
+def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
+    run_dir = Path(config.train.output_dir)
     distributed.shard_student(run.student)  # before the optimizer: FSDP2 replaces parameters by shards
     state = TrainState(student=run.student, optimizer=build_optimizer(run.student, config.optim))
     if checkpoint is not None:
         record = load_checkpoint_state(checkpoint, state.student, state.optimizer)
         state.step, state.skipped_steps = record.step, record.skipped_steps
+    if run.student_engine is not None:
+        run.student_engine.sync_weights(state.student)  # a resumed student, a LoRA student's merged weights
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
@@ -218,6 +232,8 @@ def run_one_step(run: Run, state: TrainState, config: Config, settings: StepSett
     teacher = score_batch(batch, run.scorers, run.scoring)
     scored = time.perf_counter()
     metrics = train_step(state, batch, teacher, run.objective, settings)
+    if run.student_engine is not None:
+        run.student_engine.sync_weights(state.student)  # the next step samples from the updated policy
     finished = time.perf_counter()
     values = as_floats(metrics)
     if collect_settings.guidance:
@@ -226,7 +242,7 @@ def run_one_step(run: Run, state: TrainState, config: Config, settings: StepSett
     values.update({
         "perf/rollout_seconds": rolled - started,
         "perf/score_seconds": scored - rolled,
-        "perf/train_seconds": finished - scored,
+        "perf/train_seconds": finished - scored,  # with vLLM rollouts, the weight sync included
         "perf/tokens_per_second": distributed.all_reduce_sum(float(batch.response_mask.sum())) / (finished - started),
     })
     return values

@@ -20,8 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-QUICK = {"hidden": 64, "layers": 2, "vocab": 512, "prompts": 8, "new_tokens": 16, "steps": 4}
-FULL = {"hidden": 256, "layers": 4, "vocab": 16384, "prompts": 16, "new_tokens": 128, "steps": 6}
+# heads: head_dim = hidden / heads is 32 or 64, sizes vLLM's CPU attention has kernels for.
+QUICK = {"hidden": 64, "layers": 2, "heads": 2, "vocab": 512, "prompts": 8, "new_tokens": 16, "steps": 4}
+FULL = {"hidden": 256, "layers": 4, "heads": 4, "vocab": 16384, "prompts": 16, "new_tokens": 128, "steps": 6}
+VARIANTS = ("trl", "opd", "opd-vllm")  # opd-vllm: opd with rollout.backend vllm
 
 
 def _build(root: Path, size: dict) -> list[str]:
@@ -30,12 +32,13 @@ def _build(root: Path, size: dict) -> list[str]:
     corpus = [f"problem {i}: what is {i} plus {2 * i}? the answer is {3 * i}." for i in range(4000)]
     corpus += [" ".join(f"w{j}{i % 97}" for j in range(20)) for i in range(4000)]
     tokenizer = build_tokenizer(root / "student", corpus=corpus, vocab_size=size["vocab"])
-    build_model(root / "student", tokenizer, hidden_size=size["hidden"], num_layers=size["layers"], num_heads=4, seed=0)
-    build_model(root / "teacher", tokenizer, hidden_size=size["hidden"], num_layers=size["layers"], num_heads=4, seed=1)
+    for name, seed in (("student", 0), ("teacher", 1)):
+        build_model(root / name, tokenizer, hidden_size=size["hidden"], num_layers=size["layers"],
+                    num_heads=size["heads"], seed=seed)
     return [f"what is {i} plus {2 * i}?" for i in range(size["prompts"] * (size["steps"] + 1))]
 
 
-def run_opd(root: Path, prompts: list[str], size: dict) -> dict:
+def run_opd(root: Path, prompts: list[str], size: dict, backend: str = "hf") -> dict:
     from opd.config import load_config
     from opd.monitor import read_metrics
     from opd.train import train
@@ -47,7 +50,7 @@ def run_opd(root: Path, prompts: list[str], size: dict) -> dict:
         "teachers": [{"domain": "default", "path": str(root / "teacher"), "reference": None}],
         "data": {"path": str(data), "shuffle": False},
         "rollout": {"prompts_per_step": size["prompts"], "samples_per_prompt": 1, "max_new_tokens": size["new_tokens"],
-                    "batch_size": size["prompts"]},
+                    "batch_size": size["prompts"], "backend": backend, "vllm": {"kv_cache_gib": 0.25}},
         "objective": {"name": "opd"},
         "optim": {"lr": 1e-5, "micro_batch_size": size["prompts"]},
         "train": {"steps": size["steps"] + 1, "output_dir": str(root / "opd"), "save_every": 0,
@@ -101,7 +104,10 @@ def run_variant(variant: str, quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         prompts = _build(root, size)
-        result = run_opd(root, prompts, size) if variant == "opd" else run_trl(root, prompts, size)
+        if variant == "trl":
+            result = run_trl(root, prompts, size)
+        else:
+            result = run_opd(root, prompts, size, backend="vllm" if variant == "opd-vllm" else "hf")
     tokens = size["prompts"] * size["new_tokens"] * size["steps"]
     return {"variant": variant, **result, "tokens_per_second": tokens / result["seconds"],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "size": size}
@@ -109,7 +115,7 @@ def run_variant(variant: str, quick: bool) -> dict:
 
 def run(quick: bool = False) -> list[dict]:
     results = []
-    for variant in ("trl", "opd"):
+    for variant in VARIANTS:
         process = subprocess.run([sys.executable, "-m", "opd.bench.step", variant] + (["--quick"] if quick else []),
                                  capture_output=True, text=True)
         if process.returncode != 0:
@@ -124,7 +130,7 @@ def format_table(results: list[dict]) -> str:
     by_name = {r["variant"]: r for r in results}
     trl = by_name.get("trl")
     lines = ["| trainer | tokens/s | peak RSS MiB | throughput / TRL | memory / TRL |", "|---|---:|---:|---:|---:|"]
-    for name in ("trl", "opd"):
+    for name in VARIANTS:
         row = by_name.get(name)
         if row is None or "error" in row:
             lines.append(f"| {name} | not measured: {row['error'] if row else 'missing'} | | | |")
@@ -133,14 +139,15 @@ def format_table(results: list[dict]) -> str:
         if trl and "error" not in trl:
             throughput = f"{row['tokens_per_second'] / trl['tokens_per_second']:.2f}"
             memory = f"{row['peak_rss_bytes'] / trl['peak_rss_bytes']:.2f}"
-        label = "TRL DistillationTrainer" if name == "trl" else "opd"
+        label = {"trl": "TRL DistillationTrainer", "opd": "opd", "opd-vllm": "opd, vLLM rollouts"}[name]
         lines.append(f"| {label} | {row['tokens_per_second']:.0f} | {row['peak_rss_bytes'] / 2**20:.0f} | "
                      f"{throughput} | {memory} |")
-    opd = by_name.get("opd")
-    if opd and "error" not in opd:
-        size = opd["size"]
-        lines.append(f"\nopd generated {opd['measured_tokens']:.0f} of the {size['prompts'] * size['new_tokens'] * size['steps']} "
-                     "tokens counted for both sides.")
+    for name in ("opd", "opd-vllm"):
+        row = by_name.get(name)
+        if row and "error" not in row:
+            size = row["size"]
+            lines.append(f"\n{name} generated {row['measured_tokens']:.0f} of the "
+                         f"{size['prompts'] * size['new_tokens'] * size['steps']} tokens counted for every side.")
     return "\n".join(lines)
 
 

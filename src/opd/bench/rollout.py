@@ -1,0 +1,109 @@
+"""`opd bench rollout`: student rollouts per second, vLLM against HF `generate`, same model and prompts.
+
+Both sides sample the same tiny Qwen3-style student (built once, saved as an HF folder) on the same chat
+prompts, `samples_per_prompt` responses each, the same temperature and length, through opd's own entry points
+(`rollout.sample_in_batches` with every row in one `generate` call, `VllmEngine.sample`), so the sampler
+log-probs are recorded on both sides. Each side runs in a fresh process: one warm-up call (vLLM's includes
+its one-off compile of the log-prob op), then timed calls. Throughput counts the tokens actually generated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QUICK = {"hidden": 64, "layers": 2, "heads": 2, "vocab": 512, "prompts": 8, "samples": 4, "new_tokens": 32,
+         "repeats": 2}
+FULL = {"hidden": 256, "layers": 4, "heads": 4, "vocab": 16384, "prompts": 16, "samples": 4, "new_tokens": 128,
+        "repeats": 3}
+
+
+def build(root: Path, size: dict) -> None:
+    from opd.tiny import build_model, build_tokenizer
+
+    corpus = [f"problem {i}: what is {i} plus {2 * i}? the answer is {3 * i}." for i in range(4000)]
+    corpus += [" ".join(f"w{j}{i % 97}" for j in range(20)) for i in range(4000)]
+    tokenizer = build_tokenizer(root, corpus=corpus, vocab_size=size["vocab"])
+    build_model(root, tokenizer, hidden_size=size["hidden"], num_layers=size["layers"], num_heads=size["heads"],
+                seed=0)
+
+
+def run_variant(variant: str, folder: str, size: dict) -> dict:
+    import torch
+
+    from opd.models import end_of_sequence_ids, load_model, load_tokenizer, render_prompt
+    from opd.rollout import SamplingSettings, sample_in_batches
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(threads)
+    tokenizer = load_tokenizer(folder)
+    model = load_model(folder)
+    prompts = [render_prompt(tokenizer, f"what is {i} plus {2 * i}?", "chat") for i in range(size["prompts"])]
+    rows = [p for p in prompts for _ in range(size["samples"])]
+    settings = SamplingSettings(samples_per_prompt=size["samples"], temperature=1.0, top_p=1.0,
+                                max_new_tokens=size["new_tokens"], batch_size=len(rows),
+                                end_of_sequence_ids=end_of_sequence_ids(model, tokenizer),
+                                pad_id=tokenizer.pad_token_id)
+    started = time.perf_counter()
+    if variant == "vllm":
+        from opd.rollout_vllm import EngineSettings, VllmEngine
+
+        engine = VllmEngine(EngineSettings(model_path=folder, dtype="float32", kv_cache_bytes=256 * 2**20,
+                                           max_model_len=max(len(p) for p in prompts) + size["new_tokens"],
+                                           enforce_eager=True, seed=0, max_logprobs=1))
+        sample = lambda: engine.sample(rows, settings)  # noqa: E731
+    else:
+        sample = lambda: sample_in_batches(model, rows, settings)  # noqa: E731
+    sample()  # warm-up
+    startup = time.perf_counter() - started
+    tokens, seconds = 0, 0.0
+    for _ in range(size["repeats"]):
+        begin = time.perf_counter()
+        responses = sample()
+        seconds += time.perf_counter() - begin
+        tokens += int(responses.mask.sum())
+    return {"variant": variant, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+            "startup_seconds": startup, "threads": threads, "size": size}
+
+
+def run(quick: bool = False) -> list[dict]:
+    size = QUICK if quick else FULL
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        build(Path(folder), size)
+        for variant in ("hf", "vllm"):
+            process = subprocess.run([sys.executable, "-m", "opd.bench.rollout", variant, folder, json.dumps(size)],
+                                     capture_output=True, text=True)
+            if process.returncode != 0:
+                last = (process.stderr.strip().splitlines() or ["failed"])[-1]
+                results.append({"variant": variant, "error": last[:200]})
+            else:
+                results.append(json.loads(process.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    by_name = {r["variant"]: r for r in results}
+    baseline = by_name.get("hf")
+    lines = ["| sampler | tokens/s | tokens | start-up + warm-up s | threads | throughput / HF generate |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, label in (("hf", "HF generate"), ("vllm", "vLLM")):
+        row = by_name.get(name)
+        if row is None or "error" in row:
+            lines.append(f"| {label} | not measured: {row['error'] if row else 'missing'} | | | | |")
+            continue
+        ratio = "n/a"
+        if baseline and "error" not in baseline:
+            ratio = f"{row['tokens_per_second'] / baseline['tokens_per_second']:.2f}"
+        lines.append(f"| {label} | {row['tokens_per_second']:.0f} | {row['tokens']} | {row['startup_seconds']:.1f} | "
+                     f"{row['threads']} | {ratio} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_variant(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))))
