@@ -122,17 +122,35 @@ def test_prefix_schedule_and_draws():
     assert {len(draw_prefix([5, 6, 7, 8], 2, (1,), rng)) for _ in range(100)} == {0, 1, 2}
 
 
-def test_sft_generates_teacher_responses_once_per_prompt(model_dir, rows_file, tmp_path):
+def test_sft_generates_teacher_responses_once_per_prompt(model_dir, rows_file, tmp_path, monkeypatch):
+    import opd.collect
+
     config = make_config(model_dir, rows_file, tmp_path / "run", objective={"name": "sft", "lam": 1.0})
     seed_everything(0)
     run = assemble(config)
     settings = CollectSettings(guidance=False, guidance_fraction=0.5, max_prefix_tokens=8, total_steps=3,
                                teacher_written=True, onpolicy_fraction=1.0, seed=0)
+    generated = []
+    real = opd.collect.sample_responses
+
+    def counting(model, prompts, *args, **kwargs):
+        generated.append(len(prompts))
+        return real(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(opd.collect, "sample_responses", counting)
     cache: dict = {}
     first = collect(run, 0, [0, 1], settings, cache)
     assert (first.from_teacher == first.response_mask).all()
     assert sorted(cache) == [0, 1] and all(len(v) == 2 for v in cache.values())
+    assert len(generated) == 2 and sum(generated) == 4  # rows 0 and 1 have different domains
     again = collect(run, 5, [1, 0], settings, cache)  # a later visit reuses the cached trajectories
+    assert len(generated) == 2
+    # All of a step's new prompts of one domain in one batched generation, not one generation per prompt;
+    # a cached prompt (row 0) is not generated again.
+    collect(run, 6, [0, 2], settings, {0: cache[0]})
+    assert generated[2:] == [2]
+    collect(run, 7, [0, 2], settings, {})
+    assert generated[3:] == [4]
     for batch in (first, again):
         for row in range(batch.num_rows):
             sample = row % 2

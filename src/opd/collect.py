@@ -53,8 +53,9 @@ def collect(run, step: int, indices: list[int], settings: CollectSettings, teach
     domains = [run.rows[i].domain for i in rows]
     rng = random.Random(settings.seed * 1_000_003 + step)
     if settings.teacher_written:
-        responses = fixed_responses([_cached_teacher_response(run, i, k, teacher_cache) for i in indices
-                                     for k in range(n)], sampling, from_teacher=True)
+        _fill_teacher_cache(run, indices, teacher_cache)
+        responses = fixed_responses([teacher_cache[i][k] for i in indices for k in range(n)], sampling,
+                                    from_teacher=True)
         return build_batch(prompts, rows, domains, responses, sampling, step=step)
     if settings.onpolicy_fraction < 1.0:
         return _mixed_with_dataset(run, prompts, rows, domains, step, settings, rng)
@@ -84,12 +85,17 @@ def _teacher_responses(run, rows: list[int], domains: list[str]) -> list[list[in
     return [out[p] for p in range(len(rows))]
 
 
-def _cached_teacher_response(run, row: int, sample: int, cache: dict) -> list[int]:
-    """sft's teacher trajectories: generated the first time a prompt is visited, then reused."""
-    if row not in cache:
-        n = run.sampling.samples_per_prompt
-        cache[row] = _teacher_responses(run, [row] * n, [run.rows[row].domain] * n)
-    return cache[row][sample]
+def _fill_teacher_cache(run, indices: list[int], cache: dict) -> None:
+    """sft's teacher trajectories: generated the first time a prompt is visited, then reused. All of a
+    step's new prompts are generated in one batch (one prompt at a time made sft 3x slower than OPD)."""
+    n = run.sampling.samples_per_prompt
+    new = list(dict.fromkeys(i for i in indices if i not in cache))
+    if not new:
+        return
+    rows = [i for i in new for _ in range(n)]
+    written = _teacher_responses(run, rows, [run.rows[i].domain for i in rows])
+    for position, row in enumerate(new):
+        cache[row] = written[position * n:(position + 1) * n]
 
 
 def _mixed_with_dataset(run, prompts, rows, domains, step, settings: CollectSettings, rng) -> RolloutBatch:

@@ -267,6 +267,10 @@ def build_report(results: list[dict], scale: Scale) -> tuple[list[str], list[dic
                                     ("mismatched base", "temperature/mismatched-base-sums", "sums"),
                                     ("large sums teacher", "teachers/large_sums", "sums")):
             rows.append([f"{label} ({domain})", *(_single_cell(data.single(name, domain, t)) for t in temperatures)])
+        opd_runs = data.runs("lam_sweep", lam=1.0)
+        if opd_runs:
+            rows.append([f"OPD student (sums; {len(opd_runs)} seeds)",
+                         *(_cell(data.values(opd_runs, "sums", t)) for t in temperatures)])
         lines += _table(["model", *(f"T = {t:g}" for t in temperatures)], rows)
         sharpest = max((data.single("teachers/sums", "sums", t) or (0.0, 0) for t in temperatures[1:]), default=None)
         exopd = data.values(sweep.get(EXOPD_LAM, []), "sums") if data.runs("lam_sweep") else []
