@@ -268,17 +268,21 @@ def test_quick_lab_runs_every_stage_and_writes_the_report(quick_lab):
     assert "teacher/untrusted_fraction" in mismatch["curves"] and "optim/grad_norm" in mismatch["curves"]
 
 
-def test_quick_lab_teachers_start_from_the_base_and_the_trained_runs_moved(quick_lab):
+def test_quick_lab_teachers_share_the_base_architecture_and_students_move(quick_lab):
     from opd.models import load_model
 
     root, _ = quick_lab
     base = load_model(str(root / "models" / "base" / "final"))
     teacher = load_model(str(root / "teachers" / "sums" / "final"))
-    student = load_model(str(root / "lam_sweep" / "lam1.25" / "seed0" / "final"))
     for name, parameter in base.named_parameters():
         assert parameter.shape == teacher.get_parameter(name).shape
-    moved = [not torch.equal(p, student.get_parameter(n)) for n, p in base.named_parameters()]
-    assert any(moved)
+    # At quick scale the teachers may not move (no sample is right, so every grpo advantage is 0), and then
+    # G-OPD from the base has nothing to learn; SFT on the teacher's samples always does.
+    student = load_model(str(root / "distillation" / "sft-sums" / "seed0" / "final"))
+    assert any(not torch.equal(p, student.get_parameter(n)) for n, p in base.named_parameters())
+    mismatched = load_model(str(root / "models" / "mismatched_base" / "final"))
+    distilled = load_model(str(root / "mismatch" / "opd" / "seed0" / "final"))
+    assert any(not torch.equal(p, distilled.get_parameter(n)) for n, p in mismatched.named_parameters())
 
 
 def test_a_second_run_reuses_finished_jobs_and_bad_arguments_fail(quick_lab):
