@@ -114,3 +114,18 @@ def test_sharded_teachers_score_like_replicated_ones(model_dir, prompts_file, tm
     torch.testing.assert_close(logprobs, expected.logprobs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ref_logprobs, expected.ref_logprobs, atol=1e-5, rtol=1e-5)
     assert torch.equal(topk_ids, expected.topk_ids)
+
+
+@pytest.mark.parametrize("succeeded", [True, False])
+def test_finish_leaves_the_process_group(tmp_path, succeeded):
+    # A rank that exits with gloo's threads alive can abort (`terminate called without an active exception`)
+    # after its work is done; `opd train` therefore leaves the group before the interpreter tears down.
+    import torch.distributed as dist
+
+    from opd import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert distributed.is_distributed()
+    distributed.finish(succeeded)
+    assert not dist.is_initialized()
+    distributed.finish(succeeded)  # a second call, or one without a group, is a no-op

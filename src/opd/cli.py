@@ -80,8 +80,13 @@ def run_command(args) -> None:
         from opd.train import train
 
         distributed.init_from_environment()
-        final = train(config, resume=args.resume)
-        if distributed.is_main():
+        main_process, succeeded = distributed.is_main(), False
+        try:
+            final = train(config, resume=args.resume)
+            succeeded = True
+        finally:
+            distributed.finish(succeeded)
+        if main_process:
             print(f"opd: trained student written to {final}")
     elif args.command == "merge":
         from opd.merge import expo_merge

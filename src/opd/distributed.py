@@ -53,6 +53,17 @@ def init_from_environment() -> None:
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
 
 
+def finish(succeeded: bool) -> None:
+    """Leave the process group cleanly. Without this, gloo's worker threads are still alive when the
+    interpreter tears down, and a rank can die with `terminate called without an active exception` (SIGABRT)
+    after its work is done, failing the whole torchrun. A rank that failed skips the barrier: the others
+    may never reach it, and torchrun stops them anyway."""
+    if is_distributed():
+        if succeeded:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def shard_student(model: nn.Module) -> nn.Module:
     """FSDP2 on every decoder layer, with gradients summed across ranks (see the module docstring)."""
     if world_size() == 1:
