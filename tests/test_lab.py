@@ -285,14 +285,21 @@ def test_quick_lab_teachers_share_the_base_architecture_and_students_move(quick_
     assert any(not torch.equal(p, distilled.get_parameter(n)) for n, p in mismatched.named_parameters())
 
 
-def test_a_second_run_reuses_finished_jobs_and_bad_arguments_fail(quick_lab):
+def test_a_second_run_reuses_finished_jobs_and_bad_arguments_fail(quick_lab, capsys):
     from opd.lab.pipeline import run_lab
 
     root, _ = quick_lab
     result = root / "lam_sweep" / "lam1.0" / "seed1" / "result.json"
     before = result.stat().st_mtime_ns
-    run_lab(str(root), quick=True, progress=False)
+    (root / "temperature" / "base-sums" / "result.json").unlink()  # as if the lab had stopped in that job
+    capsys.readouterr()
+    run_lab(str(root), quick=True)  # progress on; pytest's stdout is no terminal, so one line per job
     assert result.stat().st_mtime_ns == before
+    assert (root / "temperature" / "base-sums" / "result.json").exists()
+    lines = capsys.readouterr().out.splitlines()
+    total = len(experiment_jobs(QUICK))
+    assert f"opd lab: experiments: {total} jobs ({total - 1} reused from an earlier run)" in lines
+    assert any(line.startswith(f"opd lab: experiments {total}/{total}: temperature/base-sums in ") for line in lines)
     with pytest.raises(ValueError, match="unknown experiment"):
         run_lab(str(root), quick=True, only=("lam_swep",), progress=False)
     with pytest.raises(ValueError, match="holds a quick lab"):

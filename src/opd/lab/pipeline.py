@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -154,18 +155,16 @@ def run_lab(output_dir: str, *, quick: bool = False, seeds: int | None = None, o
     # daemonic workers of multiprocessing.Pool may not.
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                   initializer=_initialize_worker)
-    with pool, _progress(progress) as bars:
+    with pool, _progress(progress) as shown:
         for stage, jobs in stages:
             pending = [job for job in jobs if not (root / job.name / RESULT).exists()]
-            task = bars.add_task(stage, total=len(jobs), completed=len(jobs) - len(pending)) if bars else None
+            shown.start_stage(stage, total=len(jobs), done=len(jobs) - len(pending))
             # Longest jobs first keeps both workers busy until the end of the stage.
             pending.sort(key=lambda job: -job.config.get("train", {}).get("steps", 0))
             futures = [pool.submit(_execute_in_worker, (job, root, scale)) for job in pending]
             try:
                 for future in concurrent.futures.as_completed(futures):
-                    future.result()
-                    if bars:
-                        bars.advance(task)
+                    shown.job_done(future.result())
             except BaseException:
                 for future in futures:
                     future.cancel()
@@ -174,23 +173,56 @@ def run_lab(output_dir: str, *, quick: bool = False, seeds: int | None = None, o
     return write_report(root, results, scale, seconds=time.perf_counter() - started, quick=quick)
 
 
-class _progress:
-    """rich progress bars (one per stage), or nothing when progress is off."""
+def _progress(enabled: bool):
+    """Progress of every stage: live rich bars on a terminal, one line per finished job in a log (rich
+    would only print its bars once, at the end), nothing when progress is off."""
+    if not enabled:
+        return _Quiet()
+    return _Bars() if sys.stdout.isatty() else _Lines()
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
 
+class _Quiet:
     def __enter__(self):
-        if not self.enabled:
-            return None
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def start_stage(self, stage: str, total: int, done: int) -> None:
+        pass
+
+    def job_done(self, result: dict) -> None:
+        pass
+
+
+class _Lines(_Quiet):
+    def start_stage(self, stage: str, total: int, done: int) -> None:
+        self.stage, self.total, self.done, self.started = stage, total, done, time.perf_counter()
+        reused = f" ({done} reused from an earlier run)" if done else ""
+        print(f"opd lab: {stage}: {total} jobs{reused}", flush=True)
+
+    def job_done(self, result: dict) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.started
+        print(f"opd lab: {self.stage} {self.done}/{self.total}: {result['name']} in {result['seconds']:.1f} s "
+              f"(stage {elapsed / 60:.1f} min)", flush=True)
+
+
+class _Bars(_Quiet):
+    def __enter__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bars = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
                              TimeElapsedColumn())
         self.bars.__enter__()
-        return self.bars
+        return self
 
     def __exit__(self, *exc):
-        if self.enabled:
-            self.bars.__exit__(*exc)
+        self.bars.__exit__(*exc)
         return False
+
+    def start_stage(self, stage: str, total: int, done: int) -> None:
+        self.task = self.bars.add_task(stage, total=total, completed=done)
+
+    def job_done(self, result: dict) -> None:
+        self.bars.advance(self.task)
