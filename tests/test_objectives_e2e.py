@@ -170,3 +170,50 @@ def test_training_logs_graded_accuracy_with_real_graders(grader, model_dir, tmp_
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     # A random tiny model solves nothing: the pipeline, not the score, is under test here.
     assert all(r["reward/accuracy"] == 0.0 and r["reward/math/accuracy"] == 0.0 for r in records)
+
+
+def _full_vocabulary_entropy(run, batch, temperature: float) -> torch.Tensor:  # [N, T] float64, brute force
+    from opd.scoring import output_head, response_hidden_states
+
+    with torch.no_grad():
+        hidden = response_hidden_states(run.student, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                        batch.response_mask)
+        weight, bias = output_head(run.student)
+        logits = hidden.double() @ weight.double().T + (bias.double() if bias is not None else 0.0)
+        logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    return -(logprobs.exp() * logprobs).sum(dim=-1)
+
+
+@pytest.mark.parametrize("case", ["sft", "guidance"])
+def test_student_entropy_is_logged_where_the_student_sampled_and_where_it_was_given_tokens(
+        case, model_dir, rows_file, tmp_path):
+    from opd.metrics import rollout_metrics
+    from opd.teachers import score_batch
+    from opd.train import StepSettings, student_forward
+
+    objective = {"name": "sft", "lam": 1.0} if case == "sft" else {"name": "gopd"}
+    config = make_config(model_dir, rows_file, tmp_path / "run", objective=objective)
+    seed_everything(0)
+    run = assemble(config)
+    settings = CollectSettings(guidance=case == "guidance", guidance_fraction=1.0, max_prefix_tokens=4,
+                               total_steps=3, teacher_written=case == "sft", onpolicy_fraction=1.0, seed=0)
+    batch = collect(run, 0, [0, 1, 2, 3], settings, {})
+    given = batch.response_mask & ~batch.sampled_by_student
+    assert given.any()
+    if case == "guidance":
+        assert batch.sampled_by_student.any() and batch.sampler_entropy is not None
+    step = StepSettings(aggregation="token-mean", micro_batch_size=8, temperature=run.sampling.temperature,
+                        chunk_size=5, max_grad_norm=None)
+    scores = score_batch(batch, run.scorers, run.scoring)
+    entropy = student_forward(run.student, batch, scores, run.objective, step).entropy
+    reference = _full_vocabulary_entropy(run, batch, run.sampling.temperature)
+    # Tokens the student was given: the forward's entropy of the student's distribution (not the record's 0).
+    torch.testing.assert_close(entropy[given].double(), reference[given], atol=1e-5, rtol=1e-5)
+    metrics = rollout_metrics(batch, scores, torch.zeros(batch.response_mask.shape), entropy)
+    assert metrics["student/entropy_given_tokens"].value == pytest.approx(float(reference[given].mean()), rel=1e-5)
+    if case == "sft":
+        assert "student/entropy" not in metrics  # nothing was sampled by the student: no made-up 0
+    else:  # sampled tokens keep the sampler's record
+        sampled = batch.sampled_by_student
+        assert torch.equal(entropy[sampled], batch.sampler_entropy[sampled])
+        assert metrics["student/entropy"].value == pytest.approx(float(batch.sampler_entropy[sampled].mean()), rel=1e-6)

@@ -46,17 +46,13 @@ def rollout_metrics(
 ) -> dict[str, Metric]:
     """Teacher KL, implicit reward per domain, lengths and entropy of the batch (both papers plot these)."""
     # KL estimators assume tokens the student sampled, scored by a teacher.
-    sampled = batch.response_mask & ~batch.from_teacher & teacher.has_teacher[:, None]
-    if batch.from_dataset is not None:
-        sampled &= ~batch.from_dataset[:, None]
+    sampled_by_student = batch.sampled_by_student
+    sampled = sampled_by_student & teacher.has_teacher[:, None]
     count = float(sampled.sum())
     all_tokens = float(batch.response_mask.sum())
-    sampled_by_student = batch.response_mask & ~batch.from_teacher
-    if batch.from_dataset is not None:
-        sampled_by_student &= ~batch.from_dataset[:, None]
+    given = batch.response_mask & ~sampled_by_student
     lengths = batch.response_mask.sum(dim=1).float()
     metrics = {
-        "student/entropy": Metric(value=masked_mean(student_entropy, sampled_by_student), weight=float(sampled_by_student.sum())),
         "rollout/response_length": Metric(value=float(lengths.mean()), weight=float(len(lengths))),
         "rollout/response_length_max": Metric(value=float(lengths.max()), reduce=Reduce.MAX),
         "rollout/truncated_fraction": Metric(value=float(batch.truncated.float().mean()), weight=float(len(lengths))),
@@ -64,6 +60,14 @@ def rollout_metrics(
         "rollout/teacher_token_fraction": Metric(value=masked_mean(batch.from_teacher.float(), batch.response_mask),
                                                  weight=all_tokens),
     }
+    # Entropy of the student's distribution at the response tokens it sampled, and separately at the tokens
+    # it was given (sft's whole signal); a batch with none of either logs nothing rather than a 0.
+    if sampled_by_student.any():
+        metrics["student/entropy"] = Metric(value=masked_mean(student_entropy, sampled_by_student),
+                                            weight=float(sampled_by_student.sum()))
+    if given.any():
+        metrics["student/entropy_given_tokens"] = Metric(value=masked_mean(student_entropy, given),
+                                                         weight=float(given.sum()))
     if count:
         metrics.update({
             "teacher/kl_k1": Metric(value=masked_mean(kl_estimate(student_logprobs, teacher.logprobs, "k1"), sampled),

@@ -15,6 +15,7 @@ _PROGRESS_FIGURES = (
     ("teacher/kl_k1", "kl1"),
     ("teacher/kl_k3", "kl3"),
     ("student/entropy", "H"),
+    ("student/entropy_given_tokens", "H given"),
     ("rollout/response_length", "len"),
     ("optim/grad_norm", "|g|"),
     ("optim/skipped_steps", "skipped"),

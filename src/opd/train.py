@@ -72,18 +72,25 @@ def student_forward(model: nn.Module, batch: RolloutBatch, teacher: TeacherScore
     hidden = response_hidden_states(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask)
     weight, bias = output_head(model)
     gather_ids = teacher.topk_ids[mask] if Signal.TEACHER_TOPK in objective.needs else None
-    # The sampler recorded the entropy of the distribution it drew from (the student's, with HF generate);
-    # tokens it did not sample (teacher prefixes, dataset responses) carry 0 there, so recompute only
-    # when there is no record.
-    logprobs, topk_logprobs, entropy = student_token_logprobs(
+    # The HF sampler recorded the entropy of the distribution it drew from (the student's); the forward
+    # computes it only where there is no record: a vLLM rollout, or tokens the student was given (teacher
+    # prefixes, sft's teacher responses, gkd's dataset answers), which carry 0 in the record.
+    recorded = batch.sampler_entropy
+    sampled = batch.sampled_by_student
+    logprobs, topk_logprobs, computed = student_token_logprobs(
         hidden[mask], weight, bias, batch.response_ids[mask], gather_ids,
         temperature=settings.temperature, chunk_size=settings.chunk_size,
-        with_entropy=batch.sampler_entropy is None,
+        with_entropy=recorded is None or bool((mask & ~sampled).any()),
     )
+    entropy = recorded
+    if computed is not None:
+        entropy = scatter_tokens(computed, mask)
+        if recorded is not None:  # the sampler's record where it sampled (its top-p distribution)
+            entropy = torch.where(sampled, recorded, entropy)
     full = Signal.FULL_DISTRIBUTIONS in objective.needs
     return StudentOutputs(
         logprobs=scatter_tokens(logprobs, mask),
-        entropy=scatter_tokens(entropy, mask) if entropy is not None else batch.sampler_entropy,
+        entropy=entropy,
         topk_logprobs=scatter_tokens(topk_logprobs, mask) if topk_logprobs is not None else None,
         hidden=hidden if full else None,
         head=(weight, bias) if full else None,

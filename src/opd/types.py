@@ -72,6 +72,13 @@ class RolloutBatch:
     group_advantages: Tensor | None = None  # [N] float32, rewards normalised within each prompt's group (GRPO)
 
     @property
+    def sampled_by_student(self) -> Tensor:  # [N, T] bool
+        """Response tokens the student drew itself: not a teacher prefix, not sft's teacher response (both
+        flagged from_teacher), not a dataset answer (gkd's mix)."""
+        mask = self.response_mask & ~self.from_teacher
+        return mask & ~self.from_dataset[:, None] if self.from_dataset is not None else mask
+
+    @property
     def num_rows(self) -> int:
         return self.response_ids.shape[0]
 

@@ -321,11 +321,14 @@ def write_plots(root: Path, results: list[dict]) -> list[str]:
         for axis, key in zip(axes, keys):
             for method in methods:
                 labels = json.loads(method)
+                shown, note = key, ""
                 if key == "student/entropy" and labels.get("method") == "SFT":
-                    continue  # SFT trains on teacher-written responses: the student samples nothing
-                curve = _mean_curve([r for r in runs if {k: v for k, v in r["labels"].items() if k != "seed"} == labels], key)
+                    # SFT trains on teacher-written responses: the student's entropy on those tokens
+                    shown, note = "student/entropy_given_tokens", ", on teacher tokens"
+                curve = _mean_curve([r for r in runs if {k: v for k, v in r["labels"].items() if k != "seed"} == labels], shown)
                 if curve:
-                    name = labels.get("method", "?") + (f" ({labels['setting']}, {labels['domain']})" if "setting" in labels else "")
+                    name = labels.get("method", "?") + (f" ({labels['setting']}, {labels['domain']}{note})"
+                                                        if "setting" in labels else note)
                     axis.plot(range(1, len(curve) + 1), curve, label=name, linewidth=1)
             axis.set_title(key, fontsize=9)
             axis.set_xlabel("step")
