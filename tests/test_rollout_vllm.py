@@ -222,3 +222,13 @@ def test_after_an_optimizer_step_and_sync_vllm_samples_from_the_updated_model(en
         torch.testing.assert_close(fresh, reference_logprobs(model, long, response), atol=TOLERANCE, rtol=0)
     finally:
         engine.sync_weights(model)
+
+
+def test_a_head_size_vllm_cannot_run_on_the_cpu_is_refused_before_the_engine_is_built(tmp_path):
+    # head_dim 16 builds an engine and then fails at the first request ("Unsupported CPU attention
+    # configuration"), i.e. mid-run; the check names the model and the way out instead.
+    tokenizer = build_tokenizer(tmp_path / "small_heads")
+    build_model(tmp_path / "small_heads", tokenizer, hidden_size=64, num_layers=1, num_heads=4, seed=0)
+    with pytest.raises(ValueError, match=r"small_heads: head_dim 16 has no vLLM CPU attention kernel"):
+        VllmEngine(EngineSettings(model_path=str(tmp_path / "small_heads"), dtype="float32", kv_cache_bytes=2**20,
+                                  max_model_len=64, enforce_eager=True, seed=0, max_logprobs=1))

