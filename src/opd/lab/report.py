@@ -330,7 +330,8 @@ def write_plots(root: Path, results: list[dict]) -> list[str]:
                     name = labels.get("method", "?") + (f" ({labels['setting']}, {labels['domain']}{note})"
                                                         if "setting" in labels else note)
                     axis.plot(range(1, len(curve) + 1), curve, label=name, linewidth=1)
-            axis.set_title(key, fontsize=9)
+            sft = key == "student/entropy" and any(json.loads(m).get("method") == "SFT" for m in methods)
+            axis.set_title(key + ("\n(SFT: on its teacher's tokens)" if sft else ""), fontsize=9)
             axis.set_xlabel("step")
         axes[0].legend(fontsize=6)
         figure.tight_layout()
