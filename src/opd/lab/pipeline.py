@@ -52,8 +52,7 @@ def _curves(run_dir: Path) -> dict[str, list[float]]:
     from opd.monitor import read_metrics
 
     keys = ("rollout/response_length", "student/entropy", "student/entropy_given_tokens", "optim/grad_norm",
-            "teacher/untrusted_fraction",
-            "teacher/kl_k1", "reward/accuracy")
+            "teacher/untrusted_fraction", "teacher/kl_k1", "reward/accuracy")
     records = read_metrics(run_dir / "metrics.jsonl")
     return {key: [record.get(key) for record in records] for key in keys if any(key in r for r in records)}
 

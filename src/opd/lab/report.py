@@ -321,14 +321,13 @@ def write_plots(root: Path, results: list[dict]) -> list[str]:
         for axis, key in zip(axes, keys):
             for method in methods:
                 labels = json.loads(method)
-                shown, note = key, ""
+                shown = key
                 if key == "student/entropy" and labels.get("method") == "SFT":
                     # SFT trains on teacher-written responses: the student's entropy on those tokens
-                    shown, note = "student/entropy_given_tokens", ", on teacher tokens"
+                    shown = "student/entropy_given_tokens"
                 curve = _mean_curve([r for r in runs if {k: v for k, v in r["labels"].items() if k != "seed"} == labels], shown)
                 if curve:
-                    name = labels.get("method", "?") + (f" ({labels['setting']}, {labels['domain']}{note})"
-                                                        if "setting" in labels else note)
+                    name = labels.get("method", "?") + (f" ({labels['setting']}, {labels['domain']})" if "setting" in labels else "")
                     axis.plot(range(1, len(curve) + 1), curve, label=name, linewidth=1)
             sft = key == "student/entropy" and any(json.loads(m).get("method") == "SFT" for m in methods)
             axis.set_title(key + ("\n(SFT: on its teacher's tokens)" if sft else ""), fontsize=9)
