@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from opd.config import load_config
-from opd.tiny import build_model, build_tokenizer, perturb_model
+from opd.runtime.tiny import build_model, build_tokenizer, perturb_model
 
 torch.set_num_threads(1)  # 2-core CI: tests run in one thread; determinism is easier to reason about
 

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from opd import distributed
+from opd.runtime import distributed
 from opd.assemble import assemble
 from opd.config import load_config
 from opd.teachers import score_batch

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from opd import distributed
+from opd.runtime import distributed
 from opd.assemble import assemble, seed_everything
 from opd.config import load_config
 from opd.train import StepSettings, TrainState, build_optimizer, select_rows, train_step

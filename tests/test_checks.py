@@ -9,7 +9,7 @@ from conftest import make_config
 
 from opd.checks import StartupError
 from opd.data import DataError, load_prompts
-from opd.tiny import build_model, build_tokenizer
+from opd.runtime.tiny import build_model, build_tokenizer
 from opd.train import train
 
 

@@ -48,8 +48,8 @@ def test_example_configs_are_valid(path):
 
 
 def test_demo_runs_and_the_student_moves_toward_the_teacher(tmp_path):
-    from opd.demo import run_demo
-    from opd.monitor import read_metrics
+    from opd.lab.demo import run_demo
+    from opd.runtime.monitor import read_metrics
 
     final = run_demo(str(tmp_path / "demo"), steps=12, teacher_steps=300, student_steps=60, progress=False,
                      objectives=("tropd",))
@@ -76,7 +76,7 @@ def test_opd_merge_expo_extrapolates_weights(model_dir, tmp_path):
 
 
 def test_opd_merge_refuses_mismatched_architectures(model_dir, tmp_path):
-    from opd.tiny import build_model, build_tokenizer
+    from opd.runtime.tiny import build_model, build_tokenizer
 
     other = tmp_path / "wide"
     build_model(other, build_tokenizer(other), hidden_size=48)
@@ -90,7 +90,7 @@ def test_example_configs_train_one_step_on_tiny_models(path, model_dir, tmp_path
     """Each example, with its model and data paths pointed at tiny local stand-ins, trains a step."""
     import json
 
-    from opd import graders
+    from opd.grading import graders
     from opd.train import train
 
     monkeypatch.setitem(graders.GRADERS, "math", lambda row, completion: float(len(completion) % 2 == 0))

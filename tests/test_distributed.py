@@ -15,8 +15,8 @@ from conftest import make_config
 
 from opd.assemble import assemble, seed_everything
 from opd.config import to_dict
-from opd.monitor import read_metrics
-from opd.rollout import rollout
+from opd.runtime.monitor import read_metrics
+from opd.rollout.hf import rollout
 from opd.teachers import score_batch
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -122,7 +122,7 @@ def test_finish_leaves_the_process_group(tmp_path, succeeded):
     # after its work is done; `opd train` therefore leaves the group before the interpreter tears down.
     import torch.distributed as dist
 
-    from opd import distributed
+    from opd.runtime import distributed
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     assert distributed.is_distributed()

@@ -175,7 +175,7 @@ def test_policy_gradient_loss_ppo_clip():
 
 # ---------------------------------------------------------------- TrOPD, divergences, GRPO (issue 3)
 
-from opd.fullvocab import chunked_generalized_jsd  # noqa: E402
+from opd.objectives.fullvocab import chunked_generalized_jsd  # noqa: E402
 from opd.functional import (  # noqa: E402
     generalized_jsd,
     grpo_advantages,

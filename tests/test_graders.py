@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from opd.data import PromptRow
-from opd.graders import build_grader, extract_code, final_answer, grade_math_answer
+from opd.grading.graders import build_grader, extract_code, final_answer, grade_math_answer
 
 
 def row(answer=None, tests=None):

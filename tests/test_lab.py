@@ -97,17 +97,17 @@ def test_graded_rows_match_the_domain_graders():
 
 
 def test_code_grader_runs_each_distinct_program_once(monkeypatch):
-    import opd.sandbox
-    from opd.graders import program_passes
+    import opd.grading.sandbox
+    from opd.grading.graders import program_passes
 
     calls = []
-    real = opd.sandbox.check_program
+    real = opd.grading.sandbox.check_program
 
     def counting(program, tests, *args, **kwargs):
         calls.append(program)
         return real(program, tests, *args, **kwargs)
 
-    monkeypatch.setattr(opd.sandbox, "check_program", counting)
+    monkeypatch.setattr(opd.grading.sandbox, "check_program", counting)
     program_passes.cache_clear()
     tests = "assert f(2) == 4"
     assert program_passes("def f(x):return x*2", tests) and program_passes("def f(x):return x*2", tests)
@@ -270,7 +270,7 @@ def test_quick_lab_runs_every_stage_and_writes_the_report(quick_lab):
 
 
 def test_quick_lab_teachers_share_the_base_architecture_and_students_move(quick_lab):
-    from opd.models import load_model
+    from opd.runtime.models import load_model
 
     root, _ = quick_lab
     base = load_model(str(root / "models" / "base" / "final"))

@@ -8,9 +8,9 @@ from conftest import make_config
 from test_train import parameters_of
 
 from opd.assemble import assemble, seed_everything
-from opd.lora import AdaptersDisabled, causal_lm
-from opd.monitor import read_metrics
-from opd.rollout import rollout
+from opd.runtime.lora import AdaptersDisabled, causal_lm
+from opd.runtime.monitor import read_metrics
+from opd.rollout.hf import rollout
 from opd.teachers import score_batch
 from opd.train import train
 

@@ -10,10 +10,10 @@ import torch
 from conftest import make_config
 from test_train import parameters_of
 
-from opd import graders
+from opd.grading import graders
 from opd.assemble import assemble, seed_everything
 from opd.collect import CollectSettings, collect, draw_prefix, max_prefix_length
-from opd.monitor import read_metrics
+from opd.runtime.monitor import read_metrics
 from opd.objectives import registered_names
 from opd.train import train
 

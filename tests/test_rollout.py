@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from opd.models import end_of_sequence_ids, load_model, load_tokenizer, render_prompt
-from opd.rollout import SamplingSettings, left_pad, response_mask_until_end, rollout
+from opd.runtime.models import end_of_sequence_ids, load_model, load_tokenizer, render_prompt
+from opd.rollout.batch import SamplingSettings, left_pad, response_mask_until_end
+from opd.rollout.hf import rollout
 from opd.scoring import output_head, response_hidden_states, teacher_token_scores
 
 

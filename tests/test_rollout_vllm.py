@@ -16,12 +16,12 @@ from transformers import TopPLogitsWarper
 
 pytest.importorskip("vllm")
 
-from opd.models import end_of_sequence_ids, load_model, load_tokenizer, render_prompt  # noqa: E402
-from opd.rollout import SamplingSettings, build_batch  # noqa: E402
-from opd.rollout_vllm import EngineSettings, VllmEngine, policy_weights  # noqa: E402
+from opd.runtime.models import end_of_sequence_ids, load_model, load_tokenizer, render_prompt  # noqa: E402
+from opd.rollout.batch import SamplingSettings, build_batch  # noqa: E402
+from opd.rollout.vllm import EngineSettings, VllmEngine, policy_weights  # noqa: E402
 from opd.scoring import output_head, response_hidden_states, teacher_token_scores  # noqa: E402
 from opd.teachers import DomainScorer, ScoringSettings, score_batch  # noqa: E402
-from opd.tiny import build_model, build_tokenizer  # noqa: E402
+from opd.runtime.tiny import build_model, build_tokenizer  # noqa: E402
 
 TOLERANCE = 1e-3  # the bar; measured differences are ~1e-5 (float32 on both sides)
 BLOCK = 128  # vLLM's CPU KV-cache block: only prompts of a full block or more hit the prefix cache

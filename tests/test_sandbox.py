@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from opd.sandbox import SandboxError, SandboxLimits, check_program, isolation_level, run_python
+from opd.grading.sandbox import SandboxError, SandboxLimits, check_program, isolation_level, run_python
 
 FAST = SandboxLimits(timeout_seconds=5.0)
 SEPARATE_UID = isolation_level() == "separate-uid"
@@ -57,7 +57,7 @@ def _spawn_marked(marker: str, body: str) -> str:
 
 
 def _visible_to_sandbox(path: Path) -> bool:
-    from opd.sandbox import _hidden_folders
+    from opd.grading.sandbox import _hidden_folders
 
     hidden = [*_hidden_folders(), "/tmp", "/var/tmp", "/dev/shm"]
     resolved = str(path.resolve())

@@ -10,8 +10,8 @@ from conftest import make_config
 from transformers import AutoModelForCausalLM
 
 from opd.assemble import assemble, seed_everything
-from opd.monitor import read_metrics
-from opd.rollout import rollout
+from opd.runtime.monitor import read_metrics
+from opd.rollout.hf import rollout
 from opd.teachers import score_batch
 from opd.train import StepSettings, accumulate_gradients, train
 
@@ -171,7 +171,7 @@ def test_non_finite_gradient_skips_the_step(model_dir, prompts_file, tmp_path, m
 
 
 def test_progress_bar_shows_the_key_figures():
-    from opd.monitor import progress_figures
+    from opd.runtime.monitor import progress_figures
 
     text = progress_figures({"teacher/kl_k1": 0.5, "teacher/kl_k3": 0.4, "student/entropy": 2.0,
                              "rollout/response_length": 12, "optim/grad_norm": 1.5, "optim/skipped_steps": 0,

@@ -14,7 +14,7 @@ from conftest import make_config
 from safetensors.torch import load_file
 
 from opd.config import to_dict
-from opd.tiny import build_model, build_tokenizer, perturb_model
+from opd.runtime.tiny import build_model, build_tokenizer, perturb_model
 
 pytest.importorskip("vllm")
 

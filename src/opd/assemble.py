@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from opd import distributed
+from opd.runtime import distributed
 from opd.checks import (
     StartupError,
     check_domains,
@@ -22,12 +22,12 @@ from opd.checks import (
 )
 from opd.config import STUDENT_INIT, Config
 from opd.data import DataError, PromptRow, load_prompts
-from opd.models import end_of_sequence_ids, load_model, load_tokenizer, output_width, render_prompt
-from opd.graders import Grader, build_grader
-from opd.lora import AdaptersDisabled, attach_adapters, causal_lm, is_adapted
+from opd.runtime.models import end_of_sequence_ids, load_model, load_tokenizer, output_width, render_prompt
+from opd.grading.graders import Grader, build_grader
+from opd.runtime.lora import AdaptersDisabled, attach_adapters, causal_lm, is_adapted
 from opd.objectives import Objective, build_objective
-from opd.rollout import SamplingSettings
-from opd.rollout_vllm import EngineSettings, VllmEngine
+from opd.rollout.batch import SamplingSettings
+from opd.rollout.vllm import EngineSettings, VllmEngine
 from opd.teachers import DomainScorer, ScoringSettings
 from opd.types import Signal
 

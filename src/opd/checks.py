@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 
 from opd.data import PromptRow
-from opd.models import render_prompt
+from opd.runtime.models import render_prompt
 
 # How many dataset prompts are rendered by both tokenizers to compare chat templates.
 TEMPLATE_PROBE_ROWS = 32

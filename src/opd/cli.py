@@ -76,7 +76,7 @@ def run_command(args) -> None:
         if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
             launch_torchrun(args)
             return
-        from opd import distributed
+        from opd.runtime import distributed
         from opd.train import train
 
         distributed.init_from_environment()
@@ -106,7 +106,7 @@ def run_command(args) -> None:
                          workers=args.workers)
         print(f"opd: lab finished; report at {report} (results.json and plots beside it)")
     elif args.command == "demo":
-        from opd.demo import run_demo
+        from opd.lab.demo import run_demo
 
         run_demo(args.output_dir, steps=args.steps)
         print(f"opd: demo finished; runs (metrics.jsonl, final/ student folders) under {args.output_dir}")

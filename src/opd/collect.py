@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from opd.functional import grpo_advantages
-from opd.rollout import Responses, build_batch, concatenate, fixed_responses, sample_responses
+from opd.rollout.batch import Responses, build_batch, concatenate, fixed_responses
+from opd.rollout.hf import sample_responses
 from opd.types import RolloutBatch
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from opd.models import load_model, load_tokenizer
+from opd.runtime.models import load_model, load_tokenizer
 
 
 def expo_merge(teacher_paths: list[str], student_path: str, alpha: float, output_dir: str) -> Path:

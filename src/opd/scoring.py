@@ -26,7 +26,7 @@ def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     Heads that transform logits after the projection (soft-capping, logit scales) would make our
     chunked log-probs differ from the model's own: refuse them instead of computing something else.
     """
-    from opd.lora import causal_lm
+    from opd.runtime.lora import causal_lm
 
     model = causal_lm(model)
     config = getattr(model, "config", None)
@@ -58,7 +58,7 @@ def response_hidden_states(
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
     # Left padding: positions count real tokens only, as generation did, so scores match the sampler.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    from opd.lora import causal_lm
+    from opd.runtime.lora import causal_lm
 
     body = causal_lm(model).base_model  # the decoder without the head; its last_hidden_state is post-norm
     outputs = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from opd import distributed
-from opd.lora import scoring_context
-from opd.rollout_vllm import VllmEngine
+from opd.runtime import distributed
+from opd.runtime.lora import scoring_context
+from opd.rollout.vllm import VllmEngine
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, teacher_token_scores
 from opd.types import RolloutBatch, TeacherScores
 
@@ -133,7 +133,7 @@ def score_batch(batch: RolloutBatch, scorers: dict[str, DomainScorer], settings:
 def _prompts_for(scorer: DomainScorer, batch: RolloutBatch, rows: Tensor) -> tuple[Tensor, Tensor]:
     if scorer.teacher_prompts is None:
         return batch.prompt_ids[rows], batch.prompt_mask[rows]
-    from opd.rollout import left_pad
+    from opd.rollout.batch import left_pad
 
     # Any pad id will do: padded positions are masked out of attention.
     return left_pad([scorer.teacher_prompts[batch.prompt_index[int(r)]] for r in rows], pad_id=0)
@@ -178,7 +178,7 @@ def _score_engine(engine: VllmEngine, prompt_ids, prompt_mask, batch, rows, topk
 @torch.no_grad()
 def _idle_forward(model) -> None:
     """A one-token forward whose only purpose is taking part in a sharded model's collectives."""
-    from opd.lora import causal_lm
+    from opd.runtime.lora import causal_lm
 
     causal_lm(model).base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=False)
 

@@ -20,10 +20,10 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from opd import distributed
+from opd.runtime import distributed
 from opd.aggregate import aggregate, count_denominator
 from opd.assemble import Run, assemble, seed_everything
-from opd.checkpoint import (
+from opd.runtime.checkpoint import (
     CheckpointRecord,
     latest_checkpoint,
     load_checkpoint_state,
@@ -34,7 +34,7 @@ from opd.checkpoint import (
 from opd.config import Config, OptimConfig, to_dict
 from opd.data import prompts_for_step
 from opd.metrics import as_floats, combine, rollout_metrics
-from opd.monitor import MetricsLogger
+from opd.runtime.monitor import MetricsLogger
 from opd.collect import CollectSettings, attach_rewards, collect, max_prefix_length
 from opd.objectives import Objective
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, student_token_logprobs

@@ -119,7 +119,7 @@ def test_opd_eval_end_to_end_on_a_tiny_model(model_dir, tmp_path):
 def test_training_evaluates_every_n_steps(model_dir, prompts_file, tmp_path):
     from conftest import make_config
 
-    from opd.monitor import read_metrics
+    from opd.runtime.monitor import read_metrics
     from opd.train import train
 
     config = make_config(model_dir, prompts_file, tmp_path / "run", train={"steps": 2},
@@ -194,7 +194,7 @@ def test_hostile_programs_are_contained_on_the_eval_path(name, monkeypatch):
     import time
 
     from opd.evaluate import grading
-    from opd.sandbox import SandboxLimits
+    from opd.grading.sandbox import SandboxLimits
 
     monkeypatch.setattr(grading, "CODE_LIMITS", SandboxLimits(timeout_seconds=3.0, max_processes=16))
     problem = load_benchmark("mbpp")[0]

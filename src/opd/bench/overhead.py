@@ -19,7 +19,7 @@ import torch
 
 
 def _models(root: Path, hidden: int, layers: int, vocab: int):
-    from opd.tiny import build_model, build_tokenizer
+    from opd.runtime.tiny import build_model, build_tokenizer
 
     corpus = [f"problem {i}: what is {i} plus {2 * i}? the answer is {3 * i}." for i in range(2000)]
     tokenizer = build_tokenizer(root / "student", corpus=corpus, vocab_size=vocab)
@@ -73,7 +73,7 @@ def run(quick: bool = False, repeats: int = 3) -> dict:
 def _bare_parts(run_objects, config, rows: int, tokens: int) -> dict[str, float]:
     from transformers import GenerationConfig
 
-    from opd.rollout import left_pad
+    from opd.rollout.batch import left_pad
 
     student, teacher = run_objects.student, run_objects.scorers["default"].teacher
     prompts, mask = left_pad(run_objects.prompt_ids[:rows], run_objects.sampling.pad_id)

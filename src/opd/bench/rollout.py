@@ -24,7 +24,7 @@ FULL = {"hidden": 256, "layers": 4, "heads": 4, "vocab": 16384, "prompts": 16, "
 
 
 def build(root: Path, size: dict) -> None:
-    from opd.tiny import build_model, build_tokenizer
+    from opd.runtime.tiny import build_model, build_tokenizer
 
     corpus = [f"problem {i}: what is {i} plus {2 * i}? the answer is {3 * i}." for i in range(4000)]
     corpus += [" ".join(f"w{j}{i % 97}" for j in range(20)) for i in range(4000)]
@@ -36,8 +36,9 @@ def build(root: Path, size: dict) -> None:
 def run_variant(variant: str, folder: str, size: dict) -> dict:
     import torch
 
-    from opd.models import end_of_sequence_ids, load_model, load_tokenizer, render_prompt
-    from opd.rollout import SamplingSettings, sample_in_batches
+    from opd.runtime.models import end_of_sequence_ids, load_model, load_tokenizer, render_prompt
+    from opd.rollout.batch import SamplingSettings
+    from opd.rollout.hf import sample_in_batches
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
@@ -51,7 +52,7 @@ def run_variant(variant: str, folder: str, size: dict) -> dict:
                                 pad_id=tokenizer.pad_token_id)
     started = time.perf_counter()
     if variant == "vllm":
-        from opd.rollout_vllm import EngineSettings, VllmEngine
+        from opd.rollout.vllm import EngineSettings, VllmEngine
 
         engine = VllmEngine(EngineSettings(model_path=folder, dtype="float32", kv_cache_bytes=256 * 2**20,
                                            max_model_len=max(len(p) for p in prompts) + size["new_tokens"],

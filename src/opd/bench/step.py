@@ -27,7 +27,7 @@ VARIANTS = ("trl", "opd", "opd-vllm")  # opd-vllm: opd with rollout.backend vllm
 
 
 def _build(root: Path, size: dict) -> list[str]:
-    from opd.tiny import build_model, build_tokenizer
+    from opd.runtime.tiny import build_model, build_tokenizer
 
     corpus = [f"problem {i}: what is {i} plus {2 * i}? the answer is {3 * i}." for i in range(4000)]
     corpus += [" ".join(f"w{j}{i % 97}" for j in range(20)) for i in range(4000)]
@@ -40,7 +40,7 @@ def _build(root: Path, size: dict) -> list[str]:
 
 def run_opd(root: Path, prompts: list[str], size: dict, backend: str = "hf") -> dict:
     from opd.config import load_config
-    from opd.monitor import read_metrics
+    from opd.runtime.monitor import read_metrics
     from opd.train import train
 
     data = root / "prompts.jsonl"

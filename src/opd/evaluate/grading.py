@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from opd.evaluate.benchmarks import Problem
-from opd.graders import extract_code, grade_math_answer
-from opd.sandbox import SandboxLimits, check_program
+from opd.grading.graders import extract_code, grade_math_answer
+from opd.grading.sandbox import SandboxLimits, check_program
 
 CODE_LIMITS = SandboxLimits(timeout_seconds=10.0)
 

@@ -40,8 +40,9 @@ def generate_completions(model_dir: str, problems: list[Problem], settings: Eval
     """K sampled completions per problem, from the cache where present."""
     import torch
 
-    from opd.models import end_of_sequence_ids, load_model, load_tokenizer, render_prompt
-    from opd.rollout import SamplingSettings, sample_in_batches
+    from opd.runtime.models import end_of_sequence_ids, load_model, load_tokenizer, render_prompt
+    from opd.rollout.batch import SamplingSettings
+    from opd.rollout.hf import sample_in_batches
 
     folder = Path(model_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

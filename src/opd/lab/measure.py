@@ -1,7 +1,7 @@
 """Measuring a model on a domain's held-out problems: accuracy at a temperature, response length, entropy.
 
 Sampling goes through `opd.rollout` (the same sampler training uses, with its own generation settings,
-never a checkpoint's), grading through `opd.graders` (math-verify for sums, the sandbox for programs).
+never a checkpoint's), grading through `opd.grading.graders` (math-verify for sums, the sandbox for programs).
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from opd.data import PromptRow
-from opd.graders import code_grader, math_grader
+from opd.grading.graders import code_grader, math_grader
 from opd.lab.tasks import Problem
-from opd.models import load_model, load_tokenizer, render_prompt
-from opd.rollout import SamplingSettings, sample_in_batches
+from opd.runtime.models import load_model, load_tokenizer, render_prompt
+from opd.rollout.batch import SamplingSettings
+from opd.rollout.hf import sample_in_batches
 
 GRADERS = {"sums": math_grader, "programs": code_grader}
 

@@ -31,7 +31,7 @@ def _initialize_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from opd.models import quiet_transformers
+    from opd.runtime.models import quiet_transformers
 
     quiet_transformers()
 
@@ -49,7 +49,7 @@ def _absolute(root: Path, config: dict) -> dict:
 
 
 def _curves(run_dir: Path) -> dict[str, list[float]]:
-    from opd.monitor import read_metrics
+    from opd.runtime.monitor import read_metrics
 
     keys = ("rollout/response_length", "student/entropy", "student/entropy_given_tokens", "optim/grad_norm",
             "teacher/untrusted_fraction", "teacher/kl_k1", "reward/accuracy")

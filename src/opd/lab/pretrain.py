@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from opd.lab.tasks import DOMAINS, Demonstrations, demonstration
-from opd.models import load_model, render_prompt
-from opd.tiny import build_model, build_tokenizer
+from opd.runtime.models import load_model, render_prompt
+from opd.runtime.tiny import build_model, build_tokenizer
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

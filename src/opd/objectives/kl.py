@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from opd.aggregate import masked_mean
-from opd.fullvocab import chunked_generalized_jsd
+from opd.objectives.fullvocab import chunked_generalized_jsd
 from opd.functional import topk_forward_kl
 from opd.objectives import register
 from opd.objectives.pg import PolicyGradientSettings, policy_gradient_terms, student_sampled

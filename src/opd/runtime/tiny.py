@@ -69,7 +69,7 @@ def build_model(
     """A randomly initialised Qwen3-style causal LM saved (with the tokenizer) as an HF folder."""
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    from opd.models import quiet_transformers
+    from opd.runtime.models import quiet_transformers
 
     quiet_transformers()
     config = Qwen3Config(

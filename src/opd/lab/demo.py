@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from opd.config import load_config
-from opd.tiny import build_model, build_tokenizer
+from opd.runtime.tiny import build_model, build_tokenizer
 from opd.train import train
 
 
@@ -97,9 +97,9 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 150, teacher_steps: int
 @torch.no_grad()
 def exact_match(folder: Path, problems: list[tuple[str, str]]) -> float:
     """Greedy answers of the model at `folder` whose final number equals the true sum."""
-    from opd.graders import final_answer
-    from opd.models import load_model, load_tokenizer, render_prompt
-    from opd.rollout import left_pad
+    from opd.grading.graders import final_answer
+    from opd.runtime.models import load_model, load_tokenizer, render_prompt
+    from opd.rollout.batch import left_pad
 
     model, tokenizer = load_model(str(folder)), load_tokenizer(str(folder))
     prompts, mask = left_pad([render_prompt(tokenizer, q, "chat") for q, _ in problems], tokenizer.pad_token_id)
@@ -113,7 +113,7 @@ def print_summary(root: Path, evaluation: dict, before: dict, teacher: Path, fin
     from rich.console import Console
     from rich.table import Table
 
-    from opd.monitor import read_metrics
+    from opd.runtime.monitor import read_metrics
 
     table = Table(title="opd demo: distilling a tiny arithmetic teacher (greedy exact match on 64 sums)")
     for column in ("model", "teacher KL (k1), first step", "last 5 steps", *evaluation):

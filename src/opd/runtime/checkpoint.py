@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opd import distributed
+from opd.runtime import distributed
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step_"
@@ -34,7 +34,7 @@ class CheckpointRecord:
 def save_model(student, tokenizer, folder: Path) -> None:
     """The student as an HF folder; under FSDP every rank gathers, rank 0 writes. A LoRA student is
     written merged (an ordinary HF folder) with its adapter beside it in `<folder>_adapter`."""
-    from opd.lora import is_adapted, save_adapter, save_merged
+    from opd.runtime.lora import is_adapted, save_adapter, save_merged
 
     if is_adapted(student):
         save_merged(student, folder)
@@ -64,7 +64,7 @@ def save_checkpoint(run_dir: Path, student, tokenizer, optimizer, record: Checkp
     distributed.barrier()
     torch.save(_rng_states(), partial / f"rng_{distributed.rank()}.pt")  # each rank's own streams
     torch.save(rank_state or {}, partial / f"state_{distributed.rank()}.pt")
-    from opd.lora import is_adapted, save_adapter
+    from opd.runtime.lora import is_adapted, save_adapter
 
     if is_adapted(student):
         save_adapter(student, partial / "adapter")  # resume loads the base from student.path plus this

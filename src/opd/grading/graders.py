@@ -108,7 +108,7 @@ def extract_code(completion: str) -> str:
 def program_passes(program: str, tests: str) -> bool:
     """One sandbox run per distinct (program, tests): an RL policy repeats its programs across samples and
     steps, and a sandbox start costs ~70 ms. A program is judged once; its verdict (a timeout included) stands."""
-    from opd.sandbox import check_program
+    from opd.grading.sandbox import check_program
 
     return check_program(program, tests).passed
 

@@ -34,7 +34,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from opd.rollout import Responses, SamplingSettings, finish_responses
+from opd.rollout.batch import Responses, SamplingSettings, finish_responses
 
 _SINGLE_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
@@ -213,7 +213,7 @@ class VllmEngine:
 def policy_weights(model: nn.Module) -> dict[str, Tensor]:
     """The model's weights by Hugging Face name; a peft model's LoRA deltas merged into their base layers
     (computed aside: the training model is not touched)."""
-    from opd.lora import causal_lm
+    from opd.runtime.lora import causal_lm
 
     base = causal_lm(model)
     weights = {name.replace(".base_layer.", "."): tensor.detach()

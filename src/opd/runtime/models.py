@@ -105,6 +105,6 @@ def end_of_sequence_ids(model: nn.Module, tokenizer) -> tuple[int, ...]:
 
 
 def output_width(model: nn.Module) -> int:
-    from opd.lora import causal_lm
+    from opd.runtime.lora import causal_lm
 
     return int(causal_lm(model).get_output_embeddings().weight.shape[0])

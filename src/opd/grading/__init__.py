@@ -1,0 +1,1 @@
+"""Outcome graders (exact, math-verify, code) and the sandbox that runs untrusted programs."""

@@ -1,0 +1,1 @@
+"""Samplers (Hugging Face generate, vLLM) and the rollout batch pieces they share."""
