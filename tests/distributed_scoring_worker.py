@@ -9,14 +9,14 @@ from opd.runtime import distributed
 from opd.assemble import assemble
 from opd.config import load_config
 from opd.teachers import score_batch
-from opd.train import select_rows
+from opd.types import select_rows
 
 
 def main(config_path: str, batch_path: str, output_path: str) -> None:
     torch.set_num_threads(1)
     distributed.init_from_environment()
     run = assemble(load_config(config_path))
-    assert all(distributed.is_sharded_model(s.teacher) for s in run.scorers.values())
+    assert all(s.teacher.sharded and distributed.is_sharded_model(s.teacher.model) for s in run.scorers.values())
     batch = torch.load(batch_path, weights_only=False)
     share = batch.num_rows // distributed.world_size()
     local = select_rows(batch, slice(distributed.rank() * share, (distributed.rank() + 1) * share))

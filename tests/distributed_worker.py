@@ -11,7 +11,9 @@ import torch
 from opd.runtime import distributed
 from opd.assemble import assemble, seed_everything
 from opd.config import load_config
-from opd.train import StepSettings, TrainState, build_optimizer, select_rows, train_step
+from opd.assemble import StepSettings
+from opd.train import TrainState, build_optimizer, train_step
+from opd.types import select_rows
 
 
 def main(config_path: str, batches_path: str, output_path: str) -> None:

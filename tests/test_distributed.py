@@ -16,14 +16,16 @@ from conftest import make_config
 from opd.assemble import assemble, seed_everything
 from opd.config import to_dict
 from opd.runtime.monitor import read_metrics
-from opd.rollout.hf import rollout
+from opd.collect import collect
 from opd.teachers import score_batch
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
 def torchrun(*args, nproc=2, cwd=None):
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    # The workers import the tests' helpers; a PYTHONPATH already set (a source tree to test) is kept after them.
+    search_path = os.pathsep.join(p for p in (str(WORKER.parent), os.environ.get("PYTHONPATH")) if p)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": search_path}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, cwd=cwd)
 
@@ -39,8 +41,7 @@ def test_one_and_two_processes_give_the_same_weights(model_dir, prompts_file, tm
     run = assemble(config)
     batches = []
     for step, indices in enumerate(([0, 1, 2, 3], [4, 5, 0, 2])):
-        batch = rollout(run.student, [run.prompt_ids[i] for i in indices], indices,
-                        [run.rows[i].domain for i in indices], run.sampling, step=step)
+        batch = collect(run, step, indices, {})
         import dataclasses
 
         lengths = torch.tensor([8, 3, 5, 1, 8, 6, 2, 7])  # unequal lengths across the two ranks' shares
@@ -100,8 +101,7 @@ def test_sharded_teachers_score_like_replicated_ones(model_dir, prompts_file, tm
     seed_everything(0)
     run = assemble(config)  # one process: shard is a no-op, the models are whole
     indices = [0, 2, 1, 4]  # rank 0 gets only math rows, rank 1 code then math: unequal forward counts
-    batch = rollout(run.student, [run.prompt_ids[i] for i in indices], indices,
-                    [run.rows[i].domain for i in indices], run.sampling)
+    batch = collect(run, 0, indices, {})
     assert batch.domain == ("math",) * 4 + ("code", "code", "math", "math")
     expected = score_batch(batch, run.scorers, run.scoring)
     config_path, batch_path = tmp_path / "config.yaml", tmp_path / "batch.pt"

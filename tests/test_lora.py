@@ -10,7 +10,7 @@ from test_train import parameters_of
 from opd.assemble import assemble, seed_everything
 from opd.runtime.lora import AdaptersDisabled, causal_lm
 from opd.runtime.monitor import read_metrics
-from opd.rollout.hf import rollout
+from opd.collect import collect
 from opd.teachers import score_batch
 from opd.train import train
 
@@ -56,12 +56,12 @@ def test_reference_is_the_base_model_with_adapters_disabled(model_dir, prompts_f
     seed_everything(0)
     run = assemble(config)
     reference = run.scorers["math"].reference
-    assert isinstance(reference, AdaptersDisabled) and reference.model is run.student  # no second copy
+    assert isinstance(reference.model, AdaptersDisabled) and reference.model.model is run.student  # no second copy
     with torch.no_grad():  # give the adapters a nonzero effect, as after training
         for name, parameter in run.student.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.5)
-    batch = rollout(run.student, [run.prompt_ids[0], run.prompt_ids[2]], [0, 2], ["math", "math"], run.sampling)
+    batch = collect(run, 0, [0, 2], {})
     scores = score_batch(batch, run.scorers, run.scoring)
     plain = make_config(model_dir, prompts_file, tmp_path / "plain", objective={"name": "gopd", "lam": 1.25})
     base_run = assemble(plain)  # the reference loaded as a separate copy of the base student

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -15,6 +16,7 @@ from opd.assemble import assemble, seed_everything
 from opd.collect import CollectSettings, collect, draw_prefix, max_prefix_length
 from opd.runtime.monitor import read_metrics
 from opd.objectives import registered_names
+from opd.rollout.hf import HfSampler
 from opd.train import train
 
 ROWS = [
@@ -94,11 +96,13 @@ def test_guided_rollouts_flag_teacher_prefix_tokens(model_dir, rows_file, tmp_pa
                          rollout={"prompts_per_step": 2, "samples_per_prompt": 4, "max_new_tokens": 8})
     seed_everything(0)
     run = assemble(config)
-    settings = CollectSettings(guidance=True, guidance_fraction=0.5, max_prefix_tokens=8, total_steps=10,
+    settings = CollectSettings(prompts_per_step=2, shuffle=True,
+                               guidance=True, guidance_fraction=0.5, max_prefix_tokens=8, total_steps=10,
                                teacher_written=False, onpolicy_fraction=1.0, seed=0)
+    run = dataclasses.replace(run, collect=settings)
     lengths = []
     for step in range(3):
-        batch = collect(run, step, [0, 1], settings, {})
+        batch = collect(run, step, [0, 1], {})
         prefix_lengths = batch.from_teacher.sum(dim=1)
         guided = torch.tensor([k < 2 for _ in range(2) for k in range(4)])
         assert (prefix_lengths[~guided] == 0).all()  # only guidance_fraction of each prompt's rollouts
@@ -123,33 +127,33 @@ def test_prefix_schedule_and_draws():
 
 
 def test_sft_generates_teacher_responses_once_per_prompt(model_dir, rows_file, tmp_path, monkeypatch):
-    import opd.collect
-
     config = make_config(model_dir, rows_file, tmp_path / "run", objective={"name": "sft", "lam": 1.0})
     seed_everything(0)
     run = assemble(config)
-    settings = CollectSettings(guidance=False, guidance_fraction=0.5, max_prefix_tokens=8, total_steps=3,
+    settings = CollectSettings(prompts_per_step=2, shuffle=True,
+                               guidance=False, guidance_fraction=0.5, max_prefix_tokens=8, total_steps=3,
                                teacher_written=True, onpolicy_fraction=1.0, seed=0)
+    run = dataclasses.replace(run, collect=settings)
     generated = []
-    real = opd.collect.sample_responses
+    real = HfSampler.sample
 
-    def counting(model, prompts, *args, **kwargs):
+    def counting(sampler, prompts, *args, **kwargs):  # the teachers' writers (sft never samples the student)
         generated.append(len(prompts))
-        return real(model, prompts, *args, **kwargs)
+        return real(sampler, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(opd.collect, "sample_responses", counting)
+    monkeypatch.setattr(HfSampler, "sample", counting)
     cache: dict = {}
-    first = collect(run, 0, [0, 1], settings, cache)
+    first = collect(run, 0, [0, 1], cache)
     assert (first.from_teacher == first.response_mask).all()
     assert sorted(cache) == [0, 1] and all(len(v) == 2 for v in cache.values())
     assert len(generated) == 2 and sum(generated) == 4  # rows 0 and 1 have different domains
-    again = collect(run, 5, [1, 0], settings, cache)  # a later visit reuses the cached trajectories
+    again = collect(run, 5, [1, 0], cache)  # a later visit reuses the cached trajectories
     assert len(generated) == 2
     # All of a step's new prompts of one domain in one batched generation, not one generation per prompt;
     # a cached prompt (row 0) is not generated again.
-    collect(run, 6, [0, 2], settings, {0: cache[0]})
+    collect(run, 6, [0, 2], {0: cache[0]})
     assert generated[2:] == [2]
-    collect(run, 7, [0, 2], settings, {})
+    collect(run, 7, [0, 2], {})
     assert generated[3:] == [4]
     for batch in (first, again):
         for row in range(batch.num_rows):
@@ -189,15 +193,18 @@ def test_student_entropy_is_logged_where_the_student_sampled_and_where_it_was_gi
         case, model_dir, rows_file, tmp_path):
     from opd.metrics import rollout_metrics
     from opd.teachers import score_batch
-    from opd.train import StepSettings, student_forward
+    from opd.assemble import StepSettings
+    from opd.train import student_forward
 
     objective = {"name": "sft", "lam": 1.0} if case == "sft" else {"name": "gopd"}
     config = make_config(model_dir, rows_file, tmp_path / "run", objective=objective)
     seed_everything(0)
     run = assemble(config)
-    settings = CollectSettings(guidance=case == "guidance", guidance_fraction=1.0, max_prefix_tokens=4,
+    settings = CollectSettings(prompts_per_step=2, shuffle=True,
+                               guidance=case == "guidance", guidance_fraction=1.0, max_prefix_tokens=4,
                                total_steps=3, teacher_written=case == "sft", onpolicy_fraction=1.0, seed=0)
-    batch = collect(run, 0, [0, 1, 2, 3], settings, {})
+    run = dataclasses.replace(run, collect=settings)
+    batch = collect(run, 0, [0, 1, 2, 3], {})
     given = batch.response_mask & ~batch.sampled_by_student
     assert given.any()
     if case == "guidance":

@@ -7,8 +7,8 @@ import torch
 from transformers import GenerationConfig
 
 from opd.runtime.models import end_of_sequence_ids, load_model, load_tokenizer, render_prompt
-from opd.rollout.batch import SamplingSettings, left_pad, response_mask_until_end
-from opd.rollout.hf import rollout
+from opd.rollout.batch import SamplingSettings, left_pad, response_mask_until_end, sample_batch
+from opd.rollout.hf import HfSampler
 from opd.scoring import output_head, response_hidden_states, teacher_token_scores
 
 
@@ -22,6 +22,14 @@ def settings_for(model, tokenizer, **overrides):
                   end_of_sequence_ids=end_of_sequence_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
     values.update(overrides)
     return SamplingSettings(**values)
+
+
+def rollout(model, prompt_ids, indices, domains, settings):
+    """`samples_per_prompt` responses per prompt, as the training step's collect draws them."""
+    def repeat(items):
+        return [item for item in items for _ in range(settings.samples_per_prompt)]
+
+    return sample_batch(HfSampler(model), repeat(prompt_ids), repeat(indices), repeat(domains), settings, step=0)
 
 
 def prompts(tokenizer):

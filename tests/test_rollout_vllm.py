@@ -20,7 +20,7 @@ from opd.runtime.models import end_of_sequence_ids, load_model, load_tokenizer, 
 from opd.rollout.batch import SamplingSettings, build_batch  # noqa: E402
 from opd.rollout.vllm import EngineSettings, VllmEngine, policy_weights  # noqa: E402
 from opd.scoring import output_head, response_hidden_states, teacher_token_scores  # noqa: E402
-from opd.teachers import DomainScorer, ScoringSettings, score_batch  # noqa: E402
+from opd.teachers import DomainScorer, HfScorer, ScoringSettings, score_batch  # noqa: E402
 from opd.runtime.tiny import build_model, build_tokenizer  # noqa: E402
 
 TOLERANCE = 1e-3  # the bar; measured differences are ~1e-5 (float32 on both sides)
@@ -108,7 +108,7 @@ def test_sampler_scorer_and_hf_logprobs_agree(engine, student):
     assert responses.entropy is None  # vLLM reports none; the training forward computes the student's
     rows = [r for _, r, _ in sampled_rows(responses, len(prompts))]
     assert len({tuple(r) for r in rows}) > 1 and all(len(r) > 0 for r in rows)
-    scored = engine.score(prompts, rows, topk=5)
+    scored = engine.score_responses(prompts, rows, topk=5)
     batch = build_batch(prompts, list(range(len(prompts))), ["a"] * len(prompts), responses,
                         settings_for(model, tokenizer), step=0)
     hidden = response_hidden_states(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
@@ -165,12 +165,10 @@ def test_vllm_teacher_scores_equal_the_hf_teachers_in_score_batch(engine, studen
     prompts = short_prompts(tokenizer)
     settings = settings_for(model, tokenizer)
     batch = build_batch(prompts, [0, 1, 2], ["a"] * 3, engine.sample(prompts, settings), settings, step=0)
-    scoring = ScoringSettings(temperature=1.0, topk=4, chunk_size=64, rows_per_forward=2, logprob_floor=-30.0,
-                              need_reference=False)
-    by_engine = score_batch(batch, {"a": DomainScorer(domain="a", teacher=engine, reference=None, reward_scale=1.0)},
-                            scoring)
-    by_model = score_batch(batch, {"a": DomainScorer(domain="a", teacher=model, reference=None, reward_scale=1.0)},
-                           scoring)
+    scoring = ScoringSettings(topk=4, rows_per_forward=2, logprob_floor=-30.0, need_reference=False)
+    hf_teacher = HfScorer(model, temperature=1.0, chunk_size=64)
+    by_engine = score_batch(batch, {"a": DomainScorer(domain="a", teacher=engine, reference=None)}, scoring)
+    by_model = score_batch(batch, {"a": DomainScorer(domain="a", teacher=hf_teacher, reference=None)}, scoring)
     torch.testing.assert_close(by_engine.logprobs, by_model.logprobs, atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(by_engine.topk_logprobs, by_model.topk_logprobs, atol=TOLERANCE, rtol=0)
 
@@ -216,12 +214,12 @@ def test_after_an_optimizer_step_and_sync_vllm_samples_from_the_updated_model(en
         for prompt in [long, *short_prompts(tokenizer)]:
             _, response, fresh = next(sampled_rows(engine.sample([prompt], settings), 1))
             torch.testing.assert_close(fresh, reference_logprobs(trained, prompt, response), atol=TOLERANCE, rtol=0)
-        # sync_weights = load + reset, in one call (what train() does after every optimizer step)
-        engine.sync_weights(model)
+        # sync = load + reset, in one call (what train() does after every optimizer step)
+        engine.sync(model)
         _, response, fresh = next(sampled_rows(engine.sample([long], settings), 1))
         torch.testing.assert_close(fresh, reference_logprobs(model, long, response), atol=TOLERANCE, rtol=0)
     finally:
-        engine.sync_weights(model)
+        engine.sync(model)
 
 
 def test_a_head_size_vllm_cannot_run_on_the_cpu_is_refused_before_the_engine_is_built(tmp_path):

@@ -11,9 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from opd.assemble import assemble, seed_everything
 from opd.runtime.monitor import read_metrics
-from opd.rollout.hf import rollout
+from opd.collect import collect
 from opd.teachers import score_batch
-from opd.train import StepSettings, accumulate_gradients, train
+from opd.assemble import StepSettings
+from opd.train import accumulate_gradients, train
 
 REQUIRED_METRICS = [
     "teacher/kl_k1", "teacher/kl_k3", "rollout/response_length", "student/entropy",
@@ -60,8 +61,7 @@ def test_multi_teacher_routing_scores_each_row_with_its_domain_teacher(model_dir
     seed_everything(0)
     run = assemble(config)
     indices = list(range(6))
-    batch = rollout(run.student, [run.prompt_ids[i] for i in indices], indices,
-                    [run.rows[i].domain for i in indices], run.sampling)
+    batch = collect(run, 0, indices, {})
     scores = score_batch(batch, run.scorers, run.scoring)
     assert set(batch.domain) == {"math", "code"}
     for row, domain in enumerate(batch.domain):
@@ -83,7 +83,7 @@ def test_multi_teacher_routing_scores_each_row_with_its_domain_teacher(model_dir
 def _one_row(batch, row, domain=None):
     import dataclasses
 
-    from opd.train import select_rows
+    from opd.types import select_rows
 
     single = select_rows(batch, slice(row, row + 1))
     return dataclasses.replace(single, domain=(domain or single.domain[0],))
@@ -95,8 +95,7 @@ def test_gradient_accumulation_does_not_change_the_gradient(model_dir, prompts_f
     seed_everything(0)
     run = assemble(config)
     indices = [0, 1, 2, 3]
-    batch = rollout(run.student, [run.prompt_ids[i] for i in indices], indices,
-                    [run.rows[i].domain for i in indices], run.sampling)
+    batch = collect(run, 0, indices, {})
     # Rows of unequal length (a random tiny model rarely samples EOS): cut each row's mask differently.
     lengths = torch.tensor([8, 3, 5, 1, 8, 6, 2, 7])
     import dataclasses

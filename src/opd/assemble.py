@@ -1,118 +1,140 @@
-"""Turn a validated Config into the objects a run needs, checking everything before any compute.
+"""Turn a validated Config into the objects a run needs, after every start-up check (checks.py).
 
 Order matters: the cheap checks (data rows, domains, tokenizers, chat templates) run before any weights
 load, so a wrong config fails in seconds. Each model folder is loaded once, however many roles it plays.
+Backends are chosen here and nowhere else: the student's `Sampler` (rollout.backend) and each frozen
+model's `Scorer` and `Sampler` (teachers.N.backend) come from the factories below, so adding a backend is a
+class and a line in a factory.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
+from transformers import AutoConfig
 
-from opd.runtime import distributed
 from opd.checks import (
     StartupError,
     check_domains,
     check_output_width,
+    check_prompt_lengths,
     check_same_prompt_rendering,
     check_same_vocabulary,
+    check_vllm_teachers,
 )
+from opd.collect import CollectSettings
 from opd.config import STUDENT_INIT, Config
 from opd.data import DataError, PromptRow, load_prompts
-from opd.runtime.models import end_of_sequence_ids, load_model, load_tokenizer, output_width, render_prompt
 from opd.grading.graders import Grader, build_grader
-from opd.runtime.lora import AdaptersDisabled, attach_adapters, causal_lm, is_adapted
 from opd.objectives import Objective, build_objective
-from opd.rollout.batch import SamplingSettings
+from opd.rollout.batch import Sampler, SamplingSettings
+from opd.rollout.hf import HfSampler
 from opd.rollout.vllm import EngineSettings, VllmEngine
-from opd.teachers import DomainScorer, ScoringSettings
+from opd.runtime import distributed
+from opd.runtime.lora import AdaptersDisabled, attach_adapters, causal_lm, is_adapted
+from opd.runtime.models import end_of_sequence_ids, load_model, load_tokenizer, output_width, render_prompt
+from opd.teachers import DomainScorer, HfScorer, Scorer, ScoringSettings
 from opd.types import Signal
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class StepSettings:
+    """What train_step needs besides the batch (train.py)."""
+
+    aggregation: str
+    micro_batch_size: int
+    temperature: float  # the student's log-probs are taken at its sampling temperature
+    chunk_size: int
+    max_grad_norm: float | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Run:
+    """Everything a run's steps use, built once: a step reads these and its TrainState, never the config."""
+
     student: nn.Module
     tokenizer: object
     rows: list[PromptRow]
     prompt_ids: list[list[int]]  # student token ids of each dataset row's prompt
+    sampler: Sampler  # samples the student's responses (rollout.backend)
     scorers: dict[str, DomainScorer]  # by domain
     objective: Objective
+    graders: dict[str, Grader]  # by domain; domains without a grader are absent
     sampling: SamplingSettings
     scoring: ScoringSettings
-    graders: dict[str, Grader]  # by domain; domains without a grader are absent
+    collect: CollectSettings
+    step: StepSettings
     dataset_responses: dict[int, list[int]] | None = None  # gkd's off-policy share: row -> response ids
-    # rollout.backend vllm: the engine that samples for the student (weights synced after every step).
-    student_engine: VllmEngine | None = None
-
-    @property
-    def rollout_policy(self):
-        """What samples the student's responses: its vLLM engine, or the training model itself."""
-        return self.student_engine if self.student_engine is not None else self.student
 
     def close(self) -> None:
-        """Free the vLLM engines (the student's and the teachers') now."""
-        engines = {id(e): e for e in [self.student_engine, *(s.teacher for s in self.scorers.values())]
-                   if isinstance(e, VllmEngine)}
-        for engine in engines.values():
-            engine.close()
+        """Free every sampler's and scorer's resources (vLLM engines) now, each shared one once."""
+        parts = [self.sampler]
+        for scorer in self.scorers.values():
+            parts.extend(p for p in (scorer.teacher, scorer.reference, scorer.writer) if p is not None)
+        for part in {id(p): p for p in parts}.values():
+            part.close()
 
 
 def assemble(config: Config, checkpoint: Path | None = None) -> Run:
-    """Load and check everything; with `checkpoint`, the student's weights (or adapter) come from it."""
+    """Check and load everything; with `checkpoint`, the student's weights (or adapter) come from it."""
     objective = build_objective(config.objective, temperature=config.score_temperature)
+    check_vllm_teachers(config, objective.needs)
     rows = load_prompts(config.data.path, config.data.default_domain)
     check_domains(rows, [t.domain for t in config.teachers], config.data.path)
-
     tokenizer = load_tokenizer(config.student.path, key="student.path")
-    prompt_ids = []
-    for row in rows:
-        ids = render_prompt(tokenizer, row.messages, config.data.prompt_format)
-        if len(ids) > config.data.max_prompt_tokens:
-            raise DataError(
-                f"{config.data.path}: row {row.index + 1} has {len(ids)} prompt tokens, more than "
-                f"data.max_prompt_tokens={config.data.max_prompt_tokens}"
-            )
-        prompt_ids.append(ids)
+    prompt_ids = [render_prompt(tokenizer, row.messages, config.data.prompt_format) for row in rows]
+    check_prompt_lengths(prompt_ids, rows, config.data.max_prompt_tokens, config.data.path)
     teacher_prompts = _check_teacher_tokenizers(config, tokenizer, rows)
     dataset_responses = _dataset_responses(config, tokenizer, rows) if config.objective.onpolicy_fraction < 1 else None
 
-    needs_topk = Signal.TEACHER_TOPK in objective.needs
-    _check_vllm_teachers(config, objective)
     student = load_student(config, checkpoint)
-    frozen = _FrozenModels(config, tokenizer, output_width(student), needs_topk)
-    scorers = {}
-    for index, teacher in enumerate(config.teachers):
-        scorers[teacher.domain] = DomainScorer(
-            domain=teacher.domain,
-            teacher=frozen.get(teacher.path, teacher.dtype, f"teachers.{index}.path", teacher.shard,
-                               teacher.backend)
-            if teacher.path else None,
-            # Without a teacher there is no reward lT - lR to anchor: no reference either.
-            reference=frozen.reference(teacher.reference, teacher.dtype, f"teachers.{index}.reference", student,
-                                       teacher.shard)
-            if teacher.path else None,
-            reward_scale=config.lam_for(teacher),
-            teacher_prompts=teacher_prompts.get(teacher.domain),
-        )
-    eos_ids = end_of_sequence_ids(student, tokenizer)
-    sampling = SamplingSettings(
-        samples_per_prompt=config.rollout.samples_per_prompt,
-        temperature=config.rollout.temperature,
-        top_p=config.rollout.top_p,
-        max_new_tokens=config.rollout.max_new_tokens,
-        batch_size=config.rollout.batch_size,
-        end_of_sequence_ids=eos_ids,
-        pad_id=tokenizer.pad_token_id,
-        synced=distributed.world_size() > 1,
+    needs_topk = Signal.TEACHER_TOPK in objective.needs
+    frozen = _FrozenModels(config, len(tokenizer), output_width(student), needs_topk)
+    scorers = {teacher.domain: _domain_scorer(config, index, frozen, student, teacher_prompts)
+               for index, teacher in enumerate(config.teachers)}
+    return Run(
+        student=student, tokenizer=tokenizer, rows=rows, prompt_ids=prompt_ids,
+        sampler=SAMPLERS[config.rollout.backend](config, student), scorers=scorers, objective=objective,
+        graders={t.domain: build_grader(t.grader) for t in config.teachers if t.grader != "none"},
+        sampling=sampling_settings(config, end_of_sequence_ids(student, tokenizer), tokenizer.pad_token_id),
+        scoring=scoring_settings(config, objective, any(s.reference is not None for s in scorers.values())),
+        collect=collect_settings(config), step=step_settings(config), dataset_responses=dataset_responses,
     )
-    any_reference = any(s.reference is not None for s in scorers.values())
-    scoring = ScoringSettings(
-        temperature=config.score_temperature,
+
+
+def _domain_scorer(config: Config, index: int, frozen: "_FrozenModels", student: nn.Module,
+                   teacher_prompts: dict[str, dict[int, list[int]]]) -> DomainScorer:
+    teacher = config.teachers[index]
+    key = f"teachers.{index}"
+    if teacher.path is None:  # no teacher (grpo alone): no reward lT - lR to anchor, so no reference either
+        return DomainScorer(domain=teacher.domain, teacher=None, reference=None, reward_scale=config.lam_for(teacher))
+    scorer, writer = frozen.get(teacher.path, teacher.dtype, f"{key}.path", teacher.shard, teacher.backend)
+    return DomainScorer(
+        domain=teacher.domain, teacher=scorer, writer=writer,
+        reference=frozen.reference(teacher.reference, teacher.dtype, f"{key}.reference", student, teacher.shard),
+        reward_scale=config.lam_for(teacher), teacher_prompts=teacher_prompts.get(teacher.domain),
+    )
+
+
+def sampling_settings(config: Config, end_ids: tuple[int, ...], pad_id: int) -> SamplingSettings:
+    rollout = config.rollout
+    return SamplingSettings(
+        samples_per_prompt=rollout.samples_per_prompt, temperature=rollout.temperature, top_p=rollout.top_p,
+        max_new_tokens=rollout.max_new_tokens, batch_size=rollout.batch_size, end_of_sequence_ids=end_ids,
+        pad_id=pad_id, synced=distributed.world_size() > 1,
+    )
+
+
+def scoring_settings(config: Config, objective: Objective, any_reference: bool) -> ScoringSettings:
+    needs_topk = Signal.TEACHER_TOPK in objective.needs
+    return ScoringSettings(
         topk=config.objective.topk if needs_topk else 0,
-        chunk_size=config.train.logit_chunk,
         rows_per_forward=config.optim.micro_batch_size,
         logprob_floor=config.objective.logprob_floor,
         # References are scored whenever configured: the objective may use them and the implicit reward
@@ -121,14 +143,25 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
         need_entropy=Signal.TEACHER_ENTROPY in objective.needs,
         need_hidden=Signal.FULL_DISTRIBUTIONS in objective.needs,
     )
-    graders = {t.domain: build_grader(t.grader) for t in config.teachers if t.grader != "none"}
-    student_engine = None
-    if config.rollout.backend == "vllm":
-        # Built from the student's folder; train() syncs the training weights (a checkpoint's, LoRA's) in.
-        student_engine = VllmEngine(engine_settings(config, config.student.path, config.student.dtype, 1))
-    return Run(student=student, tokenizer=tokenizer, rows=rows, prompt_ids=prompt_ids, scorers=scorers,
-               objective=objective, sampling=sampling, scoring=scoring, graders=graders,
-               dataset_responses=dataset_responses, student_engine=student_engine)
+
+
+def collect_settings(config: Config) -> CollectSettings:
+    guidance = config.objective.guidance
+    return CollectSettings(
+        prompts_per_step=config.rollout.prompts_per_step, shuffle=config.data.shuffle,
+        guidance=guidance.enabled, guidance_fraction=guidance.fraction,
+        max_prefix_tokens=guidance.max_prefix_tokens or config.rollout.max_new_tokens,
+        total_steps=config.train.steps, teacher_written="sft" in config.objective.names,
+        onpolicy_fraction=config.objective.onpolicy_fraction, seed=config.train.seed,
+    )
+
+
+def step_settings(config: Config) -> StepSettings:
+    return StepSettings(
+        aggregation=config.objective.aggregation, micro_batch_size=config.optim.micro_batch_size,
+        temperature=config.rollout.temperature, chunk_size=config.train.logit_chunk,
+        max_grad_norm=config.optim.max_grad_norm,
+    )
 
 
 def engine_settings(config: Config, path: str, dtype: str, max_logprobs: int) -> EngineSettings:
@@ -140,14 +173,12 @@ def engine_settings(config: Config, path: str, dtype: str, max_logprobs: int) ->
     )
 
 
-def _check_vllm_teachers(config: Config, objective: Objective) -> None:
-    """vLLM returns log-probs and top-k only: objectives needing more are refused before any loading."""
-    unavailable = {Signal.TEACHER_ENTROPY: "the teacher's entropy", Signal.FULL_DISTRIBUTIONS: "full distributions"}
-    missing = [unavailable[signal] for signal in objective.needs if signal in unavailable]
-    for index, teacher in enumerate(config.teachers):
-        if teacher.backend == "vllm" and missing:
-            raise StartupError(f"teachers.{index}.backend: objective {list(config.objective.names)} needs "
-                               f"{' and '.join(missing)}, which vLLM scoring does not return; use backend hf")
+# The student's sampler, by rollout.backend. A vLLM engine is built from the student's folder; the loop
+# syncs the training weights (a checkpoint's, LoRA's merged) into it before the first step.
+SAMPLERS: dict[str, Callable[[Config, nn.Module], Sampler]] = {
+    "hf": lambda config, student: HfSampler(student),
+    "vllm": lambda config, student: VllmEngine(engine_settings(config, config.student.path, config.student.dtype, 1)),
+}
 
 
 def load_student(config: Config, checkpoint: Path | None) -> nn.Module:
@@ -202,51 +233,62 @@ def _check_teacher_tokenizers(config: Config, student_tokenizer, rows) -> dict[s
 
 
 class _FrozenModels:
-    """Loads each frozen model folder once and checks its output head against the student's."""
+    """Loads each frozen model folder once (per dtype, sharding and backend) and checks its output head
+    against the student's; hands out its `Scorer` and its `Sampler` (which writes teacher responses)."""
 
-    def __init__(self, config: Config, tokenizer, student_width: int, needs_topk: bool):
-        self._config, self._tokenizer = config, tokenizer
-        self._student_width, self._needs_topk = student_width, needs_topk
-        self._loaded: dict[tuple, nn.Module | VllmEngine] = {}
+    def __init__(self, config: Config, vocabulary_size: int, student_width: int, needs_topk: bool):
+        self._vocabulary_size, self._student_width, self._needs_topk = vocabulary_size, student_width, needs_topk
+        self._student_path, self._student_dtype = config.student.path, config.student.dtype
+        self._temperature, self._chunk_size = config.score_temperature, config.train.logit_chunk
+        topk = config.objective.topk if needs_topk else 1
+        self._engine_settings = lambda path, dtype: engine_settings(config, path, dtype, topk)
+        self._loaded: dict[tuple, tuple[Scorer, Sampler]] = {}
 
-    def get(self, path: str, dtype: str, key: str, shard: bool = False, backend: str = "hf"):
+    def get(self, path: str, dtype: str, key: str, shard: bool = False, backend: str = "hf") -> tuple[Scorer, Sampler]:
         identity = (str(Path(path).resolve()), dtype, shard, backend)
-        if identity not in self._loaded and backend == "vllm":
-            check_output_width(self._student_width, _configured_width(path), len(self._tokenizer), key,
-                               self._needs_topk)
-            topk = self._config.objective.topk if self._needs_topk else 1
-            self._loaded[identity] = VllmEngine(engine_settings(self._config, path, dtype, topk))
         if identity not in self._loaded:
-            model = load_model(path, dtype, key=key)
-            check_output_width(self._student_width, output_width(model), len(self._tokenizer), key, self._needs_topk)
-            self._loaded[identity] = distributed.shard_frozen(model) if shard else model
+            self._loaded[identity] = FROZEN_BACKENDS[backend](self, path, dtype, key, shard)
         return self._loaded[identity]
 
-    def reference(self, reference: str | None, dtype: str, key: str, student=None, shard: bool = False):
+    def reference(self, reference: str | None, dtype: str, key: str, student: nn.Module, shard: bool) -> Scorer | None:
         if reference is None:
             return None
-        if reference == STUDENT_INIT and student is not None and is_adapted(student):
-            return AdaptersDisabled(student)  # LoRA's initial student is the model without its adapters
+        if reference == STUDENT_INIT and is_adapted(student):
+            # LoRA's initial student is the model without its adapters: no second copy in memory.
+            return HfScorer(AdaptersDisabled(student), temperature=self._temperature, chunk_size=self._chunk_size)
         if reference == STUDENT_INIT:
             # Always the initial weights, also when resuming: the reference must not move with the student.
-            return self.get(self._config.student.path, self._config.student.dtype, key, shard)
-        return self.get(reference, dtype, key, shard)  # a teacher-side base: the teacher's dtype
+            return self.get(self._student_path, self._student_dtype, key, shard)[0]
+        return self.get(reference, dtype, key, shard)[0]  # a teacher-side base: the teacher's dtype
+
+    def load_hf(self, path: str, dtype: str, key: str, shard: bool) -> tuple[Scorer, Sampler]:
+        model = load_model(path, dtype, key=key)
+        check_output_width(self._student_width, output_width(model), self._vocabulary_size, key, self._needs_topk)
+        model = distributed.shard_frozen(model) if shard else model
+        return HfScorer(model, temperature=self._temperature, chunk_size=self._chunk_size), HfSampler(model)
+
+    def load_vllm(self, path: str, dtype: str, key: str, shard: bool) -> tuple[Scorer, Sampler]:
+        check_output_width(self._student_width, _configured_width(path), self._vocabulary_size, key, self._needs_topk)
+        engine = VllmEngine(self._engine_settings(path, dtype))
+        return engine, engine
+
+
+# A frozen model (teacher or reference) by teachers.N.backend: its scorer and the sampler that writes its
+# responses (guidance prefixes, sft).
+FROZEN_BACKENDS: dict[str, Callable[..., tuple[Scorer, Sampler]]] = {
+    "hf": _FrozenModels.load_hf,
+    "vllm": _FrozenModels.load_vllm,
+}
 
 
 def _configured_width(path: str) -> int:
-    from transformers import AutoConfig
-
     return AutoConfig.from_pretrained(path, local_files_only=True).vocab_size
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-__all__ = ["Run", "assemble", "seed_everything", "StartupError"]
+__all__ = ["Run", "StepSettings", "assemble", "seed_everything", "StartupError"]

@@ -1,16 +1,20 @@
-"""Start-up checks that need the data or the tokenizers, run before any model compute.
+"""Start-up refusals: everything a run is refused for once its config is valid, before any model loads.
 
-Each failure names what is wrong and where (config key, file row, token position). These are the silent
-misalignment bugs peers shipped (a teacher reading different token ids than the student: tinker #796,
-ms-swift #9429 / #9671), turned into errors.
+`check_launch` takes what depends on where the run starts (processes, a GPU, the run folder); the rest
+needs the data or the tokenizers. Each failure names what is wrong and where (config key, file row, token
+position). Many are the silent misalignment bugs peers shipped (a teacher reading different token ids than
+the student: tinker #796, ms-swift #9429 / #9671), turned into errors.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
-from opd.data import PromptRow
+from opd.config import Config
+from opd.data import DataError, PromptRow
 from opd.runtime.models import render_prompt
+from opd.types import Signal
 
 # How many dataset prompts are rendered by both tokenizers to compare chat templates.
 TEMPLATE_PROBE_ROWS = 32
@@ -18,6 +22,45 @@ TEMPLATE_PROBE_ROWS = 32
 
 class StartupError(ValueError):
     pass
+
+
+def check_launch(config: Config, *, world_size: int, cuda: bool, resume: bool, checkpoint: Path | None) -> None:
+    """What the config cannot do where it is started: the process count, the device, the run folder."""
+    if checkpoint is not None and not resume:
+        raise FileExistsError(
+            f"train.output_dir: '{config.train.output_dir}' already holds checkpoints; pass --resume to continue "
+            "that run, or choose another output_dir (nothing was overwritten)"
+        )
+    if config.rollout.prompts_per_step % world_size:
+        raise StartupError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must divide evenly over "
+                           f"{world_size} processes")
+    if config.train.mixed_precision == "bf16" and not cuda:
+        raise StartupError("train.mixed_precision=bf16 autocasts on a GPU; on the CPU training stays float32 "
+                           "(set train.mixed_precision=none)")
+    if config.student.lora is not None and world_size > 1:
+        raise StartupError("student.lora with more than one process is not supported yet (FSDP2 over peft "
+                           "adapters is untested); run LoRA on one process")
+    uses_vllm = config.rollout.backend == "vllm" or any(t.backend == "vllm" for t in config.teachers)
+    if uses_vllm and world_size > 1:
+        raise StartupError("rollout.backend / teachers.*.backend: vllm runs one engine in one training process; "
+                           "with more than one process use backend hf")
+
+
+def check_vllm_teachers(config: Config, needs: frozenset[Signal]) -> None:
+    """vLLM returns log-probs and top-k only: objectives needing more are refused before any loading."""
+    unavailable = {Signal.TEACHER_ENTROPY: "the teacher's entropy", Signal.FULL_DISTRIBUTIONS: "full distributions"}
+    missing = [unavailable[signal] for signal in needs if signal in unavailable]
+    for index, teacher in enumerate(config.teachers):
+        if teacher.backend == "vllm" and missing:
+            raise StartupError(f"teachers.{index}.backend: objective {list(config.objective.names)} needs "
+                               f"{' and '.join(missing)}, which vLLM scoring does not return; use backend hf")
+
+
+def check_prompt_lengths(prompt_ids: list[list[int]], rows: list[PromptRow], max_tokens: int, data_path: str) -> None:
+    for row, ids in zip(rows, prompt_ids, strict=True):
+        if len(ids) > max_tokens:
+            raise DataError(f"{data_path}: row {row.index + 1} has {len(ids)} prompt tokens, more than "
+                            f"data.max_prompt_tokens={max_tokens}")
 
 
 def check_domains(rows: list[PromptRow], teacher_domains: list[str], data_path: str) -> None:

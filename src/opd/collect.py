@@ -1,6 +1,7 @@
 """Which responses a step trains on: student samples, continuations of teacher prefixes (TrOPD guidance,
 ALGORITHMS §3), whole teacher responses (`sft`, generated once per prompt and cached), or dataset
-responses (GKD's off-policy share). Grading and GRPO advantages are attached here too, once per batch.
+responses (GKD's off-policy share). Grading, and the GRPO advantages of its rewards, happen here too (`grade`),
+once per batch.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from dataclasses import dataclass
 import torch
 
 from opd.functional import grpo_advantages
-from opd.rollout.batch import Responses, build_batch, concatenate, fixed_responses
-from opd.rollout.hf import sample_responses
+from opd.grading.graders import Grader
+from opd.rollout.batch import Responses, build_batch, concatenate, fixed_responses, sample_batch
 from opd.types import RolloutBatch
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CollectSettings:
+    prompts_per_step: int  # over all processes; each rank collects its contiguous share
+    shuffle: bool
     guidance: bool
     guidance_fraction: float
     max_prefix_tokens: int  # the cosine schedule's starting maximum
@@ -45,17 +48,21 @@ def draw_prefix(teacher_response: list[int], limit: int, end_ids: tuple[int, ...
     return usable[:length]
 
 
-def collect(run, step: int, indices: list[int], settings: CollectSettings, teacher_cache: dict) -> RolloutBatch:
-    """The step's RolloutBatch for dataset rows `indices` (each repeated samples_per_prompt times)."""
-    sampling = run.sampling
+def collect(run, step: int, indices: list[int], teacher_responses: dict[int, list[list[int]]]) -> RolloutBatch:
+    """The step's RolloutBatch for dataset rows `indices` (each repeated samples_per_prompt times).
+
+    `teacher_responses` is sft's cache (row -> its samples' teacher responses), filled on first visit; it is
+    training state (TrainState), so a resumed run reuses it.
+    """
+    sampling, settings = run.sampling, run.collect
     n = sampling.samples_per_prompt
     prompts = [run.prompt_ids[i] for i in indices for _ in range(n)]
     rows = [i for i in indices for _ in range(n)]
     domains = [run.rows[i].domain for i in rows]
     rng = random.Random(settings.seed * 1_000_003 + step)
     if settings.teacher_written:
-        _fill_teacher_cache(run, indices, teacher_cache)
-        responses = fixed_responses([teacher_cache[i][k] for i in indices for k in range(n)], sampling,
+        _fill_teacher_cache(run, indices, teacher_responses)
+        responses = fixed_responses([teacher_responses[i][k] for i in indices for k in range(n)], sampling,
                                     from_teacher=True)
         return build_batch(prompts, rows, domains, responses, sampling, step=step)
     if settings.onpolicy_fraction < 1.0:
@@ -68,8 +75,7 @@ def collect(run, step: int, indices: list[int], settings: CollectSettings, teach
         written_iter = iter(written)
         prefixes = [draw_prefix(next(written_iter), limit, sampling.end_of_sequence_ids, rng) if g else []
                     for g in guided]
-    responses = sample_responses(run.rollout_policy, prompts, sampling, prefixes)
-    return build_batch(prompts, rows, domains, responses, sampling, step=step)
+    return sample_batch(run.sampler, prompts, rows, domains, sampling, step=step, prefixes=prefixes)
 
 
 def _teacher_responses(run, rows: list[int], domains: list[str]) -> list[list[int]]:
@@ -80,7 +86,7 @@ def _teacher_responses(run, rows: list[int], domains: list[str]) -> list[list[in
         scorer = run.scorers[domain]
         own = scorer.teacher_prompts
         prompts = [own[rows[p]] if own is not None else run.prompt_ids[rows[p]] for p in positions]
-        responses = sample_responses(scorer.teacher, prompts, run.sampling)
+        responses = scorer.writer.sample(prompts, run.sampling)
         for p, ids, mask in zip(positions, responses.ids, responses.mask, strict=True):
             out[p] = ids[mask].tolist()
     return [out[p] for p in range(len(rows))]
@@ -111,7 +117,7 @@ def _mixed_with_dataset(run, prompts, rows, domains, step, settings: CollectSett
     student_rows = [p for p, d in enumerate(from_dataset) if not d]
     dataset_rows = [p for p, d in enumerate(from_dataset) if d]
     if student_rows:
-        parts.append(sample_responses(run.rollout_policy, [prompts[p] for p in student_rows], run.sampling))
+        parts.append(run.sampler.sample([prompts[p] for p in student_rows], run.sampling))
         order.extend(student_rows)
     if dataset_rows:
         answers = [run.dataset_responses[rows[p]] for p in dataset_rows]
@@ -124,6 +130,20 @@ def _mixed_with_dataset(run, prompts, rows, domains, step, settings: CollectSett
                              for f in dataclasses.fields(Responses)})
     return build_batch(prompts, rows, domains, responses, run.sampling, step=step,
                        from_dataset=torch.tensor(from_dataset))
+
+
+def grade(batch: RolloutBatch, graders: dict[str, Grader], rows, tokenizer, group_size: int) -> RolloutBatch:
+    """The batch with every response graded by its domain's grader (rewards [N] in [0, 1]) and the GRPO
+    advantages of those rewards (groups: a prompt's consecutive samples). A domain without a grader is an
+    error when others have one: grpo needs all."""
+    rewards = torch.zeros(batch.num_rows)
+    for row in range(batch.num_rows):
+        domain = batch.domain[row]
+        if domain not in graders:
+            raise ValueError(f"domain '{domain}' has no grader (teachers.*.grader), but others do: grade all or none")
+        completion = tokenizer.decode(batch.response_ids[row][batch.response_mask[row]], skip_special_tokens=True)
+        rewards[row] = graders[domain](rows[batch.prompt_index[row]], completion)
+    return attach_rewards(batch, rewards, group_size)
 
 
 def attach_rewards(batch: RolloutBatch, rewards: torch.Tensor, group_size: int) -> RolloutBatch:

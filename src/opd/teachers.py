@@ -1,23 +1,81 @@
-"""Teachers and references: which model scores which row, and the scoring of a whole rollout batch.
+"""Teachers and references: the `Scorer` protocol, its in-process (Hugging Face) implementation, and the
+routing of a rollout batch's rows to the scorers of their domain.
 
 Routing is per row by its prompt's domain (G-OPD multi-teacher): each row is scored by its domain's
-teacher, with its domain's lam and reference. There is no fallback teacher: a domain without one is an
-error at start-up (checks.py). Models are loaded once and shared: a reference that is the student's
-initial weights, or the same folder for several domains, is one model in memory.
+teacher and reference. There is no fallback teacher: a domain without one is an error at start-up
+(checks.py). Models are loaded once and shared (assemble.py): a reference that is the student's initial
+weights, or the same folder for several domains, is one model in memory.
+
+What a scorer computes for a chunk of rows is a `TokenScores` (types.py); routing, the output tensors of
+the whole batch and the floor live here, the chunked math in scoring.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
+from opd.rollout.batch import Sampler, left_pad
 from opd.runtime import distributed
-from opd.runtime.lora import scoring_context
-from opd.rollout.vllm import VllmEngine
+from opd.runtime.lora import causal_lm, scoring_context
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, teacher_token_scores
-from opd.types import RolloutBatch, TeacherScores
+from opd.types import RolloutBatch, ScoreRequest, TeacherScores, TokenScores
+
+
+class Scorer(Protocol):
+    """Scores response tokens with one frozen model (a teacher or a reference)."""
+
+    # True when the model is FSDP-sharded across ranks: every rank must then run as many forwards.
+    sharded: bool
+
+    def score(self, request: ScoreRequest) -> TokenScores: ...
+
+    def idle_forward(self) -> None:
+        """A forward that only takes part in a sharded model's collectives (pairs another rank's real one)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class HfScorer:
+    """A `Scorer` that runs the model's forward in this process, chunked over the output head."""
+
+    def __init__(self, model: nn.Module, *, temperature: float, chunk_size: int):
+        self.model = model  # an HF causal LM, an FSDP-sharded one, or a LoRA student with adapters disabled
+        self.temperature, self.chunk_size = temperature, chunk_size
+        self.sharded = distributed.is_sharded_model(model)
+
+    @torch.no_grad()
+    def score(self, request: ScoreRequest) -> TokenScores:
+        device = self.model.device
+        mask = request.response_mask.to(device)
+        with scoring_context(self.model):  # a LoRA student's reference: the same model with adapters disabled
+            hidden = response_hidden_states(self.model, request.prompt_ids.to(device), request.prompt_mask.to(device),
+                                            request.response_ids.to(device), mask)
+        weight, bias = output_head(self.model)
+        logprobs, topk_ids, topk_logprobs, entropy = teacher_token_scores(
+            hidden[mask], weight, bias, request.response_ids.to(device)[mask], topk=request.topk,
+            temperature=self.temperature, chunk_size=self.chunk_size, with_entropy=request.with_entropy,
+        )
+        return TokenScores(
+            logprobs=logprobs.cpu(),
+            topk_ids=topk_ids.cpu() if topk_ids is not None else None,
+            topk_logprobs=topk_logprobs.cpu() if topk_logprobs is not None else None,
+            entropy=entropy.cpu() if entropy is not None else None,
+            hidden=hidden.cpu() if request.with_hidden else None,
+            head=(weight, bias) if request.with_hidden else None,
+        )
+
+    @torch.no_grad()
+    def idle_forward(self) -> None:
+        input_ids = torch.zeros(1, 1, dtype=torch.long, device=self.model.device)
+        causal_lm(self.model).base_model(input_ids=input_ids, use_cache=False)
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -25,11 +83,11 @@ class DomainScorer:
     """Everything needed to score one domain's rows."""
 
     domain: str
-    # A model scored in this process, or a vLLM engine (teachers.*.backend: vllm); None: the objective
-    # needs no teacher (e.g. grpo alone).
-    teacher: nn.Module | VllmEngine | None
-    reference: nn.Module | None
-    reward_scale: float  # lam
+    teacher: Scorer | None  # None: the objective needs no teacher (e.g. grpo alone)
+    reference: Scorer | None  # None: no reference (lam = 1 only; the implicit reward is then not logged)
+    reward_scale: float = 1.0  # lam
+    # Writes whole teacher responses (guidance prefixes, sft): the teacher's own sampler.
+    writer: Sampler | None = None
     # Teacher prompt ids per dataset row, when the teacher renders prompts with its own chat template;
     # None: the teacher reads the student's prompt ids (checked identical at start-up).
     teacher_prompts: dict[int, list[int]] | None = None
@@ -37,9 +95,7 @@ class DomainScorer:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ScoringSettings:
-    temperature: float
     topk: int  # 0: no top-k
-    chunk_size: int  # tokens per output-head chunk
     rows_per_forward: int
     logprob_floor: float
     need_reference: bool  # the objective or the metrics use lR
@@ -48,139 +104,122 @@ class ScoringSettings:
 
 
 def score_batch(batch: RolloutBatch, scorers: dict[str, DomainScorer], settings: ScoringSettings) -> TeacherScores:
-    """Teacher (and reference) scores of every response token, routed by domain."""
-    num_rows, width = batch.response_ids.shape
-    k = settings.topk
-    logprobs = torch.zeros(num_rows, width)
-    ref_logprobs = torch.zeros(num_rows, width) if settings.need_reference else None
-    topk_ids = torch.zeros(num_rows, width, k, dtype=torch.int32) if k else None
-    topk_logprobs = torch.full((num_rows, width, k), settings.logprob_floor) if k else None
-    entropy = torch.zeros(num_rows, width) if settings.need_entropy else None
-    hidden, heads = None, {} if settings.need_hidden else None
-    reward_scale = torch.ones(num_rows)
-    has_reference = torch.zeros(num_rows, dtype=torch.bool)
-    has_teacher = torch.zeros(num_rows, dtype=torch.bool)
-    sharded = any(distributed.is_sharded_model(s.teacher) for s in scorers.values())
-    domains = set(batch.domain)
-    if sharded:  # every rank must walk the same domains and run as many forwards through a sharded model
-        domains = set().union(*distributed.gather_objects(domains))
-    for domain in sorted(domains):
+    """Teacher (and reference) scores of every response token, routed by domain, floored."""
+    scores = _BatchScores(batch, settings)
+    for domain, rows in rows_by_domain(batch, scorers):
         scorer = scorers[domain]
-        rows = torch.tensor([i for i, d in enumerate(batch.domain) if d == domain], dtype=torch.long)
-        reward_scale[rows] = scorer.reward_scale
+        scores.reward_scale[rows] = scorer.reward_scale
         if scorer.teacher is None:
             continue
-        has_teacher[rows] = True
-        if heads is not None:
-            heads[domain] = output_head(scorer.teacher)
-        local_chunks = -(-len(rows) // settings.rows_per_forward)
-        if distributed.is_sharded_model(scorer.teacher):
-            for _ in range(distributed.all_reduce_max(local_chunks) - local_chunks):
-                _idle_forward(scorer.teacher)  # pairs with another rank's real forward (same order)
-                if ref_logprobs is not None and scorer.reference is not None:
-                    _idle_forward(scorer.reference)
+        scores.has_teacher[rows] = True
+        _pair_idle_forwards(scorer, len(rows), settings)
         for start in range(0, len(rows), settings.rows_per_forward):
-            chunk = rows[start : start + settings.rows_per_forward]
-            mask = batch.response_mask[chunk]
-            prompt_ids, prompt_mask = _prompts_for(scorer, batch, chunk)
-            if isinstance(scorer.teacher, VllmEngine):
-                scores = _score_engine(scorer.teacher, prompt_ids, prompt_mask, batch, chunk, k)
-            else:
-                scores = _score_model(scorer.teacher, prompt_ids, prompt_mask, batch, chunk, settings, k,
-                                      settings.need_entropy, settings.need_hidden)
-            _check_finite(scores[0], f"teacher for domain '{domain}'")
-            logprobs[chunk] = scatter_tokens(scores[0], mask)
-            if k:
-                topk_ids[chunk] = scatter_tokens(scores[1], mask)
-                topk_logprobs[chunk] = scatter_tokens(scores[2], mask, fill=settings.logprob_floor)
-            if entropy is not None:
-                entropy[chunk] = scatter_tokens(scores[3], mask)
-            if settings.need_hidden:
-                if hidden is None:
-                    hidden = torch.zeros(num_rows, width, scores[4].shape[-1], dtype=scores[4].dtype)
-                hidden[chunk] = scores[4]
-            if ref_logprobs is not None:
-                if scorer.reference is None:
-                    ref_logprobs[chunk] = logprobs[chunk]  # lam == 1 here (config check): zero reward
-                else:
-                    # The reference reads the student's prompt: it is the student-side anchor of the reward.
-                    reference = _score_model(scorer.reference, batch.prompt_ids[chunk], batch.prompt_mask[chunk],
-                                             batch, chunk, settings, 0, False, False)
-                    _check_finite(reference[0], f"reference for domain '{domain}'")
-                    ref_logprobs[chunk] = scatter_tokens(reference[0], mask)
-                    has_reference[chunk] = True
-    floored = (logprobs < settings.logprob_floor) & batch.response_mask
-    logprobs = logprobs.clamp(min=settings.logprob_floor)
-    if ref_logprobs is not None:
-        ref_logprobs = ref_logprobs.clamp(min=settings.logprob_floor)
-    if topk_logprobs is not None:
-        topk_logprobs = topk_logprobs.clamp(min=settings.logprob_floor)
-    return TeacherScores(
-        logprobs=logprobs,
-        topk_ids=topk_ids,
-        topk_logprobs=topk_logprobs,
-        ref_logprobs=ref_logprobs,
-        has_reference=has_reference,
-        has_teacher=has_teacher,
-        reward_scale=reward_scale,
-        floored=floored,
-        entropy=entropy,
-        hidden=hidden,
-        heads=heads,
-    )
+            _score_chunk(scores, scorer, rows[start : start + settings.rows_per_forward], settings)
+    return scores.floored()
+
+
+def rows_by_domain(batch: RolloutBatch, scorers: dict[str, DomainScorer]) -> list[tuple[str, Tensor]]:
+    """(domain, row indices [n]) in a fixed order. With a sharded scorer every rank walks the union of all
+    ranks' domains (possibly with no rows of its own), so that the sharded forwards pair up."""
+    domains = set(batch.domain)
+    if any(_is_sharded(s) for s in scorers.values()):
+        domains = set().union(*distributed.gather_objects(domains))
+    return [(domain, torch.tensor([i for i, d in enumerate(batch.domain) if d == domain], dtype=torch.long))
+            for domain in sorted(domains)]
+
+
+def _is_sharded(scorer: DomainScorer) -> bool:
+    return scorer.teacher is not None and scorer.teacher.sharded
+
+
+def _pair_idle_forwards(scorer: DomainScorer, num_rows: int, settings: ScoringSettings) -> None:
+    """On a sharded teacher, a rank with fewer chunks than another runs idle forwards to pair with it."""
+    if not scorer.teacher.sharded:
+        return
+    local_chunks = -(-num_rows // settings.rows_per_forward)
+    for _ in range(distributed.all_reduce_max(local_chunks) - local_chunks):
+        scorer.teacher.idle_forward()
+        if settings.need_reference and scorer.reference is not None:
+            scorer.reference.idle_forward()
+
+
+class _BatchScores:
+    """The [N, T] outputs of score_batch, filled chunk by chunk."""
+
+    def __init__(self, batch: RolloutBatch, settings: ScoringSettings):
+        num_rows, width = batch.response_ids.shape
+        k, self.settings, self.batch = settings.topk, settings, batch
+        self.logprobs = torch.zeros(num_rows, width)
+        self.ref_logprobs = torch.zeros(num_rows, width) if settings.need_reference else None
+        self.topk_ids = torch.zeros(num_rows, width, k, dtype=torch.int32) if k else None
+        self.topk_logprobs = torch.full((num_rows, width, k), settings.logprob_floor) if k else None
+        self.entropy = torch.zeros(num_rows, width) if settings.need_entropy else None
+        self.hidden: Tensor | None = None  # [N, T, H], allocated at the first chunk (H is the teacher's)
+        self.heads: dict | None = {} if settings.need_hidden else None
+        self.has_reference = torch.zeros(num_rows, dtype=torch.bool)
+        self.has_teacher = torch.zeros(num_rows, dtype=torch.bool)
+        self.reward_scale = torch.ones(num_rows)
+
+    def floored(self) -> TeacherScores:
+        floor, mask = self.settings.logprob_floor, self.batch.response_mask
+        floored = (self.logprobs < floor) & mask
+        return TeacherScores(
+            logprobs=self.logprobs.clamp(min=floor),
+            topk_ids=self.topk_ids,
+            topk_logprobs=self.topk_logprobs.clamp(min=floor) if self.topk_logprobs is not None else None,
+            ref_logprobs=self.ref_logprobs.clamp(min=floor) if self.ref_logprobs is not None else None,
+            has_reference=self.has_reference,
+            has_teacher=self.has_teacher,
+            reward_scale=self.reward_scale,
+            floored=floored,
+            entropy=self.entropy,
+            hidden=self.hidden,
+            heads=self.heads,
+        )
+
+
+def _score_chunk(scores: _BatchScores, scorer: DomainScorer, chunk: Tensor, settings: ScoringSettings) -> None:
+    """Score rows `chunk` of one domain with its teacher (and reference) into `scores`."""
+    batch = scores.batch
+    mask = batch.response_mask[chunk]
+    prompt_ids, prompt_mask = _prompts_for(scorer, batch, chunk)
+    teacher = scorer.teacher.score(ScoreRequest(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=batch.response_ids[chunk], response_mask=mask,
+        topk=settings.topk, with_entropy=settings.need_entropy, with_hidden=settings.need_hidden,
+    ))
+    _check_finite(teacher.logprobs, f"teacher for domain '{scorer.domain}'")
+    scores.logprobs[chunk] = scatter_tokens(teacher.logprobs, mask)
+    if settings.topk:
+        scores.topk_ids[chunk] = scatter_tokens(teacher.topk_ids, mask)
+        scores.topk_logprobs[chunk] = scatter_tokens(teacher.topk_logprobs, mask, fill=settings.logprob_floor)
+    if scores.entropy is not None:
+        scores.entropy[chunk] = scatter_tokens(teacher.entropy, mask)
+    if settings.need_hidden:
+        scores.heads[scorer.domain] = teacher.head
+        if scores.hidden is None:
+            num_rows, width = batch.response_ids.shape
+            scores.hidden = torch.zeros(num_rows, width, teacher.hidden.shape[-1], dtype=teacher.hidden.dtype)
+        scores.hidden[chunk] = teacher.hidden
+    if scores.ref_logprobs is None:
+        return
+    if scorer.reference is None:
+        scores.ref_logprobs[chunk] = scores.logprobs[chunk]  # lam == 1 here (config check): zero reward
+        return
+    # The reference reads the student's prompt: it is the student-side anchor of the reward.
+    reference = scorer.reference.score(ScoreRequest(
+        prompt_ids=batch.prompt_ids[chunk], prompt_mask=batch.prompt_mask[chunk],
+        response_ids=batch.response_ids[chunk], response_mask=mask,
+    ))
+    _check_finite(reference.logprobs, f"reference for domain '{scorer.domain}'")
+    scores.ref_logprobs[chunk] = scatter_tokens(reference.logprobs, mask)
+    scores.has_reference[chunk] = True
 
 
 def _prompts_for(scorer: DomainScorer, batch: RolloutBatch, rows: Tensor) -> tuple[Tensor, Tensor]:
     if scorer.teacher_prompts is None:
         return batch.prompt_ids[rows], batch.prompt_mask[rows]
-    from opd.rollout.batch import left_pad
-
     # Any pad id will do: padded positions are masked out of attention.
     return left_pad([scorer.teacher_prompts[batch.prompt_index[int(r)]] for r in rows], pad_id=0)
-
-
-@torch.no_grad()
-def _score_model(model, prompt_ids, prompt_mask, batch, rows, settings, topk, with_entropy, with_hidden):
-    device = model.device
-    mask = batch.response_mask[rows]
-    with scoring_context(model):  # a LoRA student's reference: the same model with adapters disabled
-        hidden = response_hidden_states(
-            model, prompt_ids.to(device), prompt_mask.to(device), batch.response_ids[rows].to(device), mask.to(device)
-        )
-    weight, bias = output_head(model)
-    values = teacher_token_scores(
-        hidden[mask.to(device)],
-        weight,
-        bias,
-        batch.response_ids[rows][mask].to(device),
-        topk=topk,
-        temperature=settings.temperature,
-        chunk_size=settings.chunk_size,
-        with_entropy=with_entropy,
-    )
-    values = tuple(v.cpu() if v is not None else None for v in values)
-    return (*values, hidden.cpu() if with_hidden else None)
-
-
-def _score_engine(engine: VllmEngine, prompt_ids, prompt_mask, batch, rows, topk):
-    """`_score_model`'s tuple from a vLLM engine (temperature 1, checked at load; no entropy, no hidden)."""
-    prompts = [ids[mask].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
-    responses = [ids[mask].tolist() for ids, mask in zip(batch.response_ids[rows], batch.response_mask[rows],
-                                                          strict=True)]
-    scored = engine.score(prompts, responses, topk)
-    logprobs = torch.cat([s.logprobs for s in scored])
-    if not topk:
-        return logprobs, None, None, None, None
-    return (logprobs, torch.cat([s.topk_ids for s in scored]), torch.cat([s.topk_logprobs for s in scored]),
-            None, None)
-
-
-@torch.no_grad()
-def _idle_forward(model) -> None:
-    """A one-token forward whose only purpose is taking part in a sharded model's collectives."""
-    from opd.runtime.lora import causal_lm
-
-    causal_lm(model).base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=False)
 
 
 def _check_finite(values: Tensor, what: str) -> None:

@@ -1,28 +1,36 @@
-"""One on-policy distillation step, and the loop around it. Read top to bottom.
+"""Training: the loop, and one on-policy distillation step. Read top to bottom:
 
+    train (start-up checks, assemble)  ->  the loop (resume, log, evaluate, checkpoint)  ->  run_one_step:
     collect (student samples, teacher prefixes, ...)  ->  grade (if graders)  ->  score (teachers,
-    references)  ->  train_step (forward, loss, backward, finite check, optimizer step)  ->  log
-    ->  maybe evaluate  ->  maybe checkpoint
+    references)  ->  train_step (forward, loss, backward, finite check, optimizer step)  ->  sync the sampler
 
 Reduction happens once, in `aggregate`, with a denominator counted over the whole optimizer batch before
-the micro-batch loop: the gradient does not depend on micro_batch_size.
+the micro-batch loop: the gradient does not depend on micro_batch_size. A step reads only the `Run` that
+assemble.py built and the `TrainState`; the loop reads the config for what happens between steps.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 from torch import Tensor, nn
 
-from opd.runtime import distributed
 from opd.aggregate import aggregate, count_denominator
-from opd.assemble import Run, assemble, seed_everything
+from opd.assemble import Run, StepSettings, assemble, seed_everything
+from opd.checks import check_launch
+from opd.collect import collect, grade, max_prefix_length
+from opd.config import Config, OptimConfig, to_dict
+from opd.data import prompts_for_step
+from opd.evaluate.run import EvalSettings, evaluate
+from opd.metrics import as_floats, combine, rollout_metrics
+from opd.objectives import Objective
+from opd.runtime import distributed
 from opd.runtime.checkpoint import (
     CheckpointRecord,
     latest_checkpoint,
@@ -31,35 +39,139 @@ from opd.runtime.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from opd.config import Config, OptimConfig, to_dict
-from opd.data import prompts_for_step
-from opd.metrics import as_floats, combine, rollout_metrics
 from opd.runtime.monitor import MetricsLogger
-from opd.collect import CollectSettings, attach_rewards, collect, max_prefix_length
-from opd.objectives import Objective
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, student_token_logprobs
 from opd.teachers import score_batch
-from opd.types import Metric, Reduce, RolloutBatch, Signal, StudentOutputs, TeacherScores
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StepSettings:
-    aggregation: str
-    micro_batch_size: int
-    temperature: float  # the student's log-probs are taken at its sampling temperature
-    chunk_size: int
-    max_grad_norm: float | None
+from opd.types import Metric, Reduce, RolloutBatch, Signal, StudentOutputs, TeacherScores, select_rows, to_device
 
 
 @dataclass(kw_only=True, slots=True)
 class TrainState:
+    """Everything a resumed run needs besides the Run: the model, the optimizer and the counters."""
+
     student: nn.Module
     optimizer: torch.optim.Optimizer
     step: int = 0  # optimizer steps completed (skipped ones included)
     skipped_steps: int = 0  # steps whose gradient was not finite
+    # sft's teacher responses, generated once per prompt (row -> one response per sample); per rank.
+    teacher_responses: dict[int, list[list[int]]] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(config: Config, *, resume: bool = False) -> Path:
+    """Train the student; returns the folder of the final model (a save_pretrained folder)."""
+    checkpoint = latest_checkpoint(Path(config.train.output_dir))
+    check_launch(config, world_size=distributed.world_size(), cuda=torch.cuda.is_available(), resume=resume,
+                 checkpoint=checkpoint)
+    seed_everything(config.train.seed + distributed.rank())
+    run = assemble(config, checkpoint)
+    try:
+        return _train(run, config, checkpoint)
+    finally:
+        run.close()
+
+
+def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
+    run_dir = Path(config.train.output_dir)
+    distributed.shard_student(run.student)  # before the optimizer: FSDP2 replaces parameters by shards
+    state = TrainState(student=run.student, optimizer=build_optimizer(run.student, config.optim))
+    if checkpoint is not None:
+        record = load_checkpoint_state(checkpoint, state.student, state.optimizer)
+        state.step, state.skipped_steps = record.step, record.skipped_steps
+        state.teacher_responses = load_rank_state(checkpoint).get("teacher_responses", {})
+    run.sampler.sync(state.student)  # a resumed student, a LoRA student's merged weights
+    logger = None
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        logger = MetricsLogger(run_dir, total_steps=config.train.steps, start_step=state.step,
+                               tensorboard=config.train.tensorboard, progress=config.train.progress)
+    try:
+        while state.step < config.train.steps:
+            set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)
+            with _autocast(config.train.mixed_precision):
+                values = run_one_step(run, state)
+            if config.eval.every and state.step % config.eval.every == 0:
+                values.update(evaluate_during_training(state.student, run.tokenizer, config, run_dir))
+            if logger is not None:
+                logger.log(state.step, values)
+            if _should_save(state.step, config):
+                save_checkpoint(run_dir, state.student, run.tokenizer, state.optimizer,
+                                CheckpointRecord(step=state.step, skipped_steps=state.skipped_steps,
+                                                 data_position=state.step * config.rollout.prompts_per_step),
+                                keep=config.train.keep_checkpoints,
+                                rank_state={"teacher_responses": state.teacher_responses})
+    finally:
+        if logger is not None:
+            logger.close()
+    final = run_dir / "final"
+    save_model(state.student, run.tokenizer, final)
+    return final
 
 
 # --------------------------------------------------------------------------- one step
+
+
+def run_one_step(run: Run, state: TrainState) -> dict[str, float]:
+    """Collect, grade, score and train on this rank's share of the step's prompts; the metrics as floats."""
+    started = time.perf_counter()
+    settings = run.collect
+    indices = prompts_for_step(len(run.rows), state.step, settings.prompts_per_step, settings.seed, settings.shuffle)
+    share = len(indices) // distributed.world_size()  # this rank's contiguous share of the step's prompts
+    indices = indices[distributed.rank() * share : (distributed.rank() + 1) * share]
+    batch = collect(run, state.step, indices, state.teacher_responses)
+    if run.graders:
+        batch = grade(batch, run.graders, run.rows, run.tokenizer, run.sampling.samples_per_prompt)
+    rolled = time.perf_counter()
+    teacher = score_batch(batch, run.scorers, run.scoring)
+    scored = time.perf_counter()
+    metrics = train_step(state, batch, teacher, run.objective, run.step)
+    run.sampler.sync(state.student)  # the next step samples from the updated policy
+    finished = time.perf_counter()
+    values = as_floats(metrics)
+    if settings.guidance:
+        values["guidance/max_prefix_length"] = float(
+            max_prefix_length(state.step - 1, settings.total_steps, settings.max_prefix_tokens))
+    values.update({
+        "perf/rollout_seconds": rolled - started,
+        "perf/score_seconds": scored - rolled,
+        "perf/train_seconds": finished - scored,  # the sampler's weight sync included
+        "perf/tokens_per_second": distributed.all_reduce_sum(float(batch.response_mask.sum())) / (finished - started),
+    })
+    return values
+
+
+def train_step(state: TrainState, batch: RolloutBatch, teacher: TeacherScores, objective: Objective,
+               settings: StepSettings) -> dict[str, Metric]:
+    """One optimizer step on a scored rollout batch."""
+    metrics, logprobs, entropy = accumulate_gradients(state.student, batch, teacher, objective, settings)
+    metrics.update(rollout_metrics(batch, teacher, logprobs, entropy))
+    metrics = combine(distributed.gather_objects(metrics))  # every rank's rows
+    metrics.update(apply_update(state, settings.max_grad_norm))
+    return metrics
+
+
+def accumulate_gradients(model: nn.Module, batch: RolloutBatch, teacher: TeacherScores, objective: Objective,
+                         settings: StepSettings) -> tuple[dict[str, Metric], Tensor, Tensor]:
+    """Forward + backward over micro-batches; returns metrics and the batch's detached lS and entropy [N, T]."""
+    # The whole optimizer batch: every micro-batch on every rank divides by the same number.
+    denominator = distributed.all_reduce_sum(count_denominator(batch.response_mask, settings.aggregation))
+    metric_sets, logprobs, entropies = [], [], []
+    for start in range(0, batch.num_rows, settings.micro_batch_size):
+        rows = slice(start, start + settings.micro_batch_size)
+        micro_batch = to_device(select_rows(batch, rows), model.device)
+        micro_teacher = to_device(select_rows(teacher, rows), model.device)
+        student = student_forward(model, micro_batch, micro_teacher, objective, settings)
+        token_loss = objective(student, micro_batch, micro_teacher)
+        loss = aggregate(token_loss.per_token, micro_batch.response_mask, settings.aggregation, denominator)
+        loss.backward()
+        metric_sets.append({**token_loss.metrics, "loss": Metric(value=float(loss.detach()), reduce=Reduce.SUM)})
+        logprobs.append(student.logprobs.detach().cpu())
+        entropies.append(student.entropy.cpu())
+    distributed.synchronize_replicated_gradients(model)
+    return combine(metric_sets), torch.cat(logprobs), torch.cat(entropies)
 
 
 def student_forward(model: nn.Module, batch: RolloutBatch, teacher: TeacherScores, objective: Objective,
@@ -97,27 +209,6 @@ def student_forward(model: nn.Module, batch: RolloutBatch, teacher: TeacherScore
     )
 
 
-def accumulate_gradients(model: nn.Module, batch: RolloutBatch, teacher: TeacherScores, objective: Objective,
-                         settings: StepSettings) -> tuple[dict[str, Metric], Tensor, Tensor]:
-    """Forward + backward over micro-batches; returns metrics and the batch's detached lS and entropy [N, T]."""
-    # The whole optimizer batch: every micro-batch on every rank divides by the same number.
-    denominator = distributed.all_reduce_sum(count_denominator(batch.response_mask, settings.aggregation))
-    metric_sets, logprobs, entropies = [], [], []
-    for start in range(0, batch.num_rows, settings.micro_batch_size):
-        rows = slice(start, start + settings.micro_batch_size)
-        micro_batch = to_device(select_rows(batch, rows), model.device)
-        micro_teacher = to_device(select_rows(teacher, rows), model.device)
-        student = student_forward(model, micro_batch, micro_teacher, objective, settings)
-        token_loss = objective(student, micro_batch, micro_teacher)
-        loss = aggregate(token_loss.per_token, micro_batch.response_mask, settings.aggregation, denominator)
-        loss.backward()
-        metric_sets.append({**token_loss.metrics, "loss": Metric(value=float(loss.detach()), reduce=Reduce.SUM)})
-        logprobs.append(student.logprobs.detach().cpu())
-        entropies.append(student.entropy.cpu())
-    distributed.synchronize_replicated_gradients(model)
-    return combine(metric_sets), torch.cat(logprobs), torch.cat(entropies)
-
-
 def apply_update(state: TrainState, max_grad_norm: float | None) -> dict[str, Metric]:
     """Clip, check the gradient is finite, and step; a non-finite gradient skips the step and is counted."""
     parameters = [p for p in state.student.parameters() if p.requires_grad]
@@ -136,129 +227,11 @@ def apply_update(state: TrainState, max_grad_norm: float | None) -> dict[str, Me
     }
 
 
-def train_step(state: TrainState, batch: RolloutBatch, teacher: TeacherScores, objective: Objective,
-               settings: StepSettings) -> dict[str, Metric]:
-    """One optimizer step on a scored rollout batch."""
-    metrics, logprobs, entropy = accumulate_gradients(state.student, batch, teacher, objective, settings)
-    metrics.update(rollout_metrics(batch, teacher, logprobs, entropy))
-    metrics = combine(distributed.gather_objects(metrics))  # every rank's rows
-    metrics.update(apply_update(state, settings.max_grad_norm))
-    return metrics
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-def train(config: Config, *, resume: bool = False) -> Path:
-    """Train the student; returns the folder of the final model (a save_pretrained folder)."""
-    run_dir = Path(config.train.output_dir)
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is not None and not resume:
-        raise FileExistsError(
-            f"train.output_dir: '{run_dir}' already holds checkpoints; pass --resume to continue that run, "
-            "or choose another output_dir (nothing was overwritten)"
-        )
-    if config.rollout.prompts_per_step % distributed.world_size():
-        raise ValueError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must divide evenly over "
-                         f"{distributed.world_size()} processes")
-    seed_everything(config.train.seed + distributed.rank())
-    if config.train.mixed_precision == "bf16" and not torch.cuda.is_available():
-        raise ValueError("train.mixed_precision=bf16 autocasts on a GPU; on the CPU training stays float32 "
-                         "(set train.mixed_precision=none)")
-    if config.student.lora is not None and distributed.world_size() > 1:
-        raise NotImplementedError("student.lora with more than one process is not supported yet (FSDP2 over "
-                                  "peft adapters is untested); run LoRA on one process")
-    uses_vllm = config.rollout.backend == "vllm" or any(t.backend == "vllm" for t in config.teachers)
-    if uses_vllm and distributed.world_size() > 1:
-        raise NotImplementedError("rollout.backend / teachers.*.backend: vllm runs one engine in one training "
-                                  "process; with more than one process use backend hf")
-    run = assemble(config, checkpoint)
-    try:
-        return _train(run, config, checkpoint)
-    finally:
-        run.close()
-
-
-def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
-    run_dir = Path(config.train.output_dir)
-    distributed.shard_student(run.student)  # before the optimizer: FSDP2 replaces parameters by shards
-    state = TrainState(student=run.student, optimizer=build_optimizer(run.student, config.optim))
-    if checkpoint is not None:
-        record = load_checkpoint_state(checkpoint, state.student, state.optimizer)
-        state.step, state.skipped_steps = record.step, record.skipped_steps
-    if run.student_engine is not None:
-        run.student_engine.sync_weights(state.student)  # a resumed student, a LoRA student's merged weights
-    if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    settings = StepSettings(
-        aggregation=config.objective.aggregation, micro_batch_size=config.optim.micro_batch_size,
-        temperature=config.rollout.temperature, chunk_size=config.train.logit_chunk,
-        max_grad_norm=config.optim.max_grad_norm,
-    )
-    collect_settings = collect_settings_for(config)
-    # sft's teacher responses, generated once per prompt; checkpointed, so a resumed run reuses them.
-    teacher_cache: dict = load_rank_state(checkpoint).get("teacher_responses", {}) if checkpoint else {}
-    logger = None
-    if distributed.is_main():
-        logger = MetricsLogger(run_dir, total_steps=config.train.steps, start_step=state.step,
-                               tensorboard=config.train.tensorboard, progress=config.train.progress)
-    try:
-        while state.step < config.train.steps:
-            set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)
-            with _autocast(config.train.mixed_precision):
-                values = run_one_step(run, state, config, settings, collect_settings, teacher_cache)
-            if config.eval.every and state.step % config.eval.every == 0:
-                values.update(evaluate_during_training(state.student, run.tokenizer, config, run_dir))
-            if logger is not None:
-                logger.log(state.step, values)
-            if _should_save(state.step, config):
-                save_checkpoint(run_dir, state.student, run.tokenizer, state.optimizer,
-                                CheckpointRecord(step=state.step, skipped_steps=state.skipped_steps,
-                                                 data_position=state.step * config.rollout.prompts_per_step),
-                                keep=config.train.keep_checkpoints, rank_state={"teacher_responses": teacher_cache})
-    finally:
-        if logger is not None:
-            logger.close()
-    final = run_dir / "final"
-    save_model(state.student, run.tokenizer, final)
-    return final
-
-
-def run_one_step(run: Run, state: TrainState, config: Config, settings: StepSettings,
-                 collect_settings: CollectSettings, teacher_cache: dict) -> dict[str, float]:
-    started = time.perf_counter()
-    indices = prompts_for_step(len(run.rows), state.step, config.rollout.prompts_per_step, config.train.seed,
-                               config.data.shuffle)
-    share = len(indices) // distributed.world_size()  # this rank's contiguous share of the step's prompts
-    indices = indices[distributed.rank() * share : (distributed.rank() + 1) * share]
-    batch = collect(run, state.step, indices, collect_settings, teacher_cache)
-    if run.graders:
-        batch = attach_rewards(batch, grade_batch(run, batch), run.sampling.samples_per_prompt)
-    rolled = time.perf_counter()
-    teacher = score_batch(batch, run.scorers, run.scoring)
-    scored = time.perf_counter()
-    metrics = train_step(state, batch, teacher, run.objective, settings)
-    if run.student_engine is not None:
-        run.student_engine.sync_weights(state.student)  # the next step samples from the updated policy
-    finished = time.perf_counter()
-    values = as_floats(metrics)
-    if collect_settings.guidance:
-        values["guidance/max_prefix_length"] = float(
-            max_prefix_length(state.step - 1, config.train.steps, collect_settings.max_prefix_tokens))
-    values.update({
-        "perf/rollout_seconds": rolled - started,
-        "perf/score_seconds": scored - rolled,
-        "perf/train_seconds": finished - scored,  # with vLLM rollouts, the weight sync included
-        "perf/tokens_per_second": distributed.all_reduce_sum(float(batch.response_mask.sum())) / (finished - started),
-    })
-    return values
+# --------------------------------------------------------------------------- between steps
 
 
 def evaluate_during_training(student: nn.Module, tokenizer, config: Config, run_dir: Path) -> dict[str, float]:
     """Write the current student to run_dir/eval_model and run `opd eval`'s pipeline on it (rank 0)."""
-    from opd.evaluate.run import EvalSettings, evaluate
-
     folder = run_dir / "eval_model"
     save_model(student, tokenizer, folder)  # every rank takes part in gathering a sharded student
     values: dict[str, float] = {}
@@ -272,29 +245,6 @@ def evaluate_during_training(student: nn.Module, tokenizer, config: Config, run_
             values[f"eval/{domain}/average"] = value
     distributed.barrier()
     return values
-
-
-def grade_batch(run: Run, batch: RolloutBatch) -> Tensor:  # [N] rewards in [0, 1]
-    """Grade every response with its domain's grader; a domain without one is an error (grpo needs all)."""
-    rewards = torch.zeros(batch.num_rows)
-    for row in range(batch.num_rows):
-        domain = batch.domain[row]
-        if domain not in run.graders:
-            raise ValueError(f"domain '{domain}' has no grader (teachers.*.grader), but others do: grade all or none")
-        ids = batch.response_ids[row][batch.response_mask[row]]
-        completion = run.tokenizer.decode(ids, skip_special_tokens=True)
-        rewards[row] = run.graders[domain](run.rows[batch.prompt_index[row]], completion)
-    return rewards
-
-
-def collect_settings_for(config: Config) -> CollectSettings:
-    guidance = config.objective.guidance
-    return CollectSettings(
-        guidance=guidance.enabled, guidance_fraction=guidance.fraction,
-        max_prefix_tokens=guidance.max_prefix_tokens or config.rollout.max_new_tokens,
-        total_steps=config.train.steps, teacher_written="sft" in config.objective.names,
-        onpolicy_fraction=config.objective.onpolicy_fraction, seed=config.train.seed,
-    )
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
@@ -320,27 +270,7 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, config: OptimConfig, ste
         group["lr"] = learning_rate(config, step, total_steps)
 
 
-def to_device(data, device):
-    """The same dataclass with every tensor field on `device` (a no-op on the CPU)."""
-    values = {}
-    for field in dataclasses.fields(data):
-        value = getattr(data, field.name)
-        values[field.name] = value.to(device) if isinstance(value, Tensor) else value
-    return type(data)(**values)
-
-
-def select_rows(data, rows: slice):
-    """The same dataclass with every per-row field (tensors on dim 0, tuples) cut to `rows`."""
-    values = {}
-    for field in dataclasses.fields(data):
-        value = getattr(data, field.name)
-        values[field.name] = value[rows] if isinstance(value, (Tensor, tuple)) else value
-    return type(data)(**values)
-
-
 def _autocast(mode: str):
-    import contextlib
-
     if mode == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

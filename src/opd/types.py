@@ -1,4 +1,5 @@
-"""The data objects that flow through one training step. Data only, no logic.
+"""The data objects that flow through one training step. Data only, and two helpers that copy it (to a
+device, a slice of rows).
 
 Shape vocabulary, used in every shape comment of the package:
     N  rollouts (sampled responses) in a batch
@@ -13,6 +14,7 @@ Log-prob names follow ALGORITHMS.md: lS student, lOld sampler, lT teacher, lR re
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -119,3 +121,46 @@ class TokenLoss:
     per_token: Tensor  # [N, T] float32, with gradient; zero where mask is False
     mask: Tensor  # [N, T] bool, tokens that bear loss (the aggregation denominator counts these)
     metrics: dict[str, Metric] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScoreRequest:
+    """Rows of responses for one model (a teacher or a reference) to score, and which scores to compute."""
+
+    prompt_ids: Tensor  # [n, P] long, left-padded (the scoring model's own rendering of the prompt)
+    prompt_mask: Tensor  # [n, P] bool
+    response_ids: Tensor  # [n, T] long
+    response_mask: Tensor  # [n, T] bool; M = response_mask.sum() tokens are scored
+    topk: int = 0  # K most likely tokens at each position; 0: none
+    with_entropy: bool = False  # H(pi) over the full vocabulary at each position
+    with_hidden: bool = False  # hidden states and output head, for full-vocabulary losses
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TokenScores:
+    """One model's detached scores of a ScoreRequest's response tokens, flattened over its response mask."""
+
+    logprobs: Tensor  # [M] float32, log-prob of each response token at the scoring temperature
+    topk_ids: Tensor | None = None  # [M, K] int32, most likely first
+    topk_logprobs: Tensor | None = None  # [M, K] float32
+    entropy: Tensor | None = None  # [M] float32
+    hidden: Tensor | None = None  # [n, T, H] hidden states at the response positions
+    head: tuple[Tensor, Tensor | None] | None = None  # (weight [V, H], bias [V] | None), with `hidden`
+
+
+def to_device(data, device):
+    """The same dataclass with every tensor field on `device` (a no-op on the CPU)."""
+    values = {}
+    for item in dataclasses.fields(data):
+        value = getattr(data, item.name)
+        values[item.name] = value.to(device) if isinstance(value, Tensor) else value
+    return type(data)(**values)
+
+
+def select_rows(data, rows: slice):
+    """The same dataclass with every per-row field (tensors on dim 0, tuples) cut to `rows`."""
+    values = {}
+    for item in dataclasses.fields(data):
+        value = getattr(data, item.name)
+        values[item.name] = value[rows] if isinstance(value, (Tensor, tuple)) else value
+    return type(data)(**values)

@@ -33,7 +33,7 @@ def _models(root: Path, hidden: int, layers: int, vocab: int):
 def run(quick: bool = False, repeats: int = 3) -> dict:
     from opd.assemble import assemble, seed_everything
     from opd.config import load_config
-    from opd.train import TrainState, build_optimizer, collect_settings_for, run_one_step, StepSettings
+    from opd.train import TrainState, build_optimizer, run_one_step
 
     hidden, layers, vocab, rows, tokens = (64, 2, 512, 8, 16) if quick else (256, 4, 4096, 32, 64)
     with tempfile.TemporaryDirectory() as folder:
@@ -52,14 +52,11 @@ def run(quick: bool = False, repeats: int = 3) -> dict:
         seed_everything(0)
         run_objects = assemble(config)
         state = TrainState(student=run_objects.student, optimizer=build_optimizer(run_objects.student, config.optim))
-        settings = StepSettings(aggregation="token-mean", micro_batch_size=rows, temperature=1.0, chunk_size=512,
-                                max_grad_norm=1.0)
-        collect_settings = collect_settings_for(config)
-        run_one_step(run_objects, state, config, settings, collect_settings, {})  # warm-up
+        run_one_step(run_objects, state)  # warm-up
         step_times, bare = [], {"generate": [], "teacher forward": [], "student forward + backward": []}
         for _ in range(repeats):
             started = time.perf_counter()
-            values = run_one_step(run_objects, state, config, settings, collect_settings, {})
+            values = run_one_step(run_objects, state)
             step_times.append(time.perf_counter() - started)
             for name, seconds in _bare_parts(run_objects, config, rows, tokens).items():
                 bare[name].append(seconds)
@@ -75,7 +72,7 @@ def _bare_parts(run_objects, config, rows: int, tokens: int) -> dict[str, float]
 
     from opd.rollout.batch import left_pad
 
-    student, teacher = run_objects.student, run_objects.scorers["default"].teacher
+    student, teacher = run_objects.student, run_objects.scorers["default"].teacher.model
     prompts, mask = left_pad(run_objects.prompt_ids[:rows], run_objects.sampling.pad_id)
     times = {}
     started = time.perf_counter()

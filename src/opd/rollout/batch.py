@@ -1,14 +1,17 @@
-"""The pieces of a rollout batch that every sampler shares: sampling settings, sampled responses, padding,
-cutting at the end of sequence, and assembling a RolloutBatch. No sampler lives here (rollout/hf.py,
-rollout/vllm.py).
+"""What every sampler shares: the `Sampler` protocol, sampling settings, sampled responses, teacher-prefix
+placement, padding, cutting at the end of sequence, and assembling a RolloutBatch.
+
+The samplers themselves live beside this module (hf.py: Hugging Face `generate`; vllm.py: a vLLM engine)
+and are chosen once, in assemble.py; nothing else asks which one it has.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from opd.types import RolloutBatch
 
@@ -23,6 +26,36 @@ class SamplingSettings:
     end_of_sequence_ids: tuple[int, ...]
     pad_id: int
     synced: bool = False  # more than one process shares the student (FSDP)
+
+
+class Sampler(Protocol):
+    """Samples responses for prompt rows; follows the training model's weights when told to."""
+
+    def sample(self, prompts: list[list[int]], settings: SamplingSettings,
+               prefixes: list[list[int]] | None = None) -> Responses:
+        """One response per prompt row, continuing `prefixes[i]` (teacher tokens, flagged `from_teacher`)
+        when given; the whole response, prefix included, is cut at settings.max_new_tokens."""
+        ...
+
+    def sync(self, model: nn.Module) -> None:
+        """Take `model`'s current weights (after an optimizer step); a no-op for a sampler that is the model."""
+        ...
+
+    def close(self) -> None:
+        """Free what the sampler holds (an engine's KV cache); a no-op when it holds nothing of its own."""
+        ...
+
+
+def place_prefixes(prefixes: list[list[int]], width: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """[N, width] ids holding each row's teacher prefix (cut at width) then padding, and its [N, width] bool
+    `from_teacher` flags; the sampler writes its continuation after the prefix."""
+    ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)
+    from_teacher = torch.zeros(len(prefixes), width, dtype=torch.bool)
+    for row, prefix in enumerate(prefixes):
+        take = min(len(prefix), width)
+        ids[row, :take] = torch.tensor(prefix[:take], dtype=torch.long)
+        from_teacher[row, :take] = True
+    return ids, from_teacher
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -98,6 +131,13 @@ def concatenate(parts: list[Responses], pad_id: int) -> Responses:
         truncated=torch.cat([p.truncated for p in parts]),
         from_teacher=_cat_right_padded([p.from_teacher for p in parts], False),
     )
+
+
+def sample_batch(sampler: Sampler, prompts: list[list[int]], prompt_indices: list[int], domains: list[str],
+                 settings: SamplingSettings, *, step: int, prefixes: list[list[int]] | None = None) -> RolloutBatch:
+    """One sampled response per prompt row (rows already repeated per sample), as a RolloutBatch."""
+    responses = sampler.sample(prompts, settings, prefixes)
+    return build_batch(prompts, prompt_indices, domains, responses, settings, step=step)
 
 
 def build_batch(prompts: list[list[int]], prompt_indices: list[int], domains: list[str], responses: Responses,

