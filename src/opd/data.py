@@ -43,7 +43,7 @@ def load_prompts(path: str, default_domain: str = "default") -> list[PromptRow]:
     if file.suffix in (".jsonl", ".json"):
         records = _read_jsonl(file)
     elif file.suffix == ".parquet":
-        import datasets
+        import datasets  # heavy (pyarrow); only parquet files need it
 
         dataset = datasets.Dataset.from_parquet(str(file))
         records = [(f"{file}: row {i + 1}", dict(record)) for i, record in enumerate(dataset)]

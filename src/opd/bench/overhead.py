@@ -16,11 +16,16 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
+
+from opd.assemble import assemble, seed_everything
+from opd.config import load_config
+from opd.rollout.batch import left_pad
+from opd.runtime.tiny import build_model, build_tokenizer
+from opd.train import TrainState, build_optimizer, run_one_step
 
 
 def _models(root: Path, hidden: int, layers: int, vocab: int):
-    from opd.runtime.tiny import build_model, build_tokenizer
-
     corpus = [f"problem {i}: what is {i} plus {2 * i}? the answer is {3 * i}." for i in range(2000)]
     tokenizer = build_tokenizer(root / "student", corpus=corpus, vocab_size=vocab)
     build_model(root / "student", tokenizer, hidden_size=hidden, num_layers=layers, num_heads=4, seed=0)
@@ -31,10 +36,6 @@ def _models(root: Path, hidden: int, layers: int, vocab: int):
 
 
 def run(quick: bool = False, repeats: int = 3) -> dict:
-    from opd.assemble import assemble, seed_everything
-    from opd.config import load_config
-    from opd.train import TrainState, build_optimizer, run_one_step
-
     hidden, layers, vocab, rows, tokens = (64, 2, 512, 8, 16) if quick else (256, 4, 4096, 32, 64)
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
@@ -68,10 +69,6 @@ def run(quick: bool = False, repeats: int = 3) -> dict:
 
 
 def _bare_parts(run_objects, config, rows: int, tokens: int) -> dict[str, float]:
-    from transformers import GenerationConfig
-
-    from opd.rollout.batch import left_pad
-
     student, teacher = run_objects.student, run_objects.scorers["default"].teacher.model
     prompts, mask = left_pad(run_objects.prompt_ids[:rows], run_objects.sampling.pad_id)
     times = {}

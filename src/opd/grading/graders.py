@@ -9,12 +9,16 @@ and an evaluation score agree.
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
+import multiprocessing.util
 import re
 import threading
 from functools import lru_cache
 from typing import Callable, Protocol
 
 from opd.data import PromptRow
+from opd.grading.sandbox import check_program
 
 
 class Grader(Protocol):
@@ -48,7 +52,7 @@ _MATH_LOCK = threading.Lock()
 
 
 def _verify_in_worker(gold: str, completion: str) -> bool:
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # imported in the spawned verifier process, not the trainer
 
     gold_parsed = parse(gold if "$" in gold or "\\boxed" in gold else f"${gold}$")
     return bool(verify(gold_parsed, parse(completion)))
@@ -60,10 +64,6 @@ def grade_math_answer(gold: str, completion: str) -> bool:
     Calls are serialised (graders run in thread pools): each verification takes about a millisecond, and
     the timeout must measure this job alone, not a queue of other threads' jobs.
     """
-    import concurrent.futures
-    import multiprocessing
-    import multiprocessing.util
-
     global _MATH_POOL
     with _MATH_LOCK:
         if _MATH_POOL is None:
@@ -108,8 +108,6 @@ def extract_code(completion: str) -> str:
 def program_passes(program: str, tests: str) -> bool:
     """One sandbox run per distinct (program, tests): an RL policy repeats its programs across samples and
     steps, and a sandbox start costs ~70 ms. A program is judged once; its verdict (a timeout included) stands."""
-    from opd.grading.sandbox import check_program
-
     return check_program(program, tests).passed
 
 

@@ -27,6 +27,10 @@ from opd.lab.tasks import DOMAINS, problems
 RESULT = "result.json"
 
 
+# The parent process only schedules jobs and never imports torch or the training stack; each job imports
+# them in its worker (below, and in `execute`), so the imports there stay inside the functions.
+
+
 def _initialize_worker() -> None:
     import torch
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from opd.runtime import distributed
+from opd.runtime.lora import is_adapted, save_adapter, save_merged
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step_"
@@ -34,8 +35,6 @@ class CheckpointRecord:
 def save_model(student, tokenizer, folder: Path) -> None:
     """The student as an HF folder; under FSDP every rank gathers, rank 0 writes. A LoRA student is
     written merged (an ordinary HF folder) with its adapter beside it in `<folder>_adapter`."""
-    from opd.runtime.lora import is_adapted, save_adapter, save_merged
-
     if is_adapted(student):
         save_merged(student, folder)
         save_adapter(student, folder.with_name(folder.name + "_adapter"))
@@ -64,8 +63,6 @@ def save_checkpoint(run_dir: Path, student, tokenizer, optimizer, record: Checkp
     distributed.barrier()
     torch.save(_rng_states(), partial / f"rng_{distributed.rank()}.pt")  # each rank's own streams
     torch.save(rank_state or {}, partial / f"state_{distributed.rank()}.pt")
-    from opd.runtime.lora import is_adapted, save_adapter
-
     if is_adapted(student):
         save_adapter(student, partial / "adapter")  # resume loads the base from student.path plus this
     else:

@@ -9,6 +9,7 @@ HF folder) and, beside it, the adapter.
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 
 def attach_adapters(model: nn.Module, settings, adapter_path: str | None = None) -> nn.Module:
     """Wrap `model` in a trainable peft LoRA model (new adapters, or the ones saved at adapter_path)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model  # the optional lora extra: imported when used
 
     if adapter_path is not None:
         return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
@@ -60,7 +61,5 @@ def save_adapter(model, folder: Path) -> None:
 
 def save_merged(model, folder: Path, state_dict: dict | None = None) -> None:
     """An ordinary HF folder with the adapters merged into the weights (the adapted model is unchanged)."""
-    import copy
-
     merged = copy.deepcopy(model).merge_and_unload()
     merged.save_pretrained(str(folder))

@@ -11,6 +11,10 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
+
+from opd.runtime.lora import causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -19,8 +23,6 @@ Messages = list[dict[str, str]]
 
 def quiet_transformers() -> None:
     """Silence transformers' per-load progress bars and advice: opd draws its own progress."""
-    from transformers.utils import logging as transformers_logging
-
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
 
@@ -39,8 +41,6 @@ def check_model_folder(path: str, key: str) -> Path:
 
 def load_model(path: str, dtype: str = "float32", *, key: str = "model", trainable: bool = False) -> nn.Module:
     """A causal LM from a local folder; frozen and in eval mode unless trainable."""
-    from transformers import AutoModelForCausalLM
-
     check_model_folder(path, key)
     quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
@@ -55,8 +55,6 @@ def load_model(path: str, dtype: str = "float32", *, key: str = "model", trainab
 
 
 def load_tokenizer(path: str, *, key: str = "model", chat_template: str | None = None):
-    from transformers import AutoTokenizer
-
     check_model_folder(path, key)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if chat_template is not None:
@@ -105,6 +103,4 @@ def end_of_sequence_ids(model: nn.Module, tokenizer) -> tuple[int, ...]:
 
 
 def output_width(model: nn.Module) -> int:
-    from opd.runtime.lora import causal_lm
-
     return int(causal_lm(model).get_output_embeddings().weight.shape[0])

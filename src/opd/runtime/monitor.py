@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 # The figures the progress bar shows, in order, with short labels; absent ones are skipped.
 _PROGRESS_FIGURES = (
     ("teacher/kl_k1", "kl1"),
@@ -47,13 +49,11 @@ class MetricsLogger:
         self._file = self.path.open("a", encoding="utf-8")
         self._tensorboard = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: only when asked
 
             self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         self._progress = None
         if progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
             self._progress = Progress(
                 TextColumn("[bold]opd train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                 TextColumn("{task.fields[figures]}"),
