@@ -112,9 +112,6 @@ def run_command(args) -> None:
         print(f"opd: demo finished; runs (metrics.jsonl, final/ student folders) under {args.output_dir}")
 
 
-if __name__ == "__main__":
-    main()
-
 
 def run_bench(name: str, quick: bool, output: str | None, tokens: list[int] | None = None) -> None:
     import json
@@ -181,3 +178,7 @@ def run_eval(args) -> None:
     results = evaluate(benchmarks, settings, args.output_dir, model_dir=args.model, responses_path=args.responses)
     print(format_table(results))
     print(f"opd: every sample with its grade and reason in {args.output_dir}/results.json")
+
+
+if __name__ == "__main__":
+    main()
