@@ -15,10 +15,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-# Teacher log-probs of -inf (a token the teacher's distribution excludes) would make the OPD advantage
-# -inf. ALGORITHMS §5: clamp to a floor and count it.
-DEFAULT_LOGPROB_FLOOR = -30.0
-
 
 def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     """The (weight [V, H], bias [V] | None) of a causal LM's output projection.

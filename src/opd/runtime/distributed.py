@@ -121,14 +121,6 @@ def gather_objects(value) -> list:
     return gathered
 
 
-def broadcast_object(value):
-    if world_size() == 1:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
