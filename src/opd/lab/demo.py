@@ -1,4 +1,4 @@
-"""The README's embedded default until the lab exists: build two tiny models and distill one into the other.
+"""`opd demo`: build two tiny models on the CPU and distill one into the other.
 
 A teacher is taught small sums by plain next-token training until it is nearly always right; a student is
 taught briefly (it knows the answer format, rarely the sum) and then learns from the teacher by on-policy
