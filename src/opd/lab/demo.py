@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from opd.config import load_config
-from opd.runtime.tiny import build_model, build_tokenizer
+from opd.runtime.tiny import build_model, build_tokenizer, sft_batch
 from opd.train import train
 
 
@@ -37,17 +37,15 @@ def teach(folder: Path, tokenizer, problems: list[tuple[str, str]], steps: int, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(steps):
         batch = [problems[(step * 16 + i) % len(problems)] for i in range(16)]
-        sequences, labels = [], []
+        examples = []
         for question, answer in batch:
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                                    add_generation_prompt=True)
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            sequences.append(prompt_ids + answer_ids)
-            labels.append([-100] * len(prompt_ids) + answer_ids)
-        width = max(len(s) for s in sequences)
-        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in sequences])
-        targets = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+            examples.append((tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                             tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]))
+        # The demo's models have always trained without the attention mask: with right padding it only
+        # changes what the padding positions see, which carry no loss.
+        ids, _, targets = sft_batch(examples, tokenizer.pad_token_id)
         loss = model(input_ids=ids, labels=targets).loss
         loss.backward()
         optimizer.step()

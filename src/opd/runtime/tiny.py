@@ -97,6 +97,21 @@ def build_model(
     return model
 
 
+def sft_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token training tensors for (prompt ids, response ids) pairs, right-padded to the longest.
+
+    Returns input_ids [B, L], attention_mask [B, L] (1 on real tokens) and labels [B, L]: the response ids,
+    -100 on the prompt and the padding, so the loss counts response tokens only.
+    """
+    sequences = [prompt + response for prompt, response in examples]
+    labels = [[-100] * len(prompt) + response for prompt, response in examples]
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    targets = torch.tensor([t + [-100] * (width - len(t)) for t in labels])
+    return ids, mask, targets
+
+
 def perturb_model(source: str | Path, folder: str | Path, *, scale: float = 0.5, seed: int = 1):
     """A copy of the model at `source` with Gaussian noise added to every weight (a different teacher)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
