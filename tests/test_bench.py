@@ -5,8 +5,11 @@ docs/benchmarks.md, measured by the full commands."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+from opd.bench import run_in_subprocess
 
 
 def run_bench(name, tmp_path):
@@ -48,3 +51,19 @@ def test_bench_rollout_quick(tmp_path):
     assert all("error" not in r for r in raw["results"]), raw["results"]
     assert all(r["tokens"] > 0 and r["tokens_per_second"] > 0 for r in raw["results"])
     assert "throughput / HF generate" in table
+
+
+def test_a_variant_runs_in_its_own_process_and_its_failure_is_reported(tmp_path):
+    (tmp_path / "fake_variant.py").write_text(
+        "import json, sys, time\n"
+        "variant = sys.argv[1]\n"
+        "if variant == 'slow': time.sleep(60)\n"
+        "if variant == 'broken': raise RuntimeError('out of ideas at ' + sys.argv[2])\n"
+        "print('a log line first')\n"
+        "print(json.dumps({'variant': variant, 'args': sys.argv[2:]}))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    assert run_in_subprocess("fake_variant", "fine", "7", env=env) == {"variant": "fine", "args": ["7"]}
+    assert run_in_subprocess("fake_variant", "broken", "7", env=env) == {
+        "variant": "broken", "error": "RuntimeError: out of ideas at 7"}
+    assert run_in_subprocess("fake_variant", "slow", env=env, timeout=1) == {
+        "variant": "slow", "error": "timeout after 1s"}
