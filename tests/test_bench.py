@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from opd.bench import run_in_subprocess
 
 
@@ -33,9 +35,14 @@ def test_bench_memory_quick(tmp_path):
 
 def test_bench_overhead_quick(tmp_path):
     table, raw = run_bench("overhead", tmp_path)
-    assert "ratio (opd / bare)" in table
-    assert raw["results"]["ratio"] > 0 and set(raw["results"]["parts_seconds"]) == {
-        "generate", "teacher forward", "student forward + backward"}
+    result, parts = raw["results"], raw["results"]["parts_seconds"]
+    assert set(parts) == {"generate", "teacher forward", "student forward + backward"}
+    assert result["step_seconds"] > 0 and all(seconds > 0 for seconds in parts.values()), result
+    assert result["response_tokens"] > 0
+    # The ratio is the measured step over the sum of the measured bare parts, and the table prints that one.
+    assert result["ratio"] == pytest.approx(result["step_seconds"] / sum(parts.values()))
+    assert f"| **ratio (opd / bare)** | {result['ratio']:.3f} |" in table
+    assert f"| **sum of bare parts** | {sum(parts.values()):.3f} |" in table
 
 
 def test_bench_step_quick(tmp_path):

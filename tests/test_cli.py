@@ -52,8 +52,7 @@ def test_opd_train_reports_a_bad_config_and_exits_nonzero(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_configs_are_valid(path):
-    config = load_config(path)
-    assert config.teachers
+    load_config(path)  # the load is the test: it validates every field and raises on a bad one
 
 
 def test_demo_runs_and_the_student_moves_toward_the_teacher(tmp_path):
