@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from opd.evaluate import benchmarks as benchmark_module
-from opd.evaluate.benchmarks import BENCHMARKS, BenchmarkDataError, load_benchmark
+from opd.evaluate.benchmarks import BENCHMARKS, load_benchmark
 from opd.evaluate.grading import grade, grade_all, mc_letter, pass_at_k
+from opd.evaluate.problem import BenchmarkDataError, Problem
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
@@ -169,7 +170,6 @@ def test_every_ifeval_instruction_type_runs_without_nltk_downloads():
 
 def test_ifeval_prompt_and_instruction_level_scores():
     """Prompt level: all of a prompt's instructions followed; instruction level: each one counted alone."""
-    from opd.evaluate.benchmarks import Problem
     from opd.evaluate.run import score
 
     two = Problem(benchmark="ifeval", problem_id="two", domain="instruction_following", prompt="Write something.",

@@ -5,20 +5,12 @@ from __future__ import annotations
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-from opd.evaluate.benchmarks import Problem
+from opd.evaluate.problem import Grade, Problem
 from opd.grading.graders import extract_code, grade_math_answer
 from opd.grading.sandbox import SandboxLimits, check_program
 
 CODE_LIMITS = SandboxLimits(timeout_seconds=10.0)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Grade:
-    correct: bool
-    reason: str
-    instructions: dict[str, list[bool]] | None = None  # ifeval: per instruction, strict and loose
 
 
 _MC_PATTERNS = (

