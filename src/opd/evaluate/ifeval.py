@@ -26,7 +26,7 @@ def punkt_data() -> Path:
     root = Path(os.environ.get("OPD_NLTK_DATA", Path.home() / ".cache" / "opd" / "nltk_data"))
     folder = root / "tokenizers" / "punkt_tab" / "english"
     if not (folder / "ortho_context.tab").is_file():
-        from punkt.data import english
+        from punkt.data import english  # the carrier of the punkt data, read once to build the folder
 
         folder.mkdir(parents=True, exist_ok=True)
         files = {
@@ -58,7 +58,7 @@ def checker():
 def _load_checker():
     if _CHECKER_NAME in sys.modules:
         return sys.modules[_CHECKER_NAME]
-    import nltk
+    import nltk  # heavy; only the checker needs it, once the punkt data is in place
 
     nltk.data.path.insert(0, str(punkt_data()))
     folder = _checker_folder()

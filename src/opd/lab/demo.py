@@ -14,8 +14,15 @@ import shutil
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM
 
 from opd.config import load_config
+from opd.grading.graders import final_answer
+from opd.rollout.batch import left_pad
+from opd.runtime.models import load_model, load_tokenizer, render_prompt
+from opd.runtime.monitor import read_metrics
 from opd.runtime.tiny import build_model, build_tokenizer, sft_batch
 from opd.train import train
 
@@ -30,8 +37,6 @@ def arithmetic_problems(count: int, seed: int, held_out: bool = False) -> list[t
 
 def teach(folder: Path, tokenizer, problems: list[tuple[str, str]], steps: int, seed: int) -> None:
     """Plain supervised next-token training of a tiny model on (prompt, answer) pairs."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -95,10 +100,6 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 150, teacher_steps: int
 @torch.no_grad()
 def exact_match(folder: Path, problems: list[tuple[str, str]]) -> float:
     """Greedy answers of the model at `folder` whose final number equals the true sum."""
-    from opd.grading.graders import final_answer
-    from opd.runtime.models import load_model, load_tokenizer, render_prompt
-    from opd.rollout.batch import left_pad
-
     model, tokenizer = load_model(str(folder)), load_tokenizer(str(folder))
     prompts, mask = left_pad([render_prompt(tokenizer, q, "chat") for q, _ in problems], tokenizer.pad_token_id)
     output = model.generate(input_ids=prompts, attention_mask=mask.long(), do_sample=False, max_new_tokens=16,
@@ -108,11 +109,6 @@ def exact_match(folder: Path, problems: list[tuple[str, str]]) -> float:
 
 
 def print_summary(root: Path, evaluation: dict, before: dict, teacher: Path, finals: dict[str, Path]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from opd.runtime.monitor import read_metrics
-
     table = Table(title="opd demo: distilling a tiny arithmetic teacher (greedy exact match on 64 sums)")
     for column in ("model", "teacher KL (k1), first step", "last 5 steps", *evaluation):
         table.add_column(column, justify="left" if column == "model" else "right")

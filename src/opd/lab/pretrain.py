@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from opd.lab.tasks import DOMAINS, Demonstrations, demonstration
 from opd.runtime.models import load_model, render_prompt
@@ -45,8 +46,6 @@ def build_lab_tokenizer(folder: Path, seed: int = 0):
 def pretrain(folder: Path, tokenizer_folder: Path, shape: ModelShape, settings: PretrainSettings,
              style: Demonstrations, seed: int, progress=None) -> list[float]:
     """Build a model at `folder` and train it on freshly drawn demonstrations; returns the loss curve."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
     build_model(folder, tokenizer, hidden_size=shape.hidden_size, num_layers=shape.num_layers,
                 num_heads=shape.num_heads, seed=seed)

@@ -352,6 +352,7 @@ def temperature_section(data: Results, sweep: dict[float, list[dict]], scale: Sc
 
 
 def write_plots(root: Path, results: list[dict]) -> list[str]:
+    # Only the plots need matplotlib, and its backend must be chosen before pyplot is imported.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -26,6 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+# The torch.distributed.fsdp / .tensor / .checkpoint imports stay inside the multi-process functions:
+# torch builds without distributed support cannot import them, and one process never needs them.
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
