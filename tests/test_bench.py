@@ -5,8 +5,13 @@ docs/benchmarks.md, measured by the full commands."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
+
+from opd.bench import run_in_subprocess
 
 
 def run_bench(name, tmp_path):
@@ -30,9 +35,14 @@ def test_bench_memory_quick(tmp_path):
 
 def test_bench_overhead_quick(tmp_path):
     table, raw = run_bench("overhead", tmp_path)
-    assert "ratio (opd / bare)" in table
-    assert raw["results"]["ratio"] > 0 and set(raw["results"]["parts_seconds"]) == {
-        "generate", "teacher forward", "student forward + backward"}
+    result, parts = raw["results"], raw["results"]["parts_seconds"]
+    assert set(parts) == {"generate", "teacher forward", "student forward + backward"}
+    assert result["step_seconds"] > 0 and all(seconds > 0 for seconds in parts.values()), result
+    assert result["response_tokens"] > 0
+    # The ratio is the measured step over the sum of the measured bare parts, and the table prints that one.
+    assert result["ratio"] == pytest.approx(result["step_seconds"] / sum(parts.values()))
+    assert f"| **ratio (opd / bare)** | {result['ratio']:.3f} |" in table
+    assert f"| **sum of bare parts** | {sum(parts.values()):.3f} |" in table
 
 
 def test_bench_step_quick(tmp_path):
@@ -48,3 +58,19 @@ def test_bench_rollout_quick(tmp_path):
     assert all("error" not in r for r in raw["results"]), raw["results"]
     assert all(r["tokens"] > 0 and r["tokens_per_second"] > 0 for r in raw["results"])
     assert "throughput / HF generate" in table
+
+
+def test_a_variant_runs_in_its_own_process_and_its_failure_is_reported(tmp_path):
+    (tmp_path / "fake_variant.py").write_text(
+        "import json, sys, time\n"
+        "variant = sys.argv[1]\n"
+        "if variant == 'slow': time.sleep(60)\n"
+        "if variant == 'broken': raise RuntimeError('out of ideas at ' + sys.argv[2])\n"
+        "print('a log line first')\n"
+        "print(json.dumps({'variant': variant, 'args': sys.argv[2:]}))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    assert run_in_subprocess("fake_variant", "fine", "7", env=env) == {"variant": "fine", "args": ["7"]}
+    assert run_in_subprocess("fake_variant", "broken", "7", env=env) == {
+        "variant": "broken", "error": "RuntimeError: out of ideas at 7"}
+    assert run_in_subprocess("fake_variant", "slow", env=env, timeout=1) == {
+        "variant": "slow", "error": "timeout after 1s"}

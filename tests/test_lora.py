@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from conftest import make_config
-from test_train import parameters_of
+from support import parameters_of
 
 from opd.assemble import assemble, seed_everything
 from opd.runtime.lora import AdaptersDisabled, causal_lm

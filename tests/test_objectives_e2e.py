@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 from conftest import make_config
-from test_train import parameters_of
+from support import parameters_of
 
 from opd.grading import graders
 from opd.assemble import assemble, seed_everything

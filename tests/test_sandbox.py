@@ -287,5 +287,10 @@ def test_setup_failures_raise_and_programs_cannot_fake_them(monkeypatch):
         run_python("print('hi')", FAST)
 
 
-def test_isolation_level_matches_who_we_are():
-    assert isolation_level() == ("separate-uid" if os.geteuid() == 0 else "same-uid")
+def test_the_program_runs_as_another_uid_exactly_when_the_isolation_level_says_so():
+    result = run_python("import os; print(os.geteuid())", FAST)
+    assert result.passed, result.reason
+    program_uid = int(result.stdout)
+    assert program_uid != 0
+    assert isolation_level() in ("separate-uid", "same-uid")
+    assert (program_uid != os.geteuid()) == (isolation_level() == "separate-uid"), (program_uid, isolation_level())

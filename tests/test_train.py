@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import make_config
-from transformers import AutoModelForCausalLM
+from support import parameters_of
 
 from opd.assemble import assemble, seed_everything
 from opd.runtime.monitor import read_metrics
@@ -22,11 +22,6 @@ REQUIRED_METRICS = [
     "gopd/advantage_std", "optim/skipped_steps", "rollout/truncated_fraction",
     "perf/tokens_per_second", "loss", "optim/lr",
 ]
-
-
-def parameters_of(folder):
-    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def test_three_steps_move_parameters_write_metrics_and_save_an_hf_folder(model_dir, prompts_file, tmp_path):

@@ -8,13 +8,16 @@ gradient (unlike a per-micro-batch mean, the bug behind TRL #4719 and ms-swift #
 
 from __future__ import annotations
 
-from typing import Literal
+import typing
 
 import torch
 from torch import Tensor
 
-AggregationMode = Literal["token-mean", "seq-mean-token-mean", "token-sum"]
-MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "token-sum")
+# The names are declared once, as the config's Literal: config.py imports nothing from opd and no torch,
+# so `opd train` can check a config before importing torch; importing it from here adds no cycle.
+from opd.config import Aggregation
+
+MODES: tuple[str, ...] = typing.get_args(Aggregation)
 
 
 def count_denominator(mask: Tensor, mode: str) -> int:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
+import subprocess
 import sys
 
 from opd.config import load_config
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_command(args) -> None:
+    # Each command imports its own modules here: `opd --help` and a bad config answer without importing
+    # torch or transformers, which take seconds.
     if args.command == "train":
         config = load_config(args.config, args.overrides)  # fail on a bad config before launching anything
         if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
@@ -112,14 +117,8 @@ def run_command(args) -> None:
         print(f"opd: demo finished; runs (metrics.jsonl, final/ student folders) under {args.output_dir}")
 
 
-if __name__ == "__main__":
-    main()
-
 
 def run_bench(name: str, quick: bool, output: str | None, tokens: list[int] | None = None) -> None:
-    import json
-    import platform
-
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", str(min(os.cpu_count() or 1, 16)))))
@@ -157,8 +156,6 @@ def run_bench(name: str, quick: bool, output: str | None, tokens: list[int] | No
 
 def launch_torchrun(args) -> None:
     """`opd train ... --nproc N` is `torchrun --nproc-per-node N -m opd train ...` on this machine."""
-    import subprocess
-
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                "-m", "opd", "train", args.config, *args.overrides] + (["--resume"] if args.resume else [])
     completed = subprocess.run(command)
@@ -181,3 +178,7 @@ def run_eval(args) -> None:
     results = evaluate(benchmarks, settings, args.output_dir, model_dir=args.model, responses_path=args.responses)
     print(format_table(results))
     print(f"opd: every sample with its grade and reason in {args.output_dir}/results.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,9 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-# Teacher log-probs of -inf (a token the teacher's distribution excludes) would make the OPD advantage
-# -inf. ALGORITHMS §5: clamp to a floor and count it.
-DEFAULT_LOGPROB_FLOOR = -30.0
+from opd.runtime.lora import causal_lm
 
 
 def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
@@ -26,8 +24,6 @@ def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     Heads that transform logits after the projection (soft-capping, logit scales) would make our
     chunked log-probs differ from the model's own: refuse them instead of computing something else.
     """
-    from opd.runtime.lora import causal_lm
-
     model = causal_lm(model)
     config = getattr(model, "config", None)
     for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
@@ -58,8 +54,6 @@ def response_hidden_states(
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
     # Left padding: positions count real tokens only, as generation did, so scores match the sampler.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    from opd.runtime.lora import causal_lm
-
     body = causal_lm(model).base_model  # the decoder without the head; its last_hidden_state is post-norm
     outputs = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     hidden = outputs.last_hidden_state
@@ -68,7 +62,8 @@ def response_hidden_states(
     return hidden[:, prompt_width - 1 : prompt_width - 1 + response_ids.shape[1]]
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float = 1.0) -> Tensor:
+    """One chunk's logits [chunk, V] = hidden [chunk, H] @ weight.T + bias, in `score_dtype`, over temperature."""
     # In-place where possible: each [chunk, V] temporary is the dominant memory of the whole loss.
     logits = hidden @ weight.T
     if bias is not None:
@@ -81,7 +76,7 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperatu
 
 
 def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    return torch.log_softmax(_chunk_logits(hidden, weight, bias, temperature), dim=-1)
+    return torch.log_softmax(head_logits(hidden, weight, bias, temperature), dim=-1)
 
 
 def score_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -115,22 +110,14 @@ class _ChunkedStudentLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_gathered, _grad_entropy):
         hidden, weight, bias, target_ids, gather_ids = ctx.saved_tensors
-        temperature, chunk_size = ctx.temperature, ctx.chunk_size
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        # Accumulate the head's gradient in float32: summing thousands of bf16 chunk products loses bits.
-        dtype = score_dtype(hidden.dtype)
-        grad_weight = torch.zeros_like(weight, dtype=dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = None
-        if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = torch.zeros_like(bias, dtype=dtype)
+        temperature, dtype = ctx.temperature, score_dtype(hidden.dtype)
         if grad_logprobs is None:
             grad_logprobs = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)
         if grad_gathered is None:
             grad_gathered = torch.zeros(gather_ids.shape, dtype=dtype, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            stop = min(start + chunk_size, hidden.shape[0])
-            chunk_hidden = hidden[start:stop]
-            probs = torch.softmax(_chunk_logits(chunk_hidden, weight, bias, temperature), dim=-1)
+
+        def grad_logits_of(start: int, stop: int) -> Tensor:
+            probs = torch.softmax(head_logits(hidden[start:stop], weight, bias, temperature), dim=-1)
             g_target = grad_logprobs[start:stop]
             g_gather = grad_gathered[start:stop]
             # d log p_i / d z_j = [i == j] - p_j, summed over every log-prob that received a gradient.
@@ -139,18 +126,44 @@ class _ChunkedStudentLogprobs(torch.autograd.Function):
             grad_logits.scatter_add_(1, gather_ids[start:stop].long(), g_gather)
             if temperature != 1.0:
                 grad_logits.div_(temperature)
-            grad_logits = grad_logits.to(weight.dtype)
-            if grad_hidden is not None:
-                grad_hidden[start:stop] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T.to(dtype), chunk_hidden.to(dtype))
-            if grad_bias is not None:
-                grad_bias += grad_logits.to(dtype).sum(dim=0)
+            return grad_logits
+
+        grads = chunked_head_backward(hidden, weight, bias, grad_logits_of, chunk_size=ctx.chunk_size,
+                                      needs=ctx.needs_input_grad[:3], dtype=dtype)
+        return *grads, None, None, None, None, None
+
+
+def chunked_head_backward(
+    hidden: Tensor,  # [M, H]
+    weight: Tensor,  # [V, H]
+    bias: Tensor | None,  # [V]
+    grad_logits_of,  # (start, stop) -> the loss's gradient w.r.t. those tokens' logits [stop - start, V]
+    *,
+    chunk_size: int,
+    needs: tuple[bool, bool, bool],  # which of hidden, weight, bias want a gradient
+    dtype: torch.dtype,  # what the head's gradients accumulate in
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of hidden, weight and bias for a loss on logits = hidden @ weight.T + bias, one token
+    chunk at a time, so that only one chunk's [chunk, V] gradient exists at once."""
+    grad_hidden = torch.zeros_like(hidden) if needs[0] else None
+    # Accumulate the head's gradient in float32: summing thousands of bf16 chunk products loses bits.
+    grad_weight = torch.zeros_like(weight, dtype=dtype) if needs[1] else None
+    grad_bias = torch.zeros_like(bias, dtype=dtype) if bias is not None and needs[2] else None
+    for start in range(0, hidden.shape[0], chunk_size):
+        stop = min(start + chunk_size, hidden.shape[0])
+        chunk_hidden = hidden[start:stop]
+        grad_logits = grad_logits_of(start, stop).to(weight.dtype)
+        if grad_hidden is not None:
+            grad_hidden[start:stop] = grad_logits @ weight
         if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+            grad_weight.addmm_(grad_logits.T.to(dtype), chunk_hidden.to(dtype))
         if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+            grad_bias += grad_logits.to(dtype).sum(dim=0)
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
 
 
 def student_token_logprobs(

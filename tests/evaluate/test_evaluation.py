@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from opd.evaluate import benchmarks as benchmark_module
-from opd.evaluate.benchmarks import BENCHMARKS, BenchmarkDataError, load_benchmark
+from opd.evaluate.benchmarks import BENCHMARKS, load_benchmark
 from opd.evaluate.grading import grade, grade_all, mc_letter, pass_at_k
+from opd.evaluate.problem import BenchmarkDataError, Problem
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
@@ -168,13 +169,24 @@ def test_every_ifeval_instruction_type_runs_without_nltk_downloads():
 
 
 def test_ifeval_prompt_and_instruction_level_scores():
+    """Prompt level: all of a prompt's instructions followed; instruction level: each one counted alone."""
     from opd.evaluate.run import score
 
-    problem = next(p for p in load_benchmark("ifeval") if p.payload["instruction_ids"] == ["punctuation:no_comma"]
-                   or len(p.payload["instruction_ids"]) >= 2)
-    result = score([problem], {problem.problem_id: ["x", "y, z"]})
-    assert set(result["ifeval"]) == {"prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
-                                     "instruction_level_loose"}
+    two = Problem(benchmark="ifeval", problem_id="two", domain="instruction_following", prompt="Write something.",
+                  answer="punctuation:no_comma,change_case:english_lowercase",
+                  payload={"instruction_ids": ["punctuation:no_comma", "change_case:english_lowercase"],
+                           "kwargs": [{}, {}]})
+    one = Problem(benchmark="ifeval", problem_id="one", domain="instruction_following", prompt="Write more.",
+                  answer="punctuation:no_comma", payload={"instruction_ids": ["punctuation:no_comma"], "kwargs": [{}]})
+    completions = {"two": ["all lowercase and no commas", "lowercase, but a comma", "Capitals, And A Comma"],
+                   "one": ["No comma here", "A comma, here", "Still none"]}
+    result = score([two, one], completions)
+    # strict followed: two -> [T,T], [F,T], [F,F]; one -> [T], [F], [T]
+    prompt_level, instruction_level = 3 / 6, (2 + 1 + 0 + 1 + 0 + 1) / 9
+    assert result["ifeval"] == pytest.approx({"prompt_level_strict": prompt_level, "prompt_level_loose": prompt_level,
+                                              "instruction_level_strict": instruction_level,
+                                              "instruction_level_loose": instruction_level})
+    assert result["avg_at_k"] == pytest.approx((1 / 3 + 2 / 3) / 2)
 
 
 HOSTILE_COMPLETIONS = {

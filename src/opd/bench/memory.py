@@ -15,10 +15,14 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+from opd.bench import run_in_subprocess
+
+# torch and each variant's code (trl is not a dependency of opd) are imported inside `run_variant`, in the
+# variant's own process, so that it loads only what it measures.
 
 VARIANTS = ("naive", "opd", "trl")
 
@@ -98,18 +102,10 @@ def _loss(student_logprobs, teacher_logprobs, student_topk, teacher_topk, topk_f
 
 def measure(variant: str, size: MemorySize, timeout: float) -> dict:
     """Run one variant in a fresh interpreter; a failure (OOM, missing package) is reported, never hidden."""
-    command = [sys.executable, "-m", "opd.bench.memory", variant, str(size.tokens), str(size.vocab), str(size.hidden)]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
-    except subprocess.TimeoutExpired:
-        return {"variant": variant, "tokens": size.tokens, "error": f"timeout after {timeout:.0f}s"}
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["killed (likely out of memory)"])[-1]
-        if result.returncode < 0:
-            last = f"killed by signal {-result.returncode} (likely out of memory)"
-        return {"variant": variant, "tokens": size.tokens, "error": last[:160]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    result = run_in_subprocess("opd.bench.memory", variant, str(size.tokens), str(size.vocab), str(size.hidden),
+                               timeout=timeout,
+                               env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    return {"variant": variant, "tokens": size.tokens, **result}
 
 
 def benchmark(sizes, variants=VARIANTS, timeout: float = 1800.0) -> list[dict]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from opd.bench import run_in_subprocess
 
 QUICK = {"hidden": 64, "layers": 2, "heads": 2, "vocab": 512, "prompts": 8, "samples": 4, "new_tokens": 32,
          "repeats": 2}
@@ -74,18 +75,9 @@ def run_variant(variant: str, folder: str, size: dict) -> dict:
 
 def run(quick: bool = False) -> list[dict]:
     size = QUICK if quick else FULL
-    results = []
     with tempfile.TemporaryDirectory() as folder:
         build(Path(folder), size)
-        for variant in ("hf", "vllm"):
-            process = subprocess.run([sys.executable, "-m", "opd.bench.rollout", variant, folder, json.dumps(size)],
-                                     capture_output=True, text=True)
-            if process.returncode != 0:
-                last = (process.stderr.strip().splitlines() or ["failed"])[-1]
-                results.append({"variant": variant, "error": last[:200]})
-            else:
-                results.append(json.loads(process.stdout.strip().splitlines()[-1]))
-    return results
+        return [run_in_subprocess("opd.bench.rollout", variant, folder, json.dumps(size)) for variant in ("hf", "vllm")]
 
 
 def format_table(results: list[dict]) -> str:

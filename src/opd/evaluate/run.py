@@ -14,8 +14,11 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from opd.evaluate.benchmarks import Problem, load_benchmark
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from opd.evaluate.benchmarks import BENCHMARKS, load_benchmark
 from opd.evaluate.grading import average_at_k, grade_all, pass_at_k
+from opd.evaluate.problem import Problem
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -38,6 +41,7 @@ def _model_key(model_dir: Path, benchmark: str, settings: EvalSettings) -> str:
 def generate_completions(model_dir: str, problems: list[Problem], settings: EvalSettings, cache_dir: Path,
                          progress=None) -> dict[str, list[str]]:
     """K sampled completions per problem, from the cache where present."""
+    # Sampling imports torch and the model code; grading given responses (`--responses`) needs neither.
     import torch
 
     from opd.runtime.models import end_of_sequence_ids, load_model, load_tokenizer, render_prompt
@@ -131,10 +135,6 @@ def score(problems: list[Problem], completions: dict[str, list[str]], on_grade=N
 def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, model_dir: str | None = None,
              responses_path: str | None = None) -> dict:
     """Run (or grade given responses for) each benchmark; writes results.json; returns the results."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from opd.evaluate.benchmarks import BENCHMARKS
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {"settings": asdict(settings), "model": model_dir, "benchmarks": {}}

@@ -1,4 +1,4 @@
-"""The README's embedded default until the lab exists: build two tiny models and distill one into the other.
+"""`opd demo`: build two tiny models on the CPU and distill one into the other.
 
 A teacher is taught small sums by plain next-token training until it is nearly always right; a student is
 taught briefly (it knows the answer format, rarely the sum) and then learns from the teacher by on-policy
@@ -14,9 +14,16 @@ import shutil
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM
 
 from opd.config import load_config
-from opd.runtime.tiny import build_model, build_tokenizer
+from opd.grading.graders import final_answer
+from opd.rollout.batch import left_pad
+from opd.runtime.models import load_model, load_tokenizer, render_prompt
+from opd.runtime.monitor import read_metrics
+from opd.runtime.tiny import build_model, build_tokenizer, sft_batch
 from opd.train import train
 
 
@@ -30,24 +37,20 @@ def arithmetic_problems(count: int, seed: int, held_out: bool = False) -> list[t
 
 def teach(folder: Path, tokenizer, problems: list[tuple[str, str]], steps: int, seed: int) -> None:
     """Plain supervised next-token training of a tiny model on (prompt, answer) pairs."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(steps):
         batch = [problems[(step * 16 + i) % len(problems)] for i in range(16)]
-        sequences, labels = [], []
+        examples = []
         for question, answer in batch:
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                                    add_generation_prompt=True)
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            sequences.append(prompt_ids + answer_ids)
-            labels.append([-100] * len(prompt_ids) + answer_ids)
-        width = max(len(s) for s in sequences)
-        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in sequences])
-        targets = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+            examples.append((tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                             tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]))
+        # The demo's models have always trained without the attention mask: with right padding it only
+        # changes what the padding positions see, which carry no loss.
+        ids, _, targets = sft_batch(examples, tokenizer.pad_token_id)
         loss = model(input_ids=ids, labels=targets).loss
         loss.backward()
         optimizer.step()
@@ -97,10 +100,6 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 150, teacher_steps: int
 @torch.no_grad()
 def exact_match(folder: Path, problems: list[tuple[str, str]]) -> float:
     """Greedy answers of the model at `folder` whose final number equals the true sum."""
-    from opd.grading.graders import final_answer
-    from opd.runtime.models import load_model, load_tokenizer, render_prompt
-    from opd.rollout.batch import left_pad
-
     model, tokenizer = load_model(str(folder)), load_tokenizer(str(folder))
     prompts, mask = left_pad([render_prompt(tokenizer, q, "chat") for q, _ in problems], tokenizer.pad_token_id)
     output = model.generate(input_ids=prompts, attention_mask=mask.long(), do_sample=False, max_new_tokens=16,
@@ -110,11 +109,6 @@ def exact_match(folder: Path, problems: list[tuple[str, str]]) -> float:
 
 
 def print_summary(root: Path, evaluation: dict, before: dict, teacher: Path, finals: dict[str, Path]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from opd.runtime.monitor import read_metrics
-
     table = Table(title="opd demo: distilling a tiny arithmetic teacher (greedy exact match on 64 sums)")
     for column in ("model", "teacher KL (k1), first step", "last 5 steps", *evaluation):
         table.add_column(column, justify="left" if column == "model" else "right")

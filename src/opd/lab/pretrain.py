@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from opd.lab.tasks import DOMAINS, Demonstrations, demonstration
 from opd.runtime.models import load_model, render_prompt
-from opd.runtime.tiny import build_model, build_tokenizer
+from opd.runtime.tiny import build_model, build_tokenizer, sft_batch
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -45,8 +46,6 @@ def build_lab_tokenizer(folder: Path, seed: int = 0):
 def pretrain(folder: Path, tokenizer_folder: Path, shape: ModelShape, settings: PretrainSettings,
              style: Demonstrations, seed: int, progress=None) -> list[float]:
     """Build a model at `folder` and train it on freshly drawn demonstrations; returns the loss curve."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
     build_model(folder, tokenizer, hidden_size=shape.hidden_size, num_layers=shape.num_layers,
                 num_heads=shape.num_heads, seed=seed)
@@ -61,19 +60,14 @@ def pretrain(folder: Path, tokenizer_folder: Path, shape: ModelShape, settings: 
         lr_scale = min(1.0, (step + 1) / settings.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * max(lr_scale, 0.02)
-        sequences, labels = [], []
+        examples = []
         for _ in range(settings.batch_size):
             prompt, response = demonstration(rng.choice(settings.domains), rng, style)
             if prompt not in prompt_cache:
                 prompt_cache[prompt] = render_prompt(tokenizer, prompt, "chat")
-            prompt_ids = prompt_cache[prompt]
             response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            sequences.append(prompt_ids + response_ids)
-            labels.append([-100] * len(prompt_ids) + response_ids)
-        width = max(len(s) for s in sequences)
-        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in sequences])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-        targets = torch.tensor([t + [-100] * (width - len(t)) for t in labels])
+            examples.append((prompt_cache[prompt], response_ids))
+        ids, mask, targets = sft_batch(examples, tokenizer.pad_token_id)
         loss = model(input_ids=ids, attention_mask=mask, labels=targets).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 from opd.lab.plan import EXOPD_LAM, LAMS, MISMATCH_VARIANTS, Scale
@@ -63,225 +64,295 @@ def _run_mean(run: dict, key: str, reduce=lambda v: sum(v) / len(v)) -> float | 
     return reduce(values) if values else None
 
 
-def build_report(results: list[dict], scale: Scale) -> tuple[list[str], list[dict], dict]:
-    """Markdown lines, the findings, and the numbers for results.json."""
-    data = Results(results)
-    lines: list[str] = []
-    findings: list[dict] = []
-    numbers: dict = {}
+@dataclass(frozen=True)
+class Anchors:
+    """The single-model accuracies (accuracy, graded samples) every comparison is measured against."""
 
-    def finding(claim: str, source: str, diff: Interval, verdict: str, what: str, *, room: tuple[str, ...] = (),
-                unit: str = "points") -> None:
+    teacher: dict[str, tuple[float, int] | None]  # by domain: the grpo teacher
+    base: dict[str, tuple[float, int] | None]  # by domain: the pretrained base the students start from
+    large_teacher: tuple[float, int] | None
+    large_base: tuple[float, int] | None
+    gaps: dict[str, float]  # teacher − base accuracy: "sums", "programs", "large_sums" where both are measured
+
+
+def measure_anchors(data: Results) -> Anchors:
+    teacher = {d: data.single(f"teachers/{d}", d) for d in ("sums", "programs")}
+    base = {d: data.single(f"temperature/base-{d}", d) for d in ("sums", "programs")}
+    large_teacher, large_base = data.single("teachers/large_sums", "sums"), data.single("temperature/large-base-sums", "sums")
+    gaps = {d: (teacher[d][0] - base[d][0]) for d in teacher if teacher[d] and base[d]}
+    if large_teacher and large_base:
+        gaps["large_sums"] = large_teacher[0] - large_base[0]
+    return Anchors(teacher=teacher, base=base, large_teacher=large_teacher, large_base=large_base, gaps=gaps)
+
+
+class Findings:
+    """The verdict rows, in the order the sections add them."""
+
+    def __init__(self, gaps: dict[str, float]):
+        self.gaps = gaps
+        self.rows: list[dict] = []
+
+    def add(self, claim: str, source: str, diff: Interval, verdict: str, what: str, *, room: tuple[str, ...] = (),
+            unit: str = "points") -> None:
         """One verdict row. `room`: the teachers ("sums", "programs", "large_sums") whose gain over their base the
         finding needs; a teacher that is not clearly better than its base leaves nothing to distil or to pass,
         so such a comparison is inconclusive whatever its interval says."""
-        scale, digits = {"points": (100.0, 1), "tokens": (1.0, 1)}.get(unit, (1.0, 3))
-        evidence = (f"{what}: {diff.mean * scale:+.{digits}f}{' ' + unit if unit else ''}, "
-                    f"95% CI [{diff.low * scale:+.{digits}f}, {diff.high * scale:+.{digits}f}]")
-        short = [name for name in room if gaps.get(name, 0.0) < MINIMUM_GAP]
+        factor, digits = {"points": (100.0, 1), "tokens": (1.0, 1)}.get(unit, (1.0, 3))
+        evidence = (f"{what}: {diff.mean * factor:+.{digits}f}{' ' + unit if unit else ''}, "
+                    f"95% CI [{diff.low * factor:+.{digits}f}, {diff.high * factor:+.{digits}f}]")
+        short = [name for name in room if self.gaps.get(name, 0.0) < MINIMUM_GAP]
         if short:
             verdict = "inconclusive"
             evidence += (f" (teacher not {MINIMUM_GAP * 100:.0f} points above its base: {', '.join(short)}; "
                          "nothing to distil)")
-        findings.append({"claim": claim, "source": source, "verdict": verdict, "evidence": evidence,
-                         "difference": [diff.mean, diff.low, diff.high], "unit": unit})
+        self.rows.append({"claim": claim, "source": source, "verdict": verdict, "evidence": evidence,
+                          "difference": [diff.mean, diff.low, diff.high], "unit": unit})
 
-    teacher = {d: data.single(f"teachers/{d}", d) for d in ("sums", "programs")}
-    base = {d: data.single(f"temperature/base-{d}", d) for d in ("sums", "programs")}
-    large_teacher, large_base = data.single("teachers/large_sums", "sums"), data.single("temperature/large-base-sums", "sums")
 
-    lines += ["## Models", "", "Accuracy (%) on the held-out problems, sampled at temperature 1.", ""]
+def _all_greater(verdicts: set[str]) -> str:
+    """The verdict of a finding that needs every one of several differences to be positive."""
+    return ("reproduced" if verdicts == {"reproduced"} else
+            "not reproduced" if "not reproduced" in verdicts else "inconclusive")
+
+
+def build_report(results: list[dict], scale: Scale) -> tuple[list[str], list[dict], dict]:
+    """Markdown lines, the findings, and the numbers for results.json."""
+    data = Results(results)
+    anchors = measure_anchors(data)
+    findings = Findings(anchors.gaps)
+    sweep = {lam: data.runs("lam_sweep", lam=lam) for lam in LAMS}
+    lines = models_section(anchors)
+    numbers: dict = {"teacher_minus_base": anchors.gaps}
+    for section in (lam_sweep_section(data, anchors, sweep, findings),
+                    distillation_section(data, anchors, sweep, scale, findings),
+                    strong_to_weak_section(data, anchors, findings),
+                    mismatch_section(data, scale, findings)):
+        if section:
+            lines += section[0]
+            numbers.update(section[1])
+    lines += temperature_section(data, sweep, scale, findings)
+    return lines, findings.rows, numbers
+
+
+def models_section(anchors: Anchors) -> list[str]:
+    teacher, base, gaps = anchors.teacher, anchors.base, anchors.gaps
+    lines = ["## Models", "", "Accuracy (%) on the held-out problems, sampled at temperature 1.", ""]
     lines += _table(["model", "sums", "programs"], [
         ["base (pretrained on demonstrations with systematic errors)", _single_cell(base["sums"]), _single_cell(base["programs"])],
         ["sums teacher (grpo from the base)", _single_cell(teacher["sums"]), "—"],
         ["programs teacher (grpo from the base)", "—", _single_cell(teacher["programs"])],
-        ["large base", _single_cell(large_base), "—"],
-        ["large sums teacher (grpo from the large base)", _single_cell(large_teacher), "—"],
+        ["large base", _single_cell(anchors.large_base), "—"],
+        ["large sums teacher (grpo from the large base)", _single_cell(anchors.large_teacher), "—"],
     ])
-    gaps = {d: (teacher[d][0] - base[d][0]) for d in teacher if teacher[d] and base[d]}
-    if large_teacher and large_base:
-        gaps["large_sums"] = large_teacher[0] - large_base[0]
-    numbers["teacher_minus_base"] = gaps
     if gaps:
         lines += ["", "Teacher − base gap: " + ", ".join(f"{d} {g * 100:+.1f} points" for d, g in gaps.items())
                   + (f" (the comparisons need at least {MINIMUM_GAP * 100:.0f} on each)."
                      if all(g >= MINIMUM_GAP for g in gaps.values())
                      else f" — **below the {MINIMUM_GAP * 100:.0f} points the comparisons need**: the verdicts "
                           "that rest on such a teacher are inconclusive.")]
+    return lines
 
-    # λ sweep (G-OPD Figures 2-4)
-    sweep = {lam: data.runs("lam_sweep", lam=lam) for lam in LAMS}
-    if any(sweep.values()):
-        lines += ["", "## G-OPD reward scale λ (sums, one teacher, reference = the base)", ""]
-        rows = []
-        for lam, runs in sweep.items():
-            rows.append([f"{lam:g}", _cell(data.values(runs, "sums")),
-                         _cell(data.values(runs, "sums", field="length"), False),
-                         _cell(data.values(runs, "sums", field="entropy"), False)])
-        lines += _table(["λ", "accuracy (%)", "response tokens", "entropy (nats/token)"], rows)
-        numbers["lam_sweep"] = {f"{lam:g}": data.values(runs, "sums") for lam, runs in sweep.items()}
-        acc = {lam: data.values(runs, "sums") for lam, runs in sweep.items()}
-        if acc.get(1.0) and teacher["sums"]:
-            diff = difference(acc[1.0], *teacher["sums"])
-            finding("OPD (λ = 1) matches the teacher", "G-OPD Table 2 / Fig. 2", diff,
-                    verdict_equal(diff, EQUAL_MARGIN), f"OPD − teacher on sums (equal within ±{EQUAL_MARGIN * 100:.0f})",
-                    room=("sums",))
-        if acc.get(0.5) and acc.get(1.0) and base["sums"]:
-            low, high = difference(acc[0.5], *base["sums"]), difference(acc[1.0], acc[0.5])
-            verdicts = {verdict_greater(low), verdict_greater(high)}
-            verdict = ("reproduced" if verdicts == {"reproduced"} else
-                       "not reproduced" if "not reproduced" in verdicts else "inconclusive")
-            finding("0 < λ < 1 interpolates between the base and the teacher", "G-OPD Fig. 2",
-                    Interval(mean=min(low.mean, high.mean), low=min(low.low, high.low), high=min(low.high, high.high),
-                             n=low.n), verdict, "the smaller of (λ=0.5 − base) and (λ=1 − λ=0.5)", room=("sums",))
-        if acc.get(EXOPD_LAM) and teacher["sums"]:
-            diff = difference(acc[EXOPD_LAM], *teacher["sums"])
-            finding("ExOPD (λ = 1.25) beats the teacher (sums)", "G-OPD Table 2", diff, verdict_greater(diff),
-                    "ExOPD − teacher", room=("sums",))
-        if acc.get(EXOPD_LAM) and acc.get(1.0):
-            diff = difference(acc[EXOPD_LAM], acc[1.0])
-            finding("ExOPD beats OPD (sums)", "G-OPD Table 2", diff, verdict_greater(diff), "ExOPD − OPD",
-                    room=("sums",))
-            lengths = difference(data.values(sweep[EXOPD_LAM], "sums", field="length"),
-                                 data.values(sweep[1.0], "sums", field="length"))
-            finding("ExOPD's responses are longer than OPD's", "G-OPD §2.7 (length growth)", lengths,
-                    verdict_greater(lengths), "ExOPD − OPD mean response length", room=("sums",), unit="tokens")
-        if acc.get(1.5) and acc.get(EXOPD_LAM):
-            diff = difference(acc[EXOPD_LAM], acc[1.5])
-            finding("λ = 1.5 degrades against λ = 1.25", "G-OPD Fig. 2-4", diff, verdict_greater(diff), "λ1.25 − λ1.5",
-                    room=("sums",))
 
-    # Table 2 layout: single- and multi-teacher distillation
-    if data.runs("distillation"):
-        lines += ["", "## Single- and multi-teacher distillation (G-OPD Table 2 layout)", "",
-                  "Single-teacher OPD / ExOPD on sums are the λ sweep's λ = 1 and λ = 1.25 runs.", ""]
+def lam_sweep_section(data: Results, anchors: Anchors, sweep: dict[float, list[dict]],
+                      findings: Findings) -> tuple[list[str], dict] | None:
+    """G-OPD Figures 2-4: accuracy, length and entropy against the reward scale λ."""
+    if not any(sweep.values()):
+        return None
+    teacher, base = anchors.teacher, anchors.base
+    lines = ["", "## G-OPD reward scale λ (sums, one teacher, reference = the base)", ""]
+    rows = []
+    for lam, runs in sweep.items():
+        rows.append([f"{lam:g}", _cell(data.values(runs, "sums")),
+                     _cell(data.values(runs, "sums", field="length"), False),
+                     _cell(data.values(runs, "sums", field="entropy"), False)])
+    lines += _table(["λ", "accuracy (%)", "response tokens", "entropy (nats/token)"], rows)
+    numbers = {"lam_sweep": {f"{lam:g}": data.values(runs, "sums") for lam, runs in sweep.items()}}
+    acc = {lam: data.values(runs, "sums") for lam, runs in sweep.items()}
+    if acc.get(1.0) and teacher["sums"]:
+        diff = difference(acc[1.0], *teacher["sums"])
+        findings.add("OPD (λ = 1) matches the teacher", "G-OPD Table 2 / Fig. 2", diff,
+                     verdict_equal(diff, EQUAL_MARGIN), f"OPD − teacher on sums (equal within ±{EQUAL_MARGIN * 100:.0f})",
+                     room=("sums",))
+    if acc.get(0.5) and acc.get(1.0) and base["sums"]:
+        low, high = difference(acc[0.5], *base["sums"]), difference(acc[1.0], acc[0.5])
+        findings.add("0 < λ < 1 interpolates between the base and the teacher", "G-OPD Fig. 2",
+                     Interval(mean=min(low.mean, high.mean), low=min(low.low, high.low), high=min(low.high, high.high),
+                              n=low.n), _all_greater({verdict_greater(low), verdict_greater(high)}),
+                     "the smaller of (λ=0.5 − base) and (λ=1 − λ=0.5)", room=("sums",))
+    if acc.get(EXOPD_LAM) and teacher["sums"]:
+        diff = difference(acc[EXOPD_LAM], *teacher["sums"])
+        findings.add("ExOPD (λ = 1.25) beats the teacher (sums)", "G-OPD Table 2", diff, verdict_greater(diff),
+                     "ExOPD − teacher", room=("sums",))
+    if acc.get(EXOPD_LAM) and acc.get(1.0):
+        diff = difference(acc[EXOPD_LAM], acc[1.0])
+        findings.add("ExOPD beats OPD (sums)", "G-OPD Table 2", diff, verdict_greater(diff), "ExOPD − OPD",
+                     room=("sums",))
+        lengths = difference(data.values(sweep[EXOPD_LAM], "sums", field="length"),
+                             data.values(sweep[1.0], "sums", field="length"))
+        findings.add("ExOPD's responses are longer than OPD's", "G-OPD §2.7 (length growth)", lengths,
+                     verdict_greater(lengths), "ExOPD − OPD mean response length", room=("sums",), unit="tokens")
+    if acc.get(1.5) and acc.get(EXOPD_LAM):
+        diff = difference(acc[EXOPD_LAM], acc[1.5])
+        findings.add("λ = 1.5 degrades against λ = 1.25", "G-OPD Fig. 2-4", diff, verdict_greater(diff), "λ1.25 − λ1.5",
+                     room=("sums",))
+    return lines, numbers
 
-        def column(setting: str, method: str, domain: str) -> list[float]:
-            if setting == "single" and domain == "sums" and method in ("OPD", "ExOPD"):
-                return data.values(sweep.get(1.0 if method == "OPD" else EXOPD_LAM, []), "sums")
-            runs = [r for r in data.runs("distillation", method=method, setting=setting)
-                    if r["labels"]["domain"] in (domain, "both")]
-            return data.values(runs, domain)
 
-        rows = [["Teacher (domain teacher)", _single_cell(teacher["sums"]), _single_cell(teacher["programs"])],
-                ["Student (init)", _single_cell(base["sums"]), _single_cell(base["programs"])]]
-        table = {}
-        for setting in ("single", "multi"):
-            for method in ("SFT", "ExPO", "OPD", "ExOPD"):
-                table[(setting, method)] = {d: column(setting, method, d) for d in ("sums", "programs")}
-                rows.append([f"{setting}-teacher {method}", _cell(table[(setting, method)]["sums"]),
-                             _cell(table[(setting, method)]["programs"])])
-        lines += _table(["method", "sums", "programs"], rows)
-        lines += ["", "ExPO (α = {:g}) is a weight merge with no training randomness: one model per setting, "
-                  "compared through its binomial sampling error.".format(scale.expo_alpha)]
-        numbers["distillation"] = {f"{s}/{m}": v for (s, m), v in table.items()}
-        for domain in ("sums", "programs"):
-            values = table[("single", "ExOPD")][domain]
-            if values and teacher[domain] and domain == "programs":
-                diff = difference(values, *teacher[domain])
-                finding("ExOPD (λ = 1.25) beats the teacher (programs)", "G-OPD Table 2", diff,
-                        verdict_greater(diff), "ExOPD − teacher", room=("programs",))
-                diff = difference(values, table[("single", "OPD")][domain])
-                finding("ExOPD beats OPD (programs)", "G-OPD Table 2", diff, verdict_greater(diff), "ExOPD − OPD",
-                        room=("programs",))
-        multi = table[("multi", "ExOPD")]
-        if all(multi.values()) and all(teacher.values()):
-            diffs = [difference(multi[d], *teacher[d]) for d in ("sums", "programs")]
-            worst = min(diffs, key=lambda d: d.low)
-            verdicts = {verdict_greater(d) for d in diffs}
-            verdict = ("reproduced" if verdicts == {"reproduced"} else
-                       "not reproduced" if "not reproduced" in verdicts else "inconclusive")
-            finding("Multi-teacher ExOPD beats both domain teachers", "G-OPD Table 2", worst, verdict,
-                    "the weaker domain's ExOPD − teacher", room=("sums", "programs"))
-            pooled = [sum(p) / 2 for p in zip(multi["sums"], multi["programs"])]
-            for other in ("OPD", "SFT", "ExPO"):
-                if not all(table[("multi", other)].values()):
-                    continue
-                rival = [sum(p) / 2 for p in zip(table[("multi", other)]["sums"], table[("multi", other)]["programs"])]
-                if other == "ExPO":  # one merged model: its error is binomial over both domains' graded samples
-                    counts = [data.single("distillation/expo-multi", d) for d in ("sums", "programs")]
-                    diff = difference(pooled, rival[0], sum(c[1] for c in counts))
-                else:
-                    diff = difference(pooled, rival)
-                finding(f"Multi-teacher ExOPD beats multi-teacher {other}", "G-OPD Table 2", diff,
-                        verdict_greater(diff), f"ExOPD − {other}, mean of both domains", room=("sums", "programs"))
+def distillation_section(data: Results, anchors: Anchors, sweep: dict[float, list[dict]], scale: Scale,
+                         findings: Findings) -> tuple[list[str], dict] | None:
+    """G-OPD Table 2 layout: single- and multi-teacher SFT, ExPO, OPD and ExOPD on both domains."""
+    if not data.runs("distillation"):
+        return None
+    teacher, base = anchors.teacher, anchors.base
+    lines = ["", "## Single- and multi-teacher distillation (G-OPD Table 2 layout)", "",
+             "Single-teacher OPD / ExOPD on sums are the λ sweep's λ = 1 and λ = 1.25 runs.", ""]
+    rows = [["Teacher (domain teacher)", _single_cell(teacher["sums"]), _single_cell(teacher["programs"])],
+            ["Student (init)", _single_cell(base["sums"]), _single_cell(base["programs"])]]
+    table = {}
+    for setting in ("single", "multi"):
+        for method in ("SFT", "ExPO", "OPD", "ExOPD"):
+            table[(setting, method)] = {d: _distillation_values(data, sweep, setting, method, d)
+                                        for d in ("sums", "programs")}
+            rows.append([f"{setting}-teacher {method}", _cell(table[(setting, method)]["sums"]),
+                         _cell(table[(setting, method)]["programs"])])
+    lines += _table(["method", "sums", "programs"], rows)
+    lines += ["", "ExPO (α = {:g}) is a weight merge with no training randomness: one model per setting, "
+              "compared through its binomial sampling error.".format(scale.expo_alpha)]
+    numbers = {"distillation": {f"{s}/{m}": v for (s, m), v in table.items()}}
+    values = table[("single", "ExOPD")]["programs"]
+    if values and teacher["programs"]:
+        diff = difference(values, *teacher["programs"])
+        findings.add("ExOPD (λ = 1.25) beats the teacher (programs)", "G-OPD Table 2", diff,
+                     verdict_greater(diff), "ExOPD − teacher", room=("programs",))
+        diff = difference(values, table[("single", "OPD")]["programs"])
+        findings.add("ExOPD beats OPD (programs)", "G-OPD Table 2", diff, verdict_greater(diff), "ExOPD − OPD",
+                     room=("programs",))
+    _multi_teacher_findings(data, anchors, table, findings)
+    return lines, numbers
 
-    # Table 3 layout: strong-to-weak and reward correction
-    if data.runs("strong_to_weak"):
-        lines += ["", "## Strong-to-weak (G-OPD Table 3 / Fig. 6 layout; sums)", ""]
-        methods = ("OPD", "ExOPD", "ExOPD + reward correction")
-        values = {m: data.values(data.runs("strong_to_weak", method=m), "sums") for m in methods}
-        lines += _table(["student (small base)", "large teacher", *methods],
-                        [[_single_cell(base["sums"]), _single_cell(large_teacher), *(_cell(values[m]) for m in methods)]])
-        numbers["strong_to_weak"] = values
-        if values["ExOPD"] and values["OPD"]:
-            diff = difference(values["ExOPD"], values["OPD"])
-            finding("Strong-to-weak: ExOPD beats OPD", "G-OPD Table 3", diff, verdict_greater(diff), "ExOPD − OPD",
-                    room=("large_sums",))
-        if values["ExOPD + reward correction"] and values["ExOPD"]:
-            diff = difference(values["ExOPD + reward correction"], values["ExOPD"])
-            finding("Reward correction (reference = teacher's base) beats plain ExOPD", "G-OPD Fig. 6", diff,
-                    verdict_greater(diff), "ExOPD+RC − ExOPD", room=("large_sums",))
 
-    # TrOPD under a strong distribution mismatch
-    if data.runs("mismatch"):
-        mismatched = data.single("temperature/mismatched-base-sums", "sums")
-        lines += ["", "## Stability under mismatch (TrOPD; the sums teacher)", "",
-                  "The student was pretrained on the same demonstrations, half of them written with every symbol "
-                  "spaced (`7 + 5 = 1 2`), so many of its tokens are outliers under the teacher; answers are graded "
-                  f"blind to spacing. The student starts at {_single_cell(mismatched)}% "
-                  f"({scale.mismatch_steps} steps per run; untrusted = mean 1 − min(π_T/π_S, 1) over sampled tokens).", ""]
-        rows, accuracy, grad = [], {}, {}
-        for variant in MISMATCH_VARIANTS:
-            runs = data.runs("mismatch", method=variant)
-            accuracy[variant] = data.values(runs, "sums")
-            grad[variant] = [g for g in (_run_mean(r, "optim/grad_norm") for r in runs) if g is not None]
-            peaks = [g for g in (_run_mean(r, "optim/grad_norm", max) for r in runs) if g is not None]
-            untrusted = [u for u in (_run_mean(r, "teacher/untrusted_fraction") for r in runs) if u is not None]
-            rows.append([variant, _cell(accuracy[variant]), interval(grad[variant]).format(False) if grad[variant] else "—",
-                         interval(peaks).format(False) if peaks else "—",
-                         interval(untrusted).format() if untrusted else "—"])
-        lines += _table(["objective", "accuracy (%)", "mean grad norm", "max grad norm", "untrusted tokens (%)"], rows)
-        numbers["mismatch"] = {"accuracy": accuracy, "grad_norm": grad}
-        if accuracy.get("tropd-fkl") and accuracy.get("opd"):
-            diff = difference(accuracy["tropd-fkl"], accuracy["opd"])
-            finding("TrOPD (FKL outliers) beats OPD under mismatch", "TrOPD main table", diff, verdict_greater(diff),
-                    "TrOPD-FKL − OPD", room=("sums",))
-        if accuracy.get("tropd-fkl+guidance") and accuracy.get("tropd-fkl"):
-            diff = difference(accuracy["tropd-fkl+guidance"], accuracy["tropd-fkl"])
-            finding("Teacher-prefix guidance helps TrOPD", "TrOPD ablation (d)", diff, verdict_greater(diff),
-                    "FKL+guidance − FKL", room=("sums",))
-        if grad.get("opd") and grad.get("tropd-fkl"):
-            diff = difference(grad["opd"], grad["tropd-fkl"])
-            finding("TrOPD trains with smaller gradients than OPD (stability)", "TrOPD §3", diff, verdict_greater(diff),
-                    "OPD − TrOPD-FKL mean grad norm", unit="")
+def _distillation_values(data: Results, sweep: dict[float, list[dict]], setting: str, method: str,
+                         domain: str) -> list[float]:
+    if setting == "single" and domain == "sums" and method in ("OPD", "ExOPD"):
+        return data.values(sweep.get(1.0 if method == "OPD" else EXOPD_LAM, []), "sums")
+    runs = [r for r in data.runs("distillation", method=method, setting=setting)
+            if r["labels"]["domain"] in (domain, "both")]
+    return data.values(runs, domain)
 
-    # The control no paper ran: is ExOPD's gain more than temperature sharpening?
+
+def _multi_teacher_findings(data: Results, anchors: Anchors, table: dict[tuple[str, str], dict[str, list[float]]],
+                            findings: Findings) -> None:
+    teacher, multi = anchors.teacher, table[("multi", "ExOPD")]
+    if not (all(multi.values()) and all(teacher.values())):
+        return
+    diffs = [difference(multi[d], *teacher[d]) for d in ("sums", "programs")]
+    worst = min(diffs, key=lambda d: d.low)
+    findings.add("Multi-teacher ExOPD beats both domain teachers", "G-OPD Table 2", worst,
+                 _all_greater({verdict_greater(d) for d in diffs}), "the weaker domain's ExOPD − teacher",
+                 room=("sums", "programs"))
+    pooled = [sum(p) / 2 for p in zip(multi["sums"], multi["programs"])]
+    for other in ("OPD", "SFT", "ExPO"):
+        if not all(table[("multi", other)].values()):
+            continue
+        rival = [sum(p) / 2 for p in zip(table[("multi", other)]["sums"], table[("multi", other)]["programs"])]
+        if other == "ExPO":  # one merged model: its error is binomial over both domains' graded samples
+            counts = [data.single("distillation/expo-multi", d) for d in ("sums", "programs")]
+            diff = difference(pooled, rival[0], sum(c[1] for c in counts))
+        else:
+            diff = difference(pooled, rival)
+        findings.add(f"Multi-teacher ExOPD beats multi-teacher {other}", "G-OPD Table 2", diff,
+                     verdict_greater(diff), f"ExOPD − {other}, mean of both domains", room=("sums", "programs"))
+
+
+def strong_to_weak_section(data: Results, anchors: Anchors, findings: Findings) -> tuple[list[str], dict] | None:
+    """G-OPD Table 3 / Fig. 6 layout: a large teacher distilled into the small base, with reward correction."""
+    if not data.runs("strong_to_weak"):
+        return None
+    lines = ["", "## Strong-to-weak (G-OPD Table 3 / Fig. 6 layout; sums)", ""]
+    methods = ("OPD", "ExOPD", "ExOPD + reward correction")
+    values = {m: data.values(data.runs("strong_to_weak", method=m), "sums") for m in methods}
+    lines += _table(["student (small base)", "large teacher", *methods],
+                    [[_single_cell(anchors.base["sums"]), _single_cell(anchors.large_teacher),
+                      *(_cell(values[m]) for m in methods)]])
+    if values["ExOPD"] and values["OPD"]:
+        diff = difference(values["ExOPD"], values["OPD"])
+        findings.add("Strong-to-weak: ExOPD beats OPD", "G-OPD Table 3", diff, verdict_greater(diff), "ExOPD − OPD",
+                     room=("large_sums",))
+    if values["ExOPD + reward correction"] and values["ExOPD"]:
+        diff = difference(values["ExOPD + reward correction"], values["ExOPD"])
+        findings.add("Reward correction (reference = teacher's base) beats plain ExOPD", "G-OPD Fig. 6", diff,
+                     verdict_greater(diff), "ExOPD+RC − ExOPD", room=("large_sums",))
+    return lines, {"strong_to_weak": values}
+
+
+def mismatch_section(data: Results, scale: Scale, findings: Findings) -> tuple[list[str], dict] | None:
+    """TrOPD under a strong distribution mismatch: accuracy, gradient norms, untrusted tokens."""
+    if not data.runs("mismatch"):
+        return None
+    mismatched = data.single("temperature/mismatched-base-sums", "sums")
+    lines = ["", "## Stability under mismatch (TrOPD; the sums teacher)", "",
+             "The student was pretrained on the same demonstrations, half of them written with every symbol "
+             "spaced (`7 + 5 = 1 2`), so many of its tokens are outliers under the teacher; answers are graded "
+             f"blind to spacing. The student starts at {_single_cell(mismatched)}% "
+             f"({scale.mismatch_steps} steps per run; untrusted = mean 1 − min(π_T/π_S, 1) over sampled tokens).", ""]
+    rows, accuracy, grad = [], {}, {}
+    for variant in MISMATCH_VARIANTS:
+        runs = data.runs("mismatch", method=variant)
+        accuracy[variant] = data.values(runs, "sums")
+        grad[variant] = [g for g in (_run_mean(r, "optim/grad_norm") for r in runs) if g is not None]
+        peaks = [g for g in (_run_mean(r, "optim/grad_norm", max) for r in runs) if g is not None]
+        untrusted = [u for u in (_run_mean(r, "teacher/untrusted_fraction") for r in runs) if u is not None]
+        rows.append([variant, _cell(accuracy[variant]), interval(grad[variant]).format(False) if grad[variant] else "—",
+                     interval(peaks).format(False) if peaks else "—",
+                     interval(untrusted).format() if untrusted else "—"])
+    lines += _table(["objective", "accuracy (%)", "mean grad norm", "max grad norm", "untrusted tokens (%)"], rows)
+    if accuracy.get("tropd-fkl") and accuracy.get("opd"):
+        diff = difference(accuracy["tropd-fkl"], accuracy["opd"])
+        findings.add("TrOPD (FKL outliers) beats OPD under mismatch", "TrOPD main table", diff, verdict_greater(diff),
+                     "TrOPD-FKL − OPD", room=("sums",))
+    if accuracy.get("tropd-fkl+guidance") and accuracy.get("tropd-fkl"):
+        diff = difference(accuracy["tropd-fkl+guidance"], accuracy["tropd-fkl"])
+        findings.add("Teacher-prefix guidance helps TrOPD", "TrOPD ablation (d)", diff, verdict_greater(diff),
+                     "FKL+guidance − FKL", room=("sums",))
+    if grad.get("opd") and grad.get("tropd-fkl"):
+        diff = difference(grad["opd"], grad["tropd-fkl"])
+        findings.add("TrOPD trains with smaller gradients than OPD (stability)", "TrOPD §3", diff, verdict_greater(diff),
+                     "OPD − TrOPD-FKL mean grad norm", unit="")
+    return lines, {"mismatch": {"accuracy": accuracy, "grad_norm": grad}}
+
+
+_CONTROL_MODELS = (("base", "temperature/base-sums", "sums"), ("base", "temperature/base-programs", "programs"),
+                   ("sums teacher", "teachers/sums", "sums"), ("programs teacher", "teachers/programs", "programs"),
+                   ("large base", "temperature/large-base-sums", "sums"),
+                   ("mismatched base", "temperature/mismatched-base-sums", "sums"),
+                   ("large sums teacher", "teachers/large_sums", "sums"))
+
+
+def temperature_section(data: Results, sweep: dict[float, list[dict]], scale: Scale, findings: Findings) -> list[str]:
+    """The control no paper ran: is ExOPD's gain more than temperature sharpening?"""
     temperatures = scale.control_temperatures
-    if data.runs("temperature") or data.runs("models"):
-        lines += ["", "## Control: sharpening by temperature alone (accuracy %, by sampling temperature)", ""]
-        rows = []
-        for label, name, domain in (("base", "temperature/base-sums", "sums"), ("base", "temperature/base-programs", "programs"),
-                                    ("sums teacher", "teachers/sums", "sums"), ("programs teacher", "teachers/programs", "programs"),
-                                    ("large base", "temperature/large-base-sums", "sums"),
-                                    ("mismatched base", "temperature/mismatched-base-sums", "sums"),
-                                    ("large sums teacher", "teachers/large_sums", "sums")):
-            rows.append([f"{label} ({domain})", *(_single_cell(data.single(name, domain, t)) for t in temperatures)])
-        opd_runs = data.runs("lam_sweep", lam=1.0)
-        if opd_runs:
-            rows.append([f"OPD student (sums; {len(opd_runs)} seeds)",
-                         *(_cell(data.values(opd_runs, "sums", t)) for t in temperatures)])
-        lines += _table(["model", *(f"T = {t:g}" for t in temperatures)], rows)
-        sharpest = max((data.single("teachers/sums", "sums", t) or (0.0, 0) for t in temperatures[1:]), default=None)
-        exopd = data.values(sweep.get(EXOPD_LAM, []), "sums") if data.runs("lam_sweep") else []
-        if exopd and sharpest and sharpest[1]:
-            diff = difference(exopd, *sharpest)
-            finding("ExOPD's gain exceeds what sampling the teacher at a lower temperature gives", "control (ours)",
-                    diff, verdict_greater(diff), "ExOPD@T1 − best teacher@T<1", room=("sums",))
-    return lines, findings, numbers
+    if not (data.runs("temperature") or data.runs("models")):
+        return []
+    lines = ["", "## Control: sharpening by temperature alone (accuracy %, by sampling temperature)", ""]
+    rows = []
+    for label, name, domain in _CONTROL_MODELS:
+        rows.append([f"{label} ({domain})", *(_single_cell(data.single(name, domain, t)) for t in temperatures)])
+    opd_runs = data.runs("lam_sweep", lam=1.0)
+    if opd_runs:
+        rows.append([f"OPD student (sums; {len(opd_runs)} seeds)",
+                     *(_cell(data.values(opd_runs, "sums", t)) for t in temperatures)])
+    lines += _table(["model", *(f"T = {t:g}" for t in temperatures)], rows)
+    sharpest = max((data.single("teachers/sums", "sums", t) or (0.0, 0) for t in temperatures[1:]), default=None)
+    exopd = data.values(sweep.get(EXOPD_LAM, []), "sums") if data.runs("lam_sweep") else []
+    if exopd and sharpest and sharpest[1]:
+        diff = difference(exopd, *sharpest)
+        findings.add("ExOPD's gain exceeds what sampling the teacher at a lower temperature gives", "control (ours)",
+                     diff, verdict_greater(diff), "ExOPD@T1 − best teacher@T<1", room=("sums",))
+    return lines
 
 
 def write_plots(root: Path, results: list[dict]) -> list[str]:
+    # Only the plots need matplotlib, and its backend must be chosen before pyplot is imported.
     import matplotlib
 
     matplotlib.use("Agg")

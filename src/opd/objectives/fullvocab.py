@@ -12,13 +12,7 @@ import torch
 from torch import Tensor
 
 from opd.functional import generalized_jsd
-
-
-def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+from opd.scoring import chunked_head_backward, head_logits
 
 
 class _ChunkedGeneralizedJsd(torch.autograd.Function):
@@ -27,8 +21,8 @@ class _ChunkedGeneralizedJsd(torch.autograd.Function):
         losses = []
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
-            student_logits = _logits(hidden[start:stop], weight, bias)
-            teacher_logits = _logits(teacher_hidden[start:stop], teacher_weight, teacher_bias)
+            student_logits = head_logits(hidden[start:stop], weight, bias)
+            teacher_logits = head_logits(teacher_hidden[start:stop], teacher_weight, teacher_bias)
             losses.append(generalized_jsd(student_logits, teacher_logits, beta, temperature))
         ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
         ctx.settings = (beta, temperature, chunk_size)
@@ -40,27 +34,20 @@ class _ChunkedGeneralizedJsd(torch.autograd.Function):
     def backward(ctx, grad_loss):
         hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias = ctx.saved_tensors
         beta, temperature, chunk_size = ctx.settings
-        grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
-        grad_bias = torch.zeros_like(bias, dtype=grad_weight.dtype) if bias is not None else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            stop = start + chunk_size
-            chunk_hidden = hidden[start:stop]
-            teacher_logits = _logits(teacher_hidden[start:stop], teacher_weight, teacher_bias)
+
+        def grad_logits_of(start: int, stop: int) -> Tensor:
+            teacher_logits = head_logits(teacher_hidden[start:stop], teacher_weight, teacher_bias)
             with torch.enable_grad():
-                student_logits = _logits(chunk_hidden.detach(), weight.detach(), None if bias is None else bias.detach())
+                student_logits = head_logits(hidden[start:stop].detach(), weight.detach(),
+                                             None if bias is None else bias.detach())
                 student_logits.requires_grad_(True)
                 loss = generalized_jsd(student_logits, teacher_logits, beta, temperature)
                 (grad_logits,) = torch.autograd.grad(loss, student_logits, grad_loss[start:stop].to(loss.dtype))
-            grad_logits = grad_logits.to(weight.dtype)
-            grad_hidden[start:stop] = grad_logits @ weight
-            grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), chunk_hidden.to(grad_weight.dtype))
-            if grad_bias is not None:
-                grad_bias += grad_logits.to(grad_bias.dtype).sum(dim=0)
-        grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+            return grad_logits
+
+        grads = chunked_head_backward(hidden, weight, bias, grad_logits_of, chunk_size=chunk_size,
+                                      needs=(True, True, True), dtype=torch.promote_types(weight.dtype, torch.float32))
+        return *grads, None, None, None, None, None, None
 
 
 def chunked_generalized_jsd(

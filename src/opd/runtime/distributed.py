@@ -26,6 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+# The torch.distributed.fsdp / .tensor / .checkpoint imports stay inside the multi-process functions:
+# torch builds without distributed support cannot import them, and one process never needs them.
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -119,14 +122,6 @@ def gather_objects(value) -> list:
     gathered = [None] * world_size()
     dist.all_gather_object(gathered, value)
     return gathered
-
-
-def broadcast_object(value):
-    if world_size() == 1:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def barrier() -> None:

@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, Qwen3Config,
+                          Qwen3ForCausalLM)
+
+from opd.runtime.models import quiet_transformers
 
 SPECIAL_TOKENS = ("<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
@@ -32,9 +37,6 @@ def build_tokenizer(folder: str | Path, corpus: Iterable[str] = DEFAULT_CORPUS, 
     individual_digits: every digit is its own token (no merges across digits), which small arithmetic
     models need to learn carries.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if individual_digits:
@@ -67,10 +69,6 @@ def build_model(
     initializer_range: float = 0.02,  # larger: peakier distributions (log-prob comparisons that mean something)
 ):
     """A randomly initialised Qwen3-style causal LM saved (with the tokenizer) as an HF folder."""
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
-    from opd.runtime.models import quiet_transformers
-
     quiet_transformers()
     config = Qwen3Config(
         vocab_size=vocab_size or len(tokenizer),
@@ -97,10 +95,23 @@ def build_model(
     return model
 
 
+def sft_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token training tensors for (prompt ids, response ids) pairs, right-padded to the longest.
+
+    Returns input_ids [B, L], attention_mask [B, L] (1 on real tokens) and labels [B, L]: the response ids,
+    -100 on the prompt and the padding, so the loss counts response tokens only.
+    """
+    sequences = [prompt + response for prompt, response in examples]
+    labels = [[-100] * len(prompt) + response for prompt, response in examples]
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    targets = torch.tensor([t + [-100] * (width - len(t)) for t in labels])
+    return ids, mask, targets
+
+
 def perturb_model(source: str | Path, folder: str | Path, *, scale: float = 0.5, seed: int = 1):
     """A copy of the model at `source` with Gaussian noise added to every weight (a different teacher)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(str(source), local_files_only=True)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
