@@ -86,7 +86,7 @@ class Case:
 def make_case(dataset_row: bool = True) -> Case:
     rng = np.random.default_rng(7)
     r32 = lambda a: np.asarray(a, dtype=np.float32).astype(np.float64)  # noqa: E731
-    lengths = [6, 3, 4, 1, 5, 6, 2]
+    lengths = [6, 3, 4, 1, 5, 5, 2]  # row 0 is the truncated one: the two ranks' maxima differ
     domain = ("math", "math", "code", "code", "math", "code", "chat")  # chat: no teacher, no reference
     from_teacher = np.zeros((N, T), dtype=bool)
     from_teacher[1, :2] = True  # a two-token teacher prefix
@@ -114,7 +114,7 @@ def make_case(dataset_row: bool = True) -> Case:
         # Padding: finite garbage that any unmasked read would pick up.
         lS[i, lengths[i]:], lT[i, lengths[i]:], lR[i, lengths[i]:] = -1.0, -2.5, 0.5
         lOld[i, lengths[i]:], entropy[i, lengths[i]:], student_topk[i, lengths[i]:] = -4.0, 9.0, -0.1
-    return Case(lengths=lengths, domain=domain, truncated=[True, False, False, False, False, True, False],
+    return Case(lengths=lengths, domain=domain, truncated=[True, False, False, False, False, False, False],
                 from_teacher=from_teacher, from_dataset=[False, False, False, False, dataset_row, False, False],
                 has_teacher=has_teacher, has_reference=has_reference, lam=r32(lam).tolist(), floored=floored,
                 rewards=[1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0], lS=r32(lS), lT=r32(lT), lR=r32(lR), lOld=r32(lOld),
@@ -292,7 +292,7 @@ def test_implicit_reward_sign_and_rows_without_reference():
     metrics = as_floats(rollout_metrics(batch, teacher, logprobs, entropy))
     assert metrics["reward/math/implicit_max"] == approx(2.0)
     assert metrics["reward/math/implicit_mean"] == approx(reference_rollout(c, range(N))["reward/math/implicit_mean"])
-    only_code_with_reference = [c.lT[5, t] - c.lR[5, t] for t in range(6)] + [c.lT[2, t] - c.lR[2, t] for t in range(4)]
+    only_code_with_reference = [c.lT[5, t] - c.lR[5, t] for t in range(5)] + [c.lT[2, t] - c.lR[2, t] for t in range(4)]
     assert metrics["reward/code/implicit_mean"] == approx(mean(only_code_with_reference))
 
 
