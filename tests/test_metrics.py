@@ -30,7 +30,7 @@ import pytest
 import torch
 from metrics_worker import LR, table_train_step
 
-from opd.config import ObjectiveConfig
+from opd.config import GuidanceConfig, ObjectiveConfig
 from opd.metrics import as_floats, combine, rollout_metrics
 from opd.objectives import build_objective
 from opd.runtime import distributed
@@ -40,12 +40,16 @@ from opd.types import Metric, Reduce, RolloutBatch, StudentOutputs, TeacherScore
 REL, ABS = 1e-5, 1e-6
 N, T, K = 7, 6, 3
 IS_CAP = 1.5  # low, so that a good share of the tokens is truncated
-OBJECTIVES = ("opd", "gopd", "tropd")
+OBJECTIVES = ("opd", "gopd", "tropd", "grpo", "aopd", "fkl_topk", "opd+guidance")
+BETA = 0.1  # guidance
 QUANTILES = ("implicit_p1", "implicit_p99")
 
 
 def make_objective(name: str):
     """The one place objectives are built (their constructors are being refactored: adapt here)."""
+    if name == "opd+guidance":
+        return build_objective(ObjectiveConfig(name="opd", is_cap=IS_CAP,
+                                               guidance=GuidanceConfig(enabled=True, beta=BETA)))
     return build_objective(ObjectiveConfig(name=name, is_cap=IS_CAP))
 
 
@@ -70,6 +74,7 @@ class Case:
     lam: list[float]
     floored: np.ndarray  # [N, T] bool
     rewards: list[float]
+    group_advantages: list[float]  # grpo's, as if normalised within prompt groups
     lS: np.ndarray  # student
     lT: np.ndarray  # teacher
     lR: np.ndarray  # reference
@@ -117,9 +122,10 @@ def make_case(dataset_row: bool = True) -> Case:
     return Case(lengths=lengths, domain=domain, truncated=[True, False, False, False, False, False, False],
                 from_teacher=from_teacher, from_dataset=[False, False, False, False, dataset_row, False, False],
                 has_teacher=has_teacher, has_reference=has_reference, lam=r32(lam).tolist(), floored=floored,
-                rewards=[1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0], lS=r32(lS), lT=r32(lT), lR=r32(lR), lOld=r32(lOld),
-                entropy=r32(entropy), noise=r32(noise), student_topk=r32(student_topk),
-                teacher_topk=r32(teacher_topk))
+                rewards=[1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0],
+                group_advantages=r32([0.7, -0.7, 1.1, -0.3, -0.8, 0.5, 0.0]).tolist(),
+                lS=r32(lS), lT=r32(lT), lR=r32(lR), lOld=r32(lOld), entropy=r32(entropy), noise=r32(noise),
+                student_topk=r32(student_topk), teacher_topk=r32(teacher_topk))
 
 
 def tensors(case: Case):
@@ -132,6 +138,7 @@ def tensors(case: Case):
         from_teacher=torch.tensor(case.from_teacher), sampler_logprobs=f32(case.lOld),
         truncated=torch.tensor(case.truncated), domain=case.domain, prompt_index=tuple(range(N)),
         noise=f32(case.noise), from_dataset=torch.tensor(case.from_dataset), rewards=f32(case.rewards),
+        group_advantages=f32(case.group_advantages),
     )
     teacher = TeacherScores(
         logprobs=f32(case.lT), topk_ids=torch.zeros(N, T, K, dtype=torch.int32), topk_logprobs=f32(case.teacher_topk),
@@ -197,47 +204,79 @@ def reference_rollout(c: Case, rows) -> dict[str, float]:
 
 def reference_objective(name: str, c: Case, rows) -> dict[str, float]:
     """The objective's metrics, plus "loss" (token-mean over the rows' response tokens) and "grad" (its
-    derivative by a shift added to every student log-prob, which the table student uses)."""
+    derivative by a shift added to every student log-prob and top-k log-prob: the table student's parameter)."""
     tokens = [(i, t) for i in rows for t in range(T) if c.response(i, t) and not c.from_teacher[i, t]]
 
     def advantage(i, t):
         if name == "gopd":
             return c.lam[i] * (c.lT[i, t] - c.lR[i, t]) - (c.lS[i, t] - c.lR[i, t])
+        if name == "grpo":
+            return c.group_advantages[i]
         return c.lT[i, t] - c.lS[i, t]
 
-    def is_weight(i, t):
-        return min(math.exp(c.lS[i, t] - c.lOld[i, t]), IS_CAP)
+    def ratio(i, t):
+        return math.exp(c.lS[i, t] - c.lOld[i, t])
 
     def pg(area, on):
-        return {f"{area}/advantage_mean": mean(advantage(i, t) for i, t in on),
-                f"{area}/advantage_std": std(advantage(i, t) for i, t in on),
-                f"{area}/is_weight_mean": mean(is_weight(i, t) for i, t in on),
-                f"{area}/is_truncated_fraction": mean(float(math.exp(c.lS[i, t] - c.lOld[i, t]) >= IS_CAP)
-                                                      for i, t in on),
+        return {f"{area}/advantage_mean": mean(advantage(*x) for x in on),
+                f"{area}/advantage_std": std(advantage(*x) for x in on),
+                f"{area}/is_weight_mean": mean(min(ratio(*x), IS_CAP) for x in on),
+                f"{area}/is_truncated_fraction": mean(float(ratio(*x) >= IS_CAP) for x in on),
                 f"{area}/tokens": len(on)}
 
-    # value of the per-token loss, and its derivative by the shift: -w A for a policy-gradient token
-    loss = {(i, t): -is_weight(i, t) * advantage(i, t) for i, t in tokens}
-    grad = dict(loss)
-    if name != "tropd":
-        out = pg(name, tokens)
-    else:
+    def topk_mass(i, t):
+        return sum(math.exp(c.student_topk[i, t, k]) for k in range(K))
+
+    # Per-token loss value and its derivative by the shift. Policy gradient: -w A and -w A.
+    # Top-k forward KL: sum_k pT_k (lT_k - lS_k) and -sum_k pT_k.
+    loss, grad = {}, {}
+
+    def policy_gradient(on):
+        for x in on:
+            loss[x] = grad[x] = -min(ratio(*x), IS_CAP) * advantage(*x)
+
+    def forward_kl(on):
+        for i, t in on:
+            p = [math.exp(c.teacher_topk[i, t, k]) for k in range(K)]
+            loss[i, t] = sum(p[k] * (c.teacher_topk[i, t, k] - c.student_topk[i, t, k]) for k in range(K))
+            grad[i, t] = -sum(p)
+
+    if name in ("opd", "gopd", "grpo", "opd+guidance"):
+        area = name.split("+")[0]
+        policy_gradient(tokens)
+        out = pg(area, tokens)
+        if name == "grpo":
+            out["grpo/reward_mean"] = mean(c.rewards[i] for i in rows)
+        if name == "opd+guidance":  # beta (lT - lS) on teacher-prefix tokens
+            prefix = [(i, t) for i in rows for t in range(T) if c.response(i, t) and c.from_teacher[i, t]]
+            for i, t in prefix:
+                loss[i, t], grad[i, t] = BETA * (c.lT[i, t] - c.lS[i, t]), -BETA
+            out.update({"guidance/prefix_loss": mean(loss[x] for x in prefix), "guidance/prefix_tokens": len(prefix)})
+    elif name == "tropd":
         trust = {(i, t): min(math.exp(c.lT[i, t] - c.lS[i, t]), 1.0) for i, t in tokens}
         trusted = [(i, t) for i, t in tokens if c.noise[i, t] < trust[i, t]]
-        outliers = [(i, t) for i, t in tokens if (i, t) not in trusted]
-        for i, t in outliers:  # top-k forward KL, sum_k pT_k (lT_k - lS_k); its derivative is -sum_k pT_k
-            loss[i, t] = sum(math.exp(c.teacher_topk[i, t, k]) * (c.teacher_topk[i, t, k] - c.student_topk[i, t, k])
-                             for k in range(K))
-            grad[i, t] = -sum(math.exp(c.teacher_topk[i, t, k]) for k in range(K))
+        outliers = [x for x in tokens if x not in trusted]
+        policy_gradient(trusted)
+        forward_kl(outliers)
         out = pg("tropd", trusted)
         out.update({
             "tropd/outlier_fraction": len(outliers) / len(tokens),
             "tropd/p_trust_mean": mean(trust.values()),
             "tropd/trust_loss": mean(loss[x] for x in trusted),
             "tropd/outlier_loss": mean(loss[x] for x in outliers),
-            "tropd/student_topk_mass": mean(sum(math.exp(c.student_topk[i, t, k]) for k in range(K))
-                                            for i, t in tokens),
+            "tropd/student_topk_mass": mean(topk_mass(*x) for x in tokens),
         })
+    elif name == "aopd":  # policy gradient where A > 0, top-k forward KL elsewhere
+        positive = [x for x in tokens if advantage(*x) > 0]
+        policy_gradient(positive)
+        forward_kl([x for x in tokens if x not in positive])
+        out = {**pg("aopd", positive), "aopd/positive_fraction": len(positive) / len(tokens)}
+    elif name == "fkl_topk":
+        forward_kl(tokens)
+        out = {"fkl_topk/loss": mean(loss[x] for x in tokens),
+               "fkl_topk/student_topk_mass": mean(topk_mass(*x) for x in tokens)}
+    else:
+        raise ValueError(name)
     denominator = sum(c.lengths[i] for i in rows)  # token-mean divides by the response tokens
     out["loss"] = sum(loss.values()) / denominator
     out["grad"] = sum(grad.values()) / denominator
@@ -268,6 +307,7 @@ def test_the_case_has_what_it_claims():
     for i, t in zip(*np.nonzero(batch.response_mask.numpy())):
         assert abs(math.exp(c.lS[i, t] - c.lOld[i, t]) - IS_CAP) > 1e-4
         assert abs(c.noise[i, t] - min(math.exp(c.lT[i, t] - c.lS[i, t]), 1.0)) > 1e-4
+        assert abs(c.lT[i, t] - c.lS[i, t]) > 1e-4  # aopd's sign split
     sampled = [(i, t) for i in range(N) for t in range(c.lengths[i]) if not c.from_teacher[i, t]]
     assert 0.2 < mean(math.exp(c.lS[x] - c.lOld[x]) >= IS_CAP for x in sampled) < 0.8  # some truncated
 
