@@ -5,6 +5,7 @@ Names are "<area>/<name>"; how a metric combines is its `Reduce`, never parsed f
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -16,7 +17,13 @@ from opd.types import Metric, Reduce, RolloutBatch, TeacherScores
 
 
 def combine(metric_sets: list[dict[str, Metric]]) -> dict[str, Metric]:
-    """Merge per-micro-batch metrics by each metric's reduction (MEAN is weighted by Metric.weight)."""
+    """Merge per-micro-batch (or per-rank) metrics by each metric's reduction.
+
+    MEAN is weighted by Metric.weight and STD pools the parts' moments, so both equal the whole batch's
+    value; MAX, MIN and SUM are exact too. Combining is associative: micro-batches, then ranks, gives the
+    same as all parts at once. Quantiles (the implicit reward's p1 / p99) are logged as MIN / MAX of the
+    parts' quantiles: exact within a rank (rollout metrics see the rank's whole batch), a bound across ranks.
+    """
     grouped: dict[str, list[Metric]] = defaultdict(list)
     for metrics in metric_sets:
         for name, metric in metrics.items():
@@ -29,6 +36,8 @@ def combine(metric_sets: list[dict[str, Metric]]) -> dict[str, Metric]:
             total = sum(m.weight for m in items)
             value = sum(m.value * m.weight for m in items) / total if total else 0.0
             combined[name] = Metric(value=value, reduce=reduce, weight=total)
+        elif reduce is Reduce.STD:
+            combined[name] = _pooled_std(items)
         elif reduce is Reduce.SUM:
             combined[name] = Metric(value=sum(values), reduce=reduce)
         elif reduce is Reduce.MAX:
@@ -36,6 +45,19 @@ def combine(metric_sets: list[dict[str, Metric]]) -> dict[str, Metric]:
         else:
             combined[name] = Metric(value=min(values), reduce=reduce)
     return combined
+
+
+def _pooled_std(items: list[Metric]) -> Metric:
+    """Unbiased std of the union of parts, from each part's count n, mean m and unbiased std s
+    (Chan et al.): M2 = sum (n - 1) s^2 + n (m - mean)^2, std = sqrt(M2 / (count - 1))."""
+    items = [m for m in items if m.weight > 0]
+    count = sum(m.weight for m in items)
+    if not count:
+        return Metric(value=0.0, reduce=Reduce.STD, weight=0.0)
+    mean = sum(m.mean * m.weight for m in items) / count
+    squares = sum((m.weight - 1.0) * m.value**2 + m.weight * (m.mean - mean) ** 2 for m in items)
+    value = math.sqrt(max(squares, 0.0) / (count - 1.0)) if count > 1 else 0.0
+    return Metric(value=value, reduce=Reduce.STD, weight=count, mean=mean)
 
 
 def rollout_metrics(
@@ -100,6 +122,8 @@ def implicit_reward_metrics(batch: RolloutBatch, teacher: TeacherScores) -> dict
         count = float(mask.sum())
         prefix = f"reward/{domain}"
         metrics[f"{prefix}/implicit_mean"] = Metric(value=masked_mean(reward, mask), weight=count)
+        # Exact for this rank's rows; across ranks MIN / MAX of the ranks' quantiles, which only bounds the
+        # whole batch's (within O(ranks / tokens) in quantile level: see tests/test_metrics.py).
         metrics[f"{prefix}/implicit_p1"] = Metric(value=masked_quantile(reward, mask, 0.01), reduce=Reduce.MIN)
         metrics[f"{prefix}/implicit_p99"] = Metric(value=masked_quantile(reward, mask, 0.99), reduce=Reduce.MAX)
         metrics[f"{prefix}/implicit_max"] = Metric(value=float(reward[mask].max()), reduce=Reduce.MAX)

@@ -39,13 +39,17 @@ class Reduce(enum.Enum):
     MAX = "max"
     MIN = "min"
     SUM = "sum"
+    # Unbiased standard deviation, combined exactly from each part's (count, mean, std): Metric.weight is
+    # the count and Metric.mean the mean of the values (a weighted mean of the parts' stds is not the std).
+    STD = "std"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Metric:
     value: float
     reduce: Reduce = Reduce.MEAN
-    weight: float = 1.0  # for Reduce.MEAN: number of items the value averages over
+    weight: float = 1.0  # for Reduce.MEAN and Reduce.STD: number of items the value is over
+    mean: float = 0.0  # for Reduce.STD: the mean of those items
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -45,9 +45,12 @@ def policy_gradient_metrics(area: str, advantages: Tensor, weight: Tensor, mask:
                             settings: PolicyGradientSettings) -> dict[str, Metric]:
     count = float(mask.sum())
     selected = advantages.detach()[mask]
+    mean = masked_mean(advantages.detach(), mask)
+    # STD carries count and mean so that micro-batches and ranks combine to the whole batch's std.
+    std = float(selected.std()) if selected.numel() > 1 else 0.0
     return {
-        f"{area}/advantage_mean": Metric(value=masked_mean(advantages.detach(), mask), weight=count),
-        f"{area}/advantage_std": Metric(value=float(selected.std()) if selected.numel() > 1 else 0.0, weight=count),
+        f"{area}/advantage_mean": Metric(value=mean, weight=count),
+        f"{area}/advantage_std": Metric(value=std, reduce=Reduce.STD, weight=count, mean=mean),
         f"{area}/is_weight_mean": Metric(value=masked_mean(weight, mask), weight=count),
         f"{area}/is_truncated_fraction": Metric(value=masked_mean((weight >= settings.is_cap).float(), mask),
                                                 weight=count),
