@@ -167,9 +167,9 @@ def test_vllm_teacher_scores_equal_the_hf_teachers_in_score_batch(engine, studen
     batch = build_batch(prompts, [0, 1, 2], ["a"] * 3, engine.sample(prompts, settings), settings, step=0)
     scoring = ScoringSettings(temperature=1.0, topk=4, chunk_size=64, rows_per_forward=2, logprob_floor=-30.0,
                               need_reference=False)
-    by_engine = score_batch(batch, {"a": DomainScorer(domain="a", teacher=engine, reference=None, reward_scale=1.0)},
+    by_engine = score_batch(batch, {"a": DomainScorer(domain="a", teacher=engine, reference=None)},
                             scoring)
-    by_model = score_batch(batch, {"a": DomainScorer(domain="a", teacher=model, reference=None, reward_scale=1.0)},
+    by_model = score_batch(batch, {"a": DomainScorer(domain="a", teacher=model, reference=None)},
                            scoring)
     torch.testing.assert_close(by_engine.logprobs, by_model.logprobs, atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(by_engine.topk_logprobs, by_model.topk_logprobs, atol=TOLERANCE, rtol=0)

@@ -62,7 +62,8 @@ class Run:
 
 def assemble(config: Config, checkpoint: Path | None = None) -> Run:
     """Load and check everything; with `checkpoint`, the student's weights (or adapter) come from it."""
-    objective = build_objective(config.objective, temperature=config.score_temperature)
+    objective = build_objective(config.objective, temperature=config.score_temperature,
+                                lam_by_domain=config.lam_by_domain)
     rows = load_prompts(config.data.path, config.data.default_domain)
     check_domains(rows, [t.domain for t in config.teachers], config.data.path)
 
@@ -94,7 +95,6 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
             reference=frozen.reference(teacher.reference, teacher.dtype, f"teachers.{index}.reference", student,
                                        teacher.shard)
             if teacher.path else None,
-            reward_scale=config.lam_for(teacher),
             teacher_prompts=teacher_prompts.get(teacher.domain),
         )
     eos_ids = end_of_sequence_ids(student, tokenizer)

@@ -29,7 +29,6 @@ class DomainScorer:
     # needs no teacher (e.g. grpo alone).
     teacher: nn.Module | VllmEngine | None
     reference: nn.Module | None
-    reward_scale: float  # lam
     # Teacher prompt ids per dataset row, when the teacher renders prompts with its own chat template;
     # None: the teacher reads the student's prompt ids (checked identical at start-up).
     teacher_prompts: dict[int, list[int]] | None = None
@@ -57,7 +56,6 @@ def score_batch(batch: RolloutBatch, scorers: dict[str, DomainScorer], settings:
     topk_logprobs = torch.full((num_rows, width, k), settings.logprob_floor) if k else None
     entropy = torch.zeros(num_rows, width) if settings.need_entropy else None
     hidden, heads = None, {} if settings.need_hidden else None
-    reward_scale = torch.ones(num_rows)
     has_reference = torch.zeros(num_rows, dtype=torch.bool)
     has_teacher = torch.zeros(num_rows, dtype=torch.bool)
     sharded = any(distributed.is_sharded_model(s.teacher) for s in scorers.values())
@@ -67,7 +65,6 @@ def score_batch(batch: RolloutBatch, scorers: dict[str, DomainScorer], settings:
     for domain in sorted(domains):
         scorer = scorers[domain]
         rows = torch.tensor([i for i, d in enumerate(batch.domain) if d == domain], dtype=torch.long)
-        reward_scale[rows] = scorer.reward_scale
         if scorer.teacher is None:
             continue
         has_teacher[rows] = True
@@ -122,7 +119,6 @@ def score_batch(batch: RolloutBatch, scorers: dict[str, DomainScorer], settings:
         ref_logprobs=ref_logprobs,
         has_reference=has_reference,
         has_teacher=has_teacher,
-        reward_scale=reward_scale,
         floored=floored,
         entropy=entropy,
         hidden=hidden,

@@ -196,7 +196,7 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
         temperature=config.rollout.temperature, chunk_size=config.train.logit_chunk,
         max_grad_norm=config.optim.max_grad_norm,
     )
-    collect_settings = collect_settings_for(config)
+    collect_settings = collect_settings_for(config, run.objective)
     # sft's teacher responses, generated once per prompt; checkpointed, so a resumed run reuses them.
     teacher_cache: dict = load_rank_state(checkpoint).get("teacher_responses", {}) if checkpoint else {}
     logger = None
@@ -287,12 +287,12 @@ def grade_batch(run: Run, batch: RolloutBatch) -> Tensor:  # [N] rewards in [0, 
     return rewards
 
 
-def collect_settings_for(config: Config) -> CollectSettings:
+def collect_settings_for(config: Config, objective: Objective) -> CollectSettings:
     guidance = config.objective.guidance
     return CollectSettings(
         guidance=guidance.enabled, guidance_fraction=guidance.fraction,
         max_prefix_tokens=guidance.max_prefix_tokens or config.rollout.max_new_tokens,
-        total_steps=config.train.steps, teacher_written="sft" in config.objective.names,
+        total_steps=config.train.steps, teacher_written=Signal.TEACHER_RESPONSES in objective.needs,
         onpolicy_fraction=config.objective.onpolicy_fraction, seed=config.train.seed,
     )
 

@@ -54,7 +54,7 @@ def run(quick: bool = False, repeats: int = 3) -> dict:
         state = TrainState(student=run_objects.student, optimizer=build_optimizer(run_objects.student, config.optim))
         settings = StepSettings(aggregation="token-mean", micro_batch_size=rows, temperature=1.0, chunk_size=512,
                                 max_grad_norm=1.0)
-        collect_settings = collect_settings_for(config)
+        collect_settings = collect_settings_for(config, run_objects.objective)
         run_one_step(run_objects, state, config, settings, collect_settings, {})  # warm-up
         step_times, bare = [], {"generate": [], "teacher forward": [], "student forward + backward": []}
         for _ in range(repeats):
