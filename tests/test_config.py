@@ -266,3 +266,8 @@ def test_validation_asks_the_objective_not_its_name(tmp_path, probe):
     with pytest.raises(ConfigError) as error:
         load_config(write(tmp_path, {**data, "objective": {"name": "probe", "onpolicy_fraction": 0.5}}))
     assert "onpolicy_fraction" not in str(error.value)
+    probe.update(needs=frozenset({Signal.TEACHER_RESPONSES}))
+    with_teacher = {**data, "teachers": [{"domain": "default", "path": "t", "lam": 1.25}]}
+    with pytest.raises(ConfigError, match=r"objective.guidance: objective.name 'probe' already trains on whole"):
+        load_config(write(tmp_path, {**with_teacher, "objective": {"name": "probe", "guidance": {"enabled": True}}}))
+    assert load_config(write(tmp_path, with_teacher)).objective.name == "probe"

@@ -379,7 +379,8 @@ def test_pinned_values(name):
 
 
 def test_pinned_value_gkd():
-    """gkd on a seeded full-vocabulary case (hidden states and heads, no top-k), pinned like the others."""
+    """gkd on a seeded full-vocabulary case (hidden states and heads, no top-k), pinned like the others; beta != 0.5
+    (the loss is not symmetric in beta there) and temperature != 1, so that both options reach the value."""
     g = torch.Generator().manual_seed(44)
     n, t, h, v = 2, 3, 4, 5
     student_hidden = torch.randn(n, t, h, generator=g, dtype=torch.float64)
@@ -397,5 +398,6 @@ def test_pinned_value_gkd():
                             heads={"a": (teacher_weight, None)})
     student = StudentOutputs(logprobs=torch.zeros(n, t, dtype=torch.float64), entropy=None, topk_logprobs=None,
                              hidden=student_hidden, head=(weight, None))
-    value = float(objective("gkd")(student, batch, teacher).per_token.sum())
-    assert value == pytest.approx(1.0498212931476505, rel=1e-9, abs=1e-12), f"gkd: {value!r}"
+    gkd = build_single("gkd", ObjectiveConfig(name="gkd", gkd=GkdOptions(beta=0.3)), BuildContext(temperature=0.8))
+    value = float(gkd(student, batch, teacher).per_token.sum())
+    assert value == pytest.approx(1.1055737793669524, rel=1e-9, abs=1e-12), f"gkd: {value!r}"
