@@ -6,10 +6,12 @@ import re
 from dataclasses import dataclass
 
 import pytest
+import torch
 import yaml
 
 from opd.config import ConfigError, ObjectiveConfig, load_config, to_dict
 from opd.objectives import register_builder, unregister
+from opd.train import train
 from opd.types import Signal
 
 MINIMAL = {
@@ -112,10 +114,6 @@ def test_lora_and_precision_settings(tmp_path):
 
 
 def test_bf16_autocast_on_cpu_is_refused(tmp_path):
-    import torch
-
-    from opd.train import train
-
     config = load_config(write(tmp_path, {**MINIMAL, "train": {"mixed_precision": "bf16"}}))
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: bf16 autocast is allowed")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from opd.config import GuidanceConfig, ObjectiveConfig, TermConfig
+from opd.functional import generalized_jsd
 from opd.objectives import BuildContext, build_objective, build_single
 from opd.objectives.baselines import EntropyOpdOptions, EopdOptions, ReopoldOptions
 from opd.objectives.kl import GkdOptions, JsdTopkOptions
@@ -317,8 +318,6 @@ def test_weighted_composition_sums_terms():
 
 
 def test_gkd_matches_full_vocabulary_reference():
-    from opd.functional import generalized_jsd
-
     g = torch.Generator().manual_seed(11)
     n, t, h, v = 3, 4, 6, 13
     student_hidden = torch.randn(n, t, h, generator=g, dtype=torch.float64, requires_grad=True)
