@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import pytest
+import torch
 import yaml
 
-from opd.config import ConfigError, load_config, to_dict
+from opd.config import ConfigError, ObjectiveConfig, load_config, to_dict
+from opd.objectives import register_builder, unregister
+from opd.train import train
+from opd.types import Signal
 
 MINIMAL = {
     "student": {"path": "s"},
@@ -107,10 +114,6 @@ def test_lora_and_precision_settings(tmp_path):
 
 
 def test_bf16_autocast_on_cpu_is_refused(tmp_path):
-    import torch
-
-    from opd.train import train
-
     config = load_config(write(tmp_path, {**MINIMAL, "train": {"mixed_precision": "bf16"}}))
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: bf16 autocast is allowed")
@@ -134,12 +137,17 @@ def test_vllm_teacher_scoring_needs_temperature_one(tmp_path):
 
 
 @pytest.mark.parametrize("objective, message", [
-    ({"name": "entropy_opd"}, r"rollout.backend: vllm reports no sampler entropy, which entropy_opd"),
-    ({"name": "reopold", "reopold_entropy_selection": True}, r"rollout.backend: vllm .* reopold's entropy selection"),
+    ({"name": "entropy_opd"}, r"rollout.backend: vllm reports no sampler entropy, and objective.name 'entropy_opd'"),
+    ({"name": "reopold", "reopold": {"entropy_selection": True}},
+     r"rollout.backend: vllm reports no sampler entropy, and objective.name 'reopold'"),
+    ({"name": "opd", "add": [{"name": "reopold"}], "reopold": {"stage_two_step": 5}},
+     r"rollout.backend: vllm .* objective.add.0.name 'reopold'"),
 ])
 def test_vllm_rollouts_refuse_objectives_that_rank_by_sampler_entropy(tmp_path, objective, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, {**MINIMAL, "rollout": {"backend": "vllm"}, "objective": objective}))
+    # reopold without entropy selection declares no need for sampler entropy: vLLM rollouts are fine.
+    load_config(write(tmp_path, {**MINIMAL, "rollout": {"backend": "vllm"}, "objective": {"name": "reopold"}}))
 
 
 def test_vllm_settings_are_checked(tmp_path):
@@ -149,3 +157,115 @@ def test_vllm_settings_are_checked(tmp_path):
         load_config(write(tmp_path, {**MINIMAL, "rollout": {"backend": "vllm", "vllm": {"max_model_len": 64}}}))
     with pytest.raises(ConfigError, match=r"rollout.backend: 'sglang' is not one of"):
         load_config(write(tmp_path, {**MINIMAL, "rollout": {"backend": "sglang"}}))
+
+
+@pytest.mark.parametrize("old, new", sorted(ObjectiveConfig.MOVED.items()))
+def test_moved_objective_keys_are_rejected_naming_the_new_key(tmp_path, old, new):
+    with pytest.raises(ConfigError, match=rf"objective.{old}: moved to {re.escape(new)}"):
+        load_config(write(tmp_path, {**MINIMAL, "objective": {old: 1}}))
+
+
+def test_option_blocks_load_and_are_checked(tmp_path):
+    path = write(tmp_path, {**MINIMAL, "objective": {"name": "tropd", "tropd": {"advantage": "gopd", "outlier": "clip"}}})
+    config = load_config(path, ["objective.tropd.clip_floor=-2", "objective.reopold.entropy_fraction=0.5"])
+    assert config.objective.tropd.outlier == "clip" and config.objective.tropd.clip_floor == -2.0
+    assert config.objective.reopold.entropy_fraction == 0.5 and config.objective.jsd_topk.beta == 0.5
+    assert load_config(base=to_dict(config)) == config
+    for override, message in [("objective.jsd_topk.beta=2", r"objective.jsd_topk.beta: must be in \[0, 1\]"),
+                              ("objective.gkd.beta=-1", r"objective.gkd.beta: must be in \[0, 1\]"),
+                              ("objective.reopold.ratio=1", r"objective.reopold.ratio: must be in \(0, 1\)"),
+                              ("objective.entropy_opd.fraction=0", r"objective.entropy_opd.fraction: must be in"),
+                              ("objective.tropd.outlier=drop", r"objective.tropd.outlier: 'drop' is not one of"),
+                              ("objective.tropd.beta=1", r"unknown key\(s\) \['objective.tropd.beta'\]")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, MINIMAL), [override])
+
+
+def test_unknown_objective_names_are_refused_with_the_registered_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"objective.add.0.name: 'nope' is not one of \[.*'gopd'"):
+        load_config(write(tmp_path, {**MINIMAL, "objective": {"add": [{"name": "nope"}]}}))
+
+
+def test_lam_is_allowed_exactly_when_the_advantage_reads_it(tmp_path):
+    lam = {**MINIMAL, "teachers": [{"domain": "default", "path": "t", "lam": 1.25}]}
+    for objective in ({"name": "gopd"}, {"name": "tropd", "tropd": {"advantage": "gopd"}},
+                      {"name": "fkl_topk", "add": [{"name": "gopd"}]}):
+        load_config(write(tmp_path, {**lam, "objective": objective}))
+    with pytest.raises(ConfigError, match=r"teachers.0.lam: objective \['tropd'\] ignores lam, but lam = 1.25; "
+                                          r"objectives that read lam: gopd"):
+        load_config(write(tmp_path, {**lam, "objective": {"name": "tropd"}}))
+
+
+def test_outcome_rewards_need_a_grader_and_no_teacher(tmp_path):
+    grpo = {"name": "opd", "add": [{"name": "grpo", "weight": 0.1}]}
+    with pytest.raises(ConfigError, match=r"teachers.0.grader: objective.add.0.name 'grpo' needs an outcome reward"):
+        load_config(write(tmp_path, {**MINIMAL, "objective": grpo}))
+    no_teacher = {**MINIMAL, "teachers": [{"domain": "default", "path": None, "grader": "math"}]}
+    assert load_config(write(tmp_path, {**no_teacher, "objective": {"name": "grpo"}})).teachers[0].path is None
+    with pytest.raises(ConfigError, match=r"teachers.0.path: objective \['opd', 'grpo'\] needs a teacher"):
+        load_config(write(tmp_path, {**no_teacher, "objective": grpo}))
+    with pytest.raises(ConfigError, match=r"teachers.0.path: objective \['sft'\] needs a teacher"):
+        load_config(write(tmp_path, {**no_teacher, "objective": {"name": "sft"}}))
+
+
+def test_dataset_responses_only_for_objectives_that_take_them(tmp_path):
+    config = load_config(write(tmp_path, {**MINIMAL, "objective": {"name": "gkd", "onpolicy_fraction": 0.5}}))
+    assert config.objective.onpolicy_fraction == 0.5
+    with pytest.raises(ConfigError, match=r"objective.onpolicy_fraction: .* objective.add.0.name 'opd' does not"):
+        load_config(write(tmp_path, {**MINIMAL, "objective": {"name": "gkd", "onpolicy_fraction": 0.5,
+                                                              "add": [{"name": "opd"}]}}))
+
+
+def test_guidance_is_refused_with_teacher_written_responses(tmp_path):
+    with pytest.raises(ConfigError, match=r"objective.guidance: objective.name 'sft' already trains on whole teacher"):
+        load_config(write(tmp_path, {**MINIMAL, "objective": {"name": "sft", "guidance": {"enabled": True}}}))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Probe:
+    """A throwaway objective: validation must ask its declarations, whatever its name."""
+
+    needs: frozenset = frozenset()
+    uses_lam: bool = False
+    takes_dataset_responses: bool = False
+
+    def __call__(self, student, batch, teacher):
+        raise AssertionError("validation never runs an objective")
+
+
+@pytest.fixture
+def probe():
+    declared = {}
+    register_builder("probe", lambda config, context: Probe(**declared))
+    try:
+        yield declared
+    finally:
+        unregister("probe")
+
+
+def test_validation_asks_the_objective_not_its_name(tmp_path, probe):
+    data = {**MINIMAL, "teachers": [{"domain": "default", "path": None, "lam": 1.25}], "objective": {"name": "probe"}}
+    with pytest.raises(ConfigError, match=r"teachers.0.lam: objective \['probe'\] ignores lam"):
+        load_config(write(tmp_path, data))
+    probe.update(uses_lam=True)
+    assert load_config(write(tmp_path, data)).objective.name == "probe"  # no teacher signal: no path needed
+    probe.update(needs=frozenset({Signal.TEACHER_TOPK}))
+    with pytest.raises(ConfigError, match=r"teachers.0.path: objective \['probe'\] needs a teacher"):
+        load_config(write(tmp_path, data))
+    probe.update(needs=frozenset({Signal.SAMPLER_ENTROPY, Signal.REWARD}))
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, {**data, "rollout": {"backend": "vllm"}, "objective": {"name": "probe",
+                                                                                           "onpolicy_fraction": 0.5}}))
+    for message in ("teachers.0.grader: objective.name 'probe' needs an outcome reward",
+                    "rollout.backend: vllm reports no sampler entropy, and objective.name 'probe'",
+                    "objective.onpolicy_fraction: dataset responses (< 1) are only meaningful"):
+        assert message in str(error.value)
+    probe.update(takes_dataset_responses=True)
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, {**data, "objective": {"name": "probe", "onpolicy_fraction": 0.5}}))
+    assert "onpolicy_fraction" not in str(error.value)
+    probe.update(needs=frozenset({Signal.TEACHER_RESPONSES}))
+    with_teacher = {**data, "teachers": [{"domain": "default", "path": "t", "lam": 1.25}]}
+    with pytest.raises(ConfigError, match=r"objective.guidance: objective.name 'probe' already trains on whole"):
+        load_config(write(tmp_path, {**with_teacher, "objective": {"name": "probe", "guidance": {"enabled": True}}}))
+    assert load_config(write(tmp_path, with_teacher)).objective.name == "probe"

@@ -94,7 +94,7 @@ def test_opd_train_nproc_2_trains_checkpoints_and_resumes(model_dir, prompts_fil
 def test_sharded_teachers_score_like_replicated_ones(model_dir, prompts_file, tmp_path):
 
     config = make_config(model_dir, prompts_file, tmp_path / "run", rollout={"prompts_per_step": 4},
-                         objective={"name": "tropd", "advantage": "gopd", "lam": 1.25, "topk": 4},
+                         objective={"name": "tropd", "tropd": {"advantage": "gopd"}, "lam": 1.25, "topk": 4},
                          teachers=[{"domain": "math", "path": str(model_dir / "teacher"), "shard": True},
                                    {"domain": "code", "path": str(model_dir / "teacher_b"), "shard": True}],
                          optim={"micro_batch_size": 2})

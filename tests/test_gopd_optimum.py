@@ -38,7 +38,7 @@ def test_gopd_converges_to_the_closed_form_optimum(lam):
     logits = torch.zeros(VOCAB, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.Adam([logits], lr=0.05)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, STEPS)
-    objective = build_objective(ObjectiveConfig(name="gopd", lam=lam))
+    objective = build_objective(ObjectiveConfig(name="gopd", lam=lam), lam_by_domain={"bandit": lam})
     for _ in range(STEPS):
         log_student = torch.log_softmax(logits, 0)
         tokens = torch.multinomial(log_student.exp().detach(), SAMPLES, replacement=True, generator=generator)
@@ -47,7 +47,7 @@ def test_gopd_converges_to_the_closed_form_optimum(lam):
             logprobs=log_teacher[tokens][:, None], topk_ids=None, topk_logprobs=None,
             ref_logprobs=log_reference[tokens][:, None], has_reference=torch.ones(SAMPLES, dtype=torch.bool),
             has_teacher=torch.ones(SAMPLES, dtype=torch.bool),
-            reward_scale=torch.full((SAMPLES,), lam, dtype=torch.float64), floored=torch.zeros(SAMPLES, 1, dtype=torch.bool),
+            floored=torch.zeros(SAMPLES, 1, dtype=torch.bool),
         )
         student = StudentOutputs(logprobs=log_student[tokens][:, None], entropy=None, topk_logprobs=None)
         loss = aggregate(objective(student, batch, teacher).per_token, batch.response_mask, "token-mean")

@@ -10,10 +10,17 @@ import pytest
 import torch
 
 from opd.config import GuidanceConfig, ObjectiveConfig, TermConfig
-from opd.objectives import build_objective, build_single
+from opd.functional import generalized_jsd
+from opd.objectives import BuildContext, build_objective, build_single
+from opd.objectives.baselines import EntropyOpdOptions, EopdOptions, ReopoldOptions
+from opd.objectives.kl import GkdOptions, JsdTopkOptions
+from opd.objectives.tropd import TropdOptions
 from opd.types import RolloutBatch, StudentOutputs, TeacherScores
 
 N, T, V, K = 4, 5, 11, 3
+# One domain per row, so that each row has its own lam (the objective routes lam by batch.domain).
+DOMAINS = ("a", "b", "c", "d")
+LAM_BY_DOMAIN = {"a": 1.0, "b": 1.25, "c": 0.5, "d": 1.5}
 
 
 @dataclass
@@ -44,31 +51,31 @@ def make_case(seed=0, n=N, t=T, v=V, off_policy=True) -> Case:
     lS = torch.log_softmax(student.detach(), -1).gather(-1, tokens[..., None]).squeeze(-1)
     sampler = lS + (0.3 * torch.randn(n, t, generator=g, dtype=torch.float64) if off_policy else 0.0)
     noise = torch.rand(n, t, generator=g, dtype=torch.float64)
-    lam = torch.tensor([1.0, 1.25, 0.5, 1.5], dtype=torch.float64)[:n]
+    lam = torch.tensor([LAM_BY_DOMAIN[d] for d in DOMAINS], dtype=torch.float64)[:n]
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)[:n]
     return Case(student, teacher, reference, tokens, mask, from_teacher, sampler, noise, lam, rewards)
 
 
-def inputs(case: Case, entropy_rank=None):
-    """The objective's inputs, built from the case with the library's own data types."""
+def inputs(case: Case, entropy_rank=None, k=K):
+    """The objective's inputs, built from the case with the library's own data types (teacher top-k)."""
     log_student = torch.log_softmax(case.student_logits, -1)
     log_teacher = torch.log_softmax(case.teacher_logits, -1)
     log_ref = torch.log_softmax(case.ref_logits, -1)
-    topk_values, topk_ids = log_teacher.topk(K, dim=-1)
+    topk_values, topk_ids = log_teacher.topk(k, dim=-1)
     gather = lambda table, ids: table.gather(-1, ids[..., None]).squeeze(-1)  # noqa: E731
     n, t = case.tokens.shape
     batch = RolloutBatch(
         prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1, dtype=torch.bool),
         response_ids=case.tokens, response_mask=case.mask, from_teacher=case.from_teacher & case.mask,
         sampler_logprobs=case.sampler_logprobs, truncated=torch.zeros(n, dtype=torch.bool),
-        domain=("a",) * n, prompt_index=tuple(i // 2 for i in range(n)),
+        domain=DOMAINS[:n], prompt_index=tuple(i // 2 for i in range(n)),
         step=3, noise=case.noise, entropy_rank=entropy_rank, rewards=case.rewards,
         group_advantages=reference_group_advantages(case.rewards, 2),
     )
     teacher = TeacherScores(
         logprobs=gather(log_teacher, case.tokens), topk_ids=topk_ids.to(torch.int32), topk_logprobs=topk_values,
         ref_logprobs=gather(log_ref, case.tokens), has_reference=torch.ones(n, dtype=torch.bool),
-        has_teacher=torch.ones(n, dtype=torch.bool), reward_scale=case.lam, floored=torch.zeros(n, t, dtype=torch.bool),
+        has_teacher=torch.ones(n, dtype=torch.bool), floored=torch.zeros(n, t, dtype=torch.bool),
         entropy=-(log_teacher.exp() * log_teacher).sum(-1),
     )
     student = StudentOutputs(logprobs=gather(log_student, case.tokens), entropy=None,
@@ -225,7 +232,7 @@ def compare(objective, name, case, entropy_rank=None, **options):
 
 
 def objective(name, **overrides):
-    return build_single(name, ObjectiveConfig(name=name, **overrides))
+    return build_single(name, ObjectiveConfig(name=name, **overrides), BuildContext(lam_by_domain=LAM_BY_DOMAIN))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -239,7 +246,8 @@ def test_objective_matches_reference(name, seed):
 @pytest.mark.parametrize("advantage", ["opd", "gopd"])
 def test_tropd_matches_reference(outlier, advantage):
     case = make_case(3)
-    result = compare(objective("tropd", outlier=outlier, advantage=advantage, clip_floor=-1.0), "tropd", case,
+    options = TropdOptions(outlier=outlier, advantage=advantage, clip_floor=-1.0)
+    result = compare(objective("tropd", tropd=options), "tropd", case,
                      outlier=outlier, advantage=advantage, clip_floor=-1.0)
     fraction = result.metrics["tropd/outlier_fraction"].value
     assert 0 < fraction < 1  # both regions exercised
@@ -253,7 +261,7 @@ def test_fkl_renormalized_matches_reference():
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
 def test_jsd_topk_matches_reference(beta):
-    compare(objective("jsd_topk", jsd_beta=beta), "jsd_topk", make_case(5), beta=beta)
+    compare(objective("jsd_topk", jsd_topk=JsdTopkOptions(beta=beta)), "jsd_topk", make_case(5), beta=beta)
 
 
 def test_eopd_matches_reference_with_the_gate_both_ways():
@@ -262,14 +270,14 @@ def test_eopd_matches_reference_with_the_gate_both_ways():
     values = teacher.entropy[case.mask].sort().values
     middle = len(values) // 2
     threshold = float(values[middle - 1 : middle + 1].mean())  # between two entropies: no ties
-    result = compare(objective("eopd", entropy_threshold=threshold), "eopd", case, threshold=threshold)
+    result = compare(objective("eopd", eopd=EopdOptions(entropy_threshold=threshold)), "eopd", case, threshold=threshold)
     assert 0 < result.metrics["eopd/gated_fraction"].value < 1
 
 
 def test_entropy_opd_selects_the_top_fraction_of_the_batch():
     case = make_case(7)
     rank = torch.rand(case.tokens.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    compare(objective("entropy_opd", entropy_fraction=0.3), "entropy_opd", case, entropy_rank=rank,
+    compare(objective("entropy_opd", entropy_opd=EntropyOpdOptions(fraction=0.3)), "entropy_opd", case, entropy_rank=rank,
             rank=rank, fraction=0.3)
 
 
@@ -277,14 +285,14 @@ def test_reopold_stage_two_switches_to_entropy_selection():
     case = make_case(8)
     rank = torch.rand(case.tokens.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     # batch.step is 3: stage two from step 2 means plain OPD on the selected tokens.
-    compare(objective("reopold", reopold_stage_two_step=2, entropy_fraction=0.5), "entropy_opd", case,
+    compare(objective("reopold", reopold=ReopoldOptions(stage_two_step=2, entropy_fraction=0.5)), "entropy_opd", case,
             entropy_rank=rank, rank=rank, fraction=0.5)
 
 
 def test_guidance_term_on_prefix_tokens_only():
     case = make_case(9)
     config = ObjectiveConfig(name="opd", guidance=GuidanceConfig(enabled=True, beta=0.01))
-    combined = build_objective(config)
+    combined = build_objective(config, lam_by_domain=LAM_BY_DOMAIN)
     student, batch, teacher = inputs(case)
     result = combined(student, batch, teacher)
     expected = reference_loss("opd", case) + reference_loss("guidance", case, beta=0.01)
@@ -310,8 +318,6 @@ def test_weighted_composition_sums_terms():
 
 
 def test_gkd_matches_full_vocabulary_reference():
-    from opd.functional import generalized_jsd
-
     g = torch.Generator().manual_seed(11)
     n, t, h, v = 3, 4, 6, 13
     student_hidden = torch.randn(n, t, h, generator=g, dtype=torch.float64, requires_grad=True)
@@ -326,11 +332,11 @@ def test_gkd_matches_full_vocabulary_reference():
                          domain=("a", "b", "a"), prompt_index=(0, 1, 2))
     teacher = TeacherScores(logprobs=torch.zeros(n, t), topk_ids=None, topk_logprobs=None, ref_logprobs=None,
                             has_reference=torch.zeros(n, dtype=torch.bool), has_teacher=torch.ones(n, dtype=torch.bool),
-                            reward_scale=torch.ones(n), floored=torch.zeros(n, t, dtype=torch.bool),
+                            floored=torch.zeros(n, t, dtype=torch.bool),
                             hidden=teacher_hidden, heads={"a": (teacher_weight, None), "b": (2 * teacher_weight, None)})
     student = StudentOutputs(logprobs=torch.zeros(n, t, dtype=torch.float64), entropy=None, topk_logprobs=None,
                              hidden=student_hidden, head=(weight, None))
-    gkd = build_single("gkd", ObjectiveConfig(name="gkd", gkd_beta=0.3), temperature=0.8)
+    gkd = build_single("gkd", ObjectiveConfig(name="gkd", gkd=GkdOptions(beta=0.3)), BuildContext(temperature=0.8))
     result = gkd(student, batch, teacher)
     scale = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)[:, None, None]
     expected = generalized_jsd(student_hidden @ weight.T, (teacher_hidden @ teacher_weight.T) * scale, 0.3, 0.8)
@@ -342,10 +348,12 @@ def test_gkd_matches_full_vocabulary_reference():
         torch.testing.assert_close(mine, theirs)
 
 
-# Pinned values: the summed loss of each objective on the seeded 2 x 3 x 5 case. They change only when an
-# objective's semantics change; update them deliberately, with the reason in the commit.
+# Pinned values: the summed loss of each objective on the seeded 2 x 3 x 5 case (teacher top-2; entropy_opd
+# selects from a seeded entropy rank). They change only when an objective's semantics change; update them
+# deliberately, with the reason in the commit.
 PINNED = {
     "aopd": 0.8495224315045347,
+    "entropy_opd": 1.4575655023494662,
     "eopd": 5.098199629191036,
     "fkl_topk": 2.423870627594034,
     "gopd": 3.2222858764047864,
@@ -356,16 +364,39 @@ PINNED = {
     "sft": 2.8091095719847683,
     "tropd": 0.8495224315045347,  # equal to aopd here by coincidence of this case's draws; both are checked above
 }
+PINNED_OPTIONS = {"eopd": {"eopd": EopdOptions(entropy_threshold=0.5)},
+                  "entropy_opd": {"entropy_opd": EntropyOpdOptions(fraction=0.5)}}
 
 
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_pinned_values(name):
     case = make_case(seed=42, n=2, t=3, v=5)
-    global K
-    saved, K = K, 2
-    try:
-        student, batch, teacher = inputs(case)
-        value = float(objective(name, entropy_threshold=0.5)(student, batch, teacher).per_token.detach().sum())
-    finally:
-        K = saved
+    rank = torch.rand(case.tokens.shape, generator=torch.Generator().manual_seed(43), dtype=torch.float64)
+    student, batch, teacher = inputs(case, entropy_rank=rank, k=2)
+    value = float(objective(name, **PINNED_OPTIONS.get(name, {}))(student, batch, teacher).per_token.detach().sum())
     assert value == pytest.approx(PINNED[name], rel=1e-9, abs=1e-12), f"{name}: {value!r}"
+
+
+def test_pinned_value_gkd():
+    """gkd on a seeded full-vocabulary case (hidden states and heads, no top-k), pinned like the others; beta != 0.5
+    (the loss is not symmetric in beta there) and temperature != 1, so that both options reach the value."""
+    g = torch.Generator().manual_seed(44)
+    n, t, h, v = 2, 3, 4, 5
+    student_hidden = torch.randn(n, t, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64)
+    teacher_hidden = torch.randn(n, t, 3, generator=g, dtype=torch.float64)
+    teacher_weight = torch.randn(v, 3, generator=g, dtype=torch.float64)
+    mask = torch.rand(n, t, generator=g) > 0.2
+    batch = RolloutBatch(prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1, dtype=torch.bool),
+                         response_ids=torch.zeros(n, t, dtype=torch.long), response_mask=mask,
+                         from_teacher=torch.zeros(n, t, dtype=torch.bool), sampler_logprobs=torch.zeros(n, t),
+                         truncated=torch.zeros(n, dtype=torch.bool), domain=("a", "a"), prompt_index=(0, 1))
+    teacher = TeacherScores(logprobs=torch.zeros(n, t), topk_ids=None, topk_logprobs=None, ref_logprobs=None,
+                            has_reference=torch.zeros(n, dtype=torch.bool), has_teacher=torch.ones(n, dtype=torch.bool),
+                            floored=torch.zeros(n, t, dtype=torch.bool), hidden=teacher_hidden,
+                            heads={"a": (teacher_weight, None)})
+    student = StudentOutputs(logprobs=torch.zeros(n, t, dtype=torch.float64), entropy=None, topk_logprobs=None,
+                             hidden=student_hidden, head=(weight, None))
+    gkd = build_single("gkd", ObjectiveConfig(name="gkd", gkd=GkdOptions(beta=0.3)), BuildContext(temperature=0.8))
+    value = float(gkd(student, batch, teacher).per_token.sum())
+    assert value == pytest.approx(1.1055737793669524, rel=1e-9, abs=1e-12), f"gkd: {value!r}"

@@ -36,8 +36,8 @@ OBJECTIVE_METRIC = {
 OBJECTIVE_SETTINGS = {
     "gopd": {"lam": 1.25},
     "gkd": {"onpolicy_fraction": 0.5},
-    "eopd": {"topk": 16, "entropy_threshold": 0.5},
-    "reopold": {"reopold_entropy_selection": True},
+    "eopd": {"topk": 16, "eopd": {"entropy_threshold": 0.5}},
+    "reopold": {"reopold": {"entropy_selection": True}},
 }
 
 

@@ -61,7 +61,7 @@ def test_multi_teacher_routing_scores_each_row_with_its_domain_teacher(model_dir
     assert set(batch.domain) == {"math", "code"}
     for row, domain in enumerate(batch.domain):
         expected_lam = 1.5 if domain == "math" else 1.25
-        assert scores.reward_scale[row].item() == pytest.approx(expected_lam)
+        assert run.objective.advantage.lam_by_domain[domain] == pytest.approx(expected_lam)
         # Score this row alone with each teacher and reference: only its own domain's models match.
         single = {d: s for d, s in run.scorers.items()}
         own = score_batch(_one_row(batch, row), {domain: single[domain]}, run.scoring)

@@ -35,7 +35,7 @@ def train_in_subprocess(models, prompts_file, folder, backend: str, **sections) 
         models, prompts_file, folder / "run",
         rollout={"backend": backend, "vllm": {"kv_cache_gib": 0.0625}},
         # tropd x ExOPD with teacher-prefix guidance: top-k teacher scores, a reference, prefix continuation.
-        objective={"name": "tropd", "advantage": "gopd", "guidance": {"enabled": True}},
+        objective={"name": "tropd", "tropd": {"advantage": "gopd"}, "guidance": {"enabled": True}},
         teachers=[{"domain": "math", "path": str(models / "teacher"), "backend": backend},
                   {"domain": "code", "path": str(models / "teacher_b")}],
         **sections,

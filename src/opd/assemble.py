@@ -83,7 +83,8 @@ class Run:
 
 def assemble(config: Config, checkpoint: Path | None = None) -> Run:
     """Check and load everything; with `checkpoint`, the student's weights (or adapter) come from it."""
-    objective = build_objective(config.objective, temperature=config.score_temperature)
+    objective = build_objective(config.objective, temperature=config.score_temperature,
+                                lam_by_domain=config.lam_by_domain)
     check_vllm_teachers(config, objective.needs)
     rows = load_prompts(config.data.path, config.data.default_domain)
     check_domains(rows, [t.domain for t in config.teachers], config.data.path)
@@ -104,7 +105,7 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
         graders={t.domain: build_grader(t.grader) for t in config.teachers if t.grader != "none"},
         sampling=sampling_settings(config, end_of_sequence_ids(student, tokenizer), tokenizer.pad_token_id),
         scoring=scoring_settings(config, objective, any(s.reference is not None for s in scorers.values())),
-        collect=collect_settings(config), step=step_settings(config), dataset_responses=dataset_responses,
+        collect=collect_settings(config, objective), step=step_settings(config), dataset_responses=dataset_responses,
     )
 
 
@@ -113,12 +114,12 @@ def _domain_scorer(config: Config, index: int, frozen: "_FrozenModels", student:
     teacher = config.teachers[index]
     key = f"teachers.{index}"
     if teacher.path is None:  # no teacher (grpo alone): no reward lT - lR to anchor, so no reference either
-        return DomainScorer(domain=teacher.domain, teacher=None, reference=None, reward_scale=config.lam_for(teacher))
+        return DomainScorer(domain=teacher.domain, teacher=None, reference=None)
     scorer, writer = frozen.get(teacher.path, teacher.dtype, f"{key}.path", teacher.shard, teacher.backend)
     return DomainScorer(
         domain=teacher.domain, teacher=scorer, writer=writer,
         reference=frozen.reference(teacher.reference, teacher.dtype, f"{key}.reference", student, teacher.shard),
-        reward_scale=config.lam_for(teacher), teacher_prompts=teacher_prompts.get(teacher.domain),
+        teacher_prompts=teacher_prompts.get(teacher.domain),
     )
 
 
@@ -145,13 +146,13 @@ def scoring_settings(config: Config, objective: Objective, any_reference: bool) 
     )
 
 
-def collect_settings(config: Config) -> CollectSettings:
+def collect_settings(config: Config, objective: Objective) -> CollectSettings:
     guidance = config.objective.guidance
     return CollectSettings(
         prompts_per_step=config.rollout.prompts_per_step, shuffle=config.data.shuffle,
         guidance=guidance.enabled, guidance_fraction=guidance.fraction,
         max_prefix_tokens=guidance.max_prefix_tokens or config.rollout.max_new_tokens,
-        total_steps=config.train.steps, teacher_written="sft" in config.objective.names,
+        total_steps=config.train.steps, teacher_written=Signal.TEACHER_RESPONSES in objective.needs,
         onpolicy_fraction=config.objective.onpolicy_fraction, seed=config.train.seed,
     )
 

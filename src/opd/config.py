@@ -11,27 +11,36 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
+from opd.config_tree import ConfigError, apply_override, build, to_dict
+from opd.evaluate.benchmarks import BENCHMARKS
+# Validation asks the objectives what they need, and their option blocks are part of this tree. opd.objectives
+# never imports this module (objectives read no config after construction), so importing it here makes no cycle.
+from opd.objectives import (
+    DEFAULT_OBJECTIVE,
+    LAM_READERS,
+    TEACHER_SIGNALS,
+    BuildContext,
+    build_single,
+    registered_names,
+)
+from opd.objectives.baselines import EntropyOpdOptions, EopdOptions, ReopoldOptions
+from opd.objectives.kl import GkdOptions, JsdTopkOptions
+from opd.objectives.tropd import TropdOptions
+from opd.types import Signal
+
+__all__ = ["Config", "ConfigError", "ObjectiveConfig", "STUDENT_INIT", "apply_override", "load_config", "to_dict"]
+
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "token-sum"]
-ObjectiveName = Literal[
-    "opd", "gopd", "tropd", "fkl_topk", "jsd_topk", "gkd", "eopd", "reopold", "entropy_opd", "aopd", "sft", "grpo"
-]
 GraderName = Literal["none", "exact", "math", "code"]
-# Objectives whose advantage reads lam (per domain) and therefore may need a reference model.
-_USES_LAM = ("gopd",)
 Dtype = Literal["float32", "bfloat16", "float16"]
 STUDENT_INIT = "student_init"  # reference = a frozen copy of the student's initial weights
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported with the dotted key and the file it came from."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -124,13 +133,13 @@ class GuidanceConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TermConfig:
-    name: ObjectiveName
+    name: str  # a registered objective (checked by validate)
     weight: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ObjectiveConfig:
-    name: ObjectiveName = "gopd"
+    name: str = DEFAULT_OBJECTIVE  # a registered objective (checked by validate)
     lam: float = 1.0  # global reward scale (ALGORITHMS §1); ExOPD: 1.25
     # Truncated importance sampling against the sampler: weight min(pi_S / pi_sampler, is_cap), detached.
     is_cap: float = 5.0
@@ -140,33 +149,42 @@ class ObjectiveConfig:
     logprob_floor: float = -30.0  # teacher / reference log-probs below this are clamped and counted
     topk: int = 64  # teacher top-k, scored only for objectives that need it (eopd's sources use 16)
     renormalize: bool = False  # renormalise the teacher's top-k probabilities in top-k forward KL
-    # tropd
-    advantage: Literal["opd", "gopd"] = "opd"  # the trust region's advantage (gopd: TrOPD x ExOPD)
-    outlier: Literal["mask", "clip", "fkl"] = "fkl"
-    clip_floor: float = -3.0  # tau of outlier=clip: A = max(lT - lS, tau); ours, the paper does not report it
-    # jsd_topk, gkd
-    jsd_beta: float = 0.5
-    gkd_beta: float = 0.5  # 0 forward KL, 1 reverse KL (TRL's convention)
-    onpolicy_fraction: float = 1.0  # gkd: share of prompts answered by the student (the rest: dataset `response`)
-    # eopd (secondary sources)
-    entropy_threshold: float = 0.8  # top-k forward KL where the teacher's entropy exceeds this
-    # reopold (secondary sources)
-    reopold_ratio: float = 0.2  # reward floor log(r / (1 - r))
-    reopold_entropy_selection: bool = False  # train only the highest-entropy tokens (entropy_fraction)
-    reopold_stage_two_step: int | None = None  # from this step on, entropy selection replaces the floor
-    # entropy_opd
-    entropy_fraction: float = 0.2  # share of the batch's tokens, by the highest student entropy, that train
+    # Share of prompts answered by the student; the rest get the dataset's `response` (GKD's lambda). A
+    # collection setting, allowed only for objectives whose loss takes dataset responses.
+    onpolicy_fraction: float = 1.0
+    # Each objective's own options, read only by that objective.
+    tropd: TropdOptions = field(default_factory=TropdOptions)
+    jsd_topk: JsdTopkOptions = field(default_factory=JsdTopkOptions)
+    gkd: GkdOptions = field(default_factory=GkdOptions)
+    eopd: EopdOptions = field(default_factory=EopdOptions)
+    reopold: ReopoldOptions = field(default_factory=ReopoldOptions)
+    entropy_opd: EntropyOpdOptions = field(default_factory=EntropyOpdOptions)
     # Extra weighted terms summed with the main objective, e.g. [{name: grpo, weight: 0.1}].
     add: tuple[TermConfig, ...] = ()
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    # Keys that moved into an option block: rejected at load, naming the new key.
+    MOVED: ClassVar[dict[str, str]] = {
+        "jsd_beta": "objective.jsd_topk.beta",
+        "gkd_beta": "objective.gkd.beta",
+        "advantage": "objective.tropd.advantage",
+        "outlier": "objective.tropd.outlier",
+        "clip_floor": "objective.tropd.clip_floor",
+        "entropy_threshold": "objective.eopd.entropy_threshold",
+        "reopold_ratio": "objective.reopold.ratio",
+        "reopold_entropy_selection": "objective.reopold.entropy_selection",
+        "reopold_stage_two_step": "objective.reopold.stage_two_step",
+        "entropy_fraction": "objective.entropy_opd.fraction (reopold's: objective.reopold.entropy_fraction)",
+    }
 
     @property
     def names(self) -> tuple[str, ...]:
         return (self.name, *(term.name for term in self.add))
 
     @property
-    def uses_lam(self) -> bool:
-        return any(n in _USES_LAM for n in self.names) or ("tropd" in self.names and self.advantage == "gopd")
+    def option_blocks(self) -> dict[str, Any]:
+        """objective.<name> blocks by their dotted key."""
+        return {f"objective.{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)
+                if hasattr(getattr(self, f.name), "problems")}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -222,22 +240,16 @@ class Config:
     def __post_init__(self) -> None:
         validate(self)
 
-    def teacher_for(self, domain: str) -> TeacherConfig:
-        for teacher in self.teachers:
-            if teacher.domain == domain:
-                return teacher
-        raise KeyError(domain)
-
     def lam_for(self, teacher: TeacherConfig) -> float:
         return self.objective.lam if teacher.lam is None else teacher.lam
 
     @property
+    def lam_by_domain(self) -> dict[str, float]:
+        return {teacher.domain: self.lam_for(teacher) for teacher in self.teachers}
+
+    @property
     def score_temperature(self) -> float:
         return self.objective.score_temperature or self.rollout.temperature
-
-
-def _needs_teacher(objective: ObjectiveConfig) -> bool:
-    return any(name != "grpo" for name in objective.names)
 
 
 def validate(config: Config) -> None:
@@ -262,18 +274,9 @@ def validate(config: Config) -> None:
                 "(G-OPD reward lam*(log pi_T - log pi_ref)); set reference to 'student_init' or a model "
                 "folder. opd never falls back to plain OPD silently."
             )
-        if not config.objective.uses_lam and lam != 1.0:
-            problems.append(
-                f"{where}.lam: objective {list(config.objective.names)} ignores lam, but lam = {lam}; "
-                "use gopd (or tropd with objective.advantage=gopd)"
-            )
-        if teacher.path is None and _needs_teacher(config.objective):
-            problems.append(f"{where}.path: objective {list(config.objective.names)} needs a teacher for "
-                            f"domain '{teacher.domain}'")
-        if "grpo" in config.objective.names and teacher.grader == "none":
-            problems.append(f"{where}.grader: grpo needs an outcome reward; set a grader for domain "
-                            f"'{teacher.domain}' (exact, math or code)")
-    rollout, objective, optim, train = config.rollout, config.objective, config.optim, config.train
+    problems += _objective_problems(config)
+    rollout, optim, train = config.rollout, config.optim, config.train
+    _validate_objective_settings(config, require)
     _validate_vllm(config, require)
     require(rollout.prompts_per_step >= 1, "rollout.prompts_per_step: must be >= 1")
     require(rollout.samples_per_prompt >= 1, "rollout.samples_per_prompt: must be >= 1")
@@ -281,30 +284,6 @@ def validate(config: Config) -> None:
     require(0 < rollout.top_p <= 1, "rollout.top_p: must be in (0, 1]")
     require(rollout.max_new_tokens >= 1, "rollout.max_new_tokens: must be >= 1")
     require(rollout.batch_size >= 1, "rollout.batch_size: must be >= 1")
-    require(objective.is_cap >= 1, "objective.is_cap: must be >= 1 (it caps pi_S / pi_sampler)")
-    require(objective.clip_eps is None or 0 < objective.clip_eps < 1, "objective.clip_eps: must be in (0, 1) or null")
-    require(objective.score_temperature is None or objective.score_temperature > 0,
-            "objective.score_temperature: must be > 0 or null")
-    require(objective.logprob_floor < 0, "objective.logprob_floor: must be negative")
-    require(objective.topk >= 1, "objective.topk: must be >= 1")
-    require(0 <= objective.jsd_beta <= 1, "objective.jsd_beta: must be in [0, 1]")
-    require(0 <= objective.gkd_beta <= 1, "objective.gkd_beta: must be in [0, 1]")
-    require(0 <= objective.onpolicy_fraction <= 1, "objective.onpolicy_fraction: must be in [0, 1]")
-    require(objective.onpolicy_fraction == 1 or objective.names == ("gkd",),
-            "objective.onpolicy_fraction: dataset responses (< 1) are only meaningful for gkd alone")
-    require(0 < objective.reopold_ratio < 1, "objective.reopold_ratio: must be in (0, 1)")
-    require(0 < objective.entropy_fraction <= 1, "objective.entropy_fraction: must be in (0, 1]")
-    require(len(set(objective.names)) == len(objective.names), "objective.add: an objective appears twice")
-    guidance = objective.guidance
-    require(0 < guidance.fraction <= 1, "objective.guidance.fraction: must be in (0, 1]")
-    require(guidance.beta >= 0, "objective.guidance.beta: must be >= 0")
-    require(guidance.max_prefix_tokens is None or guidance.max_prefix_tokens >= 1,
-            "objective.guidance.max_prefix_tokens: must be >= 1 or null")
-    require(not (guidance.enabled and "sft" in objective.names),
-            "objective.guidance: sft already trains on whole teacher responses; disable guidance")
-    if guidance.enabled:
-        require(all(t.path is not None for t in config.teachers),
-                "objective.guidance: every domain needs a teacher to write prefixes")
     require(optim.lr > 0, "optim.lr: must be > 0")
     require(optim.warmup_steps >= 0, "optim.warmup_steps: must be >= 0")
     require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio: must be in [0, 1]")
@@ -320,8 +299,6 @@ def validate(config: Config) -> None:
     require(evaluation.every == 0 or len(evaluation.benchmarks) > 0, "eval.benchmarks: name at least one benchmark")
     require(evaluation.samples >= 1 and evaluation.temperature > 0, "eval.samples >= 1 and eval.temperature > 0")
     if evaluation.benchmarks:
-        from opd.evaluate.benchmarks import BENCHMARKS
-
         unknown = sorted(set(evaluation.benchmarks) - set(BENCHMARKS))
         require(not unknown, f"eval.benchmarks: unknown {unknown}; available: {sorted(BENCHMARKS)}")
     lora = config.student.lora
@@ -334,9 +311,73 @@ def validate(config: Config) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
+def _validate_objective_settings(config: Config, require) -> None:
+    """The shared objective knobs and guidance; each objective's own block checks itself (`problems`)."""
+    objective = config.objective
+    require(objective.is_cap >= 1, "objective.is_cap: must be >= 1 (it caps pi_S / pi_sampler)")
+    require(objective.clip_eps is None or 0 < objective.clip_eps < 1, "objective.clip_eps: must be in (0, 1) or null")
+    require(objective.score_temperature is None or objective.score_temperature > 0,
+            "objective.score_temperature: must be > 0 or null")
+    require(objective.logprob_floor < 0, "objective.logprob_floor: must be negative")
+    require(objective.topk >= 1, "objective.topk: must be >= 1")
+    require(0 <= objective.onpolicy_fraction <= 1, "objective.onpolicy_fraction: must be in [0, 1]")
+    require(len(set(objective.names)) == len(objective.names), "objective.add: an objective appears twice")
+    guidance = objective.guidance
+    require(0 < guidance.fraction <= 1, "objective.guidance.fraction: must be in (0, 1]")
+    require(guidance.beta >= 0, "objective.guidance.beta: must be >= 0")
+    require(guidance.max_prefix_tokens is None or guidance.max_prefix_tokens >= 1,
+            "objective.guidance.max_prefix_tokens: must be >= 1 or null")
+    if guidance.enabled:
+        require(all(t.path is not None for t in config.teachers),
+                "objective.guidance: every domain needs a teacher to write prefixes")
+
+
+def _objective_problems(config: Config) -> list[str]:
+    """What the configured objective declares it needs, asked of the objective itself (built here from the
+    config, as assemble builds it), never decided by its name."""
+    objective = config.objective
+    keys = ["objective.name", *(f"objective.add.{i}.name" for i in range(len(objective.add)))]
+    known = registered_names()
+    problems = [f"{key}: {name!r} is not one of {known}" for key, name in zip(keys, objective.names, strict=True)
+                if name not in known]
+    for where, block in objective.option_blocks.items():
+        problems += block.problems(where)
+    if problems:  # the objective cannot be built from unknown names or out-of-range options
+        return problems
+    context = BuildContext(temperature=config.score_temperature, lam_by_domain=config.lam_by_domain)
+    terms = [(key, name, build_single(name, objective, context))
+             for key, name in zip(keys, objective.names, strict=True)]
+    needs = frozenset().union(*(term.needs for _, _, term in terms))
+    names = list(objective.names)
+    for index, teacher in enumerate(config.teachers):
+        lam, where = config.lam_for(teacher), f"teachers.{index}"
+        if lam != 1.0 and not any(term.uses_lam for _, _, term in terms):
+            problems.append(f"{where}.lam: objective {names} ignores lam, but lam = {lam}; objectives that read "
+                            f"lam: {LAM_READERS}")
+        if teacher.path is None and needs & TEACHER_SIGNALS:
+            problems.append(f"{where}.path: objective {names} needs a teacher for domain '{teacher.domain}'")
+        for key, name, term in terms:
+            if Signal.REWARD in term.needs and teacher.grader == "none":
+                problems.append(f"{where}.grader: {key} '{name}' needs an outcome reward; set a grader for domain "
+                                f"'{teacher.domain}' (exact, math or code)")
+    for key, name, term in terms:
+        if Signal.SAMPLER_ENTROPY in term.needs and config.rollout.backend == "vllm":
+            # vLLM reports the log-prob of the sampled token only, not the sampling distribution's entropy,
+            # which entropy selections rank tokens by before micro-batching.
+            problems.append(f"rollout.backend: vllm reports no sampler entropy, and {key} '{name}' ranks tokens "
+                            "by it as configured; use backend hf")
+        if objective.onpolicy_fraction < 1 and not term.takes_dataset_responses:
+            problems.append(f"objective.onpolicy_fraction: dataset responses (< 1) are only meaningful for "
+                            f"objectives whose loss takes them, and {key} '{name}' does not")
+        if objective.guidance.enabled and Signal.TEACHER_RESPONSES in term.needs:
+            problems.append(f"objective.guidance: {key} '{name}' already trains on whole teacher responses; "
+                            "disable guidance")
+    return problems
+
+
 def _validate_vllm(config: Config, require) -> None:
     """What the vLLM engines cannot do is refused here, never approximated inside a step."""
-    rollout, objective = config.rollout, config.objective
+    rollout = config.rollout
     engines = rollout.backend == "vllm" or any(t.backend == "vllm" for t in config.teachers)
     if engines:
         require(rollout.vllm.kv_cache_gib > 0, "rollout.vllm.kv_cache_gib: must be > 0")
@@ -344,15 +385,6 @@ def _validate_vllm(config: Config, require) -> None:
                 or rollout.vllm.max_model_len >= config.data.max_prompt_tokens + rollout.max_new_tokens,
                 "rollout.vllm.max_model_len: must hold data.max_prompt_tokens + rollout.max_new_tokens "
                 "(a longer prompt would be refused mid-run)")
-    if rollout.backend == "vllm":
-        # vLLM reports the log-prob of the sampled token only, not the sampling distribution's entropy,
-        # which these selections rank tokens by before micro-batching.
-        require("entropy_opd" not in objective.names,
-                "rollout.backend: vllm reports no sampler entropy, which entropy_opd ranks tokens by; use backend hf")
-        require(not ("reopold" in objective.names and (objective.reopold_entropy_selection
-                                                       or objective.reopold_stage_two_step is not None)),
-                "rollout.backend: vllm reports no sampler entropy, which reopold's entropy selection ranks "
-                "tokens by; use backend hf")
     for index, teacher in enumerate(config.teachers):
         if teacher.backend != "vllm":
             continue
@@ -391,120 +423,3 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         return build(Config, data, "")
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
-
-
-def apply_override(data: dict, override: str) -> None:
-    """`a.b=1` sets data['a']['b']; `teachers.0.lam=1.5` indexes lists. Values are parsed as YAML."""
-    if "=" not in override:
-        raise ConfigError(f"override '{override}' must look like key.path=value")
-    key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
-    value = yaml.safe_load(raw) if raw.strip() else None
-    node: Any = data
-    for depth, part in enumerate(parts[:-1]):
-        here = ".".join(parts[: depth + 1])
-        if isinstance(node, list):
-            node = node[_list_index(part, node, here)]
-        else:
-            node = node.setdefault(part, {})
-        if not isinstance(node, (dict, list)):
-            raise ConfigError(f"override '{override}': '{here}' is a value, not a section")
-    last = parts[-1]
-    if isinstance(node, list):
-        node[_list_index(last, node, key)] = value
-    else:
-        node[last] = value
-
-
-def _list_index(part: str, node: list, here: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"override key '{here}': index {part} out of range (list has {len(node)} items)")
-    return int(part)
-
-
-def build(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types by dotted path."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {[_join(where, k) for k in unknown]}; valid keys here: {sorted(names)}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"missing required key '{_join(where, f.name)}'")
-            continue
-        kwargs[f.name] = _convert(hints[f.name], data[f.name], _join(where, f.name))
-    try:
-        return cls(**kwargs)
-    except ConfigError as error:
-        if where:
-            raise
-        raise ConfigError(str(error)) from None
-
-
-def _convert(hint: Any, value: Any, where: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _convert(option, value, where)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], item, f"{where}.{i}") for i, item in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-        return tuple(_convert(a, item, f"{where}.{i}") for i, (a, item) in enumerate(zip(args, value, strict=True)))
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, where)
-    if hint is float:
-        # YAML 1.1 reads `1e-5` as a string; accept any string Python parses as a number.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported config type {hint}")
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def to_dict(config: Any) -> Any:
-    """Plain data (for YAML) from a config tree."""
-    if dataclasses.is_dataclass(config):
-        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
-    if isinstance(config, tuple):
-        return [to_dict(item) for item in config]
-    return config

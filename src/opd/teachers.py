@@ -85,7 +85,6 @@ class DomainScorer:
     domain: str
     teacher: Scorer | None  # None: the objective needs no teacher (e.g. grpo alone)
     reference: Scorer | None  # None: no reference (lam = 1 only; the implicit reward is then not logged)
-    reward_scale: float = 1.0  # lam
     # Writes whole teacher responses (guidance prefixes, sft): the teacher's own sampler.
     writer: Sampler | None = None
     # Teacher prompt ids per dataset row, when the teacher renders prompts with its own chat template;
@@ -108,7 +107,6 @@ def score_batch(batch: RolloutBatch, scorers: dict[str, DomainScorer], settings:
     scores = _BatchScores(batch, settings)
     for domain, rows in rows_by_domain(batch, scorers):
         scorer = scorers[domain]
-        scores.reward_scale[rows] = scorer.reward_scale
         if scorer.teacher is None:
             continue
         scores.has_teacher[rows] = True
@@ -158,7 +156,6 @@ class _BatchScores:
         self.heads: dict | None = {} if settings.need_hidden else None
         self.has_reference = torch.zeros(num_rows, dtype=torch.bool)
         self.has_teacher = torch.zeros(num_rows, dtype=torch.bool)
-        self.reward_scale = torch.ones(num_rows)
 
     def floored(self) -> TeacherScores:
         floor, mask = self.settings.logprob_floor, self.batch.response_mask
@@ -170,7 +167,6 @@ class _BatchScores:
             ref_logprobs=self.ref_logprobs.clamp(min=floor) if self.ref_logprobs is not None else None,
             has_reference=self.has_reference,
             has_teacher=self.has_teacher,
-            reward_scale=self.reward_scale,
             floored=floored,
             entropy=self.entropy,
             hidden=self.hidden,

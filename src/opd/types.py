@@ -30,6 +30,9 @@ class Signal(enum.Enum):
     REF_LOGPROBS = "ref_logprobs"
     REWARD = "reward"  # outcome rewards from each domain's grader
     FULL_DISTRIBUTIONS = "full_distributions"  # teacher and student hidden states + heads (full-vocabulary losses)
+    # What the rollout must provide (asked by config validation and the collector, not by the scorer):
+    SAMPLER_ENTROPY = "sampler_entropy"  # RolloutBatch.entropy_rank: the sampling distribution's entropy
+    TEACHER_RESPONSES = "teacher_responses"  # every response is written by the domain's teacher (sft)
 
 
 class Reduce(enum.Enum):
@@ -99,7 +102,6 @@ class TeacherScores:
     ref_logprobs: Tensor | None  # [N, T] float32, lR; None when no row has a reference
     has_reference: Tensor  # [N] bool; rows without one (lam == 1 only) carry lR = lT, a zero reward
     has_teacher: Tensor  # [N] bool; domains without a teacher (grpo alone) carry lT = 0
-    reward_scale: Tensor  # [N] float32, lam of each row's domain (ALGORITHMS §1)
     floored: Tensor  # [N, T] bool, teacher log-prob was -inf (or below the floor) and was clamped
     entropy: Tensor | None = None  # [N, T] float32, H(pi_T) at each position
     # Full-vocabulary losses (gkd) recompute teacher logits chunk by chunk from these:

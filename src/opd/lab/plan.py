@@ -188,7 +188,8 @@ def experiment_jobs(scale: Scale, seeds: int | None = None, only: tuple[str, ...
     if "mismatch" in only:  # a partly spaced-style student distilled from the sums teacher
         for variant in MISMATCH_VARIANTS:
             name, _, guidance = variant.partition("+")
-            objective = {"name": "gopd", "lam": 1.0} if name == "opd" else {"name": "tropd", "outlier": name.split("-")[1]}
+            objective = ({"name": "gopd", "lam": 1.0} if name == "opd"
+                         else {"name": "tropd", "tropd": {"outlier": name.split("-")[1]}})
             if guidance:
                 objective["guidance"] = {"enabled": True}
             for seed in seed_range:

@@ -8,21 +8,63 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from opd.aggregate import masked_mean
 from opd.functional import topk_forward_kl
-from opd.objectives import register
+from opd.objectives import BuildContext, options, register
 from opd.objectives.pg import (
     PolicyGradientSettings,
-    domain_advantage,
+    TeacherAdvantage,
+    masked,
     masked_policy_gradient,
+    mean_metric,
     policy_gradient_metrics,
     policy_gradient_terms,
     student_sampled,
 )
 from opd.types import Metric, RolloutBatch, Signal, StudentOutputs, TeacherScores, TokenLoss
+
+_OPD_ADVANTAGE = TeacherAdvantage()  # every baseline here builds on plain OPD's A = lT - lS
+
+
+def _fraction_problems(fraction: float, where: str) -> list[str]:
+    return [] if 0 < fraction <= 1 else [f"{where}: must be in (0, 1]"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EopdOptions:
+    """objective.eopd"""
+
+    entropy_threshold: float = 0.8  # top-k forward KL where the teacher's entropy exceeds this
+
+    def problems(self, where: str) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReopoldOptions:
+    """objective.reopold"""
+
+    ratio: float = 0.2  # reward floor log(r / (1 - r))
+    entropy_selection: bool = False  # train only the highest-entropy tokens (entropy_fraction)
+    entropy_fraction: float = 0.2  # share of the batch's tokens, by the highest sampler entropy, that train
+    stage_two_step: int | None = None  # from this step on, entropy selection replaces the floor
+
+    def problems(self, where: str) -> list[str]:
+        ratio = [] if 0 < self.ratio < 1 else [f"{where}.ratio: must be in (0, 1)"]
+        return ratio + _fraction_problems(self.entropy_fraction, f"{where}.entropy_fraction")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EntropyOpdOptions:
+    """objective.entropy_opd"""
+
+    fraction: float = 0.2  # share of the batch's tokens, by the highest sampler entropy, that train
+
+    def problems(self, where: str) -> list[str]:
+        return _fraction_problems(self.fraction, f"{where}.fraction")
 
 
 def high_entropy_tokens(batch: RolloutBatch, fraction: float):
@@ -41,28 +83,29 @@ class EntropyGatedOpd:
     (set objective.topk=16 to match).
     """
 
-    threshold: float = 0.8
+    entropy_threshold: float = 0.8
     renormalize: bool = False
     settings: PolicyGradientSettings = PolicyGradientSettings()
     needs: frozenset[Signal] = frozenset({Signal.TEACHER_LOGPROBS, Signal.TEACHER_TOPK, Signal.TEACHER_ENTROPY})
+    uses_lam: ClassVar[bool] = False
+    takes_dataset_responses: ClassVar[bool] = False
 
     @classmethod
-    def from_config(cls, config, temperature: float) -> "EntropyGatedOpd":
-        return cls(threshold=config.entropy_threshold, renormalize=config.renormalize,
+    def from_config(cls, config, context: BuildContext) -> "EntropyGatedOpd":
+        return cls(**options(config.eopd), renormalize=config.renormalize,
                    settings=PolicyGradientSettings.from_config(config))
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
         mask = student_sampled(batch)
-        pg = masked_policy_gradient("eopd", domain_advantage(student, teacher, False), mask, student, batch,
+        pg = masked_policy_gradient("eopd", _OPD_ADVANTAGE(student, batch, teacher), mask, student, batch,
                                     self.settings)
-        gate = (teacher.entropy > self.threshold) & mask
+        gate = (teacher.entropy > self.entropy_threshold) & mask
         fkl = topk_forward_kl(student.topk_logprobs, teacher.topk_logprobs, self.renormalize)
-        loss = pg.per_token + torch.where(gate, fkl, torch.zeros_like(fkl))
-        count = float(mask.sum())
+        loss = pg.per_token + masked(fkl, gate)
         return TokenLoss(per_token=loss, mask=mask, metrics={
             **pg.metrics,
-            "eopd/gated_fraction": Metric(value=masked_mean(gate.float(), mask), weight=count),
-            "eopd/teacher_entropy": Metric(value=masked_mean(teacher.entropy, mask), weight=count),
+            "eopd/gated_fraction": mean_metric(gate.float(), mask),
+            "eopd/teacher_entropy": mean_metric(teacher.entropy, mask),
         })
 
 
@@ -81,13 +124,19 @@ class Reopold:
     entropy_fraction: float = 0.2
     stage_two_step: int | None = None
     settings: PolicyGradientSettings = PolicyGradientSettings()
-    needs: frozenset[Signal] = frozenset({Signal.TEACHER_LOGPROBS})
+    uses_lam: ClassVar[bool] = False
+    takes_dataset_responses: ClassVar[bool] = False
+
+    @property
+    def needs(self) -> frozenset[Signal]:
+        selects = self.entropy_selection or self.stage_two_step is not None
+        return frozenset({Signal.TEACHER_LOGPROBS} | ({Signal.SAMPLER_ENTROPY} if selects else set()))
 
     @classmethod
-    def from_config(cls, config, temperature: float) -> "Reopold":
-        ratio = config.reopold_ratio
-        return cls(floor=math.log(ratio / (1.0 - ratio)), entropy_selection=config.reopold_entropy_selection,
-                   entropy_fraction=config.entropy_fraction, stage_two_step=config.reopold_stage_two_step,
+    def from_config(cls, config, context: BuildContext) -> "Reopold":
+        block = config.reopold
+        return cls(floor=math.log(block.ratio / (1.0 - block.ratio)), entropy_selection=block.entropy_selection,
+                   entropy_fraction=block.entropy_fraction, stage_two_step=block.stage_two_step,
                    settings=PolicyGradientSettings.from_config(config))
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
@@ -95,7 +144,7 @@ class Reopold:
         in_stage_two = self.stage_two_step is not None and batch.step >= self.stage_two_step
         if self.entropy_selection or in_stage_two:
             mask = mask & high_entropy_tokens(batch, self.entropy_fraction)
-        advantages = domain_advantage(student, teacher, False)
+        advantages = _OPD_ADVANTAGE(student, batch, teacher)
         if not in_stage_two:
             advantages = advantages.clamp(min=self.floor)
         result = masked_policy_gradient("reopold", advantages, mask, student, batch, self.settings)
@@ -113,19 +162,20 @@ class EntropyOpd:
 
     fraction: float = 0.2
     settings: PolicyGradientSettings = PolicyGradientSettings()
-    needs: frozenset[Signal] = frozenset({Signal.TEACHER_LOGPROBS})
+    needs: frozenset[Signal] = frozenset({Signal.TEACHER_LOGPROBS, Signal.SAMPLER_ENTROPY})
+    uses_lam: ClassVar[bool] = False
+    takes_dataset_responses: ClassVar[bool] = False
 
     @classmethod
-    def from_config(cls, config, temperature: float) -> "EntropyOpd":
-        return cls(fraction=config.entropy_fraction, settings=PolicyGradientSettings.from_config(config))
+    def from_config(cls, config, context: BuildContext) -> "EntropyOpd":
+        return cls(**options(config.entropy_opd), settings=PolicyGradientSettings.from_config(config))
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
         sampled = student_sampled(batch)
         mask = sampled & high_entropy_tokens(batch, self.fraction)
-        result = masked_policy_gradient("entropy_opd", domain_advantage(student, teacher, False), mask, student,
+        result = masked_policy_gradient("entropy_opd", _OPD_ADVANTAGE(student, batch, teacher), mask, student,
                                         batch, self.settings)
-        result.metrics["entropy_opd/selected_fraction"] = Metric(value=masked_mean(mask.float(), sampled),
-                                                                 weight=float(sampled.sum()))
+        result.metrics["entropy_opd/selected_fraction"] = mean_metric(mask.float(), sampled)
         return TokenLoss(per_token=result.per_token, mask=sampled, metrics=result.metrics)
 
 
@@ -139,20 +189,22 @@ class AsymmetricOpd:
     renormalize: bool = False
     settings: PolicyGradientSettings = PolicyGradientSettings()
     needs: frozenset[Signal] = frozenset({Signal.TEACHER_LOGPROBS, Signal.TEACHER_TOPK})
+    uses_lam: ClassVar[bool] = False
+    takes_dataset_responses: ClassVar[bool] = False
 
     @classmethod
-    def from_config(cls, config, temperature: float) -> "AsymmetricOpd":
+    def from_config(cls, config, context: BuildContext) -> "AsymmetricOpd":
         return cls(renormalize=config.renormalize, settings=PolicyGradientSettings.from_config(config))
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
         mask = student_sampled(batch)
-        advantages = domain_advantage(student, teacher, False)
+        advantages = _OPD_ADVANTAGE(student, batch, teacher)
         positive = (advantages > 0) & mask
         pg_loss, weight = policy_gradient_terms(advantages, student, batch, self.settings)
         fkl = topk_forward_kl(student.topk_logprobs, teacher.topk_logprobs, self.renormalize)
-        loss = torch.where(positive, pg_loss, torch.where(mask, fkl, torch.zeros_like(fkl)))
+        loss = torch.where(positive, pg_loss, masked(fkl, mask))
         metrics = policy_gradient_metrics("aopd", advantages, weight, positive, self.settings)
-        metrics["aopd/positive_fraction"] = Metric(value=masked_mean(positive.float(), mask), weight=float(mask.sum()))
+        metrics["aopd/positive_fraction"] = mean_metric(positive.float(), mask)
         return TokenLoss(per_token=loss, mask=mask, metrics=metrics)
 
 
@@ -161,15 +213,15 @@ class AsymmetricOpd:
 class Sft:
     """Off-policy distillation: NLL of teacher-generated responses (rollouts come from the teacher, cached)."""
 
-    needs: frozenset[Signal] = frozenset()
+    needs: frozenset[Signal] = frozenset({Signal.TEACHER_RESPONSES})
+    uses_lam: ClassVar[bool] = False
+    takes_dataset_responses: ClassVar[bool] = False
 
     @classmethod
-    def from_config(cls, config, temperature: float) -> "Sft":
+    def from_config(cls, config, context: BuildContext) -> "Sft":
         return cls()
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
         mask = batch.response_mask & batch.from_teacher
-        loss = torch.where(mask, -student.logprobs, torch.zeros_like(student.logprobs))
-        return TokenLoss(per_token=loss, mask=mask, metrics={
-            "sft/nll": Metric(value=masked_mean(loss.detach(), mask), weight=float(mask.sum())),
-        })
+        loss = masked(-student.logprobs, mask)
+        return TokenLoss(per_token=loss, mask=mask, metrics={"sft/nll": mean_metric(loss.detach(), mask)})

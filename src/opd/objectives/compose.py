@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-import torch
-
+from opd.objectives import Objective
+from opd.objectives.pg import masked
 from opd.types import Metric, Reduce, RolloutBatch, Signal, StudentOutputs, TeacherScores, TokenLoss
 
 
@@ -13,11 +14,19 @@ from opd.types import Metric, Reduce, RolloutBatch, Signal, StudentOutputs, Teac
 class Weighted:
     """sum_i w_i * loss_i per token, e.g. tropd + 0.1 x grpo. Needs the union of the terms' needs."""
 
-    terms: tuple[tuple[float, object], ...]
+    terms: tuple[tuple[float, Objective], ...]
 
     @property
     def needs(self) -> frozenset[Signal]:
         return frozenset().union(*(objective.needs for _, objective in self.terms))
+
+    @property
+    def uses_lam(self) -> bool:
+        return any(objective.uses_lam for _, objective in self.terms)
+
+    @property
+    def takes_dataset_responses(self) -> bool:
+        return all(objective.takes_dataset_responses for _, objective in self.terms)
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
         total, mask, metrics = None, None, {}
@@ -38,11 +47,12 @@ class PrefixImitation:
 
     beta: float
     needs: frozenset[Signal] = frozenset({Signal.TEACHER_LOGPROBS})
+    uses_lam: ClassVar[bool] = False
+    takes_dataset_responses: ClassVar[bool] = False  # guidance prefixes are student rollouts
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
         mask = batch.response_mask & batch.from_teacher
-        loss = self.beta * (teacher.logprobs - student.logprobs)
-        loss = torch.where(mask, loss, torch.zeros_like(loss))
+        loss = masked(self.beta * (teacher.logprobs - student.logprobs), mask)
         count = float(mask.sum())
         mean = float(loss.detach().sum() / count) if count else 0.0
         return TokenLoss(per_token=loss, mask=mask, metrics={

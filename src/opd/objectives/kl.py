@@ -4,15 +4,39 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from opd.aggregate import masked_mean
-from opd.objectives.fullvocab import chunked_generalized_jsd
 from opd.functional import topk_forward_kl
-from opd.objectives import register
-from opd.objectives.pg import PolicyGradientSettings, policy_gradient_terms, student_sampled
-from opd.types import Metric, RolloutBatch, Signal, StudentOutputs, TeacherScores, TokenLoss
+from opd.objectives import BuildContext, options, register
+from opd.objectives.fullvocab import chunked_generalized_jsd
+from opd.objectives.pg import PolicyGradientSettings, masked, mean_metric, policy_gradient_terms, student_sampled
+from opd.types import RolloutBatch, Signal, StudentOutputs, TeacherScores, TokenLoss
+
+
+def _beta_problems(beta: float, where: str) -> list[str]:
+    return [] if 0 <= beta <= 1 else [f"{where}.beta: must be in [0, 1]"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JsdTopkOptions:
+    """objective.jsd_topk"""
+
+    beta: float = 0.5  # weight of the teacher in the mixture p_M = beta p_T + (1 - beta) p_S
+
+    def problems(self, where: str) -> list[str]:
+        return _beta_problems(self.beta, where)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GkdOptions:
+    """objective.gkd"""
+
+    beta: float = 0.5  # 0 forward KL, 1 reverse KL (TRL's convention)
+
+    def problems(self, where: str) -> list[str]:
+        return _beta_problems(self.beta, where)
 
 
 @register("fkl_topk")
@@ -22,20 +46,20 @@ class TopkForwardKl:
 
     renormalize: bool = False
     needs: frozenset[Signal] = frozenset({Signal.TEACHER_TOPK})
+    uses_lam: ClassVar[bool] = False
+    takes_dataset_responses: ClassVar[bool] = False
 
     @classmethod
-    def from_config(cls, config, temperature: float) -> "TopkForwardKl":
+    def from_config(cls, config, context: BuildContext) -> "TopkForwardKl":
         return cls(renormalize=config.renormalize)
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
         mask = student_sampled(batch)
-        loss = topk_forward_kl(student.topk_logprobs, teacher.topk_logprobs, self.renormalize)
-        loss = torch.where(mask, loss, torch.zeros_like(loss))
-        count = float(mask.sum())
+        loss = masked(topk_forward_kl(student.topk_logprobs, teacher.topk_logprobs, self.renormalize), mask)
         mass = student.topk_logprobs.detach().exp().sum(dim=-1)
         return TokenLoss(per_token=loss, mask=mask, metrics={
-            "fkl_topk/loss": Metric(value=masked_mean(loss.detach(), mask), weight=count),
-            "fkl_topk/student_topk_mass": Metric(value=masked_mean(mass, mask), weight=count),
+            "fkl_topk/loss": mean_metric(loss.detach(), mask),
+            "fkl_topk/student_topk_mass": mean_metric(mass, mask),
         })
 
 
@@ -50,10 +74,12 @@ class TopkJsd:
     beta: float = 0.5
     settings: PolicyGradientSettings = PolicyGradientSettings()
     needs: frozenset[Signal] = frozenset({Signal.TEACHER_LOGPROBS, Signal.TEACHER_TOPK})
+    uses_lam: ClassVar[bool] = False
+    takes_dataset_responses: ClassVar[bool] = False
 
     @classmethod
-    def from_config(cls, config, temperature: float) -> "TopkJsd":
-        return cls(beta=config.jsd_beta, settings=PolicyGradientSettings.from_config(config))
+    def from_config(cls, config, context: BuildContext) -> "TopkJsd":
+        return cls(**options(config.jsd_topk), settings=PolicyGradientSettings.from_config(config))
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
         mask = student_sampled(batch)
@@ -63,12 +89,10 @@ class TopkJsd:
         sampled_mixture = _log_mixture(teacher.logprobs, student.logprobs.detach(), self.beta)
         reward = sampled_mixture - student.logprobs.detach()  # -log(p_S(y) / p_M(y))
         reverse, _ = policy_gradient_terms(reward, student, batch, self.settings)
-        loss = self.beta * forward + (1.0 - self.beta) * reverse
-        loss = torch.where(mask, loss, torch.zeros_like(loss))
-        count = float(mask.sum())
+        loss = masked(self.beta * forward + (1.0 - self.beta) * reverse, mask)
         return TokenLoss(per_token=loss, mask=mask, metrics={
-            "jsd_topk/forward_term": Metric(value=masked_mean(forward.detach(), mask), weight=count),
-            "jsd_topk/reward_mean": Metric(value=masked_mean(reward, mask), weight=count),
+            "jsd_topk/forward_term": mean_metric(forward.detach(), mask),
+            "jsd_topk/reward_mean": mean_metric(reward, mask),
         })
 
 
@@ -86,17 +110,19 @@ def _log_mixture(teacher_logprobs, student_logprobs, beta: float):
 class Gkd:
     """GKD (Agarwal et al. 2024): generalized JSD_beta over the full vocabulary at every response position,
     computed chunk by chunk (fullvocab.py). beta = 0 forward KL, beta = 1 reverse KL (TRL's convention).
-    Dataset responses mixed in by `onpolicy_fraction` get the same loss (GKD's lambda).
+    Dataset responses mixed in by `objective.onpolicy_fraction` get the same loss (GKD's lambda).
     """
 
     beta: float = 0.5
     temperature: float = 1.0
     chunk_size: int = 512
     needs: frozenset[Signal] = frozenset({Signal.FULL_DISTRIBUTIONS})
+    uses_lam: ClassVar[bool] = False
+    takes_dataset_responses: ClassVar[bool] = True  # a divergence of full distributions: any response will do
 
     @classmethod
-    def from_config(cls, config, temperature: float) -> "Gkd":
-        return cls(beta=config.gkd_beta, temperature=temperature)
+    def from_config(cls, config, context: BuildContext) -> "Gkd":
+        return cls(**options(config.gkd), temperature=context.temperature)
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
         mask = student_sampled(batch)
@@ -113,7 +139,4 @@ class Gkd:
                 teacher_weight, teacher_bias, beta=self.beta, temperature=self.temperature, chunk_size=self.chunk_size,
             )
             loss = loss.index_put((positions.nonzero(as_tuple=True)), values.to(loss.dtype))
-        count = float(mask.sum())
-        return TokenLoss(per_token=loss, mask=mask, metrics={
-            "gkd/jsd": Metric(value=masked_mean(loss.detach(), mask), weight=count),
-        })
+        return TokenLoss(per_token=loss, mask=mask, metrics={"gkd/jsd": mean_metric(loss.detach(), mask)})

@@ -1,21 +1,28 @@
-"""The policy-gradient OPD family (ALGORITHMS.md §1): `opd` and `gopd` (ExOPD, reward correction).
+"""The policy-gradient family (ALGORITHMS.md §1): one objective, `PolicyGradient`, parameterised by its
+advantage, serves `opd` (A = lT - lS), `gopd` (ExOPD, reward correction) and `grpo`.
 
 Every student-sampled token gets the dense advantage A_t (discount 0) and the loss -w_t * ratio_t * sg(A_t)
 of `functional.policy_gradient_loss`. Tokens copied from a teacher prefix never get a policy-gradient term
 (ALGORITHMS §3): `student_sampled` leaves them out. The helpers here are shared by every objective that
-has a policy-gradient part (tropd, reopold, entropy_opd, aopd, grpo, eopd).
+has a policy-gradient part (tropd, reopold, entropy_opd, aopd, eopd, jsd_topk).
+
+GRPO (Shao et al. 2024) trains the domain teachers (G-OPD §4) and is addable to any objective with a weight.
+Its advantages are normalised within each prompt's group over the whole batch before micro-batching
+(RolloutBatch.group_advantages), so the gradient does not depend on how the batch is cut. No KL term (the
+G-OPD teachers use KL 0).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping, Protocol
 
 import torch
 from torch import Tensor
 
 from opd.aggregate import masked_mean
 from opd.functional import gopd_advantage, policy_gradient_loss
-from opd.objectives import register
+from opd.objectives import BuildContext, register_builder
 from opd.types import Metric, Reduce, RolloutBatch, Signal, StudentOutputs, TeacherScores, TokenLoss
 
 
@@ -27,6 +34,16 @@ class PolicyGradientSettings:
     @classmethod
     def from_config(cls, config) -> "PolicyGradientSettings":
         return cls(is_cap=config.is_cap, clip_eps=config.clip_eps)
+
+
+def masked(values: Tensor, mask: Tensor) -> Tensor:
+    """`values` where `mask`, exact zeros elsewhere."""
+    return torch.where(mask, values, torch.zeros_like(values))
+
+
+def mean_metric(values: Tensor, mask: Tensor) -> Metric:
+    """The mean of `values` over `mask`, weighted by the number of tokens it averages."""
+    return Metric(value=masked_mean(values, mask), weight=float(mask.sum()))
 
 
 def student_sampled(batch: RolloutBatch) -> Tensor:  # [N, T] bool
@@ -62,50 +79,107 @@ def masked_policy_gradient(area: str, advantages: Tensor, mask: Tensor, student:
                            settings: PolicyGradientSettings) -> TokenLoss:
     """The PG loss on `mask` tokens only, with its metrics."""
     loss, weight = policy_gradient_terms(advantages, student, batch, settings)
-    loss = torch.where(mask, loss, torch.zeros_like(loss))
-    return TokenLoss(per_token=loss, mask=mask, metrics=policy_gradient_metrics(area, advantages, weight, mask, settings))
+    return TokenLoss(per_token=masked(loss, mask), mask=mask,
+                     metrics=policy_gradient_metrics(area, advantages, weight, mask, settings))
 
 
-def domain_advantage(student: StudentOutputs, teacher: TeacherScores, use_lam: bool) -> Tensor:
-    """lT - lS, or the G-OPD advantage with each row's lam and reference."""
-    if not use_lam:
+# --------------------------------------------------------------------------- advantages
+
+
+class Advantage(Protocol):
+    needs: frozenset[Signal]
+    uses_lam: bool
+
+    def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> Tensor: ...  # [N, T]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TeacherAdvantage:
+    """A = lT - lS: plain OPD's reward (the reverse KL's sampled-token estimator)."""
+
+    needs: ClassVar[frozenset[Signal]] = frozenset({Signal.TEACHER_LOGPROBS})
+    uses_lam: ClassVar[bool] = False
+
+    def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> Tensor:
         return gopd_advantage(student.logprobs.detach(), teacher.logprobs)
-    lam = teacher.reward_scale[:, None]
-    return gopd_advantage(student.logprobs.detach(), teacher.logprobs, teacher.ref_logprobs, lam)
 
 
-@register("gopd")
 @dataclass(frozen=True, kw_only=True, slots=True)
-class GeneralizedOpd:
-    """G-OPD: A = lam*(lT - lR) - (lS - lR), lam per row from its domain (ExOPD: lam > 1).
+class GeneralizedAdvantage:
+    """G-OPD: A = lam*(lT - lR) - (lS - lR), lam of each row's domain (ExOPD: lam > 1)."""
 
-    Reward correction is this objective with the reference set to the teacher's pre-RL base.
-    """
+    lam_by_domain: Mapping[str, float] = field(default_factory=dict)
+    needs: ClassVar[frozenset[Signal]] = frozenset({Signal.TEACHER_LOGPROBS, Signal.REF_LOGPROBS})
+    uses_lam: ClassVar[bool] = True
 
+    def lam(self, batch: RolloutBatch, device: torch.device) -> Tensor:  # [N, 1] float32
+        missing = sorted(set(batch.domain) - set(self.lam_by_domain))
+        if missing:
+            raise ValueError(f"gopd advantage: no lam for domain(s) {missing}; lam_by_domain has "
+                             f"{sorted(self.lam_by_domain)}")
+        return torch.tensor([self.lam_by_domain[d] for d in batch.domain], dtype=torch.float32, device=device)[:, None]
+
+    def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> Tensor:
+        lam = self.lam(batch, teacher.logprobs.device)
+        return gopd_advantage(student.logprobs.detach(), teacher.logprobs, teacher.ref_logprobs, lam)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GroupAdvantage:
+    """GRPO: each response's outcome reward, normalised within its prompt's group, on all its tokens."""
+
+    needs: ClassVar[frozenset[Signal]] = frozenset({Signal.REWARD})
+    uses_lam: ClassVar[bool] = False
+
+    def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> Tensor:
+        if batch.group_advantages is None:
+            raise ValueError("grpo needs RolloutBatch.group_advantages (graded rewards)")
+        return batch.group_advantages[:, None].expand_as(student.logprobs)
+
+
+# --------------------------------------------------------------------------- the objective
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PolicyGradient:
+    """The policy-gradient loss on every student-sampled token with `advantage`; metrics under `area`/."""
+
+    area: str
+    advantage: Advantage
     settings: PolicyGradientSettings = PolicyGradientSettings()
-    needs: frozenset[Signal] = frozenset({Signal.TEACHER_LOGPROBS, Signal.REF_LOGPROBS})
+    takes_dataset_responses: ClassVar[bool] = False  # dataset responses have no sampler log-probs
 
-    @classmethod
-    def from_config(cls, config, temperature: float) -> "GeneralizedOpd":
-        return cls(settings=PolicyGradientSettings.from_config(config))
+    @property
+    def needs(self) -> frozenset[Signal]:
+        return self.advantage.needs
+
+    @property
+    def uses_lam(self) -> bool:
+        return self.advantage.uses_lam
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
-        advantages = domain_advantage(student, teacher, use_lam=True)
-        return masked_policy_gradient("gopd", advantages, student_sampled(batch), student, batch, self.settings)
+        advantages = self.advantage(student, batch, teacher)
+        result = masked_policy_gradient(self.area, advantages, student_sampled(batch), student, batch, self.settings)
+        if Signal.REWARD in self.needs:
+            result.metrics[f"{self.area}/reward_mean"] = Metric(value=float(batch.rewards.mean()),
+                                                                weight=float(batch.num_rows))
+        return result
 
 
-@register("opd")
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Opd:
-    """Plain on-policy distillation (tinker): A = lT - lS, reverse KL with the sampled-token estimator."""
+def advantage_named(name: str, context: BuildContext) -> Advantage:
+    """The advantage an objective option names: `opd` (lT - lS) or `gopd` (with each domain's lam)."""
+    if name == "gopd":
+        return GeneralizedAdvantage(lam_by_domain=context.lam_by_domain)
+    if name == "opd":
+        return TeacherAdvantage()
+    raise ValueError(f"unknown advantage {name!r}; choose opd or gopd")
 
-    settings: PolicyGradientSettings = PolicyGradientSettings()
-    needs: frozenset[Signal] = frozenset({Signal.TEACHER_LOGPROBS})
 
-    @classmethod
-    def from_config(cls, config, temperature: float) -> "Opd":
-        return cls(settings=PolicyGradientSettings.from_config(config))
-
-    def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
-        advantages = domain_advantage(student, teacher, use_lam=False)
-        return masked_policy_gradient("opd", advantages, student_sampled(batch), student, batch, self.settings)
+# Plain OPD (tinker); G-OPD, of which reward correction is the case reference = the teacher's pre-RL base;
+# GRPO with group-normalised grader rewards.
+register_builder("opd", lambda config, context: PolicyGradient(
+    area="opd", advantage=TeacherAdvantage(), settings=PolicyGradientSettings.from_config(config)))
+register_builder("gopd", lambda config, context: PolicyGradient(
+    area="gopd", advantage=advantage_named("gopd", context), settings=PolicyGradientSettings.from_config(config)))
+register_builder("grpo", lambda config, context: PolicyGradient(
+    area="grpo", advantage=GroupAdvantage(), settings=PolicyGradientSettings.from_config(config)))

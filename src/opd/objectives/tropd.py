@@ -10,41 +10,63 @@ toward the teacher (`fkl`, the paper's default). The region terms are summed per
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 
-from opd.aggregate import masked_mean
 from opd.functional import topk_forward_kl, trust_probability, trust_region_mask
-from opd.objectives import register
+from opd.objectives import BuildContext, register
 from opd.objectives.pg import (
+    Advantage,
     PolicyGradientSettings,
-    domain_advantage,
+    TeacherAdvantage,
+    advantage_named,
+    masked,
+    mean_metric,
     policy_gradient_metrics,
     policy_gradient_terms,
     student_sampled,
 )
-from opd.types import Metric, RolloutBatch, Signal, StudentOutputs, TeacherScores, TokenLoss
+from opd.types import RolloutBatch, Signal, StudentOutputs, TeacherScores, TokenLoss
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TropdOptions:
+    """objective.tropd"""
+
+    advantage: Literal["opd", "gopd"] = "opd"  # the trust region's advantage (gopd: TrOPD x ExOPD)
+    outlier: Literal["mask", "clip", "fkl"] = "fkl"
+    clip_floor: float = -3.0  # tau of outlier=clip: A = max(lT - lS, tau); ours, the paper does not report it
+
+    def problems(self, where: str) -> list[str]:
+        return []
 
 
 @register("tropd")
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrustRegionOpd:
     settings: PolicyGradientSettings = PolicyGradientSettings()
-    use_lam: bool = False  # advantage: gopd (True) or opd
+    advantage: Advantage = TeacherAdvantage()  # of trusted tokens: opd, or gopd (each domain's lam)
     outlier: str = "fkl"  # mask | clip | fkl
     clip_floor: float = -3.0
     renormalize: bool = False
+    takes_dataset_responses: ClassVar[bool] = False
 
     @property
     def needs(self) -> frozenset[Signal]:
         # Top-k is always scored: the student's mass on the teacher's top-k is a TrOPD diagnostic.
-        needs = {Signal.TEACHER_LOGPROBS, Signal.TEACHER_TOPK}
-        return frozenset(needs | ({Signal.REF_LOGPROBS} if self.use_lam else set()))
+        return frozenset({Signal.TEACHER_LOGPROBS, Signal.TEACHER_TOPK}) | self.advantage.needs
+
+    @property
+    def uses_lam(self) -> bool:
+        return self.advantage.uses_lam
 
     @classmethod
-    def from_config(cls, config, temperature: float) -> "TrustRegionOpd":
-        return cls(settings=PolicyGradientSettings.from_config(config), use_lam=config.advantage == "gopd",
-                   outlier=config.outlier, clip_floor=config.clip_floor, renormalize=config.renormalize)
+    def from_config(cls, config, context: BuildContext) -> "TrustRegionOpd":
+        block = config.tropd
+        return cls(settings=PolicyGradientSettings.from_config(config),
+                   advantage=advantage_named(block.advantage, context), outlier=block.outlier,
+                   clip_floor=block.clip_floor, renormalize=config.renormalize)
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
         if batch.noise is None:
@@ -53,27 +75,25 @@ class TrustRegionOpd:
         student_detached = student.logprobs.detach()
         trusted = trust_region_mask(student_detached, teacher.logprobs, noise=batch.noise) & sampled
         outliers = sampled & ~trusted
-        advantages = domain_advantage(student, teacher, self.use_lam)
+        advantages = self.advantage(student, batch, teacher)
         pg_loss, weight = policy_gradient_terms(advantages, student, batch, self.settings)
-        trust_loss = torch.where(trusted, pg_loss, torch.zeros_like(pg_loss))
+        trust_loss = masked(pg_loss, trusted)
         if self.outlier == "mask":
             outlier_loss = torch.zeros_like(pg_loss)
         elif self.outlier == "clip":
             floored = torch.clamp(teacher.logprobs - student_detached, min=self.clip_floor)
             clipped_loss, _ = policy_gradient_terms(floored, student, batch, self.settings)
-            outlier_loss = torch.where(outliers, clipped_loss, torch.zeros_like(clipped_loss))
+            outlier_loss = masked(clipped_loss, outliers)
         else:
             fkl = topk_forward_kl(student.topk_logprobs, teacher.topk_logprobs, self.renormalize)
-            outlier_loss = torch.where(outliers, fkl, torch.zeros_like(fkl))
-        count = float(sampled.sum())
+            outlier_loss = masked(fkl, outliers)
         metrics = policy_gradient_metrics("tropd", advantages, weight, trusted, self.settings)
         topk_mass = student.topk_logprobs.detach().exp().sum(dim=-1)
         metrics.update({
-            "tropd/outlier_fraction": Metric(value=masked_mean(outliers.float(), sampled), weight=count),
-            "tropd/p_trust_mean": Metric(value=masked_mean(trust_probability(student_detached, teacher.logprobs), sampled),
-                                         weight=count),
-            "tropd/trust_loss": Metric(value=masked_mean(trust_loss.detach(), trusted), weight=float(trusted.sum())),
-            "tropd/outlier_loss": Metric(value=masked_mean(outlier_loss.detach(), outliers), weight=float(outliers.sum())),
-            "tropd/student_topk_mass": Metric(value=masked_mean(topk_mass, sampled), weight=count),
+            "tropd/outlier_fraction": mean_metric(outliers.float(), sampled),
+            "tropd/p_trust_mean": mean_metric(trust_probability(student_detached, teacher.logprobs), sampled),
+            "tropd/trust_loss": mean_metric(trust_loss.detach(), trusted),
+            "tropd/outlier_loss": mean_metric(outlier_loss.detach(), outliers),
+            "tropd/student_topk_mass": mean_metric(topk_mass, sampled),
         })
         return TokenLoss(per_token=trust_loss + outlier_loss, mask=sampled, metrics=metrics)

@@ -1,0 +1,139 @@
+"""Plain data <-> frozen dataclass trees: the loader under `config.py`, which knows nothing of opd's schema.
+
+`build` turns nested dicts and lists (YAML) into a dataclass tree, rejecting unknown keys, moved keys (a
+class's `MOVED` table: old key -> where it went) and wrong types with the key's dotted path; `apply_override`
+applies `a.b.c=value`; `to_dict` is the way back (the run record).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the dotted key and the file it came from."""
+
+
+def apply_override(data: dict, override: str) -> None:
+    """`a.b=1` sets data['a']['b']; `teachers.0.lam=1.5` indexes lists. Values are parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like key.path=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            node = node[_list_index(part, node, here)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override '{override}': '{here}' is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(last, node, key)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(part: str, node: list, here: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override key '{here}': index {part} out of range (list has {len(node)} items)")
+    return int(part)
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types by dotted path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    moved = [f"{_join(where, key)}: moved to {new}" for key, new in getattr(cls, "MOVED", {}).items() if key in data]
+    if moved:
+        raise ConfigError("; ".join(moved))
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {[_join(where, k) for k in unknown]}; valid keys here: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required key '{_join(where, f.name)}'")
+            continue
+        kwargs[f.name] = _convert(hints[f.name], data[f.name], _join(where, f.name))
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        if where:
+            raise
+        raise ConfigError(str(error)) from None
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], item, f"{where}.{i}") for i, item in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_convert(a, item, f"{where}.{i}") for i, (a, item) in enumerate(zip(args, value, strict=True)))
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where)
+    if hint is float:
+        # YAML 1.1 reads `1e-5` as a string; accept any string Python parses as a number.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {hint}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def to_dict(config: Any) -> Any:
+    """Plain data (for YAML) from a config tree."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, tuple):
+        return [to_dict(item) for item in config]
+    return config
