@@ -9,14 +9,13 @@ gradient (unlike a per-micro-batch mean, the bug behind TRL #4719 and ms-swift #
 from __future__ import annotations
 
 import typing
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-# The names are declared once, as the config's Literal: config.py imports nothing from opd and no torch,
-# so `opd train` can check a config before importing torch; importing it from here adds no cycle.
-from opd.config import Aggregation
-
+# The modes, named once: the config's `objective.aggregation` is typed with this Literal.
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "token-sum"]
 MODES: tuple[str, ...] = typing.get_args(Aggregation)
 
 

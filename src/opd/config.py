@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from opd.aggregate import Aggregation
 from opd.config_tree import ConfigError, apply_override, build, to_dict
 from opd.evaluate.benchmarks import BENCHMARKS
 # Validation asks the objectives what they need, and their option blocks are part of this tree. opd.objectives
@@ -37,7 +38,6 @@ from opd.types import Signal
 
 __all__ = ["Config", "ConfigError", "ObjectiveConfig", "STUDENT_INIT", "apply_override", "load_config", "to_dict"]
 
-Aggregation = Literal["token-mean", "seq-mean-token-mean", "token-sum"]
 GraderName = Literal["none", "exact", "math", "code"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 STUDENT_INIT = "student_init"  # reference = a frozen copy of the student's initial weights
