@@ -97,17 +97,17 @@ def test_graded_rows_match_the_domain_graders():
 
 
 def test_code_grader_runs_each_distinct_program_once(monkeypatch):
-    import opd.grading.sandbox
+    import opd.grading.graders
     from opd.grading.graders import program_passes
 
     calls = []
-    real = opd.grading.sandbox.check_program
+    real = opd.grading.graders.check_program
 
     def counting(program, tests, *args, **kwargs):
         calls.append(program)
         return real(program, tests, *args, **kwargs)
 
-    monkeypatch.setattr(opd.grading.sandbox, "check_program", counting)
+    monkeypatch.setattr(opd.grading.graders, "check_program", counting)
     program_passes.cache_clear()
     tests = "assert f(2) == 4"
     assert program_passes("def f(x):return x*2", tests) and program_passes("def f(x):return x*2", tests)
