@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from opd.data import PromptRow
@@ -92,3 +94,78 @@ def test_a_process_pool_worker_that_graded_math_exits():
         for worker in workers:
             worker.kill()
     assert not hung, "the pool worker did not exit after grading math"
+
+
+# Inputs on which the extraction patterns once backtracked for tens of seconds (their cost grew with the
+# square of the length): each must now take well under a second. A bound of 2 s is generous; the old
+# patterns took 5-60 s on these.
+PATHOLOGICAL = {
+    "answer then 32k spaces": "answer" + " " * 32_000 + "x y",
+    "32k blank lines": "\n" * 32_000 + "x",
+    "5k answers glued": "answer" * 5_500 + "!",
+    "1 MB then an answer": " " * 1_000_000 + "\nThe answer is B",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATHOLOGICAL))
+def test_answer_extraction_is_linear_on_pathological_completions(name):
+    import time
+
+    from opd.evaluate.grading import mc_letter
+
+    text = PATHOLOGICAL[name]
+    started = time.perf_counter()
+    final_answer(text)
+    mc_letter(text)
+    build_grader("exact")(row("1"), text)
+    assert time.perf_counter() - started < 2.0, name
+
+
+def test_answer_extraction_reads_the_end_of_a_long_completion():
+    from opd.evaluate.grading import mc_letter
+    from opd.grading.graders import ANSWER_WINDOW
+
+    filler = "so we reason at length. " * (2 * ANSWER_WINDOW // 24)
+    assert mc_letter("The answer is (C).\n" + filler) is None  # stated too early: outside the window
+    assert mc_letter(filler + "The answer is (C).") == "C"
+    assert final_answer(filler + "\nanswer: 42" + "\n" * 50_000) == "42"
+
+
+# The patterns as they were (correct but backtracking): on short strings they define the expected answers.
+_OLD_ANSWER = re.compile(r"(?:answer\s*[:=]?|=)\s*(-?[\w./-]+)\s*$", re.IGNORECASE)
+_OLD_MC = tuple(re.compile(p, f) for p, f in [
+    (r"answer\s*(?:is|:)?\s*\**\(?([A-J])\)?\**(?![A-Za-z])", re.IGNORECASE),
+    (r"\\boxed\{\s*\(?([A-J])\)?\s*\}", 0),
+    (r"^\s*\**\(?([A-J])(?:[).:]\**(?:\s|$)|\**\s*$)", re.MULTILINE),
+    (r"\(([A-J])\)", 0),
+])
+
+
+def _old_final_answer(completion: str) -> str:
+    lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    match = _OLD_ANSWER.search(lines[-1])
+    return (match.group(1) if match else lines[-1]).strip().rstrip(".")
+
+
+def _old_mc_letter(completion: str):
+    for pattern in _OLD_MC:
+        found = pattern.findall(completion)
+        if found:
+            return found[-1].upper()
+    return None
+
+
+def test_linear_extraction_agrees_with_the_old_patterns_on_short_text():
+    import random
+
+    from opd.evaluate.grading import mc_letter
+
+    pieces = ["answer", "Answer", " ", "  ", "\t", "\n", "\n\n", ":", "=", "is", "x", "42", "-3.5", ".", "/",
+              "A", "B", "c", "(", ")", "*", "**", "\\boxed{", "}", "!", "I", "the "]
+    generator = random.Random(0)
+    for _ in range(20_000):
+        text = "".join(generator.choice(pieces) for _ in range(generator.randint(0, 12)))
+        assert final_answer(text) == _old_final_answer(text), repr(text)
+        assert mc_letter(text) == _old_mc_letter(text), repr(text)

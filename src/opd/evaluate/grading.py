@@ -8,26 +8,30 @@ from concurrent.futures import ThreadPoolExecutor
 
 from opd.evaluate.ifeval import check
 from opd.evaluate.problem import Grade, Problem
-from opd.grading.graders import extract_code, grade_math_answer
+from opd.grading.graders import answer_window, extract_code, grade_math_answer
 from opd.grading.sandbox import SandboxLimits, check_program
 
 CODE_LIMITS = SandboxLimits(timeout_seconds=10.0)
 
 
+# Each pattern is unambiguous (no two adjacent quantifiers can match the same characters, and `^` does not
+# reach across blank lines), so a search costs time linear in the text, which `answer_window` also caps.
 _MC_PATTERNS = (
-    re.compile(r"answer\s*(?:is|:)?\s*\**\(?([A-J])\)?\**(?![A-Za-z])", re.IGNORECASE),
+    re.compile(r"answer\s*(?:(?:is|:)\s*)?\**\(?([A-J])\)?\**(?![A-Za-z])", re.IGNORECASE),
     re.compile(r"\\boxed\{\s*\(?([A-J])\)?\s*\}"),
     # A line that is just a letter, or starts with "B." / "B)" / "B:" (not the pronoun "I pick...").
-    re.compile(r"^\s*\**\(?([A-J])(?:[).:]\**(?:\s|$)|\**\s*$)", re.MULTILINE),
+    re.compile(r"^[^\S\n]*\**\(?([A-J])(?:[).:]\**(?:\s|$)|\**[^\S\n]*$)", re.MULTILINE),
     re.compile(r"\(([A-J])\)"),
 )
 
 
 def mc_letter(completion: str) -> str | None:
     """The option letter a completion commits to: the last 'answer is X', boxed letter, a line starting
-    with a letter, or a parenthesised letter, tried in that order."""
+    with a letter, or a parenthesised letter, tried in that order, in the completion's last
+    `ANSWER_WINDOW` characters."""
+    text = answer_window(completion)
     for pattern in _MC_PATTERNS:
-        found = pattern.findall(completion)
+        found = pattern.findall(text)
         if found:
             return found[-1].upper()
     return None

@@ -5,6 +5,10 @@ domain has a grader (both papers plot training accuracy). `exact` compares the f
 math-verify in a worker process and `code` runs unit tests in the subprocess sandbox. The evaluation
 harness (evaluate/grading.py) calls the same `grade_math_answer` and `extract_code`, so a training reward
 and an evaluation score agree.
+
+Answer extraction (`final_answer`, and `mc_letter` in evaluate/grading.py) reads only the last
+`ANSWER_WINDOW` characters of a completion, with patterns that run in linear time: their time is bounded by
+the window, however long (or hostile) the completion.
 """
 
 from __future__ import annotations
@@ -25,16 +29,47 @@ class Grader(Protocol):
     def __call__(self, row: PromptRow, completion: str) -> float: ...
 
 
-_ANSWER_PATTERN = re.compile(r"(?:answer\s*[:=]?|=)\s*(-?[\w./-]+)\s*$", re.IGNORECASE)
+# The final answer sits at the end of a completion: extraction reads only its last ANSWER_WINDOW characters
+# (after trailing whitespace), about 2,000 tokens, which bounds the time of every extraction pattern however
+# long (or hostile) the completion is. A completion that states its answer earlier than that and then keeps
+# writing is graded on what it wrote last.
+ANSWER_WINDOW = 8192
+
+
+def answer_window(completion: str) -> str:
+    """The part of a completion that answer extraction reads: its last ANSWER_WINDOW characters, trailing
+    whitespace ignored."""
+    return completion.rstrip()[-ANSWER_WINDOW:]
+
+
+_MARKER_WORD = re.compile("answer", re.IGNORECASE)
+_TOKEN_CHARACTERS = re.compile(r"[\w./-]+")
 
 
 def final_answer(completion: str) -> str:
-    """The text after the last 'answer:' or '=' on the last non-empty line, else that whole line."""
-    lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
-    if not lines:
-        return ""
-    match = _ANSWER_PATTERN.search(lines[-1])
-    return (match.group(1) if match else lines[-1]).strip().rstrip(".")
+    """The last line's final token when an 'answer', 'answer:' or '=' (spaces allowed) comes right before it
+    (an 'answer' glued to it included: 'answer42'), else that whole line; trailing dots dropped.
+
+    A token is a run of word characters, '.', '/' and '-'. Written as scans from the end of the line rather
+    than one backtracking pattern (whose cost grew with the square of a line of spaces or of 'answer's).
+    """
+    lines = answer_window(completion).splitlines()
+    line = next((stripped for stripped in map(str.strip, reversed(lines)) if stripped), "")
+    found = _TOKEN_CHARACTERS.match(line[::-1])  # the final token, read backwards: anchored, linear
+    if found is None:
+        return line.rstrip(".")
+    start = len(line) - found.end()
+    token, before = line[start:], line[:start].rstrip()
+    if before.endswith("=") or _ends_with_answer(before[:-1].rstrip() if before.endswith(":") else before):
+        return token.rstrip(".")
+    glued = _MARKER_WORD.search(token)
+    if glued is not None and glued.end() < len(token):
+        return token[glued.end():].rstrip(".")
+    return line.rstrip(".")
+
+
+def _ends_with_answer(text: str) -> bool:
+    return _MARKER_WORD.fullmatch(text[-len("answer"):]) is not None
 
 
 def exact_grader(row: PromptRow, completion: str) -> float:
