@@ -96,6 +96,83 @@ def test_a_process_pool_worker_that_graded_math_exits():
     assert not hung, "the pool worker did not exit after grading math"
 
 
+# ------------------------------------------------------------------ graders are total
+# The helpers below replace the verifier in the *spawned* worker: the pool pickles the function by name, so
+# they live at this module's top level and call the real verifier (unpatched in the worker) for other input.
+
+def _dies_on_poison(gold: str, completion: str) -> bool:
+    if completion == "poison":
+        import os
+
+        os._exit(1)  # what a segfault or the OOM killer looks like from the pool
+    from opd.grading.graders import _verify_in_worker
+
+    return _verify_in_worker(gold, completion)
+
+
+def _hangs_on_slow(gold: str, completion: str) -> bool:
+    if completion == "slow":
+        import time
+
+        time.sleep(120)
+    from opd.grading.graders import _verify_in_worker
+
+    return _verify_in_worker(gold, completion)
+
+
+def _math_worker_processes():
+    from opd.grading import graders
+
+    pool = graders._MATH_WORKER._pool if hasattr(graders, "_MATH_WORKER") else graders._MATH_POOL
+    return list(pool._processes.values())
+
+
+def test_a_math_worker_that_dies_on_an_input_is_replaced_and_the_input_counted_wrong(monkeypatch):
+    from opd.grading import graders
+
+    assert grade_math_answer("12", "so \\boxed{12}")  # a worker is running
+    monkeypatch.setattr(graders, "_verify_in_worker", _dies_on_poison)
+    before = graders.grader_failures().get("worker died", 0) if hasattr(graders, "grader_failures") else 0
+    assert grade_math_answer("12", "poison") is False  # dies, is replaced, dies again: wrong, not a crash
+    assert graders.grader_failures()["worker died"] == before + 1
+    verdict = graders.check_math_answer("12", "poison")
+    assert not verdict.correct and verdict.failure == "worker died"
+    assert grade_math_answer("12", "so \\boxed{12}")  # later grades still work
+    assert not grade_math_answer("12", "so \\boxed{13}")
+
+
+def test_a_math_worker_killed_between_grades_is_replaced():
+    import os
+    import signal
+
+    assert grade_math_answer("7", "so \\boxed{7}")
+    for process in _math_worker_processes():
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(timeout=10)
+    assert grade_math_answer("7", "so \\boxed{7}")  # retried in a fresh worker: right, and no failure
+    assert grade_math_answer("8", "so \\boxed{8}")
+
+
+def test_a_math_grade_that_times_out_is_wrong_counted_and_logged(monkeypatch, caplog):
+    import time
+
+    from opd.grading import graders
+
+    assert grade_math_answer("12", "so \\boxed{12}")
+    monkeypatch.setattr(graders, "_verify_in_worker", _hangs_on_slow)
+    monkeypatch.setattr(graders._MATH_WORKER, "timeout_seconds", 5.0)
+    before = graders.grader_failures().get("timeout", 0)
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="opd.grading"):
+        verdict = graders.check_math_answer("12", "slow")
+    assert time.monotonic() - started < 30
+    assert not verdict.correct and verdict.failure == "timeout" and "5 s limit" in verdict.detail
+    assert graders.grader_failures()["timeout"] == before + 1
+    assert "grader timeout" in caplog.text and "counts as wrong" in caplog.text
+    monkeypatch.undo()
+    assert grade_math_answer("12", "so \\boxed{12}")  # the stuck worker was killed; a fresh one grades
+
+
 # Inputs on which the extraction patterns once backtracked for tens of seconds (their cost grew with the
 # square of the length): each must now take well under a second. A bound of 2 s is generous; the old
 # patterns took 5-60 s on these.

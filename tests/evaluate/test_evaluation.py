@@ -238,3 +238,23 @@ def test_network_is_unreachable_on_the_eval_path():
 def test_mbpp_setup_code_runs_after_the_solution():
     with_setup = [p for p in load_benchmark("mbpp") if p.payload["setup"].strip()]
     assert with_setup and all(g.correct for g in grade_all([(p, p.answer) for p in with_setup]))
+
+
+# ------------------------------------------------------------------ graders are total (evaluation)
+
+def test_a_pathological_ifeval_response_times_out_as_a_counted_wrong_answer(monkeypatch):
+    import time
+
+    from opd.evaluate import grading
+
+    monkeypatch.setattr(grading.IFEVAL_WORKER, "timeout_seconds", 2.0)
+    problem = Problem(benchmark="ifeval", problem_id="bullets", domain="instruction_following",
+                      prompt="Write a list.", answer="detectable_format:number_bullet_lists",
+                      payload={"instruction_ids": ["detectable_format:number_bullet_lists"],
+                               "kwargs": [{"num_bullets": 2}]})
+    started = time.monotonic()
+    # Google's bullet-list pattern `^\s*\*` restarts at every one of these blank lines: minutes, in-process.
+    result = grade(problem, "\n" * 100_000 + "x")
+    assert not result.correct and result.failure == "timeout" and "counted wrong" in result.reason
+    assert time.monotonic() - started < 90
+    assert grade(problem, "* first\n* second").correct  # a fresh checker grades the next response

@@ -6,12 +6,16 @@ import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from opd.evaluate.ifeval import check
+from opd.evaluate import ifeval
 from opd.evaluate.problem import Grade, Problem
-from opd.grading.graders import answer_window, extract_code, grade_math_answer
+from opd.grading.graders import IsolatedWorker, answer_window, check_math_answer, extract_code
 from opd.grading.sandbox import SandboxLimits, check_program
 
 CODE_LIMITS = SandboxLimits(timeout_seconds=10.0)
+
+# Google's IFEval checker runs its own regexes over the whole response (some backtrack: a bullet-list check
+# over a run of blank lines takes quadratic time), so it runs in a worker process that a timeout can stop.
+IFEVAL_WORKER = IsolatedWorker("the IFEval checker", timeout_seconds=10.0, warm=ifeval.warm_checker)
 
 
 # Each pattern is unambiguous (no two adjacent quantifiers can match the same characters, and `^` does not
@@ -48,8 +52,10 @@ def humaneval_program(problem: Problem, completion: str) -> str:
 
 def grade(problem: Problem, completion: str) -> Grade:
     if problem.domain == "math":
-        correct = grade_math_answer(problem.answer, completion)
-        return Grade(correct=correct, reason="math-verify: equal" if correct else "math-verify: not equal")
+        verdict = check_math_answer(problem.answer, completion)
+        if verdict.failure is not None:
+            return Grade(correct=False, reason=f"math-verify: {verdict.detail} (counted wrong)", failure=verdict.failure)
+        return Grade(correct=verdict.correct, reason="math-verify: equal" if verdict.correct else "math-verify: not equal")
     if problem.benchmark == "humaneval":
         tests = problem.payload["test"] + f"\n\ncheck({problem.payload['entry_point']})\n"
         result = check_program(humaneval_program(problem, completion), tests, CODE_LIMITS)
@@ -60,7 +66,13 @@ def grade(problem: Problem, completion: str) -> Grade:
         result = check_program(program, problem.payload["tests"], CODE_LIMITS)
         return Grade(correct=result.passed, reason=result.reason)
     if problem.benchmark == "ifeval":
-        followed = check(problem.prompt, problem.payload["instruction_ids"], problem.payload["kwargs"], completion)
+        outcome = IFEVAL_WORKER.call(ifeval.check, problem.prompt, problem.payload["instruction_ids"],
+                                     problem.payload["kwargs"], completion)
+        if outcome.failure is not None:  # every instruction counts as not followed, at both levels
+            unfollowed = [False] * len(problem.payload["instruction_ids"])
+            return Grade(correct=False, reason=f"IFEval: {outcome.detail} (counted wrong)", failure=outcome.failure,
+                         instructions={"strict": unfollowed, "loose": unfollowed})
+        followed = outcome.value
         strict, loose = followed["strict"], followed["loose"]
         return Grade(correct=all(strict), reason=f"strict {sum(strict)}/{len(strict)}, loose {sum(loose)}/{len(loose)}",
                      instructions=followed)

@@ -70,6 +70,11 @@ def _load_checker():
     return module
 
 
+def warm_checker() -> None:
+    """Load the checker and langdetect's profiles (a worker's first call would otherwise pay for them)."""
+    check("Write something.", ["language:response_language"], [{"language": "en"}], "A short English answer.")
+
+
 def load_rows() -> list[dict]:
     path = _checker_folder() / "data" / "input_data.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

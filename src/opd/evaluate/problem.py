@@ -27,3 +27,4 @@ class Grade:
     correct: bool
     reason: str
     instructions: dict[str, list[bool]] | None = None  # ifeval: per instruction, strict and loose
+    failure: str | None = None  # why grading itself failed (timeout, worker died, error): counted wrong, reported
