@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     eval_parser.add_argument("--temperature", type=float, default=1.0)
     eval_parser.add_argument("--top-p", type=float, default=1.0)
     eval_parser.add_argument("--max-new-tokens", type=int, default=1024)
-    eval_parser.add_argument("--limit", type=int, help="only the first M problems of each benchmark")
+    eval_parser.add_argument("--limit", type=int, help="only the first M problems of each benchmark (M >= 1)")
+    eval_parser.add_argument("--partial", action="store_true",
+                             help="with --responses: grade a file that answers only some problems; the others "
+                                  "count as wrong and the coverage is reported (without it, such a file is refused)")
     eval_parser.add_argument("--output-dir", default="runs/eval")
 
     bench_parser = commands.add_parser("bench", help="speed and memory benchmarks, as ratios measured in one run")
@@ -172,10 +175,15 @@ def run_eval(args) -> None:
         raise ValueError("opd eval --responses needs --benchmark NAME")
     if args.samples < 1 or not args.temperature > 0:
         raise ValueError("opd eval: --samples must be >= 1 and --temperature > 0 (sampled evaluation, avg@k)")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"opd eval: --limit must be a positive number of problems, got {args.limit}")
+    if args.partial and args.responses is None:
+        raise ValueError("opd eval: --partial applies only to --responses (a sampled evaluation answers every problem)")
     benchmarks = [args.benchmark] if args.responses else [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     settings = EvalSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, limit=args.limit)
-    results = evaluate(benchmarks, settings, args.output_dir, model_dir=args.model, responses_path=args.responses)
+    results = evaluate(benchmarks, settings, args.output_dir, model_dir=args.model, responses_path=args.responses,
+                       partial=args.partial)
     print(format_table(results))
     print(f"opd: every sample with its grade and reason in {args.output_dir}/results.json")
 

@@ -258,3 +258,147 @@ def test_a_pathological_ifeval_response_times_out_as_a_counted_wrong_answer(monk
     assert not result.correct and result.failure == "timeout" and "counted wrong" in result.reason
     assert time.monotonic() - started < 90
     assert grade(problem, "* first\n* second").correct  # a fresh checker grades the next response
+
+
+# ------------------------------------------------------------------ `opd eval` accounting: grader failures, `--responses`
+
+def _hangs_on_slow(gold: str, completion: str) -> bool:
+    """The verifier in the spawned worker (pickled by name): stuck on 'slow', the real one otherwise."""
+    if completion == "slow":
+        import time
+
+        time.sleep(120)
+    from opd.grading.graders import _verify_in_worker
+
+    return _verify_in_worker(gold, completion)
+
+
+def test_a_grader_timeout_is_a_wrong_sample_marked_and_counted_in_the_results(monkeypatch):
+    from opd.evaluate.run import format_table, score
+    from opd.grading import graders
+
+    problem = load_benchmark("gsm8k")[0]
+    monkeypatch.setattr(graders, "_verify_in_worker", _hangs_on_slow)
+    monkeypatch.setattr(graders._MATH_WORKER, "timeout_seconds", 5.0)
+    result = score([problem], {problem.problem_id: ["slow", f"The answer is $\\boxed{{{problem.answer}}}$"]})
+    assert result["grader_failures"] == {"timeout": 1}
+    slow, right = result["samples"]
+    assert slow["correct"] is False and slow["failure"] == "timeout" and "counted wrong" in slow["reason"]
+    assert right["correct"] is True and "failure" not in right
+    assert result["avg_at_k"] == 0.5
+    table = format_table({"benchmarks": {"gsm8k": {"domain": "math", **result}}, "domains": {"math": 0.5}})
+    assert "gsm8k: grading failed for 1 timeout sample(s), counted as wrong" in table
+
+
+@pytest.fixture
+def arc():
+    return load_benchmark("arc_challenge")[:4]
+
+
+def _write(path, records) -> None:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+
+
+def _answers(problems, samples=1):
+    return [{"problem_id": p.problem_id, "completion": f"The answer is {p.answer}."}
+            for p in problems for _ in range(samples)]
+
+
+def _opd_eval(tmp_path, responses, *flags) -> None:
+    from opd.cli import main
+
+    main(["eval", "--responses", str(responses), "--benchmark", "arc_challenge", "--limit", "3",
+          "--output-dir", str(tmp_path / "eval"), *flags])
+
+
+def _refused(tmp_path, responses, monkeypatch, *flags) -> str:
+    """The `opd: ...` line `opd eval` exits with; nothing may be graded before the refusal."""
+    from opd.evaluate import run
+
+    monkeypatch.setattr(run, "grade_all", lambda *args, **kwargs: pytest.fail("graded before refusing"))
+    with pytest.raises(SystemExit) as exited:
+        _opd_eval(tmp_path, responses, *flags)
+    message = str(exited.value.code)
+    assert message.startswith("opd: "), message
+    return message
+
+
+def test_responses_that_leave_problems_unanswered_are_refused_without_partial(arc, tmp_path, monkeypatch):
+    path = tmp_path / "responses.jsonl"
+    _write(path, _answers(arc[:2]))
+    message = _refused(tmp_path, path, monkeypatch)
+    assert "1 of 3 problems have no response" in message and repr(arc[2].problem_id) in message
+    assert "--partial" in message
+
+
+def test_partial_responses_count_the_unanswered_as_wrong_and_report_coverage(arc, tmp_path, capsys):
+    path = tmp_path / "responses.jsonl"
+    _write(path, _answers(arc[:2]))
+    _opd_eval(tmp_path, path, "--partial")
+    printed = capsys.readouterr().out
+    record = json.loads((tmp_path / "eval" / "results.json").read_text())["benchmarks"]["arc_challenge"]
+    assert record["problems"] == 3 and record["answered"] == 2 and record["unanswered"] == [arc[2].problem_id]
+    assert record["avg_at_k"] == pytest.approx(2 / 3)  # two right, one unanswered
+    assert "| 2/3 |" in printed and "1 of 3 problems had no response and count as wrong" in printed
+
+
+def test_responses_beyond_the_limit_are_left_out_not_refused(arc, tmp_path):
+    path = tmp_path / "responses.jsonl"
+    _write(path, _answers(arc))  # four problems answered, --limit 3
+    _opd_eval(tmp_path, path)
+    record = json.loads((tmp_path / "eval" / "results.json").read_text())["benchmarks"]["arc_challenge"]
+    assert record["problems"] == record["answered"] == 3 and record["avg_at_k"] == 1.0
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\n"], ids=["empty", "blank lines"])
+def test_an_empty_responses_file_is_refused(content, tmp_path, monkeypatch):
+    path = tmp_path / "responses.jsonl"
+    path.write_text(content)
+    assert "no responses (the file is empty)" in _refused(tmp_path, path, monkeypatch)
+
+
+def test_uneven_sample_counts_are_refused(arc, tmp_path, monkeypatch):
+    path = tmp_path / "responses.jsonl"
+    _write(path, _answers(arc[:1], samples=2) + _answers(arc[1:3]))
+    message = _refused(tmp_path, path, monkeypatch)
+    assert "uneven sample counts" in message and "2 problem(s) with 1 sample(s)" in message
+    assert f"1 problem(s) with 2 sample(s) (e.g. {arc[0].problem_id!r})" in message
+
+
+@pytest.mark.parametrize("flag", [[], ["--samples", "3"]], ids=["default 1", "3"])
+def test_a_sample_count_other_than_samples_is_refused(flag, arc, tmp_path, monkeypatch):
+    path = tmp_path / "responses.jsonl"
+    _write(path, _answers(arc[:3], samples=2))
+    message = _refused(tmp_path, path, monkeypatch, *flag)
+    assert "2 sample(s) per problem, but --samples is" in message and "--samples 2" in message
+
+
+@pytest.mark.parametrize("completion, kind", [(5, "int"), (None, "NoneType"), (["a"], "list"), ({"t": "x"}, "dict")])
+def test_a_non_string_completion_is_refused_with_its_line(completion, kind, arc, tmp_path, monkeypatch):
+    path = tmp_path / "responses.jsonl"
+    records = _answers(arc[:3])
+    records[1]["completion"] = completion
+    _write(path, records)
+    message = _refused(tmp_path, path, monkeypatch)
+    assert f"{path}:2: 'completion' must be a string, got {kind}" in message
+
+
+def test_a_non_utf8_responses_file_is_refused_with_its_line(arc, tmp_path, monkeypatch):
+    path = tmp_path / "responses.jsonl"
+    lines = [json.dumps(record).encode() for record in _answers(arc[:3])]
+    lines[2] = lines[2].replace(b"The answer", "Caf\u00e9 answer".encode("latin-1"))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    message = _refused(tmp_path, path, monkeypatch)
+    assert f"{path}:3: not UTF-8" in message and "0xe9" in message
+
+
+@pytest.mark.parametrize("limit", ["0", "-2"])
+def test_a_limit_that_is_not_positive_is_refused_by_the_cli(limit, arc, tmp_path):
+    path = tmp_path / "responses.jsonl"
+    _write(path, _answers(arc[:3]))
+    command = [sys.executable, "-m", "opd", "eval", "--responses", str(path), "--benchmark", "arc_challenge",
+               "--limit", limit, "--output-dir", str(tmp_path / "eval")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"opd: opd eval: --limit must be a positive number of problems, got {limit}"
+    assert not (tmp_path / "eval" / "results.json").exists()

@@ -30,6 +30,12 @@ class EvalSettings:
     limit: int | None = None  # first M problems of each benchmark
     batch_size: int = 16
 
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"evaluation samples must be >= 1, got {self.samples}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"evaluation limit must be a positive number of problems, got {self.limit}")
+
 
 def _model_key(model_dir: Path, benchmark: str, settings: EvalSettings) -> str:
     weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in model_dir.glob("*.safetensors"))
@@ -82,59 +88,112 @@ def generate_completions(model_dir: str, problems: list[Problem], settings: Eval
     return {p.problem_id: done[p.problem_id][: settings.samples] for p in problems}
 
 
+class ResponsesError(ValueError):
+    """A `--responses` file that cannot be graded as given; the message names the file and line."""
+
+
 def read_responses(path: str, problems: list[Problem]) -> dict[str, list[str]]:
-    """Responses produced elsewhere: JSON lines {"problem_id": ..., "completion": ...} (one per sample)."""
+    """Responses produced elsewhere: JSON lines {"problem_id": ..., "completion": ...} (one per sample), in
+    UTF-8; every completion a string and every problem_id one of `problems`. Blank lines are skipped; a file
+    without a single response is an error."""
     known = {p.problem_id for p in problems}
     responses: dict[str, list[str]] = defaultdict(list)
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ResponsesError(f"{path}:{number}: not UTF-8 (byte {raw[error.start]:#04x} at column "
+                                 f"{error.start + 1}); write the file as UTF-8") from None
         if not line.strip():
             continue
         try:
             record = json.loads(line)
             problem_id, completion = str(record["problem_id"]), record["completion"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: expected {{\"problem_id\", \"completion\"}} ({error})") from None
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError) as error:
+            raise ResponsesError(f"{path}:{number}: expected {{\"problem_id\", \"completion\"}} ({error})") from None
+        if not isinstance(completion, str):
+            raise ResponsesError(f"{path}:{number}: 'completion' must be a string, got {type(completion).__name__}")
         if problem_id not in known:
-            raise ValueError(f"{path}:{number}: unknown problem_id {problem_id!r} for this benchmark")
+            raise ResponsesError(f"{path}:{number}: unknown problem_id {problem_id!r} for this benchmark")
         responses[problem_id].append(completion)
+    if not responses:
+        raise ResponsesError(f"{path}: no responses (the file is empty)")
     return dict(responses)
 
 
+def check_coverage(path: str, problems: list[Problem], responses: dict[str, list[str]], samples: int,
+                   partial: bool) -> dict[str, list[str]]:
+    """The responses to `problems`, once they are gradable: every answered problem has exactly `samples`
+    (--samples) responses, and every problem is answered unless `partial` (then the rest count as wrong)."""
+    selected = {p.problem_id: responses[p.problem_id] for p in problems if p.problem_id in responses}
+    counts = defaultdict(list)
+    for problem_id, completions in selected.items():
+        counts[len(completions)].append(problem_id)
+    if len(counts) > 1:
+        spread = ", ".join(f"{len(ids)} problem(s) with {count} sample(s) (e.g. {ids[0]!r})"
+                           for count, ids in sorted(counts.items()))
+        raise ResponsesError(f"{path}: uneven sample counts: {spread}; avg@k and pass@k need the same number "
+                             f"of samples (--samples) for every problem")
+    if counts and samples not in counts:
+        (found,) = counts
+        raise ResponsesError(f"{path}: {found} sample(s) per problem, but --samples is {samples}: pass "
+                             f"--samples {found}, or give {samples} per problem")
+    missing = [p.problem_id for p in problems if p.problem_id not in selected]
+    if missing and not partial:
+        shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ResponsesError(f"{path}: {len(missing)} of {len(problems)} problems have no response ({shown}); "
+                             f"pass --partial to grade the rest with these counted as wrong")
+    return selected
+
+
 def score(problems: list[Problem], completions: dict[str, list[str]], on_grade=None) -> dict:
-    """Grade every sample; per-benchmark avg@k and pass@k, and every sample with its grade and reason."""
+    """Grade every sample; per-benchmark avg@k and pass@k over all `problems`, a problem without
+    completions counting as wrong; every sample with its grade and reason; coverage and grader failures."""
     answered = [p for p in problems if completions.get(p.problem_id)]
+    counts = {len(completions[p.problem_id]) for p in answered}
+    if len(counts) > 1:
+        raise ValueError(f"uneven sample counts per problem: {sorted(counts)}")
+    k = next(iter(counts), 0)
     pairs = [(p, c) for p in answered for c in completions[p.problem_id]]
     grades = iter(grade_all(pairs, on_grade=on_grade))
     samples, per_problem = [], []
+    failures: dict[str, int] = defaultdict(int)
     instruction_levels: dict[str, list[float]] = defaultdict(list)
-    for problem in answered:
+    for problem in problems:
         flags = []
-        for completion in completions[problem.problem_id]:
+        for completion in completions.get(problem.problem_id) or []:
             graded = next(grades)
             flags.append(graded.correct)
             samples.append({"problem_id": problem.problem_id, "completion": completion, "correct": graded.correct,
-                            "reason": graded.reason})
+                            "reason": graded.reason, **({"failure": graded.failure} if graded.failure else {})})
+            if graded.failure is not None:
+                failures[graded.failure] += 1
             if graded.instructions is not None:
                 for mode, followed in graded.instructions.items():
                     instruction_levels[f"prompt_level_{mode}"].append(float(all(followed)))
                     instruction_levels[f"instruction_level_{mode}"].extend(float(f) for f in followed)
-        per_problem.append(flags)
-    k = min((len(f) for f in per_problem), default=0)
+        per_problem.append(flags or [False] * k)  # unanswered: k wrong samples
     extra = {"ifeval": {name: sum(v) / len(v) for name, v in sorted(instruction_levels.items())}} if instruction_levels else {}
     return {
         **extra,
-        "problems": len(answered),
+        "problems": len(problems),
+        "answered": len(answered),
+        "unanswered": [p.problem_id for p in problems if not completions.get(p.problem_id)],
         "samples_per_problem": k,
         "avg_at_k": sum(average_at_k(f) for f in per_problem) / len(per_problem) if per_problem else 0.0,
         "pass_at_k": {str(j): sum(pass_at_k(len(f), sum(f), j) for f in per_problem) / len(per_problem)
                       for j in sorted({1, k}) if k >= j >= 1},
+        "grader_failures": dict(sorted(failures.items())),
         "samples": samples,
     }
 
 
 def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, model_dir: str | None = None,
-             responses_path: str | None = None) -> dict:
-    """Run (or grade given responses for) each benchmark; writes results.json; returns the results."""
+             responses_path: str | None = None, partial: bool = False) -> dict:
+    """Run (or grade given responses for) each benchmark; writes results.json; returns the results.
+
+    Given responses are checked before anything is graded (`read_responses`, `check_coverage`); with
+    `partial`, problems without a response count as wrong and the coverage is reported."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {"settings": asdict(settings), "model": model_dir, "benchmarks": {}}
@@ -142,9 +201,12 @@ def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, mod
                TextColumn("{task.fields[rate]}"))
     with Progress(*columns, transient=True) as progress:
         for name in benchmarks:
-            problems = load_benchmark(name)[: settings.limit]
+            every_problem = load_benchmark(name)
+            problems = every_problem[: settings.limit]
             if responses_path is not None:
-                completions = read_responses(responses_path, problems)
+                # Responses beyond --limit are valid ones, left out like the problems they answer.
+                completions = check_coverage(responses_path, problems, read_responses(responses_path, every_problem),
+                                             settings.samples, partial)
             else:
                 task = progress.add_task(f"{name}: sampling", total=len(problems) * settings.samples, rate="")
                 sampled = {"count": 0, "started": time.perf_counter()}
@@ -176,13 +238,22 @@ def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, mod
 
 
 def format_table(results: dict) -> str:
-    lines = ["| benchmark | domain | problems | k | avg@k | pass@1 | pass@k |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| benchmark | domain | problems | k | avg@k | pass@1 | pass@k | answered |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results["benchmarks"].items():
         k = r["samples_per_problem"]
         lines.append(f"| {name} | {r['domain']} | {r['problems']} | {k} | {r['avg_at_k']:.3f} | "
-                     f"{r['pass_at_k'].get('1', 0.0):.3f} | {r['pass_at_k'].get(str(k), 0.0):.3f} |")
+                     f"{r['pass_at_k'].get('1', 0.0):.3f} | {r['pass_at_k'].get(str(k), 0.0):.3f} | "
+                     f"{r['answered']}/{r['problems']} |")
     for domain, value in results["domains"].items():
-        lines.append(f"| **{domain} average** | | | | {value:.3f} | | |")
+        lines.append(f"| **{domain} average** | | | | {value:.3f} | | | |")
+    for name, r in results["benchmarks"].items():
+        if r["answered"] < r["problems"]:
+            lines.append(f"\n{name}: {r['problems'] - r['answered']} of {r['problems']} problems had no response "
+                         f"and count as wrong (coverage {r['answered'] / r['problems']:.1%})")
+        if r["grader_failures"]:
+            causes = ", ".join(f"{count} {cause}" for cause, count in r["grader_failures"].items())
+            lines.append(f"\n{name}: grading failed for {causes} sample(s), counted as wrong (reasons in results.json)")
     ifeval = results["benchmarks"].get("ifeval", {}).get("ifeval")
     if ifeval:
         lines.append("\nIFEval: " + ", ".join(f"{name.replace('_', ' ')} {value:.3f}" for name, value in ifeval.items()))
