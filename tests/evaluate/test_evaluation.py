@@ -260,7 +260,7 @@ def test_a_pathological_ifeval_response_times_out_as_a_counted_wrong_answer(monk
     assert grade(problem, "* first\n* second").correct  # a fresh checker grades the next response
 
 
-# ------------------------------------------------------------------ `opd eval` accounting: grader failures, `--responses`
+# ------------------------------------------------------------------ accounting: grader failures, --responses
 
 def _hangs_on_slow(gold: str, completion: str) -> bool:
     """The verifier in the spawned worker (pickled by name): stuck on 'slow', the real one otherwise."""

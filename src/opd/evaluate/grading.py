@@ -54,8 +54,10 @@ def grade(problem: Problem, completion: str) -> Grade:
     if problem.domain == "math":
         verdict = check_math_answer(problem.answer, completion)
         if verdict.failure is not None:
-            return Grade(correct=False, reason=f"math-verify: {verdict.detail} (counted wrong)", failure=verdict.failure)
-        return Grade(correct=verdict.correct, reason="math-verify: equal" if verdict.correct else "math-verify: not equal")
+            return Grade(correct=False, reason=f"math-verify: {verdict.detail} (counted wrong)",
+                         failure=verdict.failure)
+        return Grade(correct=verdict.correct,
+                     reason="math-verify: equal" if verdict.correct else "math-verify: not equal")
     if problem.benchmark == "humaneval":
         tests = problem.payload["test"] + f"\n\ncheck({problem.payload['entry_point']})\n"
         result = check_program(humaneval_program(problem, completion), tests, CODE_LIMITS)
