@@ -238,3 +238,45 @@ def test_network_is_unreachable_on_the_eval_path():
 def test_mbpp_setup_code_runs_after_the_solution():
     with_setup = [p for p in load_benchmark("mbpp") if p.payload["setup"].strip()]
     assert with_setup and all(g.correct for g in grade_all([(p, p.answer) for p in with_setup]))
+
+
+# Completions that do not solve the problem, yet scored 1 on the old sandbox: {name} is the entry point.
+REWARD_HACKS = {
+    "sys.exit(0)": "import sys\ndef {name}(*args):\n    return None\nsys.exit(0)\n",
+    "os._exit(0) in the function": "import os\ndef {name}(*args):\n    os._exit(0)\n",
+    "atexit handler exits 0": "import atexit, os\natexit.register(os._exit, 0)\ndef {name}(*args):\n    return None\n",
+    "excepthook exits 0": "import os, sys\nsys.excepthook = lambda *info: os._exit(0)\ndef {name}(*args):\n    return None\n",
+    "SIGTERM handler exits 0": "import os, signal\nsignal.signal(signal.SIGTERM, lambda *info: os._exit(0))\n"
+                               "def {name}(*args):\n    os.kill(os.getpid(), signal.SIGTERM)\n",
+    "__eq__ always True": "class Anything:\n    __eq__ = lambda self, other: True\n    __ne__ = lambda self, other: False\n"
+                          "    __bool__ = lambda self: True\ndef {name}(*args):\n    return Anything()\n",
+    "asserts read from its own file": "import re\n_SOURCE = open(__file__).read()\ndef {name}(*args):\n"
+                                      "    for call, value in re.findall(r'\\w\\((.*)\\) == (.*)', _SOURCE):\n"
+                                      "        try:\n            if eval('(' + call + ',)') == args:\n"
+                                      "                return eval(value)\n        except Exception:\n            pass\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REWARD_HACKS))
+@pytest.mark.parametrize("benchmark", ["humaneval", "mbpp"])
+def test_reward_hacks_score_zero_on_the_eval_path(benchmark, name):
+    problem = load_benchmark(benchmark)[0]
+    tested = problem.payload["tests"].split("(")[0].removeprefix("assert").strip() if benchmark == "mbpp" else None
+    entry = problem.payload["entry_point"] if benchmark == "humaneval" else tested
+    completion = "```python\n" + REWARD_HACKS[name].replace("{name}", entry) + "```"
+    result = grade(problem, completion)
+    assert not result.correct, (name, result.reason)
+
+
+@pytest.mark.slow
+def test_all_mbpp_reference_solutions_pass_and_broken_copies_fail():
+    problems = load_benchmark("mbpp")
+    grades = grade_all([(p, f"```python\n{p.answer}\n```") for p in problems])
+    assert all(g.correct for g in grades), [(p.problem_id, g.reason) for p, g in zip(problems, grades) if not g.correct]
+    # Broken copy of each: the reference, then its tested function replaced by one that returns None.
+    broken = []
+    for problem in problems:
+        entry = problem.payload["tests"].split("(")[0].removeprefix("assert").strip()
+        broken.append((problem, f"```python\n{problem.answer}\n{entry} = lambda *args, **kwargs: None\n```"))
+    grades = grade_all(broken)
+    assert not any(g.correct for g in grades), [p.problem_id for (p, _), g in zip(broken, grades) if g.correct]
