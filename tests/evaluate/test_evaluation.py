@@ -269,7 +269,12 @@ def test_reward_hacks_score_zero_on_the_eval_path(benchmark, name):
 
 
 @pytest.mark.slow
-def test_all_mbpp_reference_solutions_pass_and_broken_copies_fail():
+def test_all_mbpp_reference_solutions_pass_and_broken_copies_fail(monkeypatch):
+    from opd.evaluate import grading
+    from opd.grading.sandbox import SandboxLimits
+
+    # Task 123's reference takes 5 s alone on a loaded 2-core machine: this checks verdicts, not speed.
+    monkeypatch.setattr(grading, "CODE_LIMITS", SandboxLimits(timeout_seconds=60.0))
     problems = load_benchmark("mbpp")
     grades = grade_all([(p, f"```python\n{p.answer}\n```") for p in problems])
     assert all(g.correct for g in grades), [(p.problem_id, g.reason) for p, g in zip(problems, grades) if not g.correct]
