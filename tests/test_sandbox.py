@@ -144,8 +144,11 @@ def test_process_flood_is_capped_even_as_root():
 
 def test_large_allocation_fails_inside_the_child():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = run_python("block = bytearray(4 * 1024 ** 3)\nprint('allocated')\n", FAST)
-    assert not result.passed and result.reason == "exit code 1: MemoryError" and "allocated" not in result.stdout
+    limits = SandboxLimits(timeout_seconds=10.0, memory_bytes=256 << 20)  # (pages are touched to fill a cgroup)
+    result = run_python("block = bytearray(4 * 1024 ** 3)\nprint('allocated')\n", limits)
+    # Past the run's memory cgroup the kernel kills the program; without one, RLIMIT_AS makes malloc fail.
+    expected = {"exit code 1: MemoryError", f"memory limit exceeded ({256 << 20} bytes for the whole run)"}
+    assert not result.passed and result.reason in expected and "allocated" not in result.stdout, result.reason
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB: we did not grow
 
 
@@ -294,3 +297,281 @@ def test_the_program_runs_as_another_uid_exactly_when_the_isolation_level_says_s
     assert program_uid != 0
     assert isolation_level() in ("separate-uid", "same-uid")
     assert (program_uid != os.geteuid()) == (isolation_level() == "separate-uid"), (program_uid, isolation_level())
+
+
+# ------------------------------------------------------------ a pass means the tests ran to their end
+
+ADD_TESTS = "assert add(2, 3) == 5\nassert add(10, -4) == 6\nassert abs(add(0.5, 0.25) - 0.75) < 1e-9\n"
+
+# Programs that do not add, yet ended with exit status 0 (or made the checks agree) on the old sandbox.
+REWARD_HACKS = {
+    "sys.exit(0)": "import sys\ndef add(a, b):\n    return None\nsys.exit(0)\n",
+    "os._exit(0) in the function": "import os\ndef add(a, b):\n    os._exit(0)\n",
+    "atexit handler exits 0": "import atexit, os\natexit.register(os._exit, 0)\ndef add(a, b):\n    return None\n",
+    "excepthook exits 0": "import os, sys\nsys.excepthook = lambda *info: os._exit(0)\n"
+                          "def add(a, b):\n    return None\n",
+    "SIGTERM handler exits 0": textwrap.dedent("""
+        import os, signal
+        signal.signal(signal.SIGTERM, lambda *info: os._exit(0))
+        def add(a, b):
+            os.kill(os.getpid(), signal.SIGTERM)
+    """),
+    "__eq__ always True": textwrap.dedent("""
+        class Anything:
+            __eq__ = lambda self, other: True
+            __ne__ = lambda self, other: False
+            __lt__ = __sub__ = __abs__ = lambda self, *other: self
+            __bool__ = lambda self: True
+        def add(a, b):
+            return Anything()
+    """),
+    "int subclass with __eq__": textwrap.dedent("""
+        class Equal(int):
+            __eq__ = lambda self, other: True
+            __lt__ = lambda self, other: True
+            __sub__ = lambda self, other: Equal(0)
+            __abs__ = lambda self: Equal(0)
+        def add(a, b):
+            return Equal(0)
+    """),
+    "asserts read from its own file": textwrap.dedent(r"""
+        import re
+        _SOURCE = open(__file__).read()
+        def add(*args):
+            for call, value in re.findall(r"add\((.*?)\) (?:==|-) ([^\s)]+)", _SOURCE):
+                try:
+                    if eval("(" + call + ",)") == args:
+                        return eval(value)
+                except Exception:
+                    pass
+    """),
+    "asserts read with inspect.getsource": textwrap.dedent(r"""
+        import inspect, re, sys
+        def add(*args):
+            source = inspect.getsource(sys._getframe(1))
+            for call, value in re.findall(r"add\((.*?)\) (?:==|-) ([^\s)]+)", source):
+                if eval("(" + call + ",)") == args:
+                    return eval(value)
+    """),
+    "asserts read through /proc/self/cmdline": textwrap.dedent(r"""
+        import os, re
+        _TEXT = ""
+        for argument in open("/proc/self/cmdline").read().split("\0"):
+            _TEXT += argument
+            if os.path.isfile(argument):
+                _TEXT += open(argument, errors="replace").read()
+        def add(*args):
+            for call, value in re.findall(r"add\((.*?)\) (?:==|-) ([^\s)]+)", _TEXT):
+                if eval("(" + call + ",)") == args:
+                    return eval(value)
+    """),
+    "builtins patched": "import builtins\nbuiltins.abs = lambda value: 0\n"
+                        "def add(a, b):\n    return 5 if (a, b) == (2, 3) else 6\n",
+    "tests read from open descriptors": textwrap.dedent(r"""
+        import os, re
+        _TEXT = ""
+        for fd in range(3, 256):
+            try:
+                os.lseek(fd, 0, os.SEEK_SET)
+                _TEXT += os.read(fd, 1 << 20).decode(errors="replace")
+            except OSError:
+                pass
+        def add(*args):
+            for call, value in re.findall(r"add\((.*?)\) (?:==|-) ([^\s)\\]+)", _TEXT):
+                if eval("(" + call + ",)") == args:
+                    return eval(value)
+    """),
+}
+
+
+def test_a_correct_program_passes_with_the_proof_of_completion():
+    result = check_program("def add(a, b):\n    return a + b\n", ADD_TESTS, FAST)
+    assert result.passed and result.completed and result.returncode == 0, result
+    unfinished = run_python("print('start')\nimport sys\nsys.exit(0)\nprint('never')\n", FAST)
+    assert not unfinished.passed and not unfinished.completed and unfinished.returncode == 0
+    assert unfinished.reason == "exit code 0 before the tests ran to their end"
+
+
+@pytest.mark.parametrize("name", sorted(REWARD_HACKS))
+def test_reward_hacks_score_zero(name):
+    result = check_program(REWARD_HACKS[name], ADD_TESTS, FAST)
+    assert not result.passed, (name, result)
+
+
+@pytest.mark.parametrize("name", sorted(REWARD_HACKS))
+def test_reward_hacks_score_zero_with_the_code_grader(name):
+    from opd.data import PromptRow
+    from opd.grading.graders import code_grader, program_passes
+
+    program_passes.cache_clear()
+    row = PromptRow(index=0, prompt="Write add(a, b).", domain="code", tests=ADD_TESTS.splitlines())
+    assert code_grader(row, f"```python\n{REWARD_HACKS[name]}\n```") == 0.0
+    assert code_grader(row, "```python\ndef add(a, b):\n    return a + b\n```") == 1.0
+    program_passes.cache_clear()
+
+
+def test_comparisons_in_the_tests_use_plain_values():
+    from opd.grading.sandbox_runner import _compare, _truth
+
+    class Anything:
+        __eq__ = lambda self, other: True  # noqa: E731
+        __bool__ = lambda self: True  # noqa: E731
+
+    class Equal(int):
+        __eq__ = lambda self, other: True  # noqa: E731
+
+    assert not _compare(("==",), Anything(), 5) and _compare(("!=",), Anything(), 5)
+    assert not _compare(("==",), Equal(4), 5) and _compare(("==",), Equal(5), 5)  # compared by its int value
+    assert not _compare(("==",), [Equal(4)], [5]) and _compare(("==",), (1, 2.0), (1, 2))
+    import collections
+
+    assert _compare(("==",), collections.Counter("aab"), {"a": 2, "b": 1})  # a dict subclass: its items
+    assert _compare(("<", "<"), 1, 2, 3) and not _compare(("<", "<"), 1, 3, 2)
+    assert _compare(("in",), 2, [1, 2]) and _compare(("not in",), 3, [1, 2])
+    first, second = Anything(), Anything()
+    assert _compare(("==",), first, second)  # two objects of the program's own: their own __eq__
+    for bad in (lambda: _compare(("<",), Anything(), 1), lambda: _truth(Anything())):
+        with pytest.raises(TypeError, match="not plain data"):
+            bad()
+
+
+# ------------------------------------------------------------------- resources are capped per run
+
+def _cgroup_runs_left() -> list[str]:
+    from opd.grading.sandbox import _cgroup_bases
+
+    return [f"{base}/{name}" for base in _cgroup_bases()[1].values() for name in os.listdir(base)
+            if name.startswith(f"opd-sandbox-{os.getpid()}-")]  # (other processes' runs may be under way)
+
+
+def test_memory_of_several_processes_is_capped_together():
+    limits = SandboxLimits(timeout_seconds=15.0, memory_bytes=256 << 20)
+    program = textwrap.dedent("""
+        import os, time
+        children = []
+        for _ in range(3):
+            pid = os.fork()
+            if pid == 0:
+                block = bytearray(150 << 20)  # touched: zero-filled
+                time.sleep(2)
+                os._exit(0)
+            children.append(pid)
+        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+        assert codes == [0, 0, 0], codes
+        print("all allocated")
+    """)
+    result = run_python(program, limits)
+    assert not result.passed and "all allocated" not in result.stdout, result
+    assert not _cgroup_runs_left()
+
+
+def test_memfd_pages_count_against_the_run():
+    limits = SandboxLimits(timeout_seconds=15.0, memory_bytes=256 << 20)
+    program = textwrap.dedent("""
+        import os
+        files = []
+        for _ in range(30):  # 30 * 15 MiB, each under the 16 MiB file-size cap
+            fd = os.memfd_create("fill")
+            for _ in range(15):
+                os.write(fd, b"x" * (1 << 20))
+            files.append(fd)
+        print("wrote", len(files) * 15, "MiB")
+    """)
+    result = run_python(program, limits)
+    assert not result.passed and "wrote" not in result.stdout, result
+
+
+def test_a_program_with_twenty_threads_passes():
+    # Each thread mallocs (so glibc gives it an arena: 64 MiB of address space) and all twenty live at once:
+    # under a 1 GiB address-space cap per process the later ones could not even get their stacks.
+    program = textwrap.dedent("""
+        import threading
+        barrier = threading.Barrier(20)
+        results = [None] * 20
+        def work(index):
+            block = bytearray(100_000)
+            barrier.wait(timeout=5)
+            results[index] = sum(range(10000 * (index + 1))) + len(block) - 100_000
+        threads = [threading.Thread(target=work, args=(index,), daemon=True) for index in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    """)
+    tests = "assert results == [sum(range(10000 * (i + 1))) for i in range(20)]\n"
+    result = check_program(program, tests, FAST)
+    assert result.passed, result
+
+
+def test_user_namespaces_are_refused():
+    program = textwrap.dedent("""
+        import ctypes, os, subprocess
+        libc = ctypes.CDLL(None, use_errno=True)
+        print("unshare", libc.unshare(0x10000000), ctypes.get_errno())  # CLONE_NEWUSER
+        if os.path.exists("/usr/bin/unshare"):
+            done = subprocess.run(["/usr/bin/unshare", "-Urm", "sh", "-c",
+                                   "mount -t tmpfs -o size=1g none /mnt && echo mounted"],
+                                  capture_output=True, text=True)
+            print("tool", done.returncode, done.stdout.strip())
+    """)
+    result = run_python(program, FAST)
+    assert result.passed, result
+    assert f"unshare -1 {1}" in result.stdout, result.stdout  # EPERM
+    assert "mounted" not in result.stdout
+
+
+def test_the_graders_keyring_is_out_of_reach():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    secret = f"opd-key-secret-{os.getpid()}".encode()
+    key = libc.syscall(248 if os.uname().machine == "x86_64" else 217, b"user", b"opd-sandbox-test", secret,
+                       len(secret), -3)  # add_key into KEY_SPEC_SESSION_KEYRING
+    if key < 0:
+        pytest.skip(f"no kernel keyring here (errno {ctypes.get_errno()})")
+    keyctl = 250 if os.uname().machine == "x86_64" else 219
+    try:
+        program = textwrap.dedent(f"""
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            buffer = ctypes.create_string_buffer(256)
+            size = libc.syscall({keyctl}, 11, {key}, buffer, 256)  # KEYCTL_READ
+            print("read", size, buffer.raw[:max(size, 0)])
+            try:
+                print(open("/proc/keys").read())
+            except OSError as error:
+                print("no /proc/keys", error)
+        """)
+        result = run_python(program, FAST)
+        assert result.passed, result
+        assert secret.decode() not in result.stdout and "opd-sandbox-test" not in result.stdout, result.stdout
+    finally:
+        libc.syscall(keyctl, 21, key)  # KEYCTL_INVALIDATE
+
+
+def test_pathname_unix_sockets_of_the_host_cannot_be_reached(visible_dir):
+    path = visible_dir / "listener.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        path.chmod(0o777)  # only the sandbox, not a permission, may stop the connect
+        listener.listen(1)
+        program = f"import socket\nsocket.socket(socket.AF_UNIX).connect({str(path)!r})\nprint('connected')\n"
+        result = run_python(program, FAST)
+        assert not result.passed and "connected" not in result.stdout, result
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert run_python("import socket\na, b = socket.socketpair()\na.send(b'x')\nassert b.recv(1) == b'x'\n",
+                      FAST).passed  # a connected pair stays possible
+
+
+def test_memory_control_is_reported_and_the_rlimit_fallback_still_caps(monkeypatch):
+    from opd.grading import sandbox
+
+    level = sandbox.memory_control()
+    assert level in ("cgroup v1", "cgroup v2", "rlimit")
+    if os.geteuid() == 0 and Path("/sys/fs/cgroup").is_dir():
+        assert level != "rlimit"
+    monkeypatch.setattr(sandbox, "_cgroup_bases", lambda: ("rlimit", {}))
+    result = run_python("block = bytearray(4 * 1024 ** 3)\nprint('allocated')\n", FAST)
+    assert not result.passed and result.reason == "exit code 1: MemoryError"

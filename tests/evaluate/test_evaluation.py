@@ -402,3 +402,54 @@ def test_a_limit_that_is_not_positive_is_refused_by_the_cli(limit, arc, tmp_path
     assert result.returncode != 0
     assert result.stderr.strip() == f"opd: opd eval: --limit must be a positive number of problems, got {limit}"
     assert not (tmp_path / "eval" / "results.json").exists()
+
+
+# Completions that do not solve the problem, yet scored 1 on the old sandbox: {name} is the entry point.
+REWARD_HACKS = {
+    "sys.exit(0)": "import sys\ndef {name}(*args):\n    return None\nsys.exit(0)\n",
+    "os._exit(0) in the function": "import os\ndef {name}(*args):\n    os._exit(0)\n",
+    "atexit handler exits 0": "import atexit, os\natexit.register(os._exit, 0)\ndef {name}(*args):\n    return None\n",
+    "excepthook exits 0": "import os, sys\nsys.excepthook = lambda *info: os._exit(0)\n"
+                          "def {name}(*args):\n    return None\n",
+    "SIGTERM handler exits 0": "import os, signal\nsignal.signal(signal.SIGTERM, lambda *info: os._exit(0))\n"
+                               "def {name}(*args):\n    os.kill(os.getpid(), signal.SIGTERM)\n",
+    "__eq__ always True": "class Anything:\n    __eq__ = lambda self, other: True\n"
+                          "    __ne__ = lambda self, other: False\n    __bool__ = lambda self: True\n"
+                          "def {name}(*args):\n    return Anything()\n",
+    "asserts read from its own file": "import re\n_SOURCE = open(__file__).read()\n"
+                                      "def {name}(*args):\n"
+                                      "    for call, value in re.findall(r'\\w\\((.*)\\) == (.*)', _SOURCE):\n"
+                                      "        try:\n            if eval('(' + call + ',)') == args:\n"
+                                      "                return eval(value)\n"
+                                      "        except Exception:\n            pass\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REWARD_HACKS))
+@pytest.mark.parametrize("benchmark", ["humaneval", "mbpp"])
+def test_reward_hacks_score_zero_on_the_eval_path(benchmark, name):
+    problem = load_benchmark(benchmark)[0]
+    tested = problem.payload["tests"].split("(")[0].removeprefix("assert").strip() if benchmark == "mbpp" else None
+    entry = problem.payload["entry_point"] if benchmark == "humaneval" else tested
+    completion = "```python\n" + REWARD_HACKS[name].replace("{name}", entry) + "```"
+    result = grade(problem, completion)
+    assert not result.correct, (name, result.reason)
+
+
+@pytest.mark.slow
+def test_all_mbpp_reference_solutions_pass_and_broken_copies_fail(monkeypatch):
+    from opd.evaluate import grading
+    from opd.grading.sandbox import SandboxLimits
+
+    # Task 123's reference takes 5 s alone on a loaded 2-core machine: this checks verdicts, not speed.
+    monkeypatch.setattr(grading, "CODE_LIMITS", SandboxLimits(timeout_seconds=60.0))
+    problems = load_benchmark("mbpp")
+    grades = grade_all([(p, f"```python\n{p.answer}\n```") for p in problems])
+    assert all(g.correct for g in grades), [(p.problem_id, g.reason) for p, g in zip(problems, grades) if not g.correct]
+    # Broken copy of each: the reference, then its tested function replaced by one that returns None.
+    broken = []
+    for problem in problems:
+        entry = problem.payload["tests"].split("(")[0].removeprefix("assert").strip()
+        broken.append((problem, f"```python\n{problem.answer}\n{entry} = lambda *args, **kwargs: None\n```"))
+    grades = grade_all(broken)
+    assert not any(g.correct for g in grades), [p.problem_id for (p, _), g in zip(broken, grades) if g.correct]

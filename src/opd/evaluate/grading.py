@@ -63,9 +63,10 @@ def grade(problem: Problem, completion: str) -> Grade:
         result = check_program(humaneval_program(problem, completion), tests, CODE_LIMITS)
         return Grade(correct=result.passed, reason=result.reason)
     if problem.benchmark == "mbpp":
-        # MBPP's setup code uses the solution's own definitions (e.g. its Node class): it runs after them.
-        program = extract_code(completion) + "\n" + problem.payload["setup"]
-        result = check_program(program, problem.payload["tests"], CODE_LIMITS)
+        # MBPP's setup code uses the solution's own definitions (e.g. its Node class): it runs after them,
+        # as the start of the tests (benchmark code, so its comparisons are hardened too).
+        tests = problem.payload["setup"] + "\n" + problem.payload["tests"]
+        result = check_program(extract_code(completion), tests, CODE_LIMITS)
         return Grade(correct=result.passed, reason=result.reason)
     if problem.benchmark == "ifeval":
         outcome = IFEVAL_WORKER.call(ifeval.check, problem.prompt, problem.payload["instruction_ids"],

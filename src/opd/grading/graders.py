@@ -33,7 +33,7 @@ from functools import lru_cache
 from typing import Any, Callable, Protocol
 
 from opd.data import PromptRow
-from opd.grading.sandbox import check_program
+from opd.grading.sandbox import check_program, memory_control
 
 _LOG = logging.getLogger("opd.grading")
 
@@ -294,6 +294,8 @@ def program_passes(program: str, tests: str) -> bool:
 
 
 def code_grader(row: PromptRow, completion: str) -> float:
+    """1 when the completion's program and then the row's tests ran to their end in the sandbox (an exit
+    before the tests' end, of any status, is 0; see sandbox.py for what a pass proves)."""
     if not row.tests:
         raise ValueError(f"row {row.index + 1} has no 'tests' to run the completion against")
     tests = row.tests if isinstance(row.tests, str) else "\n".join(row.tests)
@@ -307,4 +309,6 @@ GRADERS: dict[str, Callable[[PromptRow, str], float]] = {"exact": exact_grader, 
 def build_grader(name: str) -> Grader:
     if name not in GRADERS:
         raise ValueError(f"unknown grader {name!r}; valid: {sorted(GRADERS)}")
+    if name == "code":
+        memory_control()  # at start-up, not at the first reward: logs a warning where only rlimits cap memory
     return GRADERS[name]

@@ -11,11 +11,20 @@ Three processes, the first started by `run_python` with `start_new_session=True`
 2. the *reaper*, PID 1 of the new PID namespace, which builds the file system view, forks the program and
    reaps orphans. When it exits the kernel kills everything left in the namespace, so background children,
    even ones that called setsid() to leave the process group, never outlive a run.
-3. the *program*: resource limits, then (as root) a fresh uid, then `python -I -S -B program.py`.
+3. the *program*: resource limits, then (as root) a fresh uid, a fresh keyring and a seccomp filter, then
+   `python -I -S -B -c <sandbox_runner.py>`, the runner, which runs the program and then its tests.
 At the timeout (or an output flood) `run_python` sends SIGTERM to the launcher, which SIGKILLs the reaper
 and reaps it: killing the group directly would orphan the reaper, and in a container whose PID 1 is the
 trainer itself nobody would ever reap it. `os.killpg` on the group is the fallback if the launcher hangs.
 A separate launcher process (not `preexec_fn`) keeps `run_python` safe to call from many threads.
+
+A pass means the tests ran to their end: the runner writes a per-run token (made by `run_python`, known to
+no file) to a proof pipe only after the tests returned, and then exits at once. An exit of any status
+before that (sys.exit, os._exit, atexit, excepthook or signal handlers) is a failure, the tests are never in
+the program's file (program.py holds the program alone), and the tests' comparisons run on plain builtin
+data, so a returned object's `__eq__` cannot answer for them (sandbox_runner.py, with what it leaves open:
+the program shares the runner's process, so code written against the runner's internals can still reach
+the token).
 
 What the program gets:
 - no network: the new network namespace has only a loopback interface, and it is down.
@@ -26,9 +35,20 @@ What the program gets:
   mounted back, read-only, when it lives there), and a /proc that shows only its own processes.
 - an empty environment, isolated mode (`-I -S`: no site-packages, no PYTHON* variables, standard library
   only) and stdin from /dev/null.
-- rlimits: address space (`memory_bytes`, per process), file size, open files, CPU time (a backstop for
-  the wall-clock timeout), processes (`max_processes`), no core dumps; stdout + stderr are read through
-  pipes and the run is stopped once they exceed `max_output_bytes`, so our memory never grows with them.
+- memory: a memory cgroup per run (v2, else v1 with memory.memsw: no swap either) caps every process of
+  the run, with its tmpfs and memfd pages, at `memory_bytes` together; past it the kernel kills the program
+  (its oom_score_adj is 1000), reported as "memory limit exceeded". A pids cgroup (v1; v2's sits in the
+  same folder) caps processes and threads of the run. Where this process may create no memory cgroup
+  (not root, no delegated cgroup) `memory_control()` says "rlimit", a warning is logged at the first run,
+  and the weaker cap applies: RLIMIT_AS of `memory_bytes` for each process, so max_processes * memory_bytes
+  at worst, memfd and tmpfs pages not counted (the tmpfs still has its size limit), and a program with
+  many threads may fail for address space it never uses (glibc reserves 64 MiB per thread's arena).
+- rlimits: file size, open files, CPU time (a backstop for the wall-clock timeout), processes
+  (`max_processes`), no core dumps; stdout + stderr are read through pipes and the run is stopped once
+  they exceed `max_output_bytes`, so our memory never grows with them.
+- a seccomp filter (`_seccomp_program`): no new user namespace (unshare/clone with CLONE_NEWUSER, setns,
+  clone3), no kernel keyring calls, no socket(AF_UNIX) (so no connect() to a host's pathname socket in a
+  folder it can see), no io_uring; and a fresh, empty session keyring.
 
 Root versus ordinary user, as `isolation_level()` reports:
 - "separate-uid" (run as root: CI, containers): the program runs as a fresh uid from 2**30 upwards that no
@@ -41,17 +61,21 @@ Root versus ordinary user, as `isolation_level()` reports:
   uid: outside the hidden folders it can READ every file you can (it still cannot write them: read-only
   mounts). Prefer running graders as root, or in a container, when that matters. If user namespaces are
   disabled, `run_python` raises SandboxError rather than run with less isolation.
-Not covered: a total memory cap (RLIMIT_AS is per process, so max_processes * memory_bytes at worst; that
-needs a memory cgroup), seccomp filtering, and world-readable files outside the hidden folders (the code
-of this repository, for one), which stay readable. Needs Linux >= 5.14 and no extra packages; as root it
-needs CAP_SYS_ADMIN (a default Docker container lacks it, and then run_python raises SandboxError).
+Not covered: world-readable files outside the hidden folders (the code of this repository, for one), which
+stay readable; CPU time beyond the timeout's backstop (no cpu cgroup: parallel runs share the cores); the
+limits of in-process tests named above. Needs Linux >= 5.14 on x86_64 or aarch64 (the seccomp filter's
+system call numbers) and no extra packages; as root it needs CAP_SYS_ADMIN (a default Docker container
+lacks it, and then run_python raises SandboxError). docs/sandbox.md says what a user may rely on.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import logging
 import os
+import secrets
 import selectors
 import signal
 import subprocess
@@ -59,20 +83,22 @@ import sys
 import time
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SandboxLimits:
     timeout_seconds: float = 10.0  # wall clock, from start to the program's exit
-    memory_bytes: int = 1 << 30  # address-space cap of each process (RLIMIT_AS)
-    max_processes: int = 32  # processes and threads of the program (RLIMIT_NPROC for its uid)
+    memory_bytes: int = 1 << 30  # memory of the whole run (a cgroup); without one, of each process (RLIMIT_AS)
+    max_processes: int = 32  # processes and threads of the program (RLIMIT_NPROC for its uid, and a pids cgroup)
     max_output_bytes: int = 1 << 20  # stdout + stderr kept; beyond it the run is stopped and failed
     max_file_bytes: int = 16 << 20  # largest file the program may write (RLIMIT_FSIZE)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SandboxResult:
-    passed: bool  # exit code 0, within the time and output limits
+    passed: bool  # the tests ran to their end (the proof arrived), exit code 0, within the limits
+    completed: bool  # the runner's proof that the program and its tests ran to their end arrived
     returncode: int | None  # the program's exit code (negative: killed by that signal); None if we killed it
     timed_out: bool
     stdout: str
@@ -89,42 +115,70 @@ def isolation_level() -> str:
     return "separate-uid" if os.geteuid() == 0 else "same-uid"
 
 
+def memory_control() -> str:
+    """How a run's memory is capped: "cgroup v2" or "cgroup v1" (every process, tmpfs and memfd page of the
+    run together), else "rlimit" (each process alone, RLIMIT_AS; logged once, see the module docstring)."""
+    return _cgroup_bases()[0]
+
+
 def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
-    """Run `source` as a Python program in the sandbox; passed means exit code 0 within the limits."""
-    status_read, status_write = os.pipe()  # the reaper reports "exit: <wait status>" or "error: <why>"
-    try:
-        process = _start(source, limits, status_write)
-    except BaseException:
-        os.close(status_read)
-        raise
-    finally:
-        os.close(status_write)
-    try:
-        stdout, stderr, timed_out, flooded = _collect(process, limits)
-    finally:
-        if process.poll() is None:  # still running (timeout, output flood): the launcher stops the run
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:  # a launcher that cannot even do that: kill the whole group
-                os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        process.stdout.close()
-        process.stderr.close()
-        report = _read_report(status_read)
-    if report.startswith("error:"):
-        raise SandboxError(f"{report[6:].strip()} (isolation level {isolation_level()!r})")
-    returncode = os.waitstatus_to_exitcode(int(report[5:])) if report.startswith("exit:") else None
-    out = stdout.decode("utf-8", errors="replace")
-    err = stderr.decode("utf-8", errors="replace")
-    return SandboxResult(passed=returncode == 0 and not timed_out and not flooded, returncode=returncode,
-                         timed_out=timed_out, stdout=out, stderr=err,
-                         reason=_reason(returncode, timed_out, flooded, err, limits))
+    """Run `source` as a Python program in the sandbox; passed means it ran to its end within the limits."""
+    return _run(source, "", limits)
 
 
 def check_program(program: str, tests: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
-    """The program followed by its tests (asserts, or a check function the tests call); passes iff exit 0."""
-    return run_python(program + "\n" + tests + "\n", limits)
+    """The program, then its tests (asserts, or a check function the tests call), in one namespace; passes
+    only when the tests ran to their end (sandbox_runner.py), whatever the exit status said."""
+    return _run(program, tests, limits)
+
+
+def _run(program: str, tests: str, limits: SandboxLimits) -> SandboxResult:
+    token = secrets.token_hex(16)  # written by the runner after the tests, and nowhere else
+    status_read, status_write = os.pipe()  # the reaper reports "exit: <wait status>" or "error: <why>"
+    proof_read, proof_write = os.pipe()
+    try:
+        cgroups = _make_cgroups(limits)
+    except OSError as error:
+        for fd in (status_read, status_write, proof_read, proof_write):
+            os.close(fd)
+        raise SandboxError(f"cannot create the run's cgroups ({memory_control()}): {error}") from error
+    try:
+        try:
+            process = _start(program, tests, token, limits, cgroups, status_write, proof_write)
+        except BaseException:
+            os.close(status_read)
+            os.close(proof_read)
+            raise
+        finally:
+            os.close(status_write)
+            os.close(proof_write)
+        try:
+            stdout, stderr, timed_out, flooded = _collect(process, limits)
+        finally:
+            if process.poll() is None:  # still running (timeout, output flood): the launcher stops the run
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=5.0)
+                except subprocess.TimeoutExpired:  # a launcher that cannot even do that: kill the whole group
+                    os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            process.stdout.close()
+            process.stderr.close()
+            report = _read_report(status_read)
+            proof = _read_report(proof_read)
+        out_of_memory = _out_of_memory(cgroups)
+    finally:
+        _remove_cgroups(cgroups)
+    if report.startswith("error:"):
+        raise SandboxError(f"{report[6:].strip()} (isolation level {isolation_level()!r})")
+    returncode = os.waitstatus_to_exitcode(int(report[5:])) if report.startswith("exit:") else None
+    completed = proof == token
+    passed = completed and returncode == 0 and not timed_out and not flooded
+    out = stdout.decode("utf-8", errors="replace")
+    err = stderr.decode("utf-8", errors="replace")
+    reason = "passed" if passed else _reason(returncode, timed_out, flooded, out_of_memory, err, limits)
+    return SandboxResult(passed=passed, completed=completed, returncode=returncode, timed_out=timed_out,
+                         stdout=out, stderr=err, reason=reason)
 
 
 # ------------------------------------------------------------------------------------------- the parent
@@ -168,10 +222,15 @@ def _exposed_folders(python: str, hidden: list[str]) -> list[str]:
     return [path for path in inside if not any(path.startswith(other + "/") for other in inside)]
 
 
-def _start(source: str, limits: SandboxLimits, status_write: int) -> subprocess.Popen:
+def _start(program: str, tests: str, token: str, limits: SandboxLimits, cgroups: list[str], status_write: int,
+           proof_write: int) -> subprocess.Popen:
     """Start the launcher (this file as a script) in a new session, so that it leads its process group."""
-    data = source.encode("utf-8", errors="replace")  # a lone surrogate becomes "?", never a crash
-    source_fd = os.memfd_create("opd-sandbox-program")  # the program's text, never on disk
+    def clean(text: str) -> str:  # a lone surrogate becomes "?", never a crash
+        return text.encode("utf-8", errors="replace").decode("utf-8")
+
+    setup = {"program": clean(program), "tests": clean(tests), "token": token, "path": f"{_WORK}/program.py"}
+    data = json.dumps(setup).encode()  # read by the reaper and the runner; closed before the program runs
+    source_fd = os.memfd_create("opd-sandbox-setup")  # program, tests and token, never on disk
     try:
         for start in range(0, len(data), 1 << 20):
             os.write(source_fd, data[start:start + (1 << 20)])
@@ -179,16 +238,147 @@ def _start(source: str, limits: SandboxLimits, status_write: int) -> subprocess.
         python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
         hidden = _hidden_folders()
         config = {"uid": _fresh_uid() if os.geteuid() == 0 else None, "python": python,
-                  "hide": hidden, "expose": _exposed_folders(python, hidden),
-                  "source_fd": source_fd, "status_fd": status_write, "memory": limits.memory_bytes,
+                  "hide": hidden, "expose": _exposed_folders(python, hidden), "cgroups": cgroups,
+                  "source_fd": source_fd, "status_fd": status_write, "proof_fd": proof_write,
+                  "memory": None if cgroups else limits.memory_bytes, "runner": _runner_source(),
                   "cpu": int(limits.timeout_seconds) + 1, "processes": limits.max_processes,
                   "file": limits.max_file_bytes, "scratch": 4 * limits.max_file_bytes + len(data)}
         return subprocess.Popen([sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=(source_fd, status_write), cwd="/", env={"PATH": "/usr/bin:/bin"},
-                                start_new_session=True)
+                                pass_fds=(source_fd, status_write, proof_write), cwd="/",
+                                env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
     finally:
         os.close(source_fd)
+
+
+@cache
+def _runner_source() -> str:
+    return (Path(__file__).parent / "sandbox_runner.py").read_text()
+
+
+# ------------------------------------------------------------------------------------ cgroups, per run
+
+_cgroup_counter = itertools.count()
+_OPTIONAL_CGROUP_FILES = {"memory.swap.max", "memory.memsw.limit_in_bytes"}  # absent without swap accounting
+
+
+@cache
+def _cgroup_bases() -> tuple[str, dict[str, str]]:
+    """("cgroup v2" | "cgroup v1", {controller: folder in which we may create cgroups}) or ("rlimit", {}).
+
+    Probed once by creating and removing a child of our own cgroup: a controller counts only where that
+    child gets its limit files (v2: memory enabled in our subtree_control; v1: a writable hierarchy)."""
+    mounts = {}  # fstype or v1 controller -> mount point
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            fields = line.split()
+            fstype, options = fields[fields.index("-") + 1], fields[-1].split(",")
+            if fstype == "cgroup2":
+                mounts.setdefault("cgroup2", fields[4])
+            elif fstype == "cgroup":
+                for controller in ("memory", "pids"):
+                    if controller in options:
+                        mounts.setdefault(controller, fields[4])
+    paths = {}  # "" (v2) or controller -> our cgroup's path
+    with open("/proc/self/cgroup") as handle:
+        for line in handle:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for controller in controllers.split(",") if controllers else [""]:
+                paths[controller] = path
+    if "cgroup2" in mounts and "" in paths:
+        base = mounts["cgroup2"] + paths[""].rstrip("/")
+        if _probe(base, ("memory.max", "pids.max")):
+            return "cgroup v2", {"memory": base}
+    if "memory" in mounts and "memory" in paths:
+        bases = {"memory": mounts["memory"] + paths["memory"].rstrip("/")}
+        if _probe(bases["memory"], ("memory.limit_in_bytes",)):
+            if "pids" in mounts and "pids" in paths:
+                pids = mounts["pids"] + paths["pids"].rstrip("/")
+                if _probe(pids, ("pids.max",)):
+                    bases["pids"] = pids
+            return "cgroup v1", bases
+    logging.getLogger(__name__).warning(
+        "opd sandbox: no memory cgroup this process may create (%s); each process of a run is capped at "
+        "memory_bytes of address space instead (RLIMIT_AS), so a run may use max_processes * memory_bytes "
+        "and memfd or shared-memory pages beyond that; run as root, or in a delegated cgroup, for a per-run cap",
+        "cgroup v2 without the memory controller delegated" if "cgroup2" in mounts else "no cgroup file system")
+    return "rlimit", {}
+
+
+def _probe(base: str, files: tuple[str, ...]) -> bool:
+    folder = f"{base}/opd-sandbox-probe-{os.getpid()}"
+    try:
+        os.mkdir(folder)
+    except OSError:
+        return False
+    try:
+        return all(os.access(f"{folder}/{name}", os.W_OK) for name in files)
+    finally:
+        os.rmdir(folder)
+
+
+def _make_cgroups(limits: SandboxLimits) -> list[str]:
+    """Fresh cgroups for one run with its limits written; the launcher joins them before it forks."""
+    kind, bases = _cgroup_bases()
+    name = f"opd-sandbox-{os.getpid()}-{next(_cgroup_counter)}"
+    # The launcher and the reaper are in the pids cgroup too: two more than the program's own.
+    settings = {"cgroup v2": {"memory": [("memory.max", limits.memory_bytes), ("memory.swap.max", 0),
+                                         ("pids.max", limits.max_processes + 2)]},
+                "cgroup v1": {"memory": [("memory.limit_in_bytes", limits.memory_bytes),
+                                         ("memory.memsw.limit_in_bytes", limits.memory_bytes)],
+                              "pids": [("pids.max", limits.max_processes + 2)]}}.get(kind, {})
+    made = []
+    try:
+        for controller, base in bases.items():
+            folder = f"{base}/{name}"
+            os.mkdir(folder)
+            made.append(folder)
+            for file, value in settings[controller]:
+                if file in _OPTIONAL_CGROUP_FILES and not os.path.exists(f"{folder}/{file}"):
+                    continue
+                with open(f"{folder}/{file}", "w") as handle:
+                    handle.write(str(value))
+    except BaseException:
+        _remove_cgroups(made)
+        raise
+    return made
+
+
+def _out_of_memory(cgroups: list[str]) -> bool:
+    """Whether the kernel killed a process of the run for passing its memory cap."""
+    for folder in cgroups:
+        for file in ("memory.events", "memory.oom_control"):  # v2, v1: both have an "oom_kill N" line
+            try:
+                with open(f"{folder}/{file}") as handle:
+                    counts = dict(line.split() for line in handle if line.strip())
+            except OSError:
+                continue
+            if int(counts.get("oom_kill", 0)) > 0:
+                return True
+    return False
+
+
+def _remove_cgroups(cgroups: list[str]) -> None:
+    """Remove a run's cgroups: empty by now (the PID namespace is gone), but exiting tasks take a moment."""
+    for folder in cgroups:
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                os.rmdir(folder)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    logging.getLogger(__name__).warning("opd sandbox: could not remove %s", folder)
+                    break
+                try:
+                    with open(f"{folder}/cgroup.procs") as handle:
+                        for pid in handle.read().split():
+                            os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+                time.sleep(0.01)
 
 
 def _collect(process: subprocess.Popen, limits: SandboxLimits) -> tuple[bytes, bytes, bool, bool]:
@@ -230,15 +420,19 @@ def _read_report(fd: int) -> str:
     return b"".join(parts).decode("utf-8", errors="replace")
 
 
-def _reason(returncode: int | None, timed_out: bool, flooded: bool, stderr: str, limits: SandboxLimits) -> str:
+def _reason(returncode: int | None, timed_out: bool, flooded: bool, out_of_memory: bool, stderr: str,
+            limits: SandboxLimits) -> str:
+    """Why a run did not pass."""
     if flooded:
         return f"output limit exceeded ({limits.max_output_bytes} bytes of stdout + stderr)"
     if timed_out:
         return f"timeout after {float(limits.timeout_seconds)}s"
+    if out_of_memory:
+        return f"memory limit exceeded ({limits.memory_bytes} bytes for the whole run)"
     if returncode is None:
         return "the sandbox ended without reporting the program's exit"
     if returncode == 0:
-        return "passed"
+        return "exit code 0 before the tests ran to their end"
     if returncode < 0:
         name = signal.Signals(-returncode).name
         return "CPU time limit exceeded" if name == "SIGXCPU" else f"killed by signal {name}"
@@ -265,6 +459,9 @@ def _launch(config: dict) -> None:
     status = config["status_fd"]
     try:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # our caller died: so do we, and so the reaper
+        for folder in config["cgroups"]:  # before any fork: every process of the run is born inside
+            with open(f"{folder}/cgroup.procs", "w") as handle:
+                handle.write(str(os.getpid()))
         os.umask(0o022)
         namespaces = _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID | _CLONE_NEWIPC
         if config["uid"] is None:  # not root: a user namespace grants the rights to set up the rest
@@ -299,14 +496,15 @@ def _reap(config: dict, libc) -> None:
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # as PID 1, unhandled signals from inside are ignored
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        source = b""
+        setup = b""
         while chunk := os.read(config["source_fd"], 1 << 20):
-            source += chunk
-        os.close(config["source_fd"])
+            setup += chunk
+        os.lseek(config["source_fd"], 0, os.SEEK_SET)  # the runner reads it again, then closes it
         _mount(config, libc)
         os.mkdir(_WORK, 0o700)
-        with open(f"{_WORK}/program.py", "wb") as handle:
-            handle.write(source)
+        with open(f"{_WORK}/program.py", "w", encoding="utf-8") as handle:  # the program alone, never its tests
+            handle.write(json.loads(setup)["program"])
+        del setup
         if config["uid"] is not None:
             for path in (_WORK, f"{_WORK}/program.py"):
                 os.chown(path, config["uid"], config["uid"])
@@ -317,6 +515,8 @@ def _reap(config: dict, libc) -> None:
         os._exit(125)
     if program == 0:
         _exec_program(config, libc)
+    os.close(config["source_fd"])
+    os.close(config["proof_fd"])
     while True:
         pid, wait_status = os.waitpid(-1, 0)  # also reaps orphans re-parented to us
         if pid == program:
@@ -363,24 +563,125 @@ def _exec_program(config: dict, libc) -> None:
     import resource
 
     try:
-        limits = ((resource.RLIMIT_AS, config["memory"]), (resource.RLIMIT_FSIZE, config["file"]),
-                  (resource.RLIMIT_NOFILE, 256), (resource.RLIMIT_CORE, 0),
+        limits = [(resource.RLIMIT_FSIZE, config["file"]), (resource.RLIMIT_NOFILE, 256), (resource.RLIMIT_CORE, 0),
                   # Without a uid of its own (not root) the launcher and the reaper count too.
-                  (resource.RLIMIT_NPROC, config["processes"] + (0 if config["uid"] is not None else 2)))
+                  (resource.RLIMIT_NPROC, config["processes"] + (0 if config["uid"] is not None else 2))]
+        if config["memory"] is not None:  # no cgroup: the weaker per-process cap (memory_control())
+            limits.append((resource.RLIMIT_AS, config["memory"]))
         for limit, value in limits:
             resource.setrlimit(limit, (value, value))
         resource.setrlimit(resource.RLIMIT_CPU, (config["cpu"], config["cpu"] + 1))
+        try:  # at the cgroup's limit the kernel kills the program, not the reaper that reports on it
+            with open("/proc/self/oom_score_adj", "w") as handle:
+                handle.write("1000")
+        except OSError:
+            pass
         if config["uid"] is not None:
             os.setgroups([])
             os.setgid(config["uid"])
             os.setuid(config["uid"])  # drops every capability: no way back to root
+        _join_fresh_keyring(libc)
         _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl no_new_privs")
+        _install_seccomp_filter(libc)
         os.set_inheritable(config["status_fd"], False)  # closed by exec: the program cannot forge a report
+        for fd in (config["source_fd"], config["proof_fd"]):
+            os.set_inheritable(fd, True)  # the runner's: it closes the first before the program runs
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": _WORK, "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
-        os.execve(config["python"], [config["python"], "-I", "-S", "-B", "program.py"], env)
+        os.execve(config["python"], [config["python"], "-I", "-S", "-B", "-c", config["runner"],
+                                     str(config["source_fd"]), str(config["proof_fd"])], env)
     except BaseException as error:
         _report(config["status_fd"], f"error: program start: {type(error).__name__}: {error}")
     os._exit(125)
+
+
+# System call numbers, and the audit architecture the seccomp filter checks (<linux/audit.h>).
+_SYSCALLS = {
+    "x86_64": {"arch": 0xC000003E, "clone": 56, "unshare": 272, "setns": 308, "clone3": 435, "socket": 41,
+               "add_key": 248, "request_key": 249, "keyctl": 250, "io_uring_setup": 425, "io_uring_enter": 426,
+               "io_uring_register": 427},
+    "aarch64": {"arch": 0xC00000B7, "clone": 220, "unshare": 97, "setns": 268, "clone3": 435, "socket": 198,
+                "add_key": 217, "request_key": 218, "keyctl": 219, "io_uring_setup": 425, "io_uring_enter": 426,
+                "io_uring_register": 427},
+}
+_KEYCTL_JOIN_SESSION_KEYRING, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, _AF_UNIX = 1, 22, 2, 1
+_SECCOMP_RET_KILL_PROCESS, _SECCOMP_RET_ERRNO, _SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+_X32_SYSCALL_BIT = 0x40000000
+
+
+def _syscalls() -> dict[str, int]:
+    machine = os.uname().machine
+    if machine not in _SYSCALLS:
+        raise OSError(errno.ENOSYS, f"no seccomp filter written for {machine} (x86_64 and aarch64 only)")
+    return _SYSCALLS[machine]
+
+
+def _join_fresh_keyring(libc) -> None:
+    """A new, empty session keyring: through the inherited one the program would possess the grader's keys,
+    and possession grants reading them whatever the uid. (The seccomp filter then refuses keyctl.)"""
+    import ctypes
+
+    if libc.syscall(ctypes.c_long(_syscalls()["keyctl"]), ctypes.c_long(_KEYCTL_JOIN_SESSION_KEYRING), None) < 0:
+        if ctypes.get_errno() != errno.ENOSYS:  # a kernel without keys has none to hide
+            _check(-1, "keyctl join session keyring")
+
+
+def _seccomp_program() -> list[tuple[int, int, int, int]]:
+    """The classic BPF filter the program runs under, as (code, jt, jf, k) instructions. It refuses
+    (EPERM): a new user namespace (unshare or clone with CLONE_NEWUSER, and setns; inside one a program
+    would be root again, free to mount a tmpfs past its caps), the kernel keyring (add_key, request_key,
+    keyctl), socket(AF_UNIX) (connect() to a host's pathname socket is the one way out that the network
+    namespace leaves; socketpair() still works) and io_uring (its operations bypass this filter). clone3
+    says ENOSYS, since its flags sit in memory a filter cannot read; glibc then falls back to clone. A
+    system call of another ABI (x32, 32-bit) kills the process."""
+    numbers = _syscalls()
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
+    # seccomp_data: nr at 0, arch at 4, args[0] at 16 (its low 32 bits on a little-endian machine).
+    code = [("ld", 4), ("jump", jeq, numbers["arch"], None, "kill"), ("ld", 0)]
+    if os.uname().machine == "x86_64":
+        code.append(("jump", jge, _X32_SYSCALL_BIT, "kill", None))
+    code += [("jump", jeq, numbers[name], "flags", None) for name in ("unshare", "clone")]
+    code += [("jump", jeq, numbers["socket"], "domain", None), ("jump", jeq, numbers["clone3"], "enosys", None)]
+    code += [("jump", jeq, numbers[name], "eperm", None)
+             for name in ("setns", "add_key", "request_key", "keyctl", "io_uring_setup", "io_uring_enter",
+                          "io_uring_register")]
+    code += [("ret", _SECCOMP_RET_ALLOW),
+             ("label", "flags"), ("ld", 16), ("jump", jset, _CLONE_NEWUSER, "eperm", None), ("ret", _SECCOMP_RET_ALLOW),
+             ("label", "domain"), ("ld", 16), ("jump", jeq, _AF_UNIX, "eperm", None), ("ret", _SECCOMP_RET_ALLOW),
+             ("label", "eperm"), ("ret", _SECCOMP_RET_ERRNO | errno.EPERM),
+             ("label", "enosys"), ("ret", _SECCOMP_RET_ERRNO | errno.ENOSYS),
+             ("label", "kill"), ("ret", _SECCOMP_RET_KILL_PROCESS)]
+    labels, position = {}, 0
+    for item in code:
+        if item[0] == "label":
+            labels[item[1]] = position
+        else:
+            position += 1
+    program = []
+    for item in code:
+        if item[0] == "ld":
+            program.append((ld, 0, 0, item[1]))
+        elif item[0] == "ret":
+            program.append((ret, 0, 0, item[1]))
+        elif item[0] == "jump":
+            _, op, value, true, false = item
+            here = len(program) + 1  # jumps count from the next instruction
+            program.append((op, labels[true] - here if true else 0, labels[false] - here if false else 0, value))
+    return program
+
+
+def _install_seccomp_filter(libc) -> None:
+    import ctypes
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    instructions = _seccomp_program()
+    table = (SockFilter * len(instructions))(*(SockFilter(*instruction) for instruction in instructions))
+    fprog = SockFprog(len(instructions), table)
+    _check(libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "seccomp filter")
 
 
 def _check(result: int, what: str) -> None:
