@@ -157,6 +157,32 @@ def test_non_finite_weights_are_never_checkpointed(model_dir, prompts_file, tmp_
     assert not (run_dir / "final").exists()
 
 
+def test_an_output_folder_with_foreign_files_is_refused_and_left_alone(model_dir, prompts_file, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "data").mkdir(parents=True)
+    (run_dir / "notes.txt").write_text("mine")
+    config = make_config(model_dir, prompts_file, run_dir, train={"steps": 1})
+    with pytest.raises(OSError, match=r"holds files opd did not write \(data, notes.txt\)"):
+        train(config)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["data", "notes.txt"]
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    # An empty folder is fine, and so is a first segment that crashed before its first checkpoint: it
+    # holds only opd's own files and nothing to resume, so the run starts over.
+    (run_dir / "notes.txt").unlink()
+    (run_dir / "data").rmdir()
+    (run_dir / "config.yaml").write_text("stale: true\n")
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    train(config)
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1]
+    assert read_metrics(run_dir / "metrics.jsonl")[0]["loss"] != 9.0
+
+
+def test_an_output_path_that_is_a_file_is_refused(model_dir, prompts_file, tmp_path):
+    (tmp_path / "run").write_text("a file")
+    with pytest.raises(OSError, match="is a file, not a folder"):
+        train(make_config(model_dir, prompts_file, tmp_path / "run", train={"steps": 1}))
+
+
 @contextlib.contextmanager
 def tmpfs(folder: Path, size: str):
     """A tmpfs of `size` mounted at folder: a disk that fills up for real."""
