@@ -268,3 +268,36 @@ def test_an_evaluation_cache_with_a_torn_last_line_resumes(model_dir, tmp_path):
     text = cache.read_text()
     assert text.endswith("\n") and [json.loads(line)["problem_id"] for line in text.splitlines()] == \
         [problems[0].problem_id, problems[1].problem_id]
+
+
+@pytest.mark.slow
+def test_kills_at_random_moments_always_resume_to_the_uninterrupted_run(model_dir, prompts_file, tmp_path, straight):
+    """kill -9 at seeded random moments (start-up, steps, checkpoint writes, pruning, the final save),
+    resuming after each, until a segment finishes: the result is bit-identical to the uninterrupted run."""
+    import random
+
+    run_dir = tmp_path / "run"
+    config = make_config(model_dir, prompts_file, run_dir,
+                         train={"steps": STEPS, "save_every": 1, "keep_checkpoints": 1})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    chance = random.Random(0)
+    kills = 0
+    for _ in range(12):
+        log = tmp_path / "worker.log"
+        with log.open("w") as output:
+            worker = subprocess.Popen([sys.executable, str(WORKER), str(path), "--resume"],
+                                      stdout=output, stderr=subprocess.STDOUT)
+        try:
+            worker.wait(timeout=chance.uniform(4.0, 20.0))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+            kills += 1
+            continue
+        assert worker.returncode == 0, log.read_text()[-3000:]
+        break
+    else:
+        pytest.fail("no segment finished")
+    assert kills, "no kill landed: the delays are too long for this machine"
+    assert_same_as_straight(run_dir, straight)
