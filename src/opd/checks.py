@@ -14,6 +14,7 @@ from pathlib import Path
 from opd.config import Config
 from opd.data import DataError, PromptRow
 from opd.runtime.models import render_prompt
+from opd.runtime.run_folder import check_output_folder
 from opd.types import Signal
 
 # How many dataset prompts are rendered by both tokenizers to compare chat templates.
@@ -26,6 +27,7 @@ class StartupError(ValueError):
 
 def check_launch(config: Config, *, world_size: int, cuda: bool, resume: bool, checkpoint: Path | None) -> None:
     """What the config cannot do where it is started: the process count, the device, the run folder."""
+    check_output_folder(Path(config.train.output_dir))  # files opd did not write are never written over
     if checkpoint is not None and not resume:
         raise FileExistsError(
             f"train.output_dir: '{config.train.output_dir}' already holds checkpoints; pass --resume to continue "

@@ -37,9 +37,11 @@ from opd.runtime.checkpoint import (
     load_checkpoint_state,
     load_rank_state,
     save_checkpoint,
-    save_model,
+    save_final,
+    save_model_atomically,
 )
 from opd.runtime.monitor import MetricsLogger
+from opd.runtime.run_folder import clean_leftovers, write_text_atomically
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, student_token_logprobs
 from opd.teachers import score_batch
 from opd.types import Metric, Reduce, RolloutBatch, Signal, StudentOutputs, TeacherScores, select_rows, to_device
@@ -85,7 +87,8 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
     logger = None
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        clean_leftovers(run_dir)  # what a killed segment left half-written or half-deleted
+        write_text_atomically(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
         logger = MetricsLogger(run_dir, total_steps=config.train.steps, start_step=state.step,
                                tensorboard=config.train.tensorboard, progress=config.train.progress)
     try:
@@ -94,7 +97,7 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
             with _autocast(config.train.mixed_precision):
                 values = run_one_step(run, state)
             if config.eval.every and state.step % config.eval.every == 0:
-                values.update(evaluate_during_training(state.student, run.tokenizer, config, run_dir))
+                values.update(evaluate_during_training(state.student, run.tokenizer, config, run_dir, state.step))
             if logger is not None:
                 logger.log(state.step, values)
             if _should_save(state.step, config):
@@ -106,9 +109,7 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
     finally:
         if logger is not None:
             logger.close()
-    final = run_dir / "final"
-    save_model(state.student, run.tokenizer, final)
-    return final
+    return save_final(run_dir, state.student, run.tokenizer, state.step)
 
 
 # --------------------------------------------------------------------------- one step
@@ -230,10 +231,11 @@ def apply_update(state: TrainState, max_grad_norm: float | None) -> dict[str, Me
 # --------------------------------------------------------------------------- between steps
 
 
-def evaluate_during_training(student: nn.Module, tokenizer, config: Config, run_dir: Path) -> dict[str, float]:
+def evaluate_during_training(student: nn.Module, tokenizer, config: Config, run_dir: Path,
+                             step: int) -> dict[str, float]:
     """Write the current student to run_dir/eval_model and run `opd eval`'s pipeline on it (rank 0)."""
     folder = run_dir / "eval_model"
-    save_model(student, tokenizer, folder)  # every rank takes part in gathering a sharded student
+    save_model_atomically(student, tokenizer, folder, step)  # every rank takes part in gathering a sharded student
     values: dict[str, float] = {}
     if distributed.is_main():
         settings = EvalSettings(samples=config.eval.samples, temperature=config.eval.temperature,

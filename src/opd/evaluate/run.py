@@ -1,8 +1,10 @@
 """`opd eval`: sample K completions per problem (cached, resumable), grade them, report avg@k and pass@k.
 
 The cache is one JSONL file per (model, benchmark, sampling settings) under `<output>/cache/`, appended
-problem by problem, so an interrupted evaluation resumes without regenerating. The model's identity in the
-key is its folder path plus the size and modification time of its weight files.
+problem by problem, so an interrupted evaluation resumes without regenerating (a last line torn by a kill
+is dropped, and its problem sampled again). The model's identity in the key is its folder path plus the
+size and modification time (in nanoseconds: training rewrites eval_model/ within a second) of its weight
+files. results.json is replaced atomically.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from opd.evaluate.benchmarks import BENCHMARKS, load_benchmark
 from opd.evaluate.grading import average_at_k, grade_all, pass_at_k
 from opd.evaluate.problem import Problem
+from opd.runtime.run_folder import write_text_atomically
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -38,7 +41,7 @@ class EvalSettings:
 
 
 def _model_key(model_dir: Path, benchmark: str, settings: EvalSettings) -> str:
-    weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in model_dir.glob("*.safetensors"))
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.glob("*.safetensors"))
     sampling = {k: v for k, v in asdict(settings).items() if k not in ("limit", "batch_size")}
     raw = json.dumps([str(model_dir.resolve()), weights, benchmark, sampling], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
@@ -59,7 +62,10 @@ def generate_completions(model_dir: str, problems: list[Problem], settings: Eval
     cache = cache_dir / f"{problems[0].benchmark}-{_model_key(folder, problems[0].benchmark, settings)}.jsonl"
     done: dict[str, list[str]] = defaultdict(list)
     if cache.exists():
-        for line in cache.read_text(encoding="utf-8").splitlines():
+        whole, _, torn = cache.read_text(encoding="utf-8", errors="replace").rpartition("\n")
+        if torn:  # killed while appending it: appending after it would glue two records into one line
+            write_text_atomically(cache, whole + "\n" if whole else "")
+        for line in whole.splitlines():
             record = json.loads(line)
             done[record["problem_id"]].append(record["completion"])
     todo = [p for p in problems if len(done.get(p.problem_id, [])) < settings.samples]
@@ -233,7 +239,7 @@ def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, mod
     for name, result in results["benchmarks"].items():
         domains[result["domain"]].append(result["avg_at_k"])
     results["domains"] = {d: sum(v) / len(v) for d, v in sorted(domains.items())}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_text_atomically(out / "results.json", json.dumps(results, indent=2))
     return results
 
 

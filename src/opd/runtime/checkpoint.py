@@ -3,13 +3,14 @@
 A checkpoint is a folder `checkpoints/step_000123/` holding the student as an ordinary `save_pretrained`
 folder (`model/`, loadable by any HF tool), the optimizer state, every RNG state and a small JSON record.
 It is written under a temporary name and renamed into place only when complete, so a crash mid-write
-leaves the previous checkpoint as the newest complete one.
+leaves the previous checkpoint as the newest complete one; pruning renames a checkpoint away before it
+deletes it, and `final/` (and the evaluation's `eval_model/`) is written the same way (runtime/run_folder.py).
+Nothing is written from non-finite weights, and a full disk names the folder and the step.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -20,9 +21,15 @@ import torch
 
 from opd.runtime import distributed
 from opd.runtime.lora import is_adapted, save_adapter, save_merged
+from opd.runtime.run_folder import PARTIAL, fsync_folder, fsync_tree, remove_folder, replace_folder, writing
 
 CHECKPOINTS = "checkpoints"
+FINAL = "final"
 _PREFIX = "step_"
+
+
+class NonFiniteWeightsError(ValueError):
+    pass
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -55,32 +62,81 @@ def save_checkpoint(run_dir: Path, student, tokenizer, optimizer, record: Checkp
     """
     root = run_dir / CHECKPOINTS
     final = root / f"{_PREFIX}{record.step:06d}"
-    partial = root / f".partial-{final.name}"
+    partial = root / f"{PARTIAL}{final.name}"
+    check_finite_weights(student, record.step, final)
     if distributed.is_main():
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
     distributed.barrier()
-    torch.save(_rng_states(), partial / f"rng_{distributed.rank()}.pt")  # each rank's own streams
-    torch.save(rank_state or {}, partial / f"state_{distributed.rank()}.pt")
-    if is_adapted(student):
-        save_adapter(student, partial / "adapter")  # resume loads the base from student.path plus this
-    else:
-        save_model(student, tokenizer, partial / "model")
-    if distributed.world_size() > 1:
-        optimizer_state = distributed.full_optimizer_state(student, optimizer)
-    else:
-        optimizer_state = optimizer.state_dict()
+    with writing(final, record.step, partial=(partial,)):
+        _save_torch(_rng_states(), partial / f"rng_{distributed.rank()}.pt")  # each rank's own streams
+        _save_torch(rank_state or {}, partial / f"state_{distributed.rank()}.pt")
+        if is_adapted(student):
+            save_adapter(student, partial / "adapter")  # resume loads the base from student.path plus this
+        else:
+            save_model(student, tokenizer, partial / "model")
+        if distributed.world_size() > 1:
+            optimizer_state = distributed.full_optimizer_state(student, optimizer)
+        else:
+            optimizer_state = optimizer.state_dict()
+        if distributed.is_main():
+            _save_torch(optimizer_state, partial / "optimizer.pt")
+            (partial / "record.json").write_text(json.dumps(_record_dict(record)))
+            fsync_tree(partial)
     if distributed.is_main():
-        torch.save(optimizer_state, partial / "optimizer.pt")
-        (partial / "record.json").write_text(json.dumps(_record_dict(record)))
-        _fsync_tree(partial)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        replace_folder(partial, final)
         _prune(root, keep)
     distributed.barrier()
     return final
+
+
+def save_model_atomically(student, tokenizer, folder: Path, step: int) -> Path:
+    """`save_model` into `.partial-<name>`, renamed over `folder` when complete (a LoRA student's
+    `<name>_adapter` first, `folder` last). Every rank must call this."""
+    partial = folder.with_name(PARTIAL + folder.name)
+    partial_adapter, adapter = (f.with_name(f.name + "_adapter") for f in (partial, folder))
+    check_finite_weights(student, step, folder)
+    if distributed.is_main():
+        for path in (partial, partial_adapter):
+            shutil.rmtree(path, ignore_errors=True)
+    with writing(folder, step, partial=(partial, partial_adapter)):
+        save_model(student, tokenizer, partial)
+        if distributed.is_main():
+            for path in (partial, partial_adapter):
+                if path.is_dir():
+                    fsync_tree(path)
+    if distributed.is_main():
+        if partial_adapter.is_dir():
+            replace_folder(partial_adapter, adapter)
+        replace_folder(partial, folder)
+    distributed.barrier()
+    return folder
+
+
+def save_final(run_dir: Path, student, tokenizer, step: int) -> Path:
+    """The trained student as `run_dir/final` (an HF folder), replacing an earlier segment's atomically."""
+    return save_model_atomically(student, tokenizer, run_dir / FINAL, step)
+
+
+def check_finite_weights(student, step: int, target: Path) -> None:
+    """Refuse to write `target` from weights holding NaN or inf (every rank checks its shards, all agree)."""
+    bad, first = 0, None
+    with torch.no_grad():
+        for name, parameter in student.named_parameters():
+            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+            count = int((~torch.isfinite(local)).sum())
+            if count and first is None:
+                first = f"{name}: {count} of {local.numel()}"
+            bad += count
+    total = distributed.all_reduce_sum(float(bad))
+    if total:
+        where = f" (e.g. {first})" if first else ""
+        raise NonFiniteWeightsError(
+            f"step {step}: the student's weights hold {int(total)} non-finite values{where}; {target} was not "
+            "written. A finite gradient still gives non-finite weights with too large a step: lower optim.lr "
+            "(or set optim.max_grad_norm) and resume from the newest complete checkpoint"
+        )
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -89,7 +145,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not root.is_dir():
         return None
     complete = sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / "record.json").is_file())
-    return complete[-1] if complete else None
+    return complete[-1] if complete else None  # `.partial-` and `.deleting-` folders never match
 
 
 def load_rank_state(folder: Path) -> dict:
@@ -132,14 +188,15 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+def _save_torch(value, path: Path) -> None:
+    # Through a Python file: a full disk then surfaces as OSError(ENOSPC) (torch's own writer says only
+    # "iostream error").
+    with open(path, "wb") as handle:
+        torch.save(value, handle)
 
 
 def _prune(root: Path, keep: int) -> None:
     complete = sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX))
     for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_folder(old)  # renamed to `.deleting-step_N` first: no checkpoint name is ever half-deleted
+    fsync_folder(root)

@@ -1,16 +1,21 @@
 """Where metrics go: `metrics.jsonl` (always), TensorBoard (optional) and a rich progress bar.
 
 On resume the JSONL file is cut back to the checkpoint's step, so a run that crashed after logging steps
-it never checkpointed does not end up with two records for one step.
+it never checkpointed does not end up with two records for one step. The cut is an atomic rewrite
+(`metrics.jsonl.tmp`, renamed over the file), and a torn last line (a kill in the middle of writing it) is
+dropped with a note; an unreadable line anywhere else is an error naming the file and the line.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from opd.runtime.run_folder import write_text_atomically, writing
 
 # The figures the progress bar shows, in order, with short labels; absent ones are skipped.
 _PROGRESS_FIGURES = (
@@ -63,8 +68,9 @@ class MetricsLogger:
 
     def log(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with writing(self.path, step):  # a full disk: the error names the file and the step
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._tensorboard is not None:
             for name, value in values.items():
                 self._tensorboard.add_scalar(name, value, step)
@@ -79,12 +85,61 @@ class MetricsLogger:
             self._progress.stop()
 
 
+class MetricsError(ValueError):
+    pass
+
+
 def _truncate_after(path: Path, step: int) -> None:
+    """Keep the records up to `step` (the checkpoint's); rewritten atomically, and only if anything goes."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines, torn, terminated = _parse_lines(path)
+    if torn:
+        print(f"opd: note: {path}: dropped a torn last line ({torn} bytes; a kill while it was being written)",
+              file=sys.stderr)
+    kept = [text for text, record in lines if record["step"] <= step]
+    if torn or not terminated or len(kept) < len(lines):
+        with writing(path, step):
+            write_text_atomically(path, "".join(text + "\n" for text in kept))
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Every record of a metrics.jsonl (a torn last line, from a run killed while writing it, is left out)."""
+    return [record for _, record in _parse_lines(Path(path))[0]]
+
+
+def _parse_lines(path: Path) -> tuple[list[tuple[str, dict]], int, bool]:
+    """(line text, record) for each record, the length of a torn last line (0 if none), and whether the
+    file ends with a whole line (an append may follow).
+
+    Only the last line can be torn, and only if unterminated: a kill stops the writer mid-line, and nothing
+    is ever written after a torn line (the next segment rewrites the file first).
+    """
+    data = path.read_bytes()
+    pieces = data.split(b"\n")
+    whole, last = pieces[:-1], pieces[-1]  # `last` is b"" when the file ends with a newline
+    parsed = []
+    for number, piece in enumerate(whole, start=1):
+        if not piece.strip():
+            continue
+        record = _parse(piece)
+        if record is None:
+            raise MetricsError(f"{path}: line {number} is not a metrics record ({piece[:60].decode('utf-8', 'replace')!r}); opd writes "
+                               "whole lines only, so the file was changed by something else. Repair or remove "
+                               "that line")
+        parsed.append((piece.decode("utf-8"), record))
+    if not last:
+        return parsed, 0, True
+    record = _parse(last)
+    if record is None:
+        return parsed, len(last), False
+    parsed.append((last.decode("utf-8"), record))  # complete but unterminated: kept (and terminated)
+    return parsed, 0, False
+
+
+def _parse(piece: bytes) -> dict | None:
+    try:
+        record = json.loads(piece.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
