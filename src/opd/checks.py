@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from opd.config import Config
+from opd.config import SEED_LIMIT, Config
 from opd.data import DataError, PromptRow
 from opd.runtime.models import render_prompt
 from opd.types import Signal
@@ -34,6 +34,9 @@ def check_launch(config: Config, *, world_size: int, cuda: bool, resume: bool, c
     if config.rollout.prompts_per_step % world_size:
         raise StartupError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must divide evenly over "
                            f"{world_size} processes")
+    if config.train.seed + world_size > SEED_LIMIT:
+        raise StartupError(f"train.seed={config.train.seed}: process r seeds with train.seed + r, and "
+                           f"{config.train.seed + world_size - 1} is past numpy's largest seed 2**32 - 1")
     if config.train.mixed_precision == "bf16" and not cuda:
         raise StartupError("train.mixed_precision=bf16 autocasts on a GPU; on the CPU training stays float32 "
                            "(set train.mixed_precision=none)")
