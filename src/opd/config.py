@@ -74,7 +74,8 @@ class TeacherConfig:
     # weights), a local HF folder (e.g. the teacher's pre-RL base: reward correction), or null (no
     # reference: only allowed with lam == 1, and the implicit reward is then not logged).
     reference: str | None = STUDENT_INIT
-    # A chat template (Jinja text, or a path to a .jinja file) the teacher renders prompts with.
+    # A chat template the teacher renders prompts with: Jinja text, or the path of a template file (a value
+    # without '{{' or '{%'), read at start-up; a path that does not exist is an error.
     # null: the teacher must tokenize every prompt exactly as the student does (checked at start-up).
     chat_template: str | None = None
     # How this domain's rollouts are graded (outcome reward for grpo; accuracy is logged whenever set).
