@@ -156,3 +156,22 @@ def test_opd_train_names_the_data_line_that_is_not_utf8(model_dir, prompts_file,
     line = _single_opd_line(run_cli("train", str(path)))
     assert line.startswith(f"opd: {data}:7: not UTF-8 text"), line
 
+
+def test_opd_train_exits_nonzero_when_every_step_was_skipped(model_dir, prompts_file, tmp_path, monkeypatch):
+    import opd.train as train_module
+    from opd.cli import main
+
+    original = train_module.accumulate_gradients
+
+    def poisoned(model, *args, **kwargs):
+        result = original(model, *args, **kwargs)
+        next(model.parameters()).grad.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(train_module, "accumulate_gradients", poisoned)
+    config = make_config(model_dir, prompts_file, tmp_path / "run", train={"steps": 2})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(path)])
+    assert str(exit_.value.code).startswith("opd: every one of the 2 step(s) of this run was skipped")
