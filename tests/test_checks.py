@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import torch
 from conftest import make_config
 
 from opd.checks import StartupError
@@ -144,3 +146,159 @@ def test_vllm_teacher_for_an_objective_needing_full_distributions_is_refused(mod
                                    {"domain": "code", "path": str(model_dir / "teacher_b")}])
     with pytest.raises(StartupError, match=r"teachers.0.backend: objective \['gkd'\] needs full distributions"):
         assemble(config)
+
+
+# --------------------------------------------------------------------------- no silently wrong run
+
+
+def _copy_model(model_dir, tmp_path, name="teacher"):
+    import shutil
+
+    folder = tmp_path / f"{name}_copy"
+    shutil.copytree(model_dir / name, folder)
+    return folder
+
+
+def _no_model_may_load(monkeypatch):
+    """Checks that must run before any weights load: loading one fails the test."""
+    import opd.assemble
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model loaded before the check ran")
+
+    monkeypatch.setattr(opd.assemble, "load_model", refuse)
+
+
+def test_topk_above_the_vocabulary_is_refused_before_any_model_loads(model_dir, prompts_file, tmp_path, monkeypatch):
+    from opd.assemble import assemble
+
+    _no_model_may_load(monkeypatch)
+    config = make_config(model_dir, prompts_file, tmp_path / "run", objective={"name": "fkl_topk", "lam": 1.0,
+                                                                                "topk": 301})
+    with pytest.raises(StartupError, match=r"objective.topk=301 is more than the vocabulary's 300 tokens"):
+        assemble(config)
+
+
+def test_a_chat_template_path_that_does_not_exist_is_refused(model_dir, prompts_file, tmp_path, monkeypatch):
+    """Earlier, the path string itself became the teacher's template (every prompt rendered as the path)."""
+    from opd.assemble import assemble
+
+    _no_model_may_load(monkeypatch)
+    missing = tmp_path / "templates" / "teacher.jinja"
+    config = make_config(model_dir, prompts_file, tmp_path / "run",
+                         teachers=[{"domain": "math", "path": str(model_dir / "teacher")},
+                                   {"domain": "code", "path": str(model_dir / "teacher"),
+                                    "chat_template": str(missing)}])
+    with pytest.raises(FileNotFoundError, match=rf"teachers.1.chat_template: no such file '{re.escape(str(missing))}'"):
+        assemble(config)
+
+
+@pytest.mark.parametrize(
+    "grader, rows, message",
+    [
+        ("exact", [{"prompt": "a", "answer": "1"}, {"prompt": "b"}], r"prompts.jsonl:2: 'answer' is missing"),
+        ("math", [{"prompt": "a", "answer": 19.5}],
+         r"prompts.jsonl:1: 'answer' must be text \(or an integer\), got 19.5"),
+        ("exact", [{"prompt": "a", "answer": ["1"]}], r"prompts.jsonl:1: 'answer' must be text"),
+        ("math", [{"prompt": "a", "answer": " "}], r"prompts.jsonl:1: 'answer' is empty"),
+        ("code", [{"prompt": "a", "tests": "assert True"}, {"prompt": "b", "answer": "1"}],
+         r"prompts.jsonl:2: 'tests' is missing"),
+        ("code", [{"prompt": "a", "tests": {"assert": 1}}], r"prompts.jsonl:1: 'tests' must be test code"),
+        ("code", [{"prompt": "a", "tests": ["assert True", 3]}], r"prompts.jsonl:1: 'tests' must be test code"),
+    ],
+)
+def test_grader_fields_are_checked_on_every_row_before_any_model_loads(model_dir, tmp_path, monkeypatch, grader,
+                                                                        rows, message):
+    """Earlier, a row without the field its grader reads failed only when a step first sampled it."""
+    from opd.assemble import assemble
+
+    _no_model_may_load(monkeypatch)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = make_config(model_dir, data, tmp_path / "run", objective={"name": "gopd", "lam": 1.0},
+                         teachers=[{"domain": "default", "path": str(model_dir / "teacher"), "grader": grader}])
+    with pytest.raises(DataError, match=message + rf".*; teachers.0.grader={grader} grades domain 'default' by it"):
+        assemble(config)
+
+
+def test_graded_rows_that_carry_their_fields_pass(model_dir, tmp_path):
+    from opd.checks import check_grader_fields
+    from opd.data import PromptRow
+
+    rows = [PromptRow(index=0, prompt="a", domain="m", answer=19), PromptRow(index=1, prompt="b", domain="c",
+                                                                           tests=["assert f() == 1"]),
+            PromptRow(index=2, prompt="c", domain="ungraded")]
+    check_grader_fields(rows, {"m": ("teachers.0.grader", "math"), "c": ("teachers.1.grader", "code")}, "d.jsonl")
+
+
+def _save_with(folder, change):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    with torch.no_grad():
+        change(dict(model.named_parameters()))
+    model.save_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_non_finite_weights_are_refused_at_load_naming_the_model(model_dir, prompts_file, tmp_path, role):
+    from opd.assemble import assemble
+
+    folder = _copy_model(model_dir, tmp_path, role)
+    _save_with(folder, lambda parameters: parameters["model.norm.weight"].__setitem__(0, float("nan")))
+    if role == "student":
+        config = make_config(model_dir, prompts_file, tmp_path / "run", student={"path": str(folder)})
+        key = "student.path"
+    else:
+        config = make_config(model_dir, prompts_file, tmp_path / "run",
+                             teachers=[{"domain": "math", "path": str(folder)},
+                                       {"domain": "code", "path": str(model_dir / "teacher_b")}])
+        key = "teachers.0.path"
+    message = (rf"{key}: the model in '{re.escape(str(folder))}' has non-finite \(nan or inf\) weights in 1 "
+               r"tensor\(s\), e.g. \['model.norm.weight'\]")
+    with pytest.raises(ValueError, match=message):
+        assemble(config)
+    from opd.runtime.models import check_finite_safetensors  # what a vLLM teacher's folder is checked by
+
+    with pytest.raises(ValueError, match=message):
+        check_finite_safetensors(str(folder), key)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_corrupt_safetensors_file_names_the_file_and_the_key(model_dir, prompts_file, tmp_path, damage):
+    """Earlier: a SafetensorError traceback that named neither the file nor the config key."""
+    from opd.assemble import assemble
+
+    folder = _copy_model(model_dir, tmp_path, "teacher_b")
+    weights = folder / "model.safetensors"
+    content = weights.read_bytes()
+    weights.write_bytes(content[: len(content) // 2] if damage == "truncated" else b"\x00\x01 not safetensors" * 10)
+    config = make_config(model_dir, prompts_file, tmp_path / "run",
+                         teachers=[{"domain": "math", "path": str(model_dir / "teacher")},
+                                   {"domain": "code", "path": str(folder)}])
+    with pytest.raises(ValueError, match=rf"teachers.1.path: '{re.escape(str(weights))}' is not a readable "
+                                         r"safetensors file \(.+\); is it truncated or corrupt\?"):
+        assemble(config)
+
+
+def test_a_student_without_a_tokenizer_is_blamed_on_the_student(model_dir, prompts_file, tmp_path):
+    """Earlier, the student's missing tokenizer surfaced as the teacher's vocabulary differing."""
+    from opd.assemble import assemble
+
+    folder = _copy_model(model_dir, tmp_path, "student")
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    config = make_config(model_dir, prompts_file, tmp_path / "run", student={"path": str(folder)})
+    with pytest.raises(ValueError, match=rf"^student.path: '{re.escape(str(folder))}' has no tokenizer"):
+        assemble(config)
+
+
+def test_a_data_line_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:2: not UTF-8 text \(byte 0xe9 at byte 16 of the "
+                                        r"line\)"):
+        load_prompts(str(path))
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a byte-order mark is fine"}\n')
+    assert load_prompts(str(path))[0].prompt == "a byte-order mark is fine"

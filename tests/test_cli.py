@@ -123,3 +123,55 @@ def test_example_configs_train_one_step_on_tiny_models(path, model_dir, tmp_path
                      "progress": False}
     final = train(load_config(base=data))
     assert (final / "config.json").is_file()
+
+
+def _single_opd_line(result) -> str:
+    """A refused run prints exactly one `opd: ...` line (no traceback) and exits non-zero."""
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("opd: "), result.stderr
+    return lines[0]
+
+
+def test_opd_train_refuses_silently_wrong_configs_with_one_line(model_dir, prompts_file, tmp_path):
+    config = make_config(model_dir, prompts_file, tmp_path / "run")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    line = _single_opd_line(run_cli("train", str(path), "optim.lr=inf"))
+    assert line == f"opd: {path}: optim.lr: must be finite, got inf"
+    line = _single_opd_line(run_cli("train", str(path), "objective.tropd.clip_floor=nan"))
+    assert line == f"opd: {path}: objective.tropd.clip_floor: must be finite, got nan"
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(path.read_text() + "train: {steps: 1}\n")
+    assert "appears twice in one mapping" in _single_opd_line(run_cli("train", str(twice)))
+    assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_opd_train_names_the_data_line_that_is_not_utf8(model_dir, prompts_file, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_bytes(prompts_file.read_bytes() + b'{"prompt": "caf\xe9", "domain": "math"}\n')
+    config = make_config(model_dir, data, tmp_path / "run")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    line = _single_opd_line(run_cli("train", str(path)))
+    assert line.startswith(f"opd: {data}:7: not UTF-8 text"), line
+
+
+def test_opd_train_exits_nonzero_when_every_step_was_skipped(model_dir, prompts_file, tmp_path, monkeypatch):
+    import opd.train as train_module
+    from opd.cli import main
+
+    original = train_module.accumulate_gradients
+
+    def poisoned(model, *args, **kwargs):
+        result = original(model, *args, **kwargs)
+        next(model.parameters()).grad.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(train_module, "accumulate_gradients", poisoned)
+    config = make_config(model_dir, prompts_file, tmp_path / "run", train={"steps": 2})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(path)])
+    assert str(exit_.value.code).startswith("opd: every one of the 2 step(s) of this run was skipped")

@@ -49,6 +49,25 @@ def test_minimal_config_loads_with_defaults(tmp_path):
         ({"teachers": []}, r"teachers: at least one teacher"),
         ({"teachers": [{"domain": "a", "path": "t"}, {"domain": "a", "path": "u"}]}, r"more than one teacher"),
         ({"teachers": [{"path": "t"}]}, r"missing required key 'teachers.0.domain'"),
+        # Silently wrong runs on earlier versions: each one trained (or exited 0 having trained nothing).
+        ({"optim": {"lr": float("inf")}}, r"optim.lr: must be finite, got inf"),
+        ({"rollout": {"temperature": float("inf")}}, r"rollout.temperature: must be finite, got inf"),
+        ({"objective": {"tropd": {"clip_floor": float("nan")}}},
+         r"objective.tropd.clip_floor: must be finite, got nan"),
+        ({"objective": {"tropd": {"clip_floor": 0.5}}}, r"objective.tropd.clip_floor: must be < 0, got 0.5"),
+        ({"objective": {"lam": float("-inf")}}, r"objective.lam: must be finite, got -inf"),
+        ({"rollout": {"vllm": {"kv_cache_gib": float("nan")}}}, r"rollout.vllm.kv_cache_gib: must be finite"),
+        ({"optim": {"lr": 10**400}}, r"optim.lr: must be finite, got inf"),
+        ({"optim": {"betas": [0.9, 1.0]}}, r"optim.betas.1: must be in \[0, 1\), got 1.0"),
+        ({"optim": {"betas": [-0.1, 0.999]}}, r"optim.betas.0: must be in \[0, 1\), got -0.1"),
+        ({"optim": {"eps": 0}}, r"optim.eps: must be > 0, got 0.0"),
+        ({"optim": {"weight_decay": -0.01}}, r"optim.weight_decay: must be >= 0, got -0.01"),
+        ({"train": {"seed": -1}}, r"train.seed: must be in \[0, 2\*\*32\) \(numpy's seed range\), got -1"),
+        ({"train": {"seed": 2**32}}, r"train.seed: must be in \[0, 2\*\*32\)"),
+        ({"objective": {"eopd": {"entropy_threshold": -1}}}, r"objective.eopd.entropy_threshold: must be >= 0"),
+        ({"student": {"path": "s", "lora": {"alpha": 0}}}, r"student.lora.alpha: must be > 0"),
+        ({"eval": {"max_new_tokens": 0}}, r"eval.max_new_tokens: must be >= 1"),
+        ({"eval": {"limit": 0}}, r"eval.limit: must be >= 1 or null"),
     ],
 )
 def test_bad_config_fails_at_load_naming_the_key_and_file(tmp_path, change, message):
@@ -269,3 +288,54 @@ def test_validation_asks_the_objective_not_its_name(tmp_path, probe):
     with pytest.raises(ConfigError, match=r"objective.guidance: objective.name 'probe' already trains on whole"):
         load_config(write(tmp_path, {**with_teacher, "objective": {"name": "probe", "guidance": {"enabled": True}}}))
     assert load_config(write(tmp_path, with_teacher)).objective.name == "probe"
+
+
+def test_non_finite_overrides_and_python_built_trees_are_refused(tmp_path):
+    """`lr=inf` trained one step into non-finite weights; `inf` and `nan` parse as numbers, so the check is on
+    the number, by key, whether it came from YAML, an override or Python."""
+    import dataclasses
+
+    path = write(tmp_path, MINIMAL)
+    for override, message in [("optim.lr=inf", r"run.yaml: optim.lr: must be finite, got inf"),
+                              ("rollout.temperature=.inf", r"rollout.temperature: must be finite, got inf"),
+                              ("objective.tropd.clip_floor=nan",
+                               r"objective.tropd.clip_floor: must be finite, got nan"),
+                              ("teachers.0.lam=-inf", r"teachers.0.lam: must be finite, got -inf"),
+                              ("optim.betas=[0.9, nan]", r"optim.betas.1: must be finite, got nan")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, [override])
+    config = load_config(path)
+    with pytest.raises(ConfigError, match=r"optim.lr: must be finite, got inf"):
+        dataclasses.replace(config, optim=dataclasses.replace(config.optim, lr=float("inf")))
+    with pytest.raises(ConfigError, match=r"objective.guidance.beta: must be finite, got nan"):
+        guidance = dataclasses.replace(config.objective.guidance, beta=float("nan"))
+        dataclasses.replace(config, objective=dataclasses.replace(config.objective, guidance=guidance))
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` section silently replaced the first."""
+    path = tmp_path / "run.yaml"
+    path.write_text("student: {path: s}\nteachers: [{domain: default, path: t}]\ndata: {path: d.jsonl}\n"
+                    "train: {steps: 5}\nobjective: {lam: 1.0}\ntrain: {seed: 3}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: key 'train' appears twice in one mapping \(lines 4 and 6\)"):
+        load_config(path)
+    path.write_text("student: {path: s}\nteachers: [{domain: default, path: t}]\ndata: {path: d.jsonl}\n"
+                    "optim:\n  lr: 1.0e-5\n  warmup_steps: 2\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: key 'lr' appears twice in one mapping \(lines 5 and 7\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"key 'domain' appears twice"):
+        load_config(write(tmp_path, MINIMAL), ["teachers=[{domain: a, domain: b, path: t}]"])
+    # YAML merge keys may still be overridden by the mapping that merges them, as YAML defines.
+    from opd.config_tree import load_yaml
+
+    assert load_yaml("a: &a {x: 1, y: 2}\nb: {<<: *a, x: 3}\n") == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
+
+
+def test_seeds_past_numpys_range_are_refused_for_the_last_process(tmp_path):
+    from opd.checks import StartupError, check_launch
+
+    config = load_config(write(tmp_path, {**MINIMAL, "train": {"seed": 2**32 - 1}}))
+    check_launch(config, world_size=1, cuda=False, resume=False, checkpoint=None)
+    with pytest.raises(StartupError, match=r"train.seed=4294967295: process r seeds with train.seed \+ r, and "
+                                           r"4294967296 is past numpy's largest seed"):
+        check_launch(config, world_size=2, cuda=False, resume=False, checkpoint=None)

@@ -146,22 +146,48 @@ def test_existing_run_without_resume_is_refused(model_dir, prompts_file, tmp_pat
         train(config)
 
 
-def test_non_finite_gradient_skips_the_step(model_dir, prompts_file, tmp_path, monkeypatch):
+def _poison_gradients(monkeypatch, steps):
+    """The gradient of the first parameter becomes nan in the given (0-based) steps."""
     import opd.train as train_module
 
-    original = train_module.accumulate_gradients
+    original, calls = train_module.accumulate_gradients, []
 
     def poisoned(model, *args, **kwargs):
         result = original(model, *args, **kwargs)
-        next(model.parameters()).grad.fill_(float("nan"))
+        if len(calls) in steps:
+            next(model.parameters()).grad.fill_(float("nan"))
+        calls.append(1)
         return result
 
     monkeypatch.setattr(train_module, "accumulate_gradients", poisoned)
-    final = train(make_config(model_dir, prompts_file, tmp_path / "run", train={"steps": 2}))
+
+
+def test_non_finite_gradient_skips_the_step(model_dir, prompts_file, tmp_path, monkeypatch):
+    _poison_gradients(monkeypatch, steps={0})
+    config = make_config(model_dir, prompts_file, tmp_path / "run", train={"steps": 2, "save_every": 1})
+    final = train(config)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [r["optim/skipped_steps"] for r in records] == [1, 2]
-    before, after = parameters_of(model_dir / "student"), parameters_of(final)
-    assert all(torch.equal(before[n], after[n]) for n in before)  # nothing was applied
+    assert [r["optim/skipped_steps"] for r in records] == [1, 1]
+    before = parameters_of(model_dir / "student")
+    skipped = parameters_of(tmp_path / "run" / "checkpoints" / "step_000001" / "model")
+    assert all(torch.equal(before[n], skipped[n]) for n in before)  # nothing was applied in the skipped step
+    after = parameters_of(final)
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the second step trained
+
+
+def test_a_run_whose_every_step_was_skipped_fails_and_writes_no_final_model(model_dir, prompts_file, tmp_path,
+                                                                           monkeypatch):
+    """Earlier, such a run exited 0 with an unchanged student in final/ ("trained student written to")."""
+    _poison_gradients(monkeypatch, steps={0, 1})
+    config = make_config(model_dir, prompts_file, tmp_path / "run", train={"steps": 2})
+    with pytest.raises(ValueError, match=r"every one of the 2 step\(s\) of this run was skipped: the gradient was "
+                                         r"not finite"):
+        train(config)
+    assert [r["optim/skipped_steps"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert not (tmp_path / "run" / "final").exists()
+    with pytest.raises(ValueError, match=r"every one of the 2 step\(s\)"):  # resuming with no step left to run
+        train(config, resume=True)
+    assert not (tmp_path / "run" / "final").exists()
 
 
 def test_progress_bar_shows_the_key_figures():

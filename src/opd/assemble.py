@@ -1,7 +1,8 @@
 """Turn a validated Config into the objects a run needs, after every start-up check (checks.py).
 
-Order matters: the cheap checks (data rows, domains, tokenizers, chat templates) run before any weights
-load, so a wrong config fails in seconds. Each model folder is loaded once, however many roles it plays.
+Order matters: the cheap checks (data rows, domains, the fields graders read, tokenizers, top-k, chat
+templates) run before any weights load, so a wrong config fails in seconds; each model's weights are checked
+finite as it loads. Each model folder is loaded once, however many roles it plays.
 Backends are chosen here and nowhere else: the student's `Sampler` (rollout.backend) and each frozen
 model's `Scorer` and `Sampler` (teachers.N.backend) come from the factories below, so adding a backend is a
 class and a line in a factory.
@@ -22,10 +23,12 @@ from transformers import AutoConfig
 from opd.checks import (
     StartupError,
     check_domains,
+    check_grader_fields,
     check_output_width,
     check_prompt_lengths,
     check_same_prompt_rendering,
     check_same_vocabulary,
+    check_topk,
     check_vllm_teachers,
 )
 from opd.collect import CollectSettings
@@ -38,7 +41,16 @@ from opd.rollout.hf import HfSampler
 from opd.rollout.vllm import EngineSettings, VllmEngine
 from opd.runtime import distributed
 from opd.runtime.lora import AdaptersDisabled, attach_adapters, causal_lm, is_adapted
-from opd.runtime.models import end_of_sequence_ids, load_model, load_tokenizer, output_width, render_prompt
+from opd.runtime.models import (
+    check_finite_safetensors,
+    check_finite_weights,
+    end_of_sequence_ids,
+    load_model,
+    load_tokenizer,
+    output_width,
+    read_chat_template,
+    render_prompt,
+)
 from opd.teachers import DomainScorer, HfScorer, Scorer, ScoringSettings
 from opd.types import Signal
 
@@ -88,14 +100,17 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
     check_vllm_teachers(config, objective.needs)
     rows = load_prompts(config.data.path, config.data.default_domain)
     check_domains(rows, [t.domain for t in config.teachers], config.data.path)
+    check_grader_fields(rows, {t.domain: (f"teachers.{i}.grader", t.grader) for i, t in enumerate(config.teachers)
+                               if t.grader != "none"}, config.data.path)
     tokenizer = load_tokenizer(config.student.path, key="student.path")
+    needs_topk = Signal.TEACHER_TOPK in objective.needs
+    check_topk(config.objective.topk, len(tokenizer), needs_topk)
     prompt_ids = [render_prompt(tokenizer, row.messages, config.data.prompt_format) for row in rows]
     check_prompt_lengths(prompt_ids, rows, config.data.max_prompt_tokens, config.data.path)
     teacher_prompts = _check_teacher_tokenizers(config, tokenizer, rows)
     dataset_responses = _dataset_responses(config, tokenizer, rows) if config.objective.onpolicy_fraction < 1 else None
 
     student = load_student(config, checkpoint)
-    needs_topk = Signal.TEACHER_TOPK in objective.needs
     frozen = _FrozenModels(config, len(tokenizer), output_width(student), needs_topk)
     scorers = {teacher.domain: _domain_scorer(config, index, frozen, student, teacher_prompts)
                for index, teacher in enumerate(config.teachers)}
@@ -192,6 +207,8 @@ def load_student(config: Config, checkpoint: Path | None) -> nn.Module:
         base = load_model(settings.path, settings.dtype, key="student.path", trainable=False)
         adapter = str(checkpoint / "adapter") if checkpoint is not None else None
         student = attach_adapters(base, settings.lora, adapter)
+        if adapter is not None:
+            check_finite_weights(student, "student.path", adapter)  # the base was checked by load_model
     if settings.gradient_checkpointing:
         causal_lm(student).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return student
@@ -216,7 +233,9 @@ def _check_teacher_tokenizers(config: Config, student_tokenizer, rows) -> dict[s
         key = f"teachers.{index}"
         if teacher.path is None:
             continue
-        teacher_tokenizer = load_tokenizer(teacher.path, key=f"{key}.path", chat_template=teacher.chat_template)
+        template = (read_chat_template(teacher.chat_template, f"{key}.chat_template")
+                    if teacher.chat_template is not None else None)
+        teacher_tokenizer = load_tokenizer(teacher.path, key=f"{key}.path", chat_template=template)
         check_same_vocabulary(student_tokenizer, teacher_tokenizer, key)
         if teacher.chat_template is None:
             check_same_prompt_rendering(student_tokenizer, teacher_tokenizer, rows, config.data.prompt_format, key,
@@ -269,6 +288,7 @@ class _FrozenModels:
         return HfScorer(model, temperature=self._temperature, chunk_size=self._chunk_size), HfSampler(model)
 
     def load_vllm(self, path: str, dtype: str, key: str, shard: bool) -> tuple[Scorer, Sampler]:
+        check_finite_safetensors(path, key)  # the engine loads the weights itself
         check_output_width(self._student_width, _configured_width(path), self._vocabulary_size, key, self._needs_topk)
         engine = VllmEngine(self._engine_settings(path, dtype))
         return engine, engine

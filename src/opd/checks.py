@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from opd.config import Config
+from opd.config import SEED_LIMIT, Config
 from opd.data import DataError, PromptRow
 from opd.runtime.models import render_prompt
 from opd.runtime.run_folder import check_output_folder
@@ -36,6 +36,9 @@ def check_launch(config: Config, *, world_size: int, cuda: bool, resume: bool, c
     if config.rollout.prompts_per_step % world_size:
         raise StartupError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must divide evenly over "
                            f"{world_size} processes")
+    if config.train.seed + world_size > SEED_LIMIT:
+        raise StartupError(f"train.seed={config.train.seed}: process r seeds with train.seed + r, and "
+                           f"{config.train.seed + world_size - 1} is past numpy's largest seed 2**32 - 1")
     if config.train.mixed_precision == "bf16" and not cuda:
         raise StartupError("train.mixed_precision=bf16 autocasts on a GPU; on the CPU training stays float32 "
                            "(set train.mixed_precision=none)")
@@ -124,3 +127,47 @@ def check_same_prompt_rendering(student_tokenizer, teacher_tokenizer, rows: list
             f"student's (first difference at token {position}: student {student_piece!r} vs teacher "
             f"{teacher_piece!r}). Set {key}.chat_template to render prompts with a template of the teacher's own."
         )
+
+
+def check_topk(topk: int, vocabulary_size: int, needs_topk: bool) -> None:
+    """The teacher's top-k must fit in the vocabulary (known once the student's tokenizer loads)."""
+    if needs_topk and topk > vocabulary_size:
+        raise StartupError(f"objective.topk={topk} is more than the vocabulary's {vocabulary_size} tokens")
+
+
+def check_grader_fields(rows: list[PromptRow], graders: dict[str, tuple[str, str]], data_path: str) -> None:
+    """Every row a grader will grade carries the field it reads, of the type it reads, checked before any
+    model loads (not when the row is first sampled). `graders`: domain -> (config key, grader name)."""
+    for row in rows:
+        if row.domain not in graders:
+            continue
+        key, name = graders[row.domain]
+        if name == "code":
+            field, problem = "tests", _tests_problem(row.tests)
+        else:
+            field, problem = "answer", _answer_problem(row.answer)
+        if problem:
+            where = row.where or f"{data_path}: row {row.index + 1}"
+            raise DataError(f"{where}: '{field}' {problem}; {key}={name} grades domain '{row.domain}' by it")
+
+
+def _answer_problem(answer) -> str | None:
+    """exact and math compare the answer as text; an integer is unambiguous, a float (19.0 vs 19) is not."""
+    if answer is None:
+        return "is missing"
+    if isinstance(answer, bool) or not isinstance(answer, (str, int)):
+        return f"must be text (or an integer), got {answer!r} ({type(answer).__name__})"
+    if isinstance(answer, str) and not answer.strip():
+        return "is empty"
+    return None
+
+
+def _tests_problem(tests) -> str | None:
+    """code runs the tests as a program: text, or a list of lines of text."""
+    if tests is None:
+        return "is missing"
+    if isinstance(tests, str):
+        return None if tests.strip() else "is empty"
+    if isinstance(tests, list) and tests and all(isinstance(line, str) for line in tests):
+        return None
+    return f"must be test code (text, or a non-empty list of text lines), got {tests!r}"

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from opd.aggregate import Aggregation
-from opd.config_tree import ConfigError, apply_override, build, to_dict
+from opd.config_tree import ConfigError, apply_override, build, load_yaml, nonfinite_floats, to_dict
 from opd.evaluate.benchmarks import BENCHMARKS
 # Validation asks the objectives what they need, and their option blocks are part of this tree. opd.objectives
 # never imports this module (objectives read no config after construction), so importing it here makes no cycle.
@@ -41,6 +41,7 @@ __all__ = ["Config", "ConfigError", "ObjectiveConfig", "STUDENT_INIT", "apply_ov
 GraderName = Literal["none", "exact", "math", "code"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 STUDENT_INIT = "student_init"  # reference = a frozen copy of the student's initial weights
+SEED_LIMIT = 2**32  # numpy accepts seeds in [0, 2**32); process r of a run seeds with train.seed + r
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -73,7 +74,8 @@ class TeacherConfig:
     # weights), a local HF folder (e.g. the teacher's pre-RL base: reward correction), or null (no
     # reference: only allowed with lam == 1, and the implicit reward is then not logged).
     reference: str | None = STUDENT_INIT
-    # A chat template (Jinja text, or a path to a .jinja file) the teacher renders prompts with.
+    # A chat template the teacher renders prompts with: Jinja text, or the path of a template file (a value
+    # without '{{' or '{%'), read at start-up; a path that does not exist is an error.
     # null: the teacher must tokenize every prompt exactly as the student does (checked at start-up).
     chat_template: str | None = None
     # How this domain's rollouts are graded (outcome reward for grpo; accuracy is logged whenever set).
@@ -254,6 +256,11 @@ class Config:
 
 def validate(config: Config) -> None:
     """Cross-field rules. Each message names the key; types were checked by the loader."""
+    # Non-finite numbers first: every range rule below would misreport a nan (the loader already refuses
+    # them; this covers trees built in Python).
+    nonfinite = nonfinite_floats(config)
+    if nonfinite:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(nonfinite))
     problems: list[str] = []
 
     def require(ok: bool, message: str) -> None:
@@ -284,12 +291,13 @@ def validate(config: Config) -> None:
     require(0 < rollout.top_p <= 1, "rollout.top_p: must be in (0, 1]")
     require(rollout.max_new_tokens >= 1, "rollout.max_new_tokens: must be >= 1")
     require(rollout.batch_size >= 1, "rollout.batch_size: must be >= 1")
-    require(optim.lr > 0, "optim.lr: must be > 0")
+    _validate_optim(config, require)
     require(optim.warmup_steps >= 0, "optim.warmup_steps: must be >= 0")
     require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio: must be in [0, 1]")
     require(optim.max_grad_norm is None or optim.max_grad_norm > 0, "optim.max_grad_norm: must be > 0 or null")
     require(optim.micro_batch_size >= 1, "optim.micro_batch_size: must be >= 1")
     require(train.steps >= 1, "train.steps: must be >= 1")
+    require(0 <= train.seed < SEED_LIMIT, f"train.seed: must be in [0, 2**32) (numpy's seed range), got {train.seed}")
     require(train.save_every >= 0, "train.save_every: must be >= 0")
     require(train.keep_checkpoints >= 1, "train.keep_checkpoints: must be >= 1")
     require(train.logit_chunk >= 1, "train.logit_chunk: must be >= 1")
@@ -298,17 +306,30 @@ def validate(config: Config) -> None:
     require(evaluation.every >= 0, "eval.every: must be >= 0")
     require(evaluation.every == 0 or len(evaluation.benchmarks) > 0, "eval.benchmarks: name at least one benchmark")
     require(evaluation.samples >= 1 and evaluation.temperature > 0, "eval.samples >= 1 and eval.temperature > 0")
+    require(evaluation.max_new_tokens >= 1, "eval.max_new_tokens: must be >= 1")
+    require(evaluation.limit is None or evaluation.limit >= 1, "eval.limit: must be >= 1 or null")
     if evaluation.benchmarks:
         unknown = sorted(set(evaluation.benchmarks) - set(BENCHMARKS))
         require(not unknown, f"eval.benchmarks: unknown {unknown}; available: {sorted(BENCHMARKS)}")
     lora = config.student.lora
     if lora is not None:
         require(lora.rank >= 1, "student.lora.rank: must be >= 1")
+        require(lora.alpha > 0, "student.lora.alpha: must be > 0")
         require(lora.dropout == 0.0, "student.lora.dropout: must be 0 (dropout would make the training policy "
                                      "differ from the policy that sampled)")
         require(len(lora.target_modules) > 0, "student.lora.target_modules: name at least one module")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _validate_optim(config: Config, require) -> None:
+    """What AdamW would refuse only once the models are loaded (or, for lr, train on and diverge)."""
+    optim = config.optim
+    require(optim.lr > 0, "optim.lr: must be > 0")
+    for index, beta in enumerate(optim.betas):
+        require(0 <= beta < 1, f"optim.betas.{index}: must be in [0, 1), got {beta}")
+    require(optim.eps > 0, f"optim.eps: must be > 0, got {optim.eps}")
+    require(optim.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {optim.weight_decay}")
 
 
 def _validate_objective_settings(config: Config, require) -> None:
@@ -407,11 +428,13 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = load_yaml(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        except ConfigError as error:  # a duplicate key
+            raise ConfigError(f"{path}: {error}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

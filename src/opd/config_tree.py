@@ -1,13 +1,15 @@
 """Plain data <-> frozen dataclass trees: the loader under `config.py`, which knows nothing of opd's schema.
 
 `build` turns nested dicts and lists (YAML) into a dataclass tree, rejecting unknown keys, moved keys (a
-class's `MOVED` table: old key -> where it went) and wrong types with the key's dotted path; `apply_override`
+class's `MOVED` table: old key -> where it went), wrong types and non-finite numbers with the key's dotted
+path; `load_yaml` refuses a key given twice in one mapping (PyYAML keeps the last silently); `apply_override`
 applies `a.b.c=value`; `to_dict` is the way back (the run record).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal
@@ -19,13 +21,42 @@ class ConfigError(ValueError):
     """A configuration problem, reported with the dotted key and the file it came from."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice (a second `train:` section would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges are allowed to be overridden
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    continue
+                if first is not None:
+                    raise ConfigError(f"key {key!r} appears twice in one mapping (lines {first} and {line}); "
+                                      "the second would silently replace the first")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, refusing duplicate keys (ConfigError naming the key and both lines)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def apply_override(data: dict, override: str) -> None:
     """`a.b=1` sets data['a']['b']; `teachers.0.lam=1.5` indexes lists. Values are parsed as YAML."""
     if "=" not in override:
         raise ConfigError(f"override '{override}' must look like key.path=value")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = load_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override '{override}': the value is not valid YAML: {error}") from None
     node: Any = data
     for depth, part in enumerate(parts[:-1]):
         here = ".".join(parts[: depth + 1])
@@ -110,7 +141,13 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
                 raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            number = math.inf
+        if not math.isfinite(number):  # `inf` and `.nan` parse as numbers; no setting of opd means them
+            raise ConfigError(f"{where}: must be finite, got {number}")
+        return number
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -128,6 +165,19 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
 
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
+
+
+def nonfinite_floats(tree: Any, where: str = "") -> list[str]:
+    """`key: must be finite, got inf` for every non-finite float in a dataclass tree (one built in Python,
+    not through `build`)."""
+    if dataclasses.is_dataclass(tree):
+        return [problem for f in dataclasses.fields(tree)
+                for problem in nonfinite_floats(getattr(tree, f.name), _join(where, f.name))]
+    if isinstance(tree, tuple):
+        return [problem for i, item in enumerate(tree) for problem in nonfinite_floats(item, _join(where, str(i)))]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return [f"{where}: must be finite, got {tree}"]
+    return []
 
 
 def to_dict(config: Any) -> Any:

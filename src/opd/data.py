@@ -30,6 +30,7 @@ class PromptRow:
     answer: Any = None
     tests: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    where: str = ""  # "file:line" (jsonl) or "file: row N" (parquet), for messages about this row
 
     @property
     def messages(self) -> str | list[dict[str, str]]:
@@ -57,11 +58,16 @@ def load_prompts(path: str, default_domain: str = "default") -> list[PromptRow]:
 
 def _read_jsonl(file: Path) -> list[tuple[str, dict]]:
     records = []
-    with file.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with file.open("rb") as handle:  # decoded line by line, so a non-UTF-8 line is reported by its number
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{file}:{line_number}"
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at byte {error.start + 1} "
+                                "of the line); JSON lines must be UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{file}:{line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -95,7 +101,7 @@ def _parse_row(where: str, record: Any, index: int, default_domain: str) -> Prom
         raise DataError(f"{where}: 'domain' must be a non-empty string, got {domain!r}")
     extra = {k: v for k, v in record.items() if k not in ("prompt", "domain", "answer", "tests")}
     return PromptRow(index=index, prompt=prompt, domain=domain, answer=record.get("answer"),
-                     tests=record.get("tests"), extra=extra)
+                     tests=record.get("tests"), extra=extra, where=where)
 
 
 def prompts_for_step(num_rows: int, step: int, prompts_per_step: int, seed: int, shuffle: bool) -> list[int]:

@@ -84,6 +84,7 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
         state.step, state.skipped_steps = record.step, record.skipped_steps
         state.teacher_responses = load_rank_state(checkpoint).get("teacher_responses", {})
     run.sampler.sync(state.student)  # a resumed student, a LoRA student's merged weights
+    first_step, skipped_before = state.step, state.skipped_steps
     logger = None
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,7 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
     finally:
         if logger is not None:
             logger.close()
+    refuse_if_every_step_skipped(state, first_step, skipped_before)
     return save_final(run_dir, state.student, run.tokenizer, state.step)
 
 
@@ -229,6 +231,23 @@ def apply_update(state: TrainState, max_grad_norm: float | None) -> dict[str, Me
 
 
 # --------------------------------------------------------------------------- between steps
+
+
+class EveryStepSkipped(ValueError):
+    """A run whose every step was skipped trained nothing: reported like a config problem (one `opd:`
+    line, a non-zero exit), and no final/ student is written."""
+
+
+def refuse_if_every_step_skipped(state: TrainState, first_step: int, skipped_before: int) -> None:
+    """Raise when every step since `first_step` (where this process started or resumed) was skipped, or
+    every step of the whole run (a resume with no step left to run)."""
+    for steps, skipped in ((state.step - first_step, state.skipped_steps - skipped_before),
+                           (state.step, state.skipped_steps)):
+        if steps > 0 and skipped == steps:
+            raise EveryStepSkipped(
+                f"every one of the {steps} step(s) of this run was skipped: the gradient was not finite (nan or "
+                "inf) each time, so the student did not change and no final/ model was written. Look for "
+                "non-finite losses (optim/grad_norm and the objective's metrics in metrics.jsonl)")
 
 
 def evaluate_during_training(student: nn.Module, tokenizer, config: Config, run_dir: Path,

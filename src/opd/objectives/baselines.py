@@ -40,7 +40,7 @@ class EopdOptions:
     entropy_threshold: float = 0.8  # top-k forward KL where the teacher's entropy exceeds this
 
     def problems(self, where: str) -> list[str]:
-        return []
+        return [] if self.entropy_threshold >= 0 else [f"{where}.entropy_threshold: must be >= 0 (an entropy)"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

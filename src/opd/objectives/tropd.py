@@ -39,7 +39,9 @@ class TropdOptions:
     clip_floor: float = -3.0  # tau of outlier=clip: A = max(lT - lS, tau); ours, the paper does not report it
 
     def problems(self, where: str) -> list[str]:
-        return []
+        # Outliers are tokens the teacher finds far less likely (lT - lS < 0): a floor >= 0 would give them
+        # all a non-negative advantage (0 is outlier: mask).
+        return [] if self.clip_floor < 0 else [f"{where}.clip_floor: must be < 0, got {self.clip_floor}"]
 
 
 @register("tropd")

@@ -1,15 +1,19 @@
 """Loading models and tokenizers from local Hugging Face folders, and rendering prompts to token ids.
 
 Everything loads with `local_files_only=True`: opd never reaches a model hub at run time, and a path
-that is not a local folder is an error that says so (rather than a slow network timeout).
+that is not a local folder is an error that says so (rather than a slow network timeout). A folder opd
+cannot use (unreadable weights, weights that are not finite, no tokenizer) is a `ModelFolderError` naming
+the config key and the folder, never a traceback from deep inside transformers.
 """
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
@@ -19,6 +23,15 @@ from opd.runtime.lora import causal_lm
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Messages = list[dict[str, str]]
+
+# A folder holds a tokenizer when it has one of these (save_pretrained writes tokenizer_config.json always).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# What transformers, safetensors and torch raise on a folder whose files cannot be read as a model.
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError, pickle.UnpicklingError)
+
+
+class ModelFolderError(ValueError):
+    """A model folder that cannot be used, reported with the config key and the folder (or file)."""
 
 
 def quiet_transformers() -> None:
@@ -40,10 +53,16 @@ def check_model_folder(path: str, key: str) -> Path:
 
 
 def load_model(path: str, dtype: str = "float32", *, key: str = "model", trainable: bool = False) -> nn.Module:
-    """A causal LM from a local folder; frozen and in eval mode unless trainable."""
-    check_model_folder(path, key)
+    """A causal LM from a local folder, its weights checked finite; frozen and in eval mode unless trainable."""
+    folder = check_model_folder(path, key)
+    check_safetensors_files(folder, key)
     quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    except _LOAD_ERRORS as error:
+        raise ModelFolderError(f"{key}: could not load the model in '{path}' ({type(error).__name__}: "
+                               f"{_first_line(error)})") from error
+    check_finite_weights(model, key, path)
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)
@@ -54,17 +73,82 @@ def load_model(path: str, dtype: str = "float32", *, key: str = "model", trainab
     return model
 
 
+def check_safetensors_files(folder: Path, key: str) -> None:
+    """Every .safetensors file opens (its header and size agree): a truncated download names its file."""
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ModelFolderError(f"{key}: '{file}' is not a readable safetensors file ({_first_line(error)}); "
+                                   "is it truncated or corrupt?") from None
+
+
+def check_finite_weights(model: nn.Module, key: str, path: str) -> None:
+    """One pass over the parameters: a nan or inf weight would train or score nothing but nan."""
+    bad = [name for name, parameter in model.named_parameters()
+           if parameter.device.type != "meta" and not bool(torch.isfinite(parameter).all())]
+    _refuse_nonfinite(bad, key, path)
+
+
+def check_finite_safetensors(path: str, key: str) -> None:
+    """`check_finite_weights` for a folder another engine loads (vLLM): one tensor at a time from the files."""
+    folder = check_model_folder(path, key)
+    check_safetensors_files(folder, key)
+    bad = []
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            bad += [name for name in weights.keys() if not bool(torch.isfinite(weights.get_tensor(name)).all())]
+    _refuse_nonfinite(bad, key, path)
+
+
+def _refuse_nonfinite(bad: list[str], key: str, path: str) -> None:
+    if bad:
+        raise ModelFolderError(f"{key}: the model in '{path}' has non-finite (nan or inf) weights in {len(bad)} "
+                               f"tensor(s), e.g. {bad[:3]}; opd neither trains from nor scores with such weights")
+
+
 def load_tokenizer(path: str, *, key: str = "model", chat_template: str | None = None):
-    check_model_folder(path, key)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    """The folder's tokenizer; `chat_template` (Jinja text) replaces its template."""
+    folder = check_model_folder(path, key)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelFolderError(f"{key}: '{path}' has no tokenizer (none of {list(TOKENIZER_FILES)}); save the "
+                               "model's tokenizer into the folder (tokenizer.save_pretrained)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except _LOAD_ERRORS as error:
+        raise ModelFolderError(f"{key}: could not load the tokenizer in '{path}' ({type(error).__name__}: "
+                               f"{_first_line(error)})") from error
     if chat_template is not None:
-        template_path = Path(chat_template)
-        tokenizer.chat_template = template_path.read_text() if template_path.is_file() else chat_template
+        tokenizer.chat_template = chat_template
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{key}: tokenizer at '{path}' has neither a pad nor an end-of-sequence token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def read_chat_template(value: str, key: str) -> str:
+    """A chat template setting as Jinja text: the text itself, or the contents of the file it names.
+
+    A value without Jinja markup is a file name: one that does not exist is an error, never a template that
+    renders the path string itself.
+    """
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: no such file '{value}' (a value without '{{{{' or '{{%' is the path of a "
+                                "Jinja template file)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ModelFolderError(f"{key}: '{value}' is not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def render_prompt(tokenizer, prompt: str | Messages, prompt_format: str) -> list[int]:
