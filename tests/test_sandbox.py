@@ -4,6 +4,7 @@ on the real system, so each test fails if the protection it is about is taken aw
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -305,6 +306,27 @@ ADD_TESTS = "assert add(2, 3) == 5\nassert add(10, -4) == 6\nassert abs(add(0.5,
 
 # Programs that do not add, yet ended with exit status 0 (or made the checks agree) on the old sandbox.
 REWARD_HACKS = {
+    "token taken from the runner's frame": textwrap.dedent(r"""
+        import os, sys
+        def add(a, b):
+            frame = sys._getframe()
+            while frame is not None:
+                found = frame.f_locals
+                if "token" in found and "proof_fd" in found:
+                    os.write(found["proof_fd"], found["token"])
+                    os._exit(0)
+                frame = frame.f_back
+            return None
+    """),
+    "the tests' comparison helper replaced": textwrap.dedent(r"""
+        import sys
+        def add(a, b):
+            scope = sys._getframe(1).f_globals
+            for name in list(scope):
+                if name.startswith("__opd_"):
+                    scope[name] = lambda *args: True
+            return None
+    """),
     "sys.exit(0)": "import sys\ndef add(a, b):\n    return None\nsys.exit(0)\n",
     "os._exit(0) in the function": "import os\ndef add(a, b):\n    os._exit(0)\n",
     "atexit handler exits 0": "import atexit, os\natexit.register(os._exit, 0)\ndef add(a, b):\n    return None\n",
@@ -410,29 +432,60 @@ def test_reward_hacks_score_zero_with_the_code_grader(name):
     program_passes.cache_clear()
 
 
-def test_comparisons_in_the_tests_use_plain_values():
-    from opd.grading.sandbox_runner import _compare, _truth
+PLAIN_VALUE_CASES = {  # program -> tests; each must fail: the program's objects never answer for the tests
+    "__eq__ always True": ("class Anything:\n    __eq__ = lambda self, other: True\n"
+                           "def f():\n    return Anything()\n", "assert f() == 5\n"),
+    "__bool__ always True": ("class Anything:\n    __bool__ = lambda self: True\n"
+                             "def f():\n    return Anything()\n", "assert f()\n"),
+    "int subclass whose __eq__ lies": ("class Equal(int):\n    __eq__ = lambda self, other: True\n"
+                                      "def f():\n    return Equal(4)\n", "assert f() == 5\n"),
+    "ordering an object of its own": ("class Small:\n    __lt__ = lambda self, other: True\n"
+                                      "def f():\n    return Small()\n", "assert f() < 0\n"),
+}
+PLAIN_VALUE_PASSES = {  # what a legitimate program returns still compares by value
+    "int subclass by its value": ("class Equal(int):\n    __eq__ = lambda self, other: False\n"
+                                  "def f():\n    return Equal(5)\n", "assert f() == 5\n"),
+    "Counter, namedtuple, deque, set, bytes, complex, nan": (
+        "import collections\nPoint = collections.namedtuple('Point', 'x y')\n"
+        "def f():\n    return (collections.Counter('aab'), Point(1, 2), collections.deque([1]), {3}, b'x', 1j,"
+        " float('nan'), 10 ** 5000)\n",
+        "import math\nc, p, d, s, b, z, n, big = f()\nassert c == {'a': 2, 'b': 1} and p == (1, 2)\n"
+        "assert d == __import__('collections').deque([1]) and s == {3} and b == b'x' and z == 1j\n"
+        "assert math.isnan(n) and big == 10 ** 5000\n"),
+    "objects of its own, kept in the program": (
+        "class Node:\n    def __init__(self, value):\n        self.value, self.next = value, None\n"
+        "def length(node):\n    return 0 if node is None else 1 + length(node.next)\n"
+        "def count():\n    yield from range(3)\n",
+        "head = Node(1)\nhead.next = Node(2)\nassert length(head) == 2 and head.next.value == 2\n"
+        "assert head == head and head != Node(1) and list(count()) == [0, 1, 2]\n"),
+    "its exceptions keep their built-in type": (
+        "def f(x):\n    raise ValueError('no')\n",
+        "try:\n    f(1)\nexcept ValueError as error:\n    assert str(error) == 'no'\nelse:\n    assert False\n"),
+}
 
-    class Anything:
-        __eq__ = lambda self, other: True  # noqa: E731
-        __bool__ = lambda self: True  # noqa: E731
 
-    class Equal(int):
-        __eq__ = lambda self, other: True  # noqa: E731
+@pytest.mark.parametrize("name", sorted(PLAIN_VALUE_CASES))
+def test_the_programs_objects_never_answer_for_the_tests(name):
+    program, tests = PLAIN_VALUE_CASES[name]
+    result = check_program(program, tests, FAST)
+    assert not result.passed and not result.completed, (name, result)
 
-    assert not _compare(("==",), Anything(), 5) and _compare(("!=",), Anything(), 5)
-    assert not _compare(("==",), Equal(4), 5) and _compare(("==",), Equal(5), 5)  # compared by its int value
-    assert not _compare(("==",), [Equal(4)], [5]) and _compare(("==",), (1, 2.0), (1, 2))
-    import collections
 
-    assert _compare(("==",), collections.Counter("aab"), {"a": 2, "b": 1})  # a dict subclass: its items
-    assert _compare(("<", "<"), 1, 2, 3) and not _compare(("<", "<"), 1, 3, 2)
-    assert _compare(("in",), 2, [1, 2]) and _compare(("not in",), 3, [1, 2])
-    first, second = Anything(), Anything()
-    assert _compare(("==",), first, second)  # two objects of the program's own: their own __eq__
-    for bad in (lambda: _compare(("<",), Anything(), 1), lambda: _truth(Anything())):
-        with pytest.raises(TypeError, match="not plain data"):
-            bad()
+@pytest.mark.parametrize("name", sorted(PLAIN_VALUE_PASSES))
+def test_plain_values_and_the_programs_own_objects_still_work(name):
+    program, tests = PLAIN_VALUE_PASSES[name]
+    result = check_program(program, tests, FAST)
+    assert result.passed, (name, result)
+
+
+def test_a_module_the_program_patched_is_not_the_tests_module():
+    program = "import math\nmath.isclose = lambda *args, **kwargs: True\ndef add(a, b):\n    return a - b\n"
+    tests = "import math\nassert math.isclose(add(2, 3), 5)\n"
+    assert not check_program(program, tests, FAST).passed
+    # Tests that use the program's import (MBPP's often do) get a fresh copy of that module, not the patched one.
+    assert not check_program(program, "assert math.isclose(add(2, 3), 5)\n", FAST).passed
+    honest = "import math\ndef add(a, b):\n    return a + b\n"
+    assert check_program(honest, "assert math.isclose(add(2, 3), 5)\n", FAST).passed  # its imports are seen
 
 
 # ------------------------------------------------------------------- resources are capped per run
@@ -575,3 +628,25 @@ def test_memory_control_is_reported_and_the_rlimit_fallback_still_caps(monkeypat
     monkeypatch.setattr(sandbox, "_cgroup_bases", lambda: ("rlimit", {}))
     result = run_python("block = bytearray(4 * 1024 ** 3)\nprint('allocated')\n", FAST)
     assert not result.passed and result.reason == "exit code 1: MemoryError"
+
+
+def test_the_program_cannot_reach_into_the_test_process():
+    """ptrace, process_vm_readv and /proc/<pid>/mem or /fd of the test process (the program's parent) all fail."""
+    program = textwrap.dedent(r"""
+        import ctypes, json, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        tests = os.getppid()
+        outcome = {"ptrace": libc.syscall(101 if os.uname().machine == "x86_64" else 117, 16, tests, 0, 0)}
+        for name in ("mem", "fd/3", "environ"):
+            try:
+                with open(f"/proc/{tests}/{name}", "rb") as handle:
+                    outcome[name] = len(handle.read(1))
+            except OSError as error:
+                outcome[name] = error.errno
+        print(json.dumps(outcome))
+    """)
+    result = run_python(program, FAST)
+    assert result.passed, result
+    outcome = json.loads(result.stdout)
+    assert outcome["ptrace"] == -1, outcome  # PTRACE_ATTACH refused
+    assert all(outcome[name] in (errno.EACCES, errno.EPERM, errno.ENOENT) for name in ("mem", "fd/3", "environ")), outcome

@@ -241,7 +241,7 @@ def _start(program: str, tests: str, token: str, limits: SandboxLimits, cgroups:
                   "hide": hidden, "expose": _exposed_folders(python, hidden), "cgroups": cgroups,
                   "source_fd": source_fd, "status_fd": status_write, "proof_fd": proof_write,
                   "memory": None if cgroups else limits.memory_bytes, "runner": _runner_source(),
-                  "cpu": int(limits.timeout_seconds) + 1, "processes": limits.max_processes,
+                  "cpu": int(limits.timeout_seconds) + 1, "processes": limits.max_processes + 1,  # + the test process
                   "file": limits.max_file_bytes, "scratch": 4 * limits.max_file_bytes + len(data)}
         return subprocess.Popen([sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -323,10 +323,10 @@ def _make_cgroups(limits: SandboxLimits) -> list[str]:
     name = f"opd-sandbox-{os.getpid()}-{next(_cgroup_counter)}"
     # The launcher and the reaper are in the pids cgroup too: two more than the program's own.
     settings = {"cgroup v2": {"memory": [("memory.max", limits.memory_bytes), ("memory.swap.max", 0),
-                                         ("pids.max", limits.max_processes + 2)]},
+                                         ("pids.max", limits.max_processes + 3)]},
                 "cgroup v1": {"memory": [("memory.limit_in_bytes", limits.memory_bytes),
                                          ("memory.memsw.limit_in_bytes", limits.memory_bytes)],
-                              "pids": [("pids.max", limits.max_processes + 2)]}}.get(kind, {})
+                              "pids": [("pids.max", limits.max_processes + 3)]}}.get(kind, {})
     made = []
     try:
         for controller, base in bases.items():
@@ -588,7 +588,7 @@ def _exec_program(config: dict, libc) -> None:
             os.set_inheritable(fd, True)  # the runner's: it closes the first before the program runs
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": _WORK, "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
         os.execve(config["python"], [config["python"], "-I", "-S", "-B", "-c", config["runner"],
-                                     str(config["source_fd"]), str(config["proof_fd"])], env)
+                                     str(config["source_fd"]), str(config["proof_fd"]), f"{_WORK}/program.py"], env)
     except BaseException as error:
         _report(config["status_fd"], f"error: program start: {type(error).__name__}: {error}")
     os._exit(125)
@@ -598,10 +598,12 @@ def _exec_program(config: dict, libc) -> None:
 _SYSCALLS = {
     "x86_64": {"arch": 0xC000003E, "clone": 56, "unshare": 272, "setns": 308, "clone3": 435, "socket": 41,
                "add_key": 248, "request_key": 249, "keyctl": 250, "io_uring_setup": 425, "io_uring_enter": 426,
-               "io_uring_register": 427},
+               "io_uring_register": 427, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
+               "pidfd_getfd": 438},
     "aarch64": {"arch": 0xC00000B7, "clone": 220, "unshare": 97, "setns": 268, "clone3": 435, "socket": 198,
                 "add_key": 217, "request_key": 218, "keyctl": 219, "io_uring_setup": 425, "io_uring_enter": 426,
-                "io_uring_register": 427},
+                "io_uring_register": 427, "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
+                "pidfd_getfd": 438},
 }
 _KEYCTL_JOIN_SESSION_KEYRING, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, _AF_UNIX = 1, 22, 2, 1
 _SECCOMP_RET_KILL_PROCESS, _SECCOMP_RET_ERRNO, _SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
@@ -643,7 +645,7 @@ def _seccomp_program() -> list[tuple[int, int, int, int]]:
     code += [("jump", jeq, numbers["socket"], "domain", None), ("jump", jeq, numbers["clone3"], "enosys", None)]
     code += [("jump", jeq, numbers[name], "eperm", None)
              for name in ("setns", "add_key", "request_key", "keyctl", "io_uring_setup", "io_uring_enter",
-                          "io_uring_register")]
+                          "io_uring_register", "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd")]
     code += [("ret", _SECCOMP_RET_ALLOW),
              ("label", "flags"), ("ld", 16), ("jump", jset, _CLONE_NEWUSER, "eperm", None), ("ret", _SECCOMP_RET_ALLOW),
              ("label", "domain"), ("ld", 16), ("jump", jeq, _AF_UNIX, "eperm", None), ("ret", _SECCOMP_RET_ALLOW),
