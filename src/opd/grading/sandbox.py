@@ -11,8 +11,10 @@ Three processes, the first started by `run_python` with `start_new_session=True`
 2. the *reaper*, PID 1 of the new PID namespace, which builds the file system view, forks the program and
    reaps orphans. When it exits the kernel kills everything left in the namespace, so background children,
    even ones that called setsid() to leave the process group, never outlive a run.
-3. the *program*: resource limits, then (as root) a fresh uid, a fresh keyring and a seccomp filter, then
-   `python -I -S -B -c <sandbox_runner.py>`, the runner, which runs the program and then its tests.
+3. the *runner*: resource limits, then (as root) a fresh uid, a fresh keyring and a seccomp filter, then
+   `python -I -S -B -c <sandbox_runner.py>`, which splits into the *test process* (it alone reads the tests
+   and the token) and the *program process* (it runs the program and answers the tests' calls with plain
+   data); see sandbox_runner.py.
 At the timeout (or an output flood) `run_python` sends SIGTERM to the launcher, which SIGKILLs the reaper
 and reaps it: killing the group directly would orphan the reaper, and in a container whose PID 1 is the
 trainer itself nobody would ever reap it. `os.killpg` on the group is the fallback if the launcher hangs.
@@ -21,10 +23,9 @@ A separate launcher process (not `preexec_fn`) keeps `run_python` safe to call f
 A pass means the tests ran to their end: the runner writes a per-run token (made by `run_python`, known to
 no file) to a proof pipe only after the tests returned, and then exits at once. An exit of any status
 before that (sys.exit, os._exit, atexit, excepthook or signal handlers) is a failure, the tests are never in
-the program's file (program.py holds the program alone), and the tests' comparisons run on plain builtin
-data, so a returned object's `__eq__` cannot answer for them (sandbox_runner.py, with what it leaves open:
-the program shares the runner's process, so code written against the runner's internals can still reach
-the token).
+the program's file (program.py holds the program alone), and the tests run in a separate, non-dumpable
+process that receives only plain data from the program, so neither a returned object's `__eq__` nor code
+that walks the tests' frames can answer for them (sandbox_runner.py).
 
 What the program gets:
 - no network: the new network namespace has only a loopback interface, and it is down.
@@ -47,7 +48,8 @@ What the program gets:
   (`max_processes`), no core dumps; stdout + stderr are read through pipes and the run is stopped once
   they exceed `max_output_bytes`, so our memory never grows with them.
 - a seccomp filter (`_seccomp_program`): no new user namespace (unshare/clone with CLONE_NEWUSER, setns,
-  clone3), no kernel keyring calls, no socket(AF_UNIX) (so no connect() to a host's pathname socket in a
+  clone3), no kernel keyring calls, no ptrace / process_vm_readv / process_vm_writev / pidfd_getfd (the
+  test process is out of the program's reach), no socket(AF_UNIX) (so no connect() to a host's pathname socket in a
   folder it can see), no io_uring; and a fresh, empty session keyring.
 
 Root versus ordinary user, as `isolation_level()` reports:
@@ -631,7 +633,8 @@ def _seccomp_program() -> list[tuple[int, int, int, int]]:
     """The classic BPF filter the program runs under, as (code, jt, jf, k) instructions. It refuses
     (EPERM): a new user namespace (unshare or clone with CLONE_NEWUSER, and setns; inside one a program
     would be root again, free to mount a tmpfs past its caps), the kernel keyring (add_key, request_key,
-    keyctl), socket(AF_UNIX) (connect() to a host's pathname socket is the one way out that the network
+    keyctl), ptrace, process_vm_readv/writev and pidfd_getfd (the test process beside the program must stay
+    out of its reach), socket(AF_UNIX) (connect() to a host's pathname socket is the one way out that the network
     namespace leaves; socketpair() still works) and io_uring (its operations bypass this filter). clone3
     says ENOSYS, since its flags sit in memory a filter cannot read; glibc then falls back to clone. A
     system call of another ABI (x32, 32-bit) kills the process."""
