@@ -258,10 +258,35 @@ def test_non_finite_weights_are_refused_at_load_naming_the_model(model_dir, prom
                r"tensor\(s\), e.g. \['model.norm.weight'\]")
     with pytest.raises(ValueError, match=message):
         assemble(config)
-    from opd.runtime.models import check_finite_safetensors  # what a vLLM teacher's folder is checked by
+    from opd.runtime.models import check_finite_weight_files  # what a vLLM teacher's folder is checked by
 
     with pytest.raises(ValueError, match=message):
-        check_finite_safetensors(str(folder), key)
+        check_finite_weight_files(str(folder), key)
+
+
+def test_a_vllm_folder_with_only_bin_weights_is_checked_for_non_finite_values_too(model_dir, tmp_path):
+    """Earlier only *.safetensors were read: a .bin-only checkpoint with a nan reached vLLM unchecked."""
+    from transformers import AutoModelForCausalLM
+
+    from opd.runtime.models import check_finite_weight_files
+
+    folder = _copy_model(model_dir, tmp_path, "teacher_b")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    for file in folder.glob("*.safetensors"):
+        file.unlink()
+    weights = folder / "pytorch_model.bin"  # the pre-safetensors format, as older checkpoints ship it
+    torch.save(model.state_dict(), weights)
+    check_finite_weight_files(str(folder), "teachers.0.path")  # finite: accepted
+    with torch.no_grad():
+        model.get_parameter("model.norm.weight")[0] = float("inf")
+    torch.save(model.state_dict(), weights)
+    message = (rf"teachers.0.path: the model in '{re.escape(str(folder))}' has non-finite \(nan or inf\) weights "
+               r"in 1 tensor\(s\), e.g. \['model.norm.weight'\]")
+    with pytest.raises(ValueError, match=message):
+        check_finite_weight_files(str(folder), "teachers.0.path")
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"teachers.0.path: '.*pytorch_model.*\.bin' is not a readable PyTorch"):
+        check_finite_weight_files(str(folder), "teachers.0.path")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])

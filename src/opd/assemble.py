@@ -42,7 +42,7 @@ from opd.rollout.vllm import EngineSettings, VllmEngine
 from opd.runtime import distributed
 from opd.runtime.lora import AdaptersDisabled, attach_adapters, causal_lm, is_adapted
 from opd.runtime.models import (
-    check_finite_safetensors,
+    check_finite_weight_files,
     check_finite_weights,
     end_of_sequence_ids,
     load_model,
@@ -288,7 +288,7 @@ class _FrozenModels:
         return HfScorer(model, temperature=self._temperature, chunk_size=self._chunk_size), HfSampler(model)
 
     def load_vllm(self, path: str, dtype: str, key: str, shard: bool) -> tuple[Scorer, Sampler]:
-        check_finite_safetensors(path, key)  # the engine loads the weights itself
+        check_finite_weight_files(path, key)  # the engine loads the weights itself
         check_output_width(self._student_width, _configured_width(path), self._vocabulary_size, key, self._needs_topk)
         engine = VllmEngine(self._engine_settings(path, dtype))
         return engine, engine

@@ -91,15 +91,37 @@ def check_finite_weights(model: nn.Module, key: str, path: str) -> None:
     _refuse_nonfinite(bad, key, path)
 
 
-def check_finite_safetensors(path: str, key: str) -> None:
-    """`check_finite_weights` for a folder another engine loads (vLLM): one tensor at a time from the files."""
+def check_finite_weight_files(path: str, key: str) -> None:
+    """`check_finite_weights` for a folder another engine loads (vLLM), one tensor at a time from its files:
+    the .safetensors files, or, in a folder without any, the `pytorch_model*.bin` files (which vLLM then
+    loads instead, so a nan in a .bin-only checkpoint is refused too)."""
     folder = check_model_folder(path, key)
     check_safetensors_files(folder, key)
     bad = []
-    for file in sorted(folder.glob("*.safetensors")):
+    safetensors = sorted(folder.glob("*.safetensors"))
+    for file in safetensors:
         with safe_open(str(file), framework="pt") as weights:
             bad += [name for name in weights.keys() if not bool(torch.isfinite(weights.get_tensor(name)).all())]
+    for file in [] if safetensors else sorted(folder.glob("pytorch_model*.bin")):
+        bad += [name for name, tensor in _bin_state_dict(file, key).items() if not _finite(tensor)]
     _refuse_nonfinite(bad, key, path)
+
+
+def _bin_state_dict(file: Path, key: str) -> dict:
+    """A .bin checkpoint's tensors, memory-mapped; weights_only, so loading runs no pickled code."""
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except _LOAD_ERRORS as error:
+        raise ModelFolderError(f"{key}: '{file}' is not a readable PyTorch weights file ({_first_line(error)}); "
+                               "is it truncated or corrupt?") from None
+    if not isinstance(state, dict):
+        raise ModelFolderError(f"{key}: '{file}' holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
+def _finite(tensor) -> bool:
+    # Integer buffers cannot hold nan; a non-tensor entry (none in a save_pretrained file) is not a weight.
+    return not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
 
 
 def _refuse_nonfinite(bad: list[str], key: str, path: str) -> None:
