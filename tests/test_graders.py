@@ -246,3 +246,36 @@ def test_linear_extraction_agrees_with_the_old_patterns_on_short_text():
         text = "".join(generator.choice(pieces) for _ in range(generator.randint(0, 12)))
         assert final_answer(text) == _old_final_answer(text), repr(text)
         assert mc_letter(text) == _old_mc_letter(text), repr(text)
+
+
+def test_grades_that_could_not_be_computed_are_a_metric_of_the_step():
+    """A grader failure (timeout, dead worker) counts as reward 0 and shows in reward/grading_failures."""
+    import torch
+
+    from opd.collect import grade as grade_batch
+    from opd.grading import graders
+    from opd.metrics import accuracy_metrics
+    from opd.types import RolloutBatch
+
+    class Tokenizer:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(str(int(i)) for i in ids)
+
+    def flaky(row, completion):  # fails on every response that starts with token 7
+        if completion.startswith("7"):
+            graders._record_failure("timeout", "a stuck grade in the test")
+            return 0.0
+        return 1.0
+
+    n, width = 4, 3
+    batch = RolloutBatch(
+        prompt_ids=torch.zeros(n, 2, dtype=torch.long), prompt_mask=torch.ones(n, 2, dtype=torch.bool),
+        response_ids=torch.tensor([[7, 1, 1], [2, 1, 1], [7, 3, 1], [4, 1, 1]]),
+        response_mask=torch.ones(n, width, dtype=torch.bool), from_teacher=torch.zeros(n, width, dtype=torch.bool),
+        sampler_logprobs=torch.zeros(n, width), truncated=torch.zeros(n, dtype=torch.bool),
+        domain=("math", "math", "code", "code"), prompt_index=(0, 0, 1, 1))
+    graded = grade_batch(batch, {"math": flaky, "code": flaky}, [row("1"), row("1")], Tokenizer(), group_size=2)
+    assert graded.rewards.tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert graded.grading_failed.tolist() == [True, False, True, False]
+    metrics = accuracy_metrics(graded)
+    assert metrics["reward/grading_failures"].value == 2.0

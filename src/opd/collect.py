@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from opd.functional import grpo_advantages
-from opd.grading.graders import Grader
+from opd.grading.graders import Grader, grader_failures
 from opd.rollout.batch import Responses, build_batch, concatenate, fixed_responses, sample_batch
 from opd.types import RolloutBatch
 
@@ -137,15 +137,22 @@ def grade(batch: RolloutBatch, graders: dict[str, Grader], rows, tokenizer, grou
     advantages of those rewards (groups: a prompt's consecutive samples). A domain without a grader is an
     error when others have one: grpo needs all."""
     rewards = torch.zeros(batch.num_rows)
+    failed = torch.zeros(batch.num_rows, dtype=torch.bool)
     for row in range(batch.num_rows):
         domain = batch.domain[row]
         if domain not in graders:
             raise ValueError(f"domain '{domain}' has no grader (teachers.*.grader), but others do: grade all or none")
         completion = tokenizer.decode(batch.response_ids[row][batch.response_mask[row]], skip_special_tokens=True)
+        # A grade that could not be computed (a timeout, a dead worker) is a 0 and a warning; counting them
+        # per row makes them a metric of the step (grading runs in this thread, one row at a time).
+        before = sum(grader_failures().values())
         rewards[row] = graders[domain](rows[batch.prompt_index[row]], completion)
-    return attach_rewards(batch, rewards, group_size)
+        failed[row] = sum(grader_failures().values()) > before
+    return attach_rewards(batch, rewards, group_size, failed)
 
 
-def attach_rewards(batch: RolloutBatch, rewards: torch.Tensor, group_size: int) -> RolloutBatch:
+def attach_rewards(batch: RolloutBatch, rewards: torch.Tensor, group_size: int,
+                   failed: torch.Tensor | None = None) -> RolloutBatch:
     """The batch with graded rewards and their GRPO advantages (groups: a prompt's consecutive samples)."""
-    return dataclasses.replace(batch, rewards=rewards, group_advantages=grpo_advantages(rewards, group_size))
+    return dataclasses.replace(batch, rewards=rewards, group_advantages=grpo_advantages(rewards, group_size),
+                               grading_failed=failed)

@@ -79,6 +79,7 @@ class RolloutBatch:
     from_dataset: Tensor | None = None  # [N] bool, the response is the dataset's (GKD's off-policy mix)
     rewards: Tensor | None = None  # [N] float32, grader outcome rewards
     group_advantages: Tensor | None = None  # [N] float32, rewards normalised within each prompt's group (GRPO)
+    grading_failed: Tensor | None = None  # [N] bool, the grade could not be computed (counted as reward 0)
 
     @property
     def sampled_by_student(self) -> Tensor:  # [N, T] bool
