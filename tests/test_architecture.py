@@ -7,6 +7,7 @@ import is still a dependency a reader has to follow).
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 import opd
@@ -83,3 +84,21 @@ def test_the_checks_can_fail():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert "opd.rollout.hf".startswith(LOWER) and "opd.train".startswith(SPINE)
+
+
+def test_nothing_in_the_repository_points_outside_the_clone():
+    """The docs and comments cite docs/algorithms.md, never the development folder beside the clone, which
+    a user's clone does not have."""
+    forbidden = ("../" + "shared", "ALGORITHMS" + ".md")  # spelled apart so that this file does not match
+    root = Path(__file__).resolve().parent.parent
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout
+    offenders = []
+    for name in tracked.split():
+        path = root / name
+        if path.suffix not in {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".txt", ".cfg"} and path.name != "Makefile":
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if any(text in line for text in forbidden):
+                offenders.append(f"{name}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+    assert (root / "docs" / "algorithms.md").is_file()

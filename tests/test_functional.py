@@ -1,4 +1,4 @@
-"""opd.functional against independent float64 references written from ALGORITHMS.md, values and gradients."""
+"""opd.functional against independent float64 references written from docs/algorithms.md, values and gradients."""
 
 from __future__ import annotations
 

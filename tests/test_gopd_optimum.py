@@ -1,4 +1,4 @@
-"""The G-OPD optimum (ALGORITHMS §1): on a one-step policy over a few tokens (a bandit), training with the
+"""The G-OPD optimum (algorithms §1): on a one-step policy over a few tokens (a bandit), training with the
 `gopd` objective converges to softmax(lam*log pi_T + (1-lam)*log pi_R)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Every logged training metric against a float64 reference, on a hand-made batch.
 
-The references are plain Python loops written from the definitions (ALGORITHMS.md, functional.py's
+The references are plain Python loops written from the definitions (docs/algorithms.md, functional.py's
 docstrings); none calls the code under test. The batch has rows of different lengths, three domains (one
 without a teacher), a truncated row, teacher-prefix tokens, rows without a reference, floored teacher
 log-probs and (for the rollout metrics) a dataset-answer row. Padding positions hold finite garbage, so a

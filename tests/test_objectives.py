@@ -1,4 +1,4 @@
-"""Every objective against an independent float64 reference written from ALGORITHMS.md §1-4, computed from
+"""Every objective against an independent float64 reference written from algorithms §1-4, computed from
 full-vocabulary distributions on random tensors with masks (values and gradients), plus pinned values."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The chunked scorer against an unchunked float64 reference, and its memory bound (ALGORITHMS §6)."""
+"""The chunked scorer against an unchunked float64 reference, and its memory bound (algorithms §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The one place where per-token losses become a scalar (ALGORITHMS.md §5).
+"""The one place where per-token losses become a scalar (algorithms §5).
 
 The denominator is counted once for the whole optimizer batch (all micro-batches, all ranks) before the
 micro-batch loop, and every micro-batch divides by that same number. Summing the micro-batch losses then

@@ -1,5 +1,5 @@
 """Which responses a step trains on: student samples, continuations of teacher prefixes (TrOPD guidance,
-ALGORITHMS §3), whole teacher responses (`sft`, generated once per prompt and cached), or dataset
+algorithms §3), whole teacher responses (`sft`, generated once per prompt and cached), or dataset
 responses (GKD's off-policy share). Grading, and the GRPO advantages of its rewards, happen here too (`grade`),
 once per batch.
 """

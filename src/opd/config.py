@@ -125,7 +125,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GuidanceConfig:
-    """Teacher-prefix guidance (ALGORITHMS §3): some rollouts continue a teacher-written prefix."""
+    """Teacher-prefix guidance (algorithms §3): some rollouts continue a teacher-written prefix."""
 
     enabled: bool = False
     fraction: float = 0.5  # of each prompt's rollouts that get a prefix (the paper does not report it)
@@ -142,12 +142,12 @@ class TermConfig:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ObjectiveConfig:
     name: str = DEFAULT_OBJECTIVE  # a registered objective (checked by validate)
-    lam: float = 1.0  # global reward scale (ALGORITHMS §1); ExOPD: 1.25
+    lam: float = 1.0  # global reward scale (algorithms §1); ExOPD: 1.25
     # Truncated importance sampling against the sampler: weight min(pi_S / pi_sampler, is_cap), detached.
     is_cap: float = 5.0
     clip_eps: float | None = None  # PPO clip of the ratio; None = off (one update per batch)
     aggregation: Aggregation = "token-mean"
-    score_temperature: float | None = None  # None = the rollout temperature (ALGORITHMS §5)
+    score_temperature: float | None = None  # None = the rollout temperature (algorithms §5)
     logprob_floor: float = -30.0  # teacher / reference log-probs below this are clamped and counted
     topk: int = 64  # teacher top-k, scored only for objectives that need it (eopd's sources use 16)
     renormalize: bool = False  # renormalise the teacher's top-k probabilities in top-k forward KL
@@ -209,7 +209,7 @@ class TrainConfig:
     output_dir: str = "runs/opd"
     save_every: int = 50  # checkpoint every N steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 2
-    logit_chunk: int = 512  # tokens per output-head chunk (ALGORITHMS §6)
+    logit_chunk: int = 512  # tokens per output-head chunk (algorithms §6)
     # bf16 autocast of the forward passes on a GPU; on the CPU training stays float32 (an error otherwise).
     mixed_precision: Literal["none", "bf16"] = "none"
     tensorboard: bool = True

@@ -1,7 +1,7 @@
 """Pure per-token tensor functions: opd's math for use inside any other framework.
 
 Nothing here reduces over tokens unless its name says so (`aggregate`). Log-prob names map to
-ALGORITHMS.md: student_logprobs = lS, teacher_logprobs = lT, ref_logprobs = lR, sampler_logprobs = lOld.
+docs/algorithms.md: student_logprobs = lS, teacher_logprobs = lT, ref_logprobs = lR, sampler_logprobs = lOld.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def policy_gradient_loss(
 
     Default (truncated IS): loss = -sg(min(r, is_cap)) * exp(lS - sg(lS)) * sg(A), r = exp(lS - lOld).
     Its value is -min(r, is_cap)*A and its gradient -min(r, is_cap)*A*grad(lS): a truncated weight keeps
-    the gradient of a token whose ratio exceeds the cap (ours; ALGORITHMS §1 leaves the gradient of the
+    the gradient of a token whose ratio exceeds the cap (ours; algorithms §1 leaves the gradient of the
     truncated ratio open). With clip_eps (PPO): loss = -min(r*A, clip(r, 1-eps, 1+eps)*A), r with gradient.
     The returned IS weight is detached.
     """
@@ -120,7 +120,7 @@ def trust_region_mask(
 def topk_forward_kl(student_topk_logprobs: Tensor, teacher_topk_logprobs: Tensor, renormalize: bool = False) -> Tensor:
     """Forward KL toward the teacher over its top-k tokens, per position: sum_v p_T(v) (lT_v - lS_v).
 
-    By default the teacher's probabilities are not renormalised over the top-k (ALGORITHMS §2): the term is
+    By default the teacher's probabilities are not renormalised over the top-k (algorithms §2): the term is
     the top-k part of the full forward KL. renormalize=True uses q = softmax(lT_topk) and sum_v q(v)(log q(v) - lS_v).
     The last dimension is K. Gradients flow into student_topk_logprobs only.
     """

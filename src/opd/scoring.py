@@ -1,6 +1,6 @@
 """Log-probs, top-k and entropy of sampled tokens, computed from hidden states in token chunks.
 
-This module owns ALGORITHMS.md §6: the `[tokens, vocab]` logits of a batch are never materialised.
+This module owns algorithms §6: the `[tokens, vocab]` logits of a batch are never materialised.
 Hidden states are taken at response positions only, flattened to `[M, H]` (M = response tokens in the
 batch), and the output head is applied `chunk_size` tokens at a time. For the student, a custom autograd
 function saves only the hidden states and recomputes each chunk's logits in the backward pass, so the

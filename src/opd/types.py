@@ -9,7 +9,7 @@ Shape vocabulary, used in every shape comment of the package:
     V  vocabulary size
     H  hidden size
 
-Log-prob names follow ALGORITHMS.md: lS student, lOld sampler, lT teacher, lR reference.
+Log-prob names follow docs/algorithms.md: lS student, lOld sampler, lT teacher, lR reference.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class RolloutBatch:
     prompt_mask: Tensor  # [N, P] bool, True on real prompt tokens
     response_ids: Tensor  # [N, T] long, right-padded with the pad id
     response_mask: Tensor  # [N, T] bool, True where a loss may apply (response tokens up to and incl. EOS)
-    from_teacher: Tensor  # [N, T] bool, tokens copied from a teacher prefix (ALGORITHMS §3)
+    from_teacher: Tensor  # [N, T] bool, tokens copied from a teacher prefix (algorithms §3)
     sampler_logprobs: Tensor  # [N, T] float32, lOld: log-prob under the distribution the token was drawn from
     truncated: Tensor  # [N] bool, the response hit max_new_tokens without an end-of-sequence token
     domain: tuple[str, ...]  # [N] selects teacher, lam and reference

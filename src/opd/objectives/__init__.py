@@ -49,7 +49,7 @@ _REGISTRY: dict[str, Builder] = {}
 
 
 def register_builder(name: str, builder: Builder) -> None:
-    """Make an objective constructible by its ALGORITHMS.md name."""
+    """Make an objective constructible by its docs/algorithms.md name."""
     if name in _REGISTRY:
         raise ValueError(f"objective {name!r} is registered twice")
     _REGISTRY[name] = builder

@@ -40,7 +40,7 @@ class Weighted:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PrefixImitation:
-    """Teacher-prefix tokens (ALGORITHMS §3): beta * (lT - lS) on the teacher-sampled token.
+    """Teacher-prefix tokens (algorithms §3): beta * (lT - lS) on the teacher-sampled token.
 
     The gradient is a beta-weighted NLL on the prefix: TrOPD's K1 estimate of beta * KL(pi_T || pi_S).
     """

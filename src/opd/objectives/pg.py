@@ -1,9 +1,9 @@
-"""The policy-gradient family (ALGORITHMS.md §1): one objective, `PolicyGradient`, parameterised by its
+"""The policy-gradient family (algorithms §1): one objective, `PolicyGradient`, parameterised by its
 advantage, serves `opd` (A = lT - lS), `gopd` (ExOPD, reward correction) and `grpo`.
 
 Every student-sampled token gets the dense advantage A_t (discount 0) and the loss -w_t * ratio_t * sg(A_t)
 of `functional.policy_gradient_loss`. Tokens copied from a teacher prefix never get a policy-gradient term
-(ALGORITHMS §3): `student_sampled` leaves them out. The helpers here are shared by every objective that
+(algorithms §3): `student_sampled` leaves them out. The helpers here are shared by every objective that
 has a policy-gradient part (tropd, reopold, entropy_opd, aopd, eopd, jsd_topk).
 
 GRPO (Shao et al. 2024) trains the domain teachers (G-OPD §4) and is addable to any objective with a weight.

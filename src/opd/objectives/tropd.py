@@ -1,4 +1,4 @@
-"""TrOPD: trust-region on-policy distillation (Xing et al. 2026; ALGORITHMS.md §2).
+"""TrOPD: trust-region on-policy distillation (Xing et al. 2026; algorithms §2).
 
 Each student-sampled token is trusted with probability p_trust = min(pi_T / pi_S, 1) (speculative
 decoding's acceptance test, detached), M ~ Bernoulli(p_trust) from noise fixed at rollout time. Trusted
