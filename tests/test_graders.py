@@ -279,3 +279,4 @@ def test_grades_that_could_not_be_computed_are_a_metric_of_the_step():
     assert graded.grading_failed.tolist() == [True, False, True, False]
     metrics = accuracy_metrics(graded)
     assert metrics["reward/grading_failures"].value == 2.0
+    assert metrics["reward/math/grading_failures"].value == metrics["reward/code/grading_failures"].value == 1.0

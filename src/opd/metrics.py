@@ -137,6 +137,9 @@ def accuracy_metrics(batch: RolloutBatch) -> dict[str, Metric]:
         rows = torch.tensor([d == domain for d in batch.domain])
         metrics[f"reward/{domain}/accuracy"] = Metric(value=float(batch.rewards[rows].mean()),
                                                       weight=float(rows.sum()))
+        if batch.grading_failed is not None:
+            metrics[f"reward/{domain}/grading_failures"] = Metric(value=float(batch.grading_failed[rows].sum()),
+                                                                  reduce=Reduce.SUM)
     if batch.grading_failed is not None:  # grades that could not be computed and count as 0: never silent
         metrics["reward/grading_failures"] = Metric(value=float(batch.grading_failed.sum()), reduce=Reduce.SUM)
     return metrics
