@@ -33,15 +33,21 @@ def check_launch(config: Config, *, world_size: int, cuda: bool, resume: bool, c
             f"train.output_dir: '{config.train.output_dir}' already holds checkpoints; pass --resume to continue "
             "that run, or choose another output_dir (nothing was overwritten)"
         )
+    check_process_count(config, world_size)
+    if config.train.mixed_precision == "bf16" and not cuda:
+        raise StartupError("train.mixed_precision=bf16 autocasts on a GPU; on the CPU training stays float32 "
+                           "(set train.mixed_precision=none)")
+
+
+def check_process_count(config: Config, world_size: int) -> None:
+    """What the config cannot do on `world_size` processes; needs nothing but the config, so `opd train
+    --nproc N` asks it before launching torchrun (one `opd:` line, not a traceback per process)."""
     if config.rollout.prompts_per_step % world_size:
         raise StartupError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must divide evenly over "
                            f"{world_size} processes")
     if config.train.seed + world_size > SEED_LIMIT:
         raise StartupError(f"train.seed={config.train.seed}: process r seeds with train.seed + r, and "
                            f"{config.train.seed + world_size - 1} is past numpy's largest seed 2**32 - 1")
-    if config.train.mixed_precision == "bf16" and not cuda:
-        raise StartupError("train.mixed_precision=bf16 autocasts on a GPU; on the CPU training stays float32 "
-                           "(set train.mixed_precision=none)")
     if config.student.lora is not None and world_size > 1:
         raise StartupError("student.lora with more than one process is not supported yet (FSDP2 over peft "
                            "adapters is untested); run LoRA on one process")
