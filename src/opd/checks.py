@@ -11,11 +11,20 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from opd.config import SEED_LIMIT, Config
+from opd.config import SEED_LIMIT, Config, load_config, to_dict
 from opd.data import DataError, PromptRow
+from opd.runtime.checkpoint import checkpoint_step
 from opd.runtime.models import render_prompt
-from opd.runtime.run_folder import check_output_folder
+from opd.runtime.run_folder import check_output_folder, segment_configs
 from opd.types import Signal
+
+# Config keys (and key prefixes, ending in '.') that change how a run is carried out but not what it trains:
+# a resume may change them without --allow-config-change. Everything else (objective, lam, lr, data,
+# models, seeds, sampling...) shaped the steps already taken.
+RESUMABLE_KEYS = (
+    "train.steps", "train.output_dir", "train.save_every", "train.keep_checkpoints", "train.tensorboard", "train.progress",
+    "train.log_every", "train.logit_chunk", "optim.micro_batch_size", "rollout.batch_size", "rollout.vllm.", "eval.",
+)
 
 # How many dataset prompts are rendered by both tokenizers to compare chat templates.
 TEMPLATE_PROBE_ROWS = 32
@@ -25,18 +34,54 @@ class StartupError(ValueError):
     pass
 
 
-def check_launch(config: Config, *, world_size: int, cuda: bool, resume: bool, checkpoint: Path | None) -> None:
-    """What the config cannot do where it is started: the process count, the device, the run folder."""
+def check_launch(config: Config, *, world_size: int, cuda: bool, resume: bool, checkpoint: Path | None,
+                 allow_config_change: bool = False) -> list[str]:
+    """What the config cannot do where it is started: the process count, the device, the run folder.
+    Returns the keys a resume changes that alter what is trained (allowed by `allow_config_change`)."""
     check_output_folder(Path(config.train.output_dir))  # files opd did not write are never written over
     if checkpoint is not None and not resume:
         raise FileExistsError(
             f"train.output_dir: '{config.train.output_dir}' already holds checkpoints; pass --resume to continue "
             "that run, or choose another output_dir (nothing was overwritten)"
         )
+    changed = check_resume(config, checkpoint, allow_config_change) if checkpoint is not None else []
     check_process_count(config, world_size)
     if config.train.mixed_precision == "bf16" and not cuda:
         raise StartupError("train.mixed_precision=bf16 autocasts on a GPU; on the CPU training stays float32 "
                            "(set train.mixed_precision=none)")
+    return changed
+
+
+def check_resume(config: Config, checkpoint: Path, allow_config_change: bool) -> list[str]:
+    """A resume continues the recorded run: no fewer steps than the checkpoint holds, and the same config
+    except for RESUMABLE_KEYS, unless `allow_config_change` (the changed keys are returned, to be recorded)."""
+    done = checkpoint_step(checkpoint)
+    if config.train.steps < done:
+        raise StartupError(f"train.steps={config.train.steps} is below the {done} steps the checkpoint "
+                           f"{checkpoint} already holds; resume with train.steps >= {done}")
+    recorded = segment_configs(Path(config.train.output_dir))
+    if not recorded:
+        return []
+    changed = [key for key in _differing_keys(to_dict(load_config(recorded[-1])), to_dict(config))
+               if not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
+                          for allowed in RESUMABLE_KEYS)]
+    if changed and not allow_config_change:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise StartupError(
+            f"--resume: {shown} differ from {recorded[-1]}, which the steps so far ran with; resume with that "
+            "config, or pass --allow-config-change to continue with the new values (recorded in the run folder "
+            "as this segment's config)")
+    return changed
+
+
+def _differing_keys(before, after, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two to_dict trees (list items by index)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = list(before) + [k for k in after if k not in before]
+        return [d for k in keys for d in _differing_keys(before.get(k), after.get(k), f"{prefix}{k}.")]
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [d for i, (b, a) in enumerate(zip(before, after)) for d in _differing_keys(b, a, f"{prefix}{i}.")]
+    return [] if before == after else [prefix.rstrip(".")]
 
 
 def check_process_count(config: Config, world_size: int) -> None:

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("config", help="YAML config file (see configs/)")
     train_parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.lam=1.25")
     train_parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train_parser.add_argument("--allow-config-change", action="store_true",
+                              help="with --resume: accept keys that alter what is trained (objective, lam, lr, data, "
+                                   "models, seeds...) differing from the run's recorded config; the new config is "
+                                   "recorded as config.resume-<step>.yaml")
     train_parser.add_argument("--nproc", type=int, default=1,
                               help="processes on this machine (re-launches under torchrun; FSDP2 data parallel)")
 
@@ -117,7 +121,7 @@ def run_command(args) -> None:
         distributed.init_from_environment()
         main_process, succeeded = distributed.is_main(), False
         try:
-            final = train(config, resume=args.resume)
+            final = train(config, resume=args.resume, allow_config_change=args.allow_config_change)
             succeeded = True
         finally:
             distributed.finish(succeeded)
@@ -192,7 +196,8 @@ def launch_torchrun(args) -> None:
     launcher prints the lowest rank's message once, instead of every rank's traceback and torchrun's."""
     from opd.runtime.distributed import LaunchFailed, launch_local
 
-    module_args = ["opd", "train", args.config, *args.overrides] + (["--resume"] if args.resume else [])
+    module_args = (["opd", "train", args.config, *args.overrides] + (["--resume"] if args.resume else [])
+                   + (["--allow-config-change"] if args.allow_config_change else []))
     with tempfile.TemporaryDirectory(prefix="opd-errors-") as folder:
         os.environ[ERROR_DIR_VARIABLE] = folder  # the workers inherit the launcher's environment
         try:
