@@ -302,3 +302,21 @@ def test_a_data_line_that_is_not_utf8_names_the_file_and_line(tmp_path):
         load_prompts(str(path))
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "a byte-order mark is fine"}\n')
     assert load_prompts(str(path))[0].prompt == "a byte-order mark is fine"
+
+
+def test_a_teacher_whose_end_of_sequence_ids_differ_is_refused_before_any_model_loads(model_dir, prompts_file,
+                                                                                     tmp_path, monkeypatch):
+    import shutil
+
+    import opd.assemble as assemble_module
+
+    other = tmp_path / "teacher_eos"
+    shutil.copytree(model_dir / "teacher", other)
+    (other / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5], "pad_token_id": 0}))
+    monkeypatch.setattr(assemble_module, "load_student", lambda *a: pytest.fail("a model was loaded"))
+    config = make_config(model_dir, prompts_file, tmp_path / "run",
+                         teachers=[{"domain": "math", "path": str(other)},
+                                   {"domain": "code", "path": str(model_dir / "teacher")}])
+    with pytest.raises(StartupError, match=r"teachers.0: its end-of-sequence ids \[1, 5\] .* differ from the "
+                                           r"student's \[1\]"):
+        train(config)

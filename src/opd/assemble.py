@@ -26,6 +26,7 @@ from opd.checks import (
     check_grader_fields,
     check_output_width,
     check_prompt_lengths,
+    check_same_end_of_sequence,
     check_same_prompt_rendering,
     check_same_vocabulary,
     check_topk,
@@ -45,6 +46,7 @@ from opd.runtime.models import (
     check_finite_safetensors,
     check_finite_weights,
     end_of_sequence_ids,
+    folder_end_of_sequence_ids,
     load_model,
     load_tokenizer,
     output_width,
@@ -237,6 +239,8 @@ def _check_teacher_tokenizers(config: Config, student_tokenizer, rows) -> dict[s
                     if teacher.chat_template is not None else None)
         teacher_tokenizer = load_tokenizer(teacher.path, key=f"{key}.path", chat_template=template)
         check_same_vocabulary(student_tokenizer, teacher_tokenizer, key)
+        check_same_end_of_sequence(folder_end_of_sequence_ids(config.student.path, student_tokenizer),
+                                   folder_end_of_sequence_ids(teacher.path, teacher_tokenizer), key, teacher.path)
         if teacher.chat_template is None:
             check_same_prompt_rendering(student_tokenizer, teacher_tokenizer, rows, config.data.prompt_format, key,
                                         config.data.path)

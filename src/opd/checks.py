@@ -149,6 +149,17 @@ def check_same_vocabulary(student_tokenizer, other_tokenizer, key: str) -> None:
     )
 
 
+def check_same_end_of_sequence(student_ids: tuple[int, ...], other_ids: tuple[int, ...], key: str,
+                               path: str) -> None:
+    """A teacher that ends its responses with other ids than the student's is scored (and writes prefixes)
+    against a stop the student never learns: responses grow without end (ms-swift #9526)."""
+    if student_ids != other_ids:
+        raise StartupError(
+            f"{key}: its end-of-sequence ids {list(other_ids)} (tokenizer eos_token and {path}/generation_config.json) "
+            f"differ from the student's {list(student_ids)}; give both models the same eos_token_id (tokenizer_config "
+            "and generation_config.json)")
+
+
 def check_output_width(student_width: int, other_width: int, vocabulary_size: int, key: str, needs_topk: bool) -> None:
     """Output heads may be padded past the tokenizer, but every real token needs a logit in both."""
     if other_width < vocabulary_size:
