@@ -320,3 +320,21 @@ def test_a_teacher_whose_end_of_sequence_ids_differ_is_refused_before_any_model_
     with pytest.raises(StartupError, match=r"teachers.0: its end-of-sequence ids \[1, 5\] .* differ from the "
                                            r"student's \[1\]"):
         train(config)
+
+
+def test_drop_long_prompts_leaves_long_rows_out_and_says_how_many(model_dir, tmp_path, capsys):
+    from opd.assemble import assemble
+
+    rows = [{"prompt": "hi", "domain": "math"}, {"prompt": "a much longer prompt " * 8, "domain": "math"},
+            {"prompt": "yo", "domain": "code"}]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    limited = {"max_prompt_tokens": 24, "path": str(data)}
+    with pytest.raises(DataError, match=r"row 2 has \d+ prompt tokens, .*set data.drop_long_prompts: true"):
+        assemble(make_config(model_dir, data, tmp_path / "run", data=limited))
+    run = assemble(make_config(model_dir, data, tmp_path / "run", data={**limited, "drop_long_prompts": True}))
+    assert [row.prompt for row in run.rows] == ["hi", "yo"] and [row.index for row in run.rows] == [0, 1]
+    assert run.rows[1].where == f"{data}:3"  # still names its line in the file
+    assert all(len(ids) <= 24 for ids in run.prompt_ids) and len(run.prompt_ids) == 2
+    assert "dropped 1 of 3 rows" in capsys.readouterr().err
+    run.close()

@@ -116,7 +116,7 @@ def check_prompt_lengths(prompt_ids: list[list[int]], rows: list[PromptRow], max
     for row, ids in zip(rows, prompt_ids, strict=True):
         if len(ids) > max_tokens:
             raise DataError(f"{data_path}: row {row.index + 1} has {len(ids)} prompt tokens, more than "
-                            f"data.max_prompt_tokens={max_tokens}")
+                            f"data.max_prompt_tokens={max_tokens} (raise it, or set data.drop_long_prompts: true to leave such rows out)")
 
 
 def check_domains(rows: list[PromptRow], teacher_domains: list[str], data_path: str) -> None:

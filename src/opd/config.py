@@ -96,6 +96,7 @@ class DataConfig:
     prompt_format: Literal["chat", "raw"] = "chat"
     shuffle: bool = True
     max_prompt_tokens: int = 1024  # longer prompts are an error naming the row, never silently cut
+    drop_long_prompts: bool = False  # true: rows longer than max_prompt_tokens are left out (and counted) instead
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
