@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser = commands.add_parser("eval", help="sample, grade and report benchmarks offline")
     eval_parser.add_argument("model", nargs="?", help="a local HF model folder (omit with --responses)")
     eval_parser.add_argument("--benchmarks",
-                             default="gsm8k,math500,aime24,aime25,humaneval,mbpp,ifeval,mmlu_stem,arc_challenge")
+                             default="gsm8k,math500,aime24,aime25,humaneval,mbpp,ifeval,mmlu_stem,arc_challenge",
+                             help="comma-separated benchmarks to sample and grade (default: all of gsm8k, math500, "
+                                  "aime24, aime25, humaneval, mbpp, ifeval, mmlu_stem, arc_challenge); each is read "
+                                  "offline from its installed carrier package")
     eval_parser.add_argument("--benchmark", help="with --responses: the benchmark the responses answer")
     eval_parser.add_argument("--responses", help="grade these JSONL responses instead of sampling a model")
     eval_parser.add_argument("--samples", type=int, default=1, help="K samples per problem (avg@K, pass@K)")
