@@ -195,6 +195,10 @@ def reference_rollout(c: Case, rows) -> dict[str, float]:
     }
     for domain in sorted({c.domain[i] for i in rows}):
         out[f"reward/{domain}/accuracy"] = mean(c.rewards[i] for i in rows if c.domain[i] == domain)
+        in_domain = [(i, t) for i, t in kl if c.domain[i] == domain]
+        if in_domain:
+            out[f"teacher/{domain}/kl_k1"] = mean(c.lS[i, t] - c.lT[i, t] for i, t in in_domain)
+            out[f"teacher/{domain}/kl_k3"] = mean(ratio[i, t] - 1.0 - (c.lT[i, t] - c.lS[i, t]) for i, t in in_domain)
         implicit = [c.lT[i, t] - c.lR[i, t] for i, t in tokens if c.domain[i] == domain and c.has_reference[i]]
         if implicit:
             out.update({f"reward/{domain}/implicit_mean": mean(implicit),
