@@ -99,7 +99,8 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
         write_text_atomically(run_dir / segment_config_name(state.step), yaml.safe_dump(to_dict(config),
                                                                                        sort_keys=False))
         logger = MetricsLogger(run_dir, total_steps=config.train.steps, start_step=state.step,
-                               tensorboard=config.train.tensorboard, progress=config.train.progress)
+                               tensorboard=config.train.tensorboard, progress=config.train.progress,
+                               log_every=config.train.log_every)
     try:
         while state.step < config.train.steps:
             set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)
