@@ -327,3 +327,39 @@ def test_a_data_line_that_is_not_utf8_names_the_file_and_line(tmp_path):
         load_prompts(str(path))
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "a byte-order mark is fine"}\n')
     assert load_prompts(str(path))[0].prompt == "a byte-order mark is fine"
+
+
+def test_a_teacher_whose_end_of_sequence_ids_differ_is_refused_before_any_model_loads(model_dir, prompts_file,
+                                                                                     tmp_path, monkeypatch):
+    import shutil
+
+    import opd.assemble as assemble_module
+
+    other = tmp_path / "teacher_eos"
+    shutil.copytree(model_dir / "teacher", other)
+    (other / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5], "pad_token_id": 0}))
+    monkeypatch.setattr(assemble_module, "load_student", lambda *a: pytest.fail("a model was loaded"))
+    config = make_config(model_dir, prompts_file, tmp_path / "run",
+                         teachers=[{"domain": "math", "path": str(other)},
+                                   {"domain": "code", "path": str(model_dir / "teacher")}])
+    with pytest.raises(StartupError, match=r"teachers.0: its end-of-sequence ids \[1, 5\] .* differ from the "
+                                           r"student's \[1\]"):
+        train(config)
+
+
+def test_drop_long_prompts_leaves_long_rows_out_and_says_how_many(model_dir, tmp_path, capsys):
+    from opd.assemble import assemble
+
+    rows = [{"prompt": "hi", "domain": "math"}, {"prompt": "a much longer prompt " * 8, "domain": "math"},
+            {"prompt": "yo", "domain": "code"}]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    limited = {"max_prompt_tokens": 24, "path": str(data)}
+    with pytest.raises(DataError, match=r"row 2 has \d+ prompt tokens, .*set data.drop_long_prompts: true"):
+        assemble(make_config(model_dir, data, tmp_path / "run", data=limited))
+    run = assemble(make_config(model_dir, data, tmp_path / "run", data={**limited, "drop_long_prompts": True}))
+    assert [row.prompt for row in run.rows] == ["hi", "yo"] and [row.index for row in run.rows] == [0, 1]
+    assert run.rows[1].where == f"{data}:3"  # still names its line in the file
+    assert all(len(ids) <= 24 for ids in run.prompt_ids) and len(run.prompt_ids) == 2
+    assert "dropped 1 of 3 rows" in capsys.readouterr().err
+    run.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,60 @@ def test_opd_train_exits_nonzero_when_every_step_was_skipped(model_dir, prompts_
     with pytest.raises(SystemExit) as exit_:
         main(["train", str(path)])
     assert str(exit_.value.code).startswith("opd: every one of the 2 step(s) of this run was skipped")
+
+
+def test_dotted_overrides_may_stand_after_flags():
+    from opd.cli import parse_arguments
+
+    args = parse_arguments(["train", "cfg.yaml", "objective.lam=2", "--nproc", "2", "train.steps=3", "--resume"])
+    assert (args.config, args.nproc, args.resume) == ("cfg.yaml", 2, True)
+    assert args.overrides == ["objective.lam=2", "train.steps=3"]  # in the order given
+    with pytest.raises(SystemExit):
+        parse_arguments(["train", "cfg.yaml", "--nproc", "2", "--no-such-flag"])  # still refused
+
+
+def test_opd_merge_refuses_an_existing_out_unless_overwrite(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    common = ["merge", "--expo", "--alpha", "0.5", "--teachers", str(model_dir / "teacher"), "--student",
+              str(model_dir / "student"), "--out", str(out)]
+    line = _single_opd_line(run_cli(*common))
+    assert "already exists; pass --overwrite" in line and (out / "notes.txt").read_text() == "mine"
+    result = run_cli(*common, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert not (out / "notes.txt").exists()  # replaced as a whole, not written into
+    merged = dict(AutoModelForCausalLM.from_pretrained(str(out)).named_parameters())
+    teacher = dict(AutoModelForCausalLM.from_pretrained(str(model_dir / "teacher")).named_parameters())
+    student = dict(AutoModelForCausalLM.from_pretrained(str(model_dir / "student")).named_parameters())
+    name = next(iter(merged))
+    torch.testing.assert_close(merged[name], teacher[name] + 0.5 * (teacher[name] - student[name]))
+
+
+def test_nproc_batch_size_is_refused_before_any_process_starts(model_dir, prompts_file, tmp_path, monkeypatch):
+    import opd.runtime.distributed as distributed
+    from opd.cli import main
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("torchrun was launched")
+
+    monkeypatch.setattr(distributed, "launch_local", no_launch)
+    config = make_config(model_dir, prompts_file, tmp_path / "run", rollout={"prompts_per_step": 3})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(path), "--nproc", "2"])
+    assert exit_.value.code == "opd: rollout.prompts_per_step=3 must divide evenly over 2 processes"
+
+
+def test_a_user_error_inside_torchrun_workers_is_one_opd_line(model_dir, tmp_path):
+    """Every rank fails the same way; the user sees the message once, no traceback, no torchrun report."""
+    config = make_config(model_dir, tmp_path / "missing.jsonl", tmp_path / "run")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    result = subprocess.run([sys.executable, "-m", "opd", "train", str(path), "--nproc", "2"], capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = _single_opd_line(result)
+    assert line == f"opd: data.path: '{tmp_path / 'missing.jsonl'}' is not a file", result.stderr

@@ -195,6 +195,10 @@ def reference_rollout(c: Case, rows) -> dict[str, float]:
     }
     for domain in sorted({c.domain[i] for i in rows}):
         out[f"reward/{domain}/accuracy"] = mean(c.rewards[i] for i in rows if c.domain[i] == domain)
+        in_domain = [(i, t) for i, t in kl if c.domain[i] == domain]
+        if in_domain:
+            out[f"teacher/{domain}/kl_k1"] = mean(c.lS[i, t] - c.lT[i, t] for i, t in in_domain)
+            out[f"teacher/{domain}/kl_k3"] = mean(ratio[i, t] - 1.0 - (c.lT[i, t] - c.lS[i, t]) for i, t in in_domain)
         implicit = [c.lT[i, t] - c.lR[i, t] for i, t in tokens if c.domain[i] == domain and c.has_reference[i]]
         if implicit:
             out.update({f"reward/{domain}/implicit_mean": mean(implicit),
@@ -461,3 +465,27 @@ def test_two_gloo_processes_give_the_whole_batch(tmp_path, monkeypatch):
     for key in QUANTILES:  # the same MIN / MAX of the ranks' quantiles as the in-process gather
         for domain in ("math", "code"):
             assert metrics[f"reward/{domain}/{key}"] == simulated[f"reward/{domain}/{key}"].value
+
+
+def test_progress_without_a_terminal_is_a_line_every_log_every_steps(tmp_path, capsys):
+    from opd.runtime.monitor import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, total_steps=5, start_step=0, tensorboard=False, progress=True, log_every=2,
+                           terminal=False)
+    for step in range(1, 6):
+        logger.log(step, {"teacher/kl_k1": 0.5 * step, "reward/math/implicit_mean": 0.25})
+    logger.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[3] for line in lines] == ["2/5", "4/5", "5/5"]  # every 2nd step and the last
+    assert lines[0].startswith("opd train: step 2/5  kl1 1 ") and "r[math] 0.25/" in lines[0]
+
+
+def test_the_progress_bar_shows_per_domain_labels_as_written(tmp_path):
+    """rich reads `[math]` as a style tag and swallows it unless the figures are not markup."""
+    from opd.runtime.monitor import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, total_steps=2, start_step=0, tensorboard=False, progress=True, terminal=True)
+    logger.log(1, {"reward/math/implicit_mean": 0.25})
+    figures = logger._progress.columns[-1].render(logger._progress.tasks[0]).plain
+    logger.close()
+    assert "r[math] 0.25/0/0" in figures

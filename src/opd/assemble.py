@@ -11,6 +11,7 @@ class and a line in a factory.
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,7 @@ from opd.checks import (
     check_grader_fields,
     check_output_width,
     check_prompt_lengths,
+    check_same_end_of_sequence,
     check_same_prompt_rendering,
     check_same_vocabulary,
     check_topk,
@@ -33,7 +35,7 @@ from opd.checks import (
 )
 from opd.collect import CollectSettings
 from opd.config import STUDENT_INIT, Config
-from opd.data import DataError, PromptRow, load_prompts
+from opd.data import DataError, PromptRow, keep_rows, load_prompts
 from opd.grading.graders import Grader, build_grader
 from opd.objectives import Objective, build_objective
 from opd.rollout.batch import Sampler, SamplingSettings
@@ -45,6 +47,7 @@ from opd.runtime.models import (
     check_finite_weight_files,
     check_finite_weights,
     end_of_sequence_ids,
+    folder_end_of_sequence_ids,
     load_model,
     load_tokenizer,
     output_width,
@@ -106,6 +109,8 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
     needs_topk = Signal.TEACHER_TOPK in objective.needs
     check_topk(config.objective.topk, len(tokenizer), needs_topk)
     prompt_ids = [render_prompt(tokenizer, row.messages, config.data.prompt_format) for row in rows]
+    if config.data.drop_long_prompts:
+        rows, prompt_ids = _drop_long_prompts(rows, prompt_ids, config)
     check_prompt_lengths(prompt_ids, rows, config.data.max_prompt_tokens, config.data.path)
     teacher_prompts = _check_teacher_tokenizers(config, tokenizer, rows)
     dataset_responses = _dataset_responses(config, tokenizer, rows) if config.objective.onpolicy_fraction < 1 else None
@@ -214,6 +219,20 @@ def load_student(config: Config, checkpoint: Path | None) -> nn.Module:
     return student
 
 
+def _drop_long_prompts(rows: list[PromptRow], prompt_ids: list[list[int]],
+                       config: Config) -> tuple[list[PromptRow], list[list[int]]]:
+    """data.drop_long_prompts: rows whose prompt exceeds data.max_prompt_tokens leave the run, counted."""
+    keep = [len(ids) <= config.data.max_prompt_tokens for ids in prompt_ids]
+    dropped = keep.count(False)
+    if dropped == len(rows):
+        raise DataError(f"{config.data.path}: every one of the {len(rows)} rows has more than "
+                        f"data.max_prompt_tokens={config.data.max_prompt_tokens} prompt tokens")
+    if dropped and distributed.is_main():
+        print(f"opd: data.drop_long_prompts: dropped {dropped} of {len(rows)} rows of {config.data.path} with more "
+              f"than data.max_prompt_tokens={config.data.max_prompt_tokens} prompt tokens", file=sys.stderr)
+    return keep_rows(rows, keep), [ids for ids, wanted in zip(prompt_ids, keep) if wanted]
+
+
 def _dataset_responses(config: Config, tokenizer, rows: list[PromptRow]) -> dict[int, list[int]]:
     """gkd with onpolicy_fraction < 1 answers some prompts with the row's `response` (plus end of sequence)."""
     responses = {}
@@ -237,6 +256,8 @@ def _check_teacher_tokenizers(config: Config, student_tokenizer, rows) -> dict[s
                     if teacher.chat_template is not None else None)
         teacher_tokenizer = load_tokenizer(teacher.path, key=f"{key}.path", chat_template=template)
         check_same_vocabulary(student_tokenizer, teacher_tokenizer, key)
+        check_same_end_of_sequence(folder_end_of_sequence_ids(config.student.path, student_tokenizer),
+                                   folder_end_of_sequence_ids(teacher.path, teacher_tokenizer), key, teacher.path)
         if teacher.chat_template is None:
             check_same_prompt_rendering(student_tokenizer, teacher_tokenizer, rows, config.data.prompt_format, key,
                                         config.data.path)

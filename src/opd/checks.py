@@ -11,11 +11,20 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from opd.config import SEED_LIMIT, Config
+from opd.config import SEED_LIMIT, Config, load_config, to_dict
 from opd.data import DataError, PromptRow
+from opd.runtime.checkpoint import checkpoint_step
 from opd.runtime.models import render_prompt
-from opd.runtime.run_folder import check_output_folder
+from opd.runtime.run_folder import check_output_folder, segment_configs
 from opd.types import Signal
+
+# Config keys (and key prefixes, ending in '.') that change how a run is carried out but not what it trains:
+# a resume may change them without --allow-config-change. Everything else (objective, lam, lr, data,
+# models, seeds, sampling...) shaped the steps already taken.
+RESUMABLE_KEYS = (
+    "train.steps", "train.output_dir", "train.save_every", "train.keep_checkpoints", "train.tensorboard", "train.progress",
+    "train.log_every", "train.logit_chunk", "optim.micro_batch_size", "rollout.batch_size", "rollout.vllm.", "eval.",
+)
 
 # How many dataset prompts are rendered by both tokenizers to compare chat templates.
 TEMPLATE_PROBE_ROWS = 32
@@ -25,23 +34,65 @@ class StartupError(ValueError):
     pass
 
 
-def check_launch(config: Config, *, world_size: int, cuda: bool, resume: bool, checkpoint: Path | None) -> None:
-    """What the config cannot do where it is started: the process count, the device, the run folder."""
+def check_launch(config: Config, *, world_size: int, cuda: bool, resume: bool, checkpoint: Path | None,
+                 allow_config_change: bool = False) -> list[str]:
+    """What the config cannot do where it is started: the process count, the device, the run folder.
+    Returns the keys a resume changes that alter what is trained (allowed by `allow_config_change`)."""
     check_output_folder(Path(config.train.output_dir))  # files opd did not write are never written over
     if checkpoint is not None and not resume:
         raise FileExistsError(
             f"train.output_dir: '{config.train.output_dir}' already holds checkpoints; pass --resume to continue "
             "that run, or choose another output_dir (nothing was overwritten)"
         )
+    changed = check_resume(config, checkpoint, allow_config_change) if checkpoint is not None else []
+    check_process_count(config, world_size)
+    if config.train.mixed_precision == "bf16" and not cuda:
+        raise StartupError("train.mixed_precision=bf16 autocasts on a GPU; on the CPU training stays float32 "
+                           "(set train.mixed_precision=none)")
+    return changed
+
+
+def check_resume(config: Config, checkpoint: Path, allow_config_change: bool) -> list[str]:
+    """A resume continues the recorded run: no fewer steps than the checkpoint holds, and the same config
+    except for RESUMABLE_KEYS, unless `allow_config_change` (the changed keys are returned, to be recorded)."""
+    done = checkpoint_step(checkpoint)
+    if config.train.steps < done:
+        raise StartupError(f"train.steps={config.train.steps} is below the {done} steps the checkpoint "
+                           f"{checkpoint} already holds; resume with train.steps >= {done}")
+    recorded = segment_configs(Path(config.train.output_dir))
+    if not recorded:
+        return []
+    changed = [key for key in _differing_keys(to_dict(load_config(recorded[-1])), to_dict(config))
+               if not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
+                          for allowed in RESUMABLE_KEYS)]
+    if changed and not allow_config_change:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise StartupError(
+            f"--resume: {shown} differ from {recorded[-1]}, which the steps so far ran with; resume with that "
+            "config, or pass --allow-config-change to continue with the new values (recorded in the run folder "
+            "as this segment's config)")
+    return changed
+
+
+def _differing_keys(before, after, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two to_dict trees (list items by index)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = list(before) + [k for k in after if k not in before]
+        return [d for k in keys for d in _differing_keys(before.get(k), after.get(k), f"{prefix}{k}.")]
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [d for i, (b, a) in enumerate(zip(before, after)) for d in _differing_keys(b, a, f"{prefix}{i}.")]
+    return [] if before == after else [prefix.rstrip(".")]
+
+
+def check_process_count(config: Config, world_size: int) -> None:
+    """What the config cannot do on `world_size` processes; needs nothing but the config, so `opd train
+    --nproc N` asks it before launching torchrun (one `opd:` line, not a traceback per process)."""
     if config.rollout.prompts_per_step % world_size:
         raise StartupError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must divide evenly over "
                            f"{world_size} processes")
     if config.train.seed + world_size > SEED_LIMIT:
         raise StartupError(f"train.seed={config.train.seed}: process r seeds with train.seed + r, and "
                            f"{config.train.seed + world_size - 1} is past numpy's largest seed 2**32 - 1")
-    if config.train.mixed_precision == "bf16" and not cuda:
-        raise StartupError("train.mixed_precision=bf16 autocasts on a GPU; on the CPU training stays float32 "
-                           "(set train.mixed_precision=none)")
     if config.student.lora is not None and world_size > 1:
         raise StartupError("student.lora with more than one process is not supported yet (FSDP2 over peft "
                            "adapters is untested); run LoRA on one process")
@@ -65,7 +116,7 @@ def check_prompt_lengths(prompt_ids: list[list[int]], rows: list[PromptRow], max
     for row, ids in zip(rows, prompt_ids, strict=True):
         if len(ids) > max_tokens:
             raise DataError(f"{data_path}: row {row.index + 1} has {len(ids)} prompt tokens, more than "
-                            f"data.max_prompt_tokens={max_tokens}")
+                            f"data.max_prompt_tokens={max_tokens} (raise it, or set data.drop_long_prompts: true to leave such rows out)")
 
 
 def check_domains(rows: list[PromptRow], teacher_domains: list[str], data_path: str) -> None:
@@ -96,6 +147,17 @@ def check_same_vocabulary(student_tokenizer, other_tokenizer, key: str) -> None:
         f"tokens, {len(differing)} differ; e.g. {examples}). On-policy distillation scores the student's token ids "
         "with the teacher, so both must share one vocabulary."
     )
+
+
+def check_same_end_of_sequence(student_ids: tuple[int, ...], other_ids: tuple[int, ...], key: str,
+                               path: str) -> None:
+    """A teacher that ends its responses with other ids than the student's is scored (and writes prefixes)
+    against a stop the student never learns: responses grow without end (ms-swift #9526)."""
+    if student_ids != other_ids:
+        raise StartupError(
+            f"{key}: its end-of-sequence ids {list(other_ids)} (tokenizer eos_token and {path}/generation_config.json) "
+            f"differ from the student's {list(student_ids)}; give both models the same eos_token_id (tokenizer_config "
+            "and generation_config.json)")
 
 
 def check_output_width(student_width: int, other_width: int, vocabulary_size: int, key: str, needs_topk: bool) -> None:

@@ -6,13 +6,44 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from opd.config import load_config
 
+# The folder where `opd train --nproc N`'s workers leave their `opd:` message for the launcher.
+ERROR_DIR_VARIABLE = "OPD_ERROR_DIR"
+
 
 def main(argv: list[str] | None = None) -> None:
+    args = parse_arguments(argv)
+    try:
+        run_command(args)
+    except (ValueError, OSError) as error:
+        # Configuration, data and start-up problems are ValueErrors with a message naming the key, file or
+        # row; print that, not a traceback. OPD_TRACEBACK=1 shows the traceback too.
+        if os.environ.get("OPD_TRACEBACK"):
+            raise
+        report_user_error(error)
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; `opd train`'s dotted overrides may stand anywhere, before or after flags."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "train":
+        # argparse ends a `nargs="*"` positional at the first flag, so `cfg.yaml --nproc 2 train.steps=3`
+        # leaves the override unparsed: every leftover that reads key=value is an override, in order.
+        overrides = [item for item in unknown if "=" in item and not item.startswith("-")]
+        args.overrides = [*args.overrides, *overrides]
+        unknown = [item for item in unknown if item not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -20,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("config", help="YAML config file (see configs/)")
     train_parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.lam=1.25")
     train_parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train_parser.add_argument("--allow-config-change", action="store_true",
+                              help="with --resume: accept keys that alter what is trained (objective, lam, lr, data, "
+                                   "models, seeds...) differing from the run's recorded config; the new config is "
+                                   "recorded as config.resume-<step>.yaml")
     train_parser.add_argument("--nproc", type=int, default=1,
                               help="processes on this machine (re-launches under torchrun; FSDP2 data parallel)")
 
@@ -41,12 +76,16 @@ def main(argv: list[str] | None = None) -> None:
     merge_parser.add_argument("--alpha", type=float, required=True, help="extrapolation strength (G-OPD: 0.25, 0.5)")
     merge_parser.add_argument("--teachers", nargs="+", required=True, help="teacher model folders")
     merge_parser.add_argument("--student", required=True, help="the student model folder")
-    merge_parser.add_argument("--out", required=True, help="output folder")
+    merge_parser.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    merge_parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
     eval_parser = commands.add_parser("eval", help="sample, grade and report benchmarks offline")
     eval_parser.add_argument("model", nargs="?", help="a local HF model folder (omit with --responses)")
     eval_parser.add_argument("--benchmarks",
-                             default="gsm8k,math500,aime24,aime25,humaneval,mbpp,ifeval,mmlu_stem,arc_challenge")
+                             default="gsm8k,math500,aime24,aime25,humaneval,mbpp,ifeval,mmlu_stem,arc_challenge",
+                             help="comma-separated benchmarks to sample and grade (default: all of gsm8k, math500, "
+                                  "aime24, aime25, humaneval, mbpp, ifeval, mmlu_stem, arc_challenge); each is read "
+                                  "offline from its installed carrier package")
     eval_parser.add_argument("--benchmark", help="with --responses: the benchmark the responses answer")
     eval_parser.add_argument("--responses", help="grade these JSONL responses instead of sampling a model")
     eval_parser.add_argument("--samples", type=int, default=1, help="K samples per problem (avg@K, pass@K)")
@@ -65,15 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     bench_parser.add_argument("--output", help="also write the raw results as JSON to this file")
     bench_parser.add_argument("--tokens", type=int, nargs="+", help="memory: only these response-token counts")
 
-    args = parser.parse_args(argv)
-    try:
-        run_command(args)
-    except (ValueError, OSError) as error:
-        # Configuration, data and start-up problems are ValueErrors with a message naming the key, file or
-        # row; print that, not a traceback. OPD_TRACEBACK=1 shows the traceback too.
-        if os.environ.get("OPD_TRACEBACK"):
-            raise
-        sys.exit(f"opd: {error}")
+    return parser
 
 
 def run_command(args) -> None:
@@ -82,6 +113,9 @@ def run_command(args) -> None:
     if args.command == "train":
         config = load_config(args.config, args.overrides)  # fail on a bad config before launching anything
         if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+            from opd.checks import check_process_count
+
+            check_process_count(config, args.nproc)  # before any process starts: one line, not one per rank
             launch_torchrun(args)
             return
         from opd.runtime import distributed
@@ -90,7 +124,7 @@ def run_command(args) -> None:
         distributed.init_from_environment()
         main_process, succeeded = distributed.is_main(), False
         try:
-            final = train(config, resume=args.resume)
+            final = train(config, resume=args.resume, allow_config_change=args.allow_config_change)
             succeeded = True
         finally:
             distributed.finish(succeeded)
@@ -99,7 +133,7 @@ def run_command(args) -> None:
     elif args.command == "merge":
         from opd.merge import expo_merge
 
-        out = expo_merge(args.teachers, args.student, args.alpha, args.out)
+        out = expo_merge(args.teachers, args.student, args.alpha, args.out, overwrite=args.overwrite)
         print(f"opd: ExPO merge (alpha={args.alpha}) of {len(args.teachers)} teacher(s) written to {out}")
     elif args.command == "eval":
         run_eval(args)
@@ -158,12 +192,37 @@ def run_bench(name: str, quick: bool, output: str | None, tokens: list[int] | No
 
 
 def launch_torchrun(args) -> None:
-    """`opd train ... --nproc N` is `torchrun --nproc-per-node N -m opd train ...` on this machine."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "opd", "train", args.config, *args.overrides] + (["--resume"] if args.resume else [])
-    completed = subprocess.run(command)
-    if completed.returncode != 0:
-        sys.exit(f"opd: torchrun exited with status {completed.returncode}")
+    """`opd train ... --nproc N` is `torchrun --nproc-per-node N -m opd train ...` on this machine.
+
+    A user error inside a worker (a bad data row, a refused model...) reaches the user as one `opd:` line:
+    each worker writes its message to a file in a folder named by OPD_ERROR_DIR and exits quietly, and the
+    launcher prints the lowest rank's message once, instead of every rank's traceback and torchrun's."""
+    from opd.runtime.distributed import LaunchFailed, launch_local
+
+    module_args = (["opd", "train", args.config, *args.overrides] + (["--resume"] if args.resume else [])
+                   + (["--allow-config-change"] if args.allow_config_change else []))
+    with tempfile.TemporaryDirectory(prefix="opd-errors-") as folder:
+        os.environ[ERROR_DIR_VARIABLE] = folder  # the workers inherit the launcher's environment
+        try:
+            launch_local(args.nproc, module_args)
+        except LaunchFailed as failure:
+            reports = sorted(Path(folder).glob("rank-*.txt"), key=lambda path: int(path.stem.split("-")[1]))
+            if reports:
+                sys.exit(reports[0].read_text(encoding="utf-8"))
+            sys.exit(f"{failure}\nopd: a training process failed (its error is printed above)")
+        finally:
+            del os.environ[ERROR_DIR_VARIABLE]
+
+
+def report_user_error(error: Exception) -> None:
+    """Exit with the one `opd:` line; in a worker of `opd train --nproc N`, hand the line to the launcher."""
+    message = f"opd: {error}"
+    folder = os.environ.get(ERROR_DIR_VARIABLE)
+    if folder and "LOCAL_RANK" in os.environ:
+        rank = os.environ.get("RANK", os.environ["LOCAL_RANK"])
+        Path(folder, f"rank-{rank}.txt").write_text(message, encoding="utf-8")
+        sys.exit(1)
+    sys.exit(message)
 
 
 def run_eval(args) -> None:

@@ -96,6 +96,7 @@ class DataConfig:
     prompt_format: Literal["chat", "raw"] = "chat"
     shuffle: bool = True
     max_prompt_tokens: int = 1024  # longer prompts are an error naming the row, never silently cut
+    drop_long_prompts: bool = False  # true: rows longer than max_prompt_tokens are left out (and counted) instead
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -213,7 +214,8 @@ class TrainConfig:
     # bf16 autocast of the forward passes on a GPU; on the CPU training stays float32 (an error otherwise).
     mixed_precision: Literal["none", "bf16"] = "none"
     tensorboard: bool = True
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal; without one (nohup, CI), a line every log_every steps
+    log_every: int = 10  # steps between progress lines when stdout is not a terminal
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -302,6 +304,7 @@ def validate(config: Config) -> None:
     require(train.keep_checkpoints >= 1, "train.keep_checkpoints: must be >= 1")
     require(train.logit_chunk >= 1, "train.logit_chunk: must be >= 1")
     require(config.data.max_prompt_tokens >= 1, "data.max_prompt_tokens: must be >= 1")
+    require(config.train.log_every >= 1, "train.log_every: must be >= 1")
     evaluation = config.eval
     require(evaluation.every >= 0, "eval.every: must be >= 0")
     require(evaluation.every == 0 or len(evaluation.benchmarks) > 0, "eval.benchmarks: name at least one benchmark")

@@ -103,6 +103,7 @@ def rollout_metrics(
                 value=masked_mean(1.0 - (teacher.logprobs - student_logprobs).exp().clamp(max=1.0), sampled),
                 weight=count),
         })
+    metrics.update(domain_kl_metrics(batch, teacher, student_logprobs, sampled))
     if batch.rewards is not None:
         metrics.update(accuracy_metrics(batch))
     if teacher.ref_logprobs is not None:
@@ -127,6 +128,22 @@ def implicit_reward_metrics(batch: RolloutBatch, teacher: TeacherScores) -> dict
         metrics[f"{prefix}/implicit_p1"] = Metric(value=masked_quantile(reward, mask, 0.01), reduce=Reduce.MIN)
         metrics[f"{prefix}/implicit_p99"] = Metric(value=masked_quantile(reward, mask, 0.99), reduce=Reduce.MAX)
         metrics[f"{prefix}/implicit_max"] = Metric(value=float(reward[mask].max()), reduce=Reduce.MAX)
+    return metrics
+
+
+def domain_kl_metrics(batch: RolloutBatch, teacher: TeacherScores, student_logprobs: Tensor,
+                      sampled: Tensor) -> dict[str, Metric]:
+    """teacher/<domain>/kl_k1 and kl_k3: each teacher's KL over its own domain's sampled tokens (the overall
+    teacher/kl_* mixes teachers, so one domain's teacher drifting can hide behind the others)."""
+    metrics: dict[str, Metric] = {}
+    for domain in sorted(set(batch.domain)):
+        in_domain = sampled & torch.tensor([d == domain for d in batch.domain])[:, None]
+        count = float(in_domain.sum())
+        if not count:
+            continue
+        for estimator in ("k1", "k3"):
+            value = masked_mean(kl_estimate(student_logprobs, teacher.logprobs, estimator), in_domain)
+            metrics[f"teacher/{domain}/kl_{estimator}"] = Metric(value=value, weight=count)
     return metrics
 
 

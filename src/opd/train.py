@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from opd.runtime.checkpoint import (
     save_model_atomically,
 )
 from opd.runtime.monitor import MetricsLogger
-from opd.runtime.run_folder import clean_leftovers, write_text_atomically
+from opd.runtime.run_folder import clean_leftovers, segment_config_name, write_text_atomically
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, student_token_logprobs
 from opd.teachers import score_batch
 from opd.types import Metric, Reduce, RolloutBatch, Signal, StudentOutputs, TeacherScores, select_rows, to_device
@@ -62,11 +63,16 @@ class TrainState:
 # --------------------------------------------------------------------------- the loop
 
 
-def train(config: Config, *, resume: bool = False) -> Path:
-    """Train the student; returns the folder of the final model (a save_pretrained folder)."""
+def train(config: Config, *, resume: bool = False, allow_config_change: bool = False) -> Path:
+    """Train the student; returns the folder of the final model (a save_pretrained folder).
+
+    A resume must keep the recorded config, apart from how the run is carried out (checks.RESUMABLE_KEYS),
+    unless `allow_config_change`; each segment's config is recorded beside the first's."""
     checkpoint = latest_checkpoint(Path(config.train.output_dir))
-    check_launch(config, world_size=distributed.world_size(), cuda=torch.cuda.is_available(), resume=resume,
-                 checkpoint=checkpoint)
+    changed = check_launch(config, world_size=distributed.world_size(), cuda=torch.cuda.is_available(),
+                           resume=resume, checkpoint=checkpoint, allow_config_change=allow_config_change)
+    if changed and distributed.is_main():
+        print(f"opd: note: resuming with changed {', '.join(changed)} (--allow-config-change)", file=sys.stderr)
     seed_everything(config.train.seed + distributed.rank())
     run = assemble(config, checkpoint)
     try:
@@ -89,9 +95,12 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         clean_leftovers(run_dir)  # what a killed segment left half-written or half-deleted
-        write_text_atomically(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+        # Each segment's own file: what the steps before this one ran with stays on record.
+        write_text_atomically(run_dir / segment_config_name(state.step), yaml.safe_dump(to_dict(config),
+                                                                                       sort_keys=False))
         logger = MetricsLogger(run_dir, total_steps=config.train.steps, start_step=state.step,
-                               tensorboard=config.train.tensorboard, progress=config.train.progress)
+                               tensorboard=config.train.tensorboard, progress=config.train.progress,
+                               log_every=config.train.log_every)
     try:
         while state.step < config.train.steps:
             set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)

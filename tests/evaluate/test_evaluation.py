@@ -453,3 +453,24 @@ def test_all_mbpp_reference_solutions_pass_and_broken_copies_fail(monkeypatch):
         broken.append((problem, f"```python\n{problem.answer}\n{entry} = lambda *args, **kwargs: None\n```"))
     grades = grade_all(broken)
     assert not any(g.correct for g in grades), [p.problem_id for (p, _), g in zip(broken, grades) if g.correct]
+
+
+def test_human_evals_task_id_sample_format_is_accepted_and_grading_prints_progress_lines(arc, tmp_path, capsys):
+    path = tmp_path / "samples.jsonl"
+    _write(path, [{"task_id": p.problem_id, "completion": f"The answer is {p.answer}."} for p in arc[:3]])
+    _opd_eval(tmp_path, path)
+    record = json.loads((tmp_path / "eval" / "results.json").read_text())["benchmarks"]["arc_challenge"]
+    assert record["answered"] == 3 and record["avg_at_k"] == 1.0
+    # Not a terminal (pytest captures stderr): plain progress lines, the last one complete.
+    assert "opd eval: arc_challenge: graded 3/3 (accuracy 1.000)" in capsys.readouterr().err
+
+
+def test_an_adapter_folder_is_refused_with_a_pointer_to_the_merged_model(tmp_path):
+    from opd.evaluate.run import EvalSettings, evaluate
+
+    adapter = tmp_path / "final_adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"a LoRA adapter folder, not a model; evaluate the merged model .*final/"):
+        evaluate(["arc_challenge"], EvalSettings(), str(tmp_path / "eval"), model_dir=str(adapter))
+    assert not (tmp_path / "eval").exists()

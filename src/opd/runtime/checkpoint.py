@@ -148,6 +148,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None  # `.partial-` and `.deleting-` folders never match
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The optimizer steps a complete checkpoint folder holds (read without loading anything else)."""
+    return int(json.loads((folder / "record.json").read_text())["step"])
+
+
 def load_rank_state(folder: Path) -> dict:
     """This rank's extra state saved with the checkpoint (empty for checkpoints that have none)."""
     path = folder / f"state_{distributed.rank()}.pt"

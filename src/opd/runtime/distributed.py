@@ -18,8 +18,10 @@ Teachers and references are replicated (each rank scores its own rows, no collec
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -54,6 +56,51 @@ def init_from_environment() -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+
+
+class LaunchFailed(Exception):
+    """A process launched by `launch_local` failed; the message is torchrun's summary of which and how."""
+
+
+def launch_local(nproc: int, module_args: list[str]) -> None:
+    """`torchrun --standalone --nproc-per-node N -m MODULE ARGS...`, run from this process rather than as a
+    `torchrun` command, so that a failed worker is an exception to handle (torchrun's command prints a
+    traceback of its own) and torchrun's error log lines are held back: they are replayed only with the
+    failure, and the caller decides whether the user sees them (not when a worker already said why)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    torch_logger = logging.getLogger("torch.distributed")  # torchrun's loggers are its children
+    replaced = list(torch_logger.handlers)  # torch's own stderr handler: held's records print as it would
+    held = _HoldErrors(replaced[0].formatter if replaced else None)
+    for handler in replaced:
+        torch_logger.removeHandler(handler)
+    torch_logger.addHandler(held)
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", *module_args]))
+    except ChildFailedError as error:
+        raise LaunchFailed("\n".join([*held.lines, error.format_msg()])) from None
+    finally:
+        torch_logger.removeHandler(held)
+        for handler in replaced:
+            torch_logger.addHandler(handler)
+
+
+class _HoldErrors(logging.Handler):
+    """Prints torchrun's log records as torchrun would, except its reports on the worker processes (which
+    one failed with what exit code, which ones it then stopped): those are held until the launcher knows
+    whether a worker reported the reason itself."""
+
+    def __init__(self, formatter: logging.Formatter | None):
+        super().__init__()
+        self.setFormatter(formatter)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or record.name.startswith("torch.distributed.elastic.multiprocessing"):
+            self.lines.append(self.format(record))
+        else:
+            print(self.format(record), file=sys.stderr)
 
 
 def finish(succeeded: bool) -> None:

@@ -8,6 +8,7 @@ the config key and the folder, never a traceback from deep inside transformers.
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 from typing import Sequence
@@ -205,6 +206,19 @@ def end_of_sequence_ids(model: nn.Module, tokenizer) -> tuple[int, ...]:
         ids.update(int(i) for i in configured)
     if not ids:
         raise ValueError("the student has no end-of-sequence token (tokenizer.eos_token_id and generation_config)")
+    return tuple(sorted(ids))
+
+
+def folder_end_of_sequence_ids(path: str, tokenizer) -> tuple[int, ...]:
+    """What end_of_sequence_ids will return for the model in `path`, read before its weights load: the
+    tokenizer's EOS and the folder's generation_config.json list."""
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    file = Path(path) / "generation_config.json"
+    configured = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list):
+        ids.update(int(i) for i in configured)
     return tuple(sorted(ids))
 
 

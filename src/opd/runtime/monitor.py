@@ -48,7 +48,11 @@ def progress_figures(values: dict[str, float]) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, tensorboard: bool, progress: bool):
+    """`progress`: on a terminal a rich bar; elsewhere (a log file, CI, nohup) one plain line every
+    `log_every` steps and at the last, since a bar that redraws in place is unreadable in a file."""
+
+    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, tensorboard: bool, progress: bool,
+                 log_every: int = 10, terminal: bool | None = None):
         self.path = run_dir / "metrics.jsonl"
         _truncate_after(self.path, start_step)
         self._file = self.path.open("a", encoding="utf-8")
@@ -58,10 +62,14 @@ class MetricsLogger:
 
             self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         self._progress = None
-        if progress:
+        self._total_steps, self._log_every = total_steps, log_every
+        terminal = sys.stdout.isatty() if terminal is None else terminal
+        self._lines = progress and not terminal
+        if progress and terminal:
             self._progress = Progress(
                 TextColumn("[bold]opd train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[figures]}"),
+                # Not markup: the figures hold labels such as r[math], which rich would read as a style tag.
+                TextColumn("{task.fields[figures]}", markup=False),
             )
             self._task = self._progress.add_task("train", total=total_steps, completed=start_step, figures="")
             self._progress.start()
@@ -76,6 +84,8 @@ class MetricsLogger:
                 self._tensorboard.add_scalar(name, value, step)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, figures=progress_figures(values))
+        if self._lines and (step % self._log_every == 0 or step == self._total_steps):
+            print(f"opd train: step {step}/{self._total_steps}  {progress_figures(values)}", flush=True)
 
     def close(self) -> None:
         self._file.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,11 @@ RUN_FOLDER_NAMES = frozenset({
     "config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "final", "final_adapter", "eval",
     "eval_model", "eval_model_adapter",
 })
+
+# The config of every segment of a run: the first's `config.yaml`, each resumed one's beside it, named by
+# the step it resumed from (a later resume never overwrites what an earlier segment trained with).
+FIRST_CONFIG = "config.yaml"
+_SEGMENT_CONFIG = re.compile(r"config\.resume-(\d+)\.yaml")
 
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # How libraries that do not raise OSError report it: safetensors / tokenizers (Rust), torch's writer.
@@ -47,12 +53,29 @@ class RunFolderError(OSError):
         return self.args[0]
 
 
+def segment_config_name(start_step: int) -> str:
+    """The config file of the segment that resumed from `start_step` (0: the first segment's)."""
+    return FIRST_CONFIG if start_step == 0 else f"config.resume-{start_step:06d}.yaml"
+
+
+def segment_configs(run_dir: Path) -> list[Path]:
+    """Every segment's config file in run_dir, oldest first."""
+    resumed = sorted((int(m.group(1)), p) for p in run_dir.glob("config.resume-*.yaml")
+                     if (m := _SEGMENT_CONFIG.fullmatch(p.name)))
+    first = [run_dir / FIRST_CONFIG] if (run_dir / FIRST_CONFIG).is_file() else []
+    return first + [path for _, path in resumed]
+
+
+def _is_run_file(name: str) -> bool:
+    return name in RUN_FOLDER_NAMES or _SEGMENT_CONFIG.fullmatch(name) is not None
+
+
 def is_opd_name(name: str) -> bool:
-    if name in RUN_FOLDER_NAMES:
+    if _is_run_file(name):
         return True
     if name.startswith((PARTIAL, DELETING)):
         return name.removeprefix(PARTIAL).removeprefix(DELETING) in RUN_FOLDER_NAMES
-    return name.endswith(TMP_SUFFIX) and name.removesuffix(TMP_SUFFIX) in RUN_FOLDER_NAMES
+    return name.endswith(TMP_SUFFIX) and _is_run_file(name.removesuffix(TMP_SUFFIX))
 
 
 def foreign_entries(run_dir: Path) -> list[str]:
@@ -83,7 +106,7 @@ def clean_leftovers(run_dir: Path) -> None:
         for entry in folder.iterdir():
             if entry.name.startswith((PARTIAL, DELETING)):
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-            elif entry.name.endswith(TMP_SUFFIX) and entry.name.removesuffix(TMP_SUFFIX) in RUN_FOLDER_NAMES:
+            elif entry.name.endswith(TMP_SUFFIX) and _is_run_file(entry.name.removesuffix(TMP_SUFFIX)):
                 entry.unlink(missing_ok=True)
 
 
