@@ -30,7 +30,7 @@ def test_opd_train_from_yaml_with_overrides(model_dir, prompts_file, tmp_path):
     assert "trained student written to" in result.stdout
     recorded = load_config(tmp_path / "run" / "config.yaml")
     assert recorded.train.steps == 2 and recorded.objective.lam == 1.5
-    resumed = run_cli("train", str(path), "train.steps=3", "--resume")
+    resumed = run_cli("train", str(path), "train.steps=3", "objective.lam=1.5", "--resume")  # the same lam
     assert resumed.returncode == 0, resumed.stderr
 
 
