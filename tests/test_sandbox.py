@@ -491,9 +491,9 @@ def test_a_module_the_program_patched_is_not_the_tests_module():
 # ------------------------------------------------------------------- resources are capped per run
 
 def _cgroup_runs_left() -> list[str]:
-    from opd.grading.sandbox import _cgroup_bases
+    from opd.grading.cgroups import cgroup_bases
 
-    return [f"{base}/{name}" for base in _cgroup_bases()[1].values() for name in os.listdir(base)
+    return [f"{base}/{name}" for base in cgroup_bases()[1].values() for name in os.listdir(base)
             if name.startswith(f"opd-sandbox-{os.getpid()}-")]  # (other processes' runs may be under way)
 
 
@@ -619,13 +619,13 @@ def test_pathname_unix_sockets_of_the_host_cannot_be_reached(visible_dir):
 
 
 def test_memory_control_is_reported_and_the_rlimit_fallback_still_caps(monkeypatch):
-    from opd.grading import sandbox
+    from opd.grading import cgroups, sandbox
 
     level = sandbox.memory_control()
     assert level in ("cgroup v1", "cgroup v2", "rlimit")
     if os.geteuid() == 0 and Path("/sys/fs/cgroup").is_dir():
         assert level != "rlimit"
-    monkeypatch.setattr(sandbox, "_cgroup_bases", lambda: ("rlimit", {}))
+    monkeypatch.setattr(cgroups, "cgroup_bases", lambda: ("rlimit", {}))
     result = run_python("block = bytearray(4 * 1024 ** 3)\nprint('allocated')\n", FAST)
     assert not result.passed and result.reason == "exit code 1: MemoryError"
 

@@ -75,7 +75,6 @@ from __future__ import annotations
 import errno
 import itertools
 import json
-import logging
 import os
 import secrets
 import selectors
@@ -120,7 +119,9 @@ def isolation_level() -> str:
 def memory_control() -> str:
     """How a run's memory is capped: "cgroup v2" or "cgroup v1" (every process, tmpfs and memfd page of the
     run together), else "rlimit" (each process alone, RLIMIT_AS; logged once, see the module docstring)."""
-    return _cgroup_bases()[0]
+    from opd.grading import cgroups as cgroup_control  # (here: this file also runs as the launcher, without opd)
+
+    return cgroup_control.cgroup_bases()[0]
 
 
 def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
@@ -135,11 +136,14 @@ def check_program(program: str, tests: str, limits: SandboxLimits = SandboxLimit
 
 
 def _run(program: str, tests: str, limits: SandboxLimits) -> SandboxResult:
+    from opd.grading import cgroups as cgroup_control  # (here: this file also runs as the launcher, without opd)
+
     token = secrets.token_hex(16)  # written by the runner after the tests, and nowhere else
     status_read, status_write = os.pipe()  # the reaper reports "exit: <wait status>" or "error: <why>"
     proof_read, proof_write = os.pipe()
     try:
-        cgroups = _make_cgroups(limits)
+        # The launcher, the reaper and the test process are in the pids cgroup too: three beyond the program's.
+        cgroups = cgroup_control.make_cgroups(limits.memory_bytes, limits.max_processes + 3)
     except OSError as error:
         for fd in (status_read, status_write, proof_read, proof_write):
             os.close(fd)
@@ -168,9 +172,9 @@ def _run(program: str, tests: str, limits: SandboxLimits) -> SandboxResult:
             process.stderr.close()
             report = _read_report(status_read)
             proof = _read_report(proof_read)
-        out_of_memory = _out_of_memory(cgroups)
+        out_of_memory = cgroup_control.out_of_memory(cgroups)
     finally:
-        _remove_cgroups(cgroups)
+        cgroup_control.remove_cgroups(cgroups)
     if report.startswith("error:"):
         raise SandboxError(f"{report[6:].strip()} (isolation level {isolation_level()!r})")
     returncode = os.waitstatus_to_exitcode(int(report[5:])) if report.startswith("exit:") else None
@@ -256,131 +260,6 @@ def _start(program: str, tests: str, token: str, limits: SandboxLimits, cgroups:
 @cache
 def _runner_source() -> str:
     return (Path(__file__).parent / "sandbox_runner.py").read_text()
-
-
-# ------------------------------------------------------------------------------------ cgroups, per run
-
-_cgroup_counter = itertools.count()
-_OPTIONAL_CGROUP_FILES = {"memory.swap.max", "memory.memsw.limit_in_bytes"}  # absent without swap accounting
-
-
-@cache
-def _cgroup_bases() -> tuple[str, dict[str, str]]:
-    """("cgroup v2" | "cgroup v1", {controller: folder in which we may create cgroups}) or ("rlimit", {}).
-
-    Probed once by creating and removing a child of our own cgroup: a controller counts only where that
-    child gets its limit files (v2: memory enabled in our subtree_control; v1: a writable hierarchy)."""
-    mounts = {}  # fstype or v1 controller -> mount point
-    with open("/proc/self/mountinfo") as handle:
-        for line in handle:
-            fields = line.split()
-            fstype, options = fields[fields.index("-") + 1], fields[-1].split(",")
-            if fstype == "cgroup2":
-                mounts.setdefault("cgroup2", fields[4])
-            elif fstype == "cgroup":
-                for controller in ("memory", "pids"):
-                    if controller in options:
-                        mounts.setdefault(controller, fields[4])
-    paths = {}  # "" (v2) or controller -> our cgroup's path
-    with open("/proc/self/cgroup") as handle:
-        for line in handle:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            for controller in controllers.split(",") if controllers else [""]:
-                paths[controller] = path
-    if "cgroup2" in mounts and "" in paths:
-        base = mounts["cgroup2"] + paths[""].rstrip("/")
-        if _probe(base, ("memory.max", "pids.max")):
-            return "cgroup v2", {"memory": base}
-    if "memory" in mounts and "memory" in paths:
-        bases = {"memory": mounts["memory"] + paths["memory"].rstrip("/")}
-        if _probe(bases["memory"], ("memory.limit_in_bytes",)):
-            if "pids" in mounts and "pids" in paths:
-                pids = mounts["pids"] + paths["pids"].rstrip("/")
-                if _probe(pids, ("pids.max",)):
-                    bases["pids"] = pids
-            return "cgroup v1", bases
-    logging.getLogger(__name__).warning(
-        "opd sandbox: no memory cgroup this process may create (%s); each process of a run is capped at "
-        "memory_bytes of address space instead (RLIMIT_AS), so a run may use max_processes * memory_bytes "
-        "and memfd or shared-memory pages beyond that; run as root, or in a delegated cgroup, for a per-run cap",
-        "cgroup v2 without the memory controller delegated" if "cgroup2" in mounts else "no cgroup file system")
-    return "rlimit", {}
-
-
-def _probe(base: str, files: tuple[str, ...]) -> bool:
-    folder = f"{base}/opd-sandbox-probe-{os.getpid()}"
-    try:
-        os.mkdir(folder)
-    except OSError:
-        return False
-    try:
-        return all(os.access(f"{folder}/{name}", os.W_OK) for name in files)
-    finally:
-        os.rmdir(folder)
-
-
-def _make_cgroups(limits: SandboxLimits) -> list[str]:
-    """Fresh cgroups for one run with its limits written; the launcher joins them before it forks."""
-    kind, bases = _cgroup_bases()
-    name = f"opd-sandbox-{os.getpid()}-{next(_cgroup_counter)}"
-    # The launcher and the reaper are in the pids cgroup too: two more than the program's own.
-    settings = {"cgroup v2": {"memory": [("memory.max", limits.memory_bytes), ("memory.swap.max", 0),
-                                         ("pids.max", limits.max_processes + 3)]},
-                "cgroup v1": {"memory": [("memory.limit_in_bytes", limits.memory_bytes),
-                                         ("memory.memsw.limit_in_bytes", limits.memory_bytes)],
-                              "pids": [("pids.max", limits.max_processes + 3)]}}.get(kind, {})
-    made = []
-    try:
-        for controller, base in bases.items():
-            folder = f"{base}/{name}"
-            os.mkdir(folder)
-            made.append(folder)
-            for file, value in settings[controller]:
-                if file in _OPTIONAL_CGROUP_FILES and not os.path.exists(f"{folder}/{file}"):
-                    continue
-                with open(f"{folder}/{file}", "w") as handle:
-                    handle.write(str(value))
-    except BaseException:
-        _remove_cgroups(made)
-        raise
-    return made
-
-
-def _out_of_memory(cgroups: list[str]) -> bool:
-    """Whether the kernel killed a process of the run for passing its memory cap."""
-    for folder in cgroups:
-        for file in ("memory.events", "memory.oom_control"):  # v2, v1: both have an "oom_kill N" line
-            try:
-                with open(f"{folder}/{file}") as handle:
-                    counts = dict(line.split() for line in handle if line.strip())
-            except OSError:
-                continue
-            if int(counts.get("oom_kill", 0)) > 0:
-                return True
-    return False
-
-
-def _remove_cgroups(cgroups: list[str]) -> None:
-    """Remove a run's cgroups: empty by now (the PID namespace is gone), but exiting tasks take a moment."""
-    for folder in cgroups:
-        deadline = time.monotonic() + 5.0
-        while True:
-            try:
-                os.rmdir(folder)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    logging.getLogger(__name__).warning("opd sandbox: could not remove %s", folder)
-                    break
-                try:
-                    with open(f"{folder}/cgroup.procs") as handle:
-                        for pid in handle.read().split():
-                            os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
-                time.sleep(0.01)
 
 
 def _collect(process: subprocess.Popen, limits: SandboxLimits) -> tuple[bytes, bytes, bool, bool]:
