@@ -64,7 +64,7 @@ def grade(problem: Problem, completion: str) -> Grade:
         return Grade(correct=result.passed, reason=result.reason)
     if problem.benchmark == "mbpp":
         # MBPP's setup code uses the solution's own definitions (e.g. its Node class): it runs after them,
-        # as the start of the tests (benchmark code, so its comparisons are hardened too).
+        # as the start of the tests (benchmark code: it runs in the trusted test process, calling into the program's).
         tests = problem.payload["setup"] + "\n" + problem.payload["tests"]
         result = check_program(extract_code(completion), tests, CODE_LIMITS)
         return Grade(correct=result.passed, reason=result.reason)
