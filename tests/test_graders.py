@@ -280,3 +280,35 @@ def test_grades_that_could_not_be_computed_are_a_metric_of_the_step():
     metrics = accuracy_metrics(graded)
     assert metrics["reward/grading_failures"].value == 2.0
     assert metrics["reward/math/grading_failures"].value == metrics["reward/code/grading_failures"].value == 1.0
+
+
+def _backtracks(window: str) -> str:
+    """An extractor that regressed to exponential backtracking on a pathological completion."""
+    if window.endswith("(((((((((("):
+        re.fullmatch(r"(\(+)+x", window[-30:])  # 2**30 ways to split the run of brackets: minutes
+    return window
+
+
+def test_exact_and_multiple_choice_grades_have_a_literal_timeout(monkeypatch, caplog):
+    """Extraction is linear by design; if it ever is not, the grade fails at ANSWER_TIMEOUT_SECONDS instead
+    of hanging the run, and the failure is counted."""
+    from opd.evaluate.grading import grade
+    from opd.evaluate.problem import Problem
+    from opd.grading import graders
+
+    pathological = "reasoning " + "(" * 40
+    question = Problem(benchmark="mmlu_stem", problem_id="q", domain="stem", prompt="Pick one.", answer="C")
+    assert graders.exact_grader(row("19"), "so the answer: 19") == 1.0
+    assert grade(question, "The answer is (C).").correct
+    monkeypatch.setattr(graders, "final_answer", _backtracks)
+    monkeypatch.setattr("opd.evaluate.grading.mc_letter", _backtracks)
+    monkeypatch.setattr(graders.ANSWER_WORKER, "timeout_seconds", 2.0)
+    before = graders.grader_failures().get("timeout", 0)
+    with caplog.at_level("WARNING", logger="opd.grading"):
+        assert graders.exact_grader(row("19"), pathological) == 0.0
+        chosen = grade(question, pathological)
+    assert not chosen.correct and chosen.failure == "timeout" and "2 s limit" in chosen.reason
+    assert graders.grader_failures()["timeout"] == before + 2
+    assert "answer extraction took more than its 2 s limit" in caplog.text
+    monkeypatch.undo()
+    assert graders.exact_grader(row("19"), "so the answer: 19") == 1.0  # a fresh worker after the kill

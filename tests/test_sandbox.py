@@ -414,6 +414,41 @@ def test_a_correct_program_passes_with_the_proof_of_completion():
     assert unfinished.reason == "exit code 0 before the tests ran to their end"
 
 
+# Hacks against the one-process runner's internals that the frame walk above does not cover: each passed
+# there (the function under test shared the tests' process) and must fail with the tests in another process.
+INTERNALS_HACKS = {
+    "the tests' comparison helpers replaced through gc": (textwrap.dedent(r"""
+        import gc
+        def add(a, b):
+            for found in gc.get_objects():
+                if type(found) is dict:
+                    for name in [name for name in found if type(name) is str and name.startswith("__opd_")]:
+                        found[name] = lambda *args: True  # the hardened comparison and truth helpers
+            return 5  # right for the first assert only, whose helper was loaded before this call
+    """), ADD_TESTS),
+    "sys.settrace jumps over the asserts": (textwrap.dedent(r"""
+        import sys
+        def add(a, b):
+            tests = sys._getframe(1)
+            last = max(line for *_, line in tests.f_code.co_lines() if line is not None)
+            def skip(frame, event, argument):
+                if event == "line" and frame.f_lineno < last:
+                    frame.f_lineno = last  # straight to the tests' last line: the asserts never run
+                return skip
+            tests.f_trace, tests.f_trace_lines = skip, True
+            sys.settrace(lambda *args: None)  # tracing on, so that the frame's own trace function runs
+            return 5  # right for the first assert only
+    """), "assert add(2, 3) == 5\nassert add(10, -4) == 6\nassert add(0, 0) == 0\nchecked = True\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INTERNALS_HACKS))
+def test_hacks_against_the_runners_internals_score_zero(name):
+    program, tests = INTERNALS_HACKS[name]
+    result = check_program(program, tests, FAST)
+    assert not result.passed and not result.completed, (name, result)
+
+
 @pytest.mark.parametrize("name", sorted(REWARD_HACKS))
 def test_reward_hacks_score_zero(name):
     result = check_program(REWARD_HACKS[name], ADD_TESTS, FAST)
@@ -491,9 +526,9 @@ def test_a_module_the_program_patched_is_not_the_tests_module():
 # ------------------------------------------------------------------- resources are capped per run
 
 def _cgroup_runs_left() -> list[str]:
-    from opd.grading.sandbox import _cgroup_bases
+    from opd.grading.cgroups import cgroup_bases
 
-    return [f"{base}/{name}" for base in _cgroup_bases()[1].values() for name in os.listdir(base)
+    return [f"{base}/{name}" for base in cgroup_bases()[1].values() for name in os.listdir(base)
             if name.startswith(f"opd-sandbox-{os.getpid()}-")]  # (other processes' runs may be under way)
 
 
@@ -619,13 +654,13 @@ def test_pathname_unix_sockets_of_the_host_cannot_be_reached(visible_dir):
 
 
 def test_memory_control_is_reported_and_the_rlimit_fallback_still_caps(monkeypatch):
-    from opd.grading import sandbox
+    from opd.grading import cgroups, sandbox
 
     level = sandbox.memory_control()
     assert level in ("cgroup v1", "cgroup v2", "rlimit")
     if os.geteuid() == 0 and Path("/sys/fs/cgroup").is_dir():
         assert level != "rlimit"
-    monkeypatch.setattr(sandbox, "_cgroup_bases", lambda: ("rlimit", {}))
+    monkeypatch.setattr(cgroups, "cgroup_bases", lambda: ("rlimit", {}))
     result = run_python("block = bytearray(4 * 1024 ** 3)\nprint('allocated')\n", FAST)
     assert not result.passed and result.reason == "exit code 1: MemoryError"
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from opd.evaluate import ifeval
 from opd.evaluate.problem import Grade, Problem
-from opd.grading.graders import IsolatedWorker, answer_window, check_math_answer, extract_code
+from opd.grading.graders import IsolatedWorker, answer_window, check_math_answer, extract_code, extract_in_worker
 from opd.grading.sandbox import SandboxLimits, check_program
 
 CODE_LIMITS = SandboxLimits(timeout_seconds=10.0)
@@ -64,7 +64,7 @@ def grade(problem: Problem, completion: str) -> Grade:
         return Grade(correct=result.passed, reason=result.reason)
     if problem.benchmark == "mbpp":
         # MBPP's setup code uses the solution's own definitions (e.g. its Node class): it runs after them,
-        # as the start of the tests (benchmark code, so its comparisons are hardened too).
+        # as the start of the tests (benchmark code: it runs in the trusted test process, calling into the program's).
         tests = problem.payload["setup"] + "\n" + problem.payload["tests"]
         result = check_program(extract_code(completion), tests, CODE_LIMITS)
         return Grade(correct=result.passed, reason=result.reason)
@@ -80,7 +80,11 @@ def grade(problem: Problem, completion: str) -> Grade:
         return Grade(correct=all(strict), reason=f"strict {sum(strict)}/{len(strict)}, loose {sum(loose)}/{len(loose)}",
                      instructions=followed)
     if problem.domain == "stem":
-        letter = mc_letter(completion)
+        outcome = extract_in_worker(mc_letter, completion)  # under the literal ANSWER_TIMEOUT_SECONDS
+        if outcome.failure is not None:
+            return Grade(correct=False, reason=f"option letter: {outcome.detail} (counted wrong)",
+                         failure=outcome.failure)
+        letter = outcome.value
         if letter is None:
             return Grade(correct=False, reason="no option letter found")
         return Grade(correct=letter == problem.answer, reason=f"chose {letter}, gold {problem.answer}")

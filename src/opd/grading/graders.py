@@ -8,8 +8,9 @@ and an evaluation score agree.
 
 Every grader is total: it returns a grade for any string, in bounded time.
 - Answer extraction (`final_answer`, and `mc_letter` in evaluate/grading.py) reads only the last
-  `ANSWER_WINDOW` characters of a completion, with patterns that run in linear time: their time is bounded by
-  the window, so they need no timer.
+  `ANSWER_WINDOW` characters of a completion, with patterns that run in linear time, so its time is bounded
+  by the window. It still runs in `ANSWER_WORKER` under the literal `ANSWER_TIMEOUT_SECONDS`: a pattern
+  that regresses to backtracking, or a stalled machine, then gives a failed grade instead of a hung run.
 - Work whose time the window cannot bound (math-verify's parsing and symbolic comparison, Google's IFEval
   checker) runs in an `IsolatedWorker`: a spawned process with a timeout per call, replaced when it dies.
 - Programs run in the sandbox, under its own limits.
@@ -187,6 +188,18 @@ class IsolatedWorker:
 
 # ------------------------------------------------------------------ exact
 
+# Extraction takes microseconds on the bounded window; the limit is a backstop that should never fire. The
+# window, not the whole completion, is what crosses to the worker (a ~0.5 ms round trip per grade).
+ANSWER_TIMEOUT_SECONDS = 5.0
+ANSWER_WORKER = IsolatedWorker("answer extraction", ANSWER_TIMEOUT_SECONDS)
+
+
+def extract_in_worker(extract: Callable[[str], Any], completion: str) -> Outcome:
+    """`extract(window)` (a module-level function: it is pickled) in ANSWER_WORKER, under its timeout; a
+    failure is recorded (`grader_failures()`) and returned as `Outcome(failure=...)`."""
+    return ANSWER_WORKER.call(extract, answer_window(completion))
+
+
 _MARKER_WORD = re.compile("answer", re.IGNORECASE)
 _TOKEN_CHARACTERS = re.compile(r"[\w./-]+")
 
@@ -218,10 +231,14 @@ def _ends_with_answer(text: str) -> bool:
 
 
 def exact_grader(row: PromptRow, completion: str) -> float:
-    """1 if the completion's final answer equals the row's `answer` as a string (after trimming)."""
+    """1 if the completion's final answer equals the row's `answer` as a string (after trimming); 0 when the
+    extraction ran past ANSWER_TIMEOUT_SECONDS."""
     if row.answer is None:
         raise ValueError(f"row {row.index + 1} has no 'answer' to grade against")
-    return float(final_answer(completion) == str(row.answer).strip())
+    outcome = extract_in_worker(final_answer, completion)
+    if outcome.failure is not None:  # counted wrong (and tallied as a failure)
+        return 0.0
+    return float(outcome.value == str(row.answer).strip())
 
 
 # ------------------------------------------------------------------ math

@@ -6,7 +6,7 @@ fork loops, huge allocations, endless prints) and sometimes by reward hacking, s
 is enforced by the kernel, not by the program's good will.
 
 Three processes, the first started by `run_python` with `start_new_session=True`:
-1. the *launcher* (this file run as a script, `python -I -S`) creates fresh network, mount, PID and IPC
+1. the *launcher* (sandbox_launcher.py run as a script, `python -I -S`) creates fresh network, mount, PID and IPC
    namespaces, plus a user namespace when we are not root, and waits for
 2. the *reaper*, PID 1 of the new PID namespace, which builds the file system view, forks the program and
    reaps orphans. When it exits the kernel kills everything left in the namespace, so background children,
@@ -47,7 +47,7 @@ What the program gets:
 - rlimits: file size, open files, CPU time (a backstop for the wall-clock timeout), processes
   (`max_processes`), no core dumps; stdout + stderr are read through pipes and the run is stopped once
   they exceed `max_output_bytes`, so our memory never grows with them.
-- a seccomp filter (`_seccomp_program`): no new user namespace (unshare/clone with CLONE_NEWUSER, setns,
+- a seccomp filter (`sandbox_launcher._seccomp_program`): no new user namespace (unshare/clone with CLONE_NEWUSER, setns,
   clone3), no kernel keyring calls, no ptrace / process_vm_readv / process_vm_writev / pidfd_getfd (the
   test process is out of the program's reach), no socket(AF_UNIX) (so no connect() to a host's pathname socket in a
   folder it can see), no io_uring; and a fresh, empty session keyring.
@@ -72,10 +72,8 @@ lacks it, and then run_python raises SandboxError). docs/sandbox.md says what a 
 
 from __future__ import annotations
 
-import errno
 import itertools
 import json
-import logging
 import os
 import secrets
 import selectors
@@ -86,6 +84,11 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+from opd.grading import cgroups as cgroup_control
+from opd.grading.sandbox_launcher import WORK
+
+_LAUNCHER = str(Path(__file__).parent / "sandbox_launcher.py")  # run as a script, never imported inside
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -120,7 +123,7 @@ def isolation_level() -> str:
 def memory_control() -> str:
     """How a run's memory is capped: "cgroup v2" or "cgroup v1" (every process, tmpfs and memfd page of the
     run together), else "rlimit" (each process alone, RLIMIT_AS; logged once, see the module docstring)."""
-    return _cgroup_bases()[0]
+    return cgroup_control.cgroup_bases()[0]
 
 
 def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
@@ -139,7 +142,8 @@ def _run(program: str, tests: str, limits: SandboxLimits) -> SandboxResult:
     status_read, status_write = os.pipe()  # the reaper reports "exit: <wait status>" or "error: <why>"
     proof_read, proof_write = os.pipe()
     try:
-        cgroups = _make_cgroups(limits)
+        # The launcher, the reaper and the test process are in the pids cgroup too: three beyond the program's.
+        cgroups = cgroup_control.make_cgroups(limits.memory_bytes, limits.max_processes + 3)
     except OSError as error:
         for fd in (status_read, status_write, proof_read, proof_write):
             os.close(fd)
@@ -168,9 +172,9 @@ def _run(program: str, tests: str, limits: SandboxLimits) -> SandboxResult:
             process.stderr.close()
             report = _read_report(status_read)
             proof = _read_report(proof_read)
-        out_of_memory = _out_of_memory(cgroups)
+        out_of_memory = cgroup_control.out_of_memory(cgroups)
     finally:
-        _remove_cgroups(cgroups)
+        cgroup_control.remove_cgroups(cgroups)
     if report.startswith("error:"):
         raise SandboxError(f"{report[6:].strip()} (isolation level {isolation_level()!r})")
     returncode = os.waitstatus_to_exitcode(int(report[5:])) if report.startswith("exit:") else None
@@ -226,11 +230,11 @@ def _exposed_folders(python: str, hidden: list[str]) -> list[str]:
 
 def _start(program: str, tests: str, token: str, limits: SandboxLimits, cgroups: list[str], status_write: int,
            proof_write: int) -> subprocess.Popen:
-    """Start the launcher (this file as a script) in a new session, so that it leads its process group."""
+    """Start the launcher (sandbox_launcher.py as a script) in a new session, so that it leads its process group."""
     def clean(text: str) -> str:  # a lone surrogate becomes "?", never a crash
         return text.encode("utf-8", errors="replace").decode("utf-8")
 
-    setup = {"program": clean(program), "tests": clean(tests), "token": token, "path": f"{_WORK}/program.py"}
+    setup = {"program": clean(program), "tests": clean(tests), "token": token, "path": f"{WORK}/program.py"}
     data = json.dumps(setup).encode()  # read by the reaper and the runner; closed before the program runs
     source_fd = os.memfd_create("opd-sandbox-setup")  # program, tests and token, never on disk
     try:
@@ -245,7 +249,7 @@ def _start(program: str, tests: str, token: str, limits: SandboxLimits, cgroups:
                   "memory": None if cgroups else limits.memory_bytes, "runner": _runner_source(),
                   "cpu": int(limits.timeout_seconds) + 1, "processes": limits.max_processes + 1,  # + the test process
                   "file": limits.max_file_bytes, "scratch": 4 * limits.max_file_bytes + len(data)}
-        return subprocess.Popen([sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config)],
+        return subprocess.Popen([sys.executable, "-I", "-S", "-B", _LAUNCHER, json.dumps(config)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 pass_fds=(source_fd, status_write, proof_write), cwd="/",
                                 env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
@@ -256,131 +260,6 @@ def _start(program: str, tests: str, token: str, limits: SandboxLimits, cgroups:
 @cache
 def _runner_source() -> str:
     return (Path(__file__).parent / "sandbox_runner.py").read_text()
-
-
-# ------------------------------------------------------------------------------------ cgroups, per run
-
-_cgroup_counter = itertools.count()
-_OPTIONAL_CGROUP_FILES = {"memory.swap.max", "memory.memsw.limit_in_bytes"}  # absent without swap accounting
-
-
-@cache
-def _cgroup_bases() -> tuple[str, dict[str, str]]:
-    """("cgroup v2" | "cgroup v1", {controller: folder in which we may create cgroups}) or ("rlimit", {}).
-
-    Probed once by creating and removing a child of our own cgroup: a controller counts only where that
-    child gets its limit files (v2: memory enabled in our subtree_control; v1: a writable hierarchy)."""
-    mounts = {}  # fstype or v1 controller -> mount point
-    with open("/proc/self/mountinfo") as handle:
-        for line in handle:
-            fields = line.split()
-            fstype, options = fields[fields.index("-") + 1], fields[-1].split(",")
-            if fstype == "cgroup2":
-                mounts.setdefault("cgroup2", fields[4])
-            elif fstype == "cgroup":
-                for controller in ("memory", "pids"):
-                    if controller in options:
-                        mounts.setdefault(controller, fields[4])
-    paths = {}  # "" (v2) or controller -> our cgroup's path
-    with open("/proc/self/cgroup") as handle:
-        for line in handle:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            for controller in controllers.split(",") if controllers else [""]:
-                paths[controller] = path
-    if "cgroup2" in mounts and "" in paths:
-        base = mounts["cgroup2"] + paths[""].rstrip("/")
-        if _probe(base, ("memory.max", "pids.max")):
-            return "cgroup v2", {"memory": base}
-    if "memory" in mounts and "memory" in paths:
-        bases = {"memory": mounts["memory"] + paths["memory"].rstrip("/")}
-        if _probe(bases["memory"], ("memory.limit_in_bytes",)):
-            if "pids" in mounts and "pids" in paths:
-                pids = mounts["pids"] + paths["pids"].rstrip("/")
-                if _probe(pids, ("pids.max",)):
-                    bases["pids"] = pids
-            return "cgroup v1", bases
-    logging.getLogger(__name__).warning(
-        "opd sandbox: no memory cgroup this process may create (%s); each process of a run is capped at "
-        "memory_bytes of address space instead (RLIMIT_AS), so a run may use max_processes * memory_bytes "
-        "and memfd or shared-memory pages beyond that; run as root, or in a delegated cgroup, for a per-run cap",
-        "cgroup v2 without the memory controller delegated" if "cgroup2" in mounts else "no cgroup file system")
-    return "rlimit", {}
-
-
-def _probe(base: str, files: tuple[str, ...]) -> bool:
-    folder = f"{base}/opd-sandbox-probe-{os.getpid()}"
-    try:
-        os.mkdir(folder)
-    except OSError:
-        return False
-    try:
-        return all(os.access(f"{folder}/{name}", os.W_OK) for name in files)
-    finally:
-        os.rmdir(folder)
-
-
-def _make_cgroups(limits: SandboxLimits) -> list[str]:
-    """Fresh cgroups for one run with its limits written; the launcher joins them before it forks."""
-    kind, bases = _cgroup_bases()
-    name = f"opd-sandbox-{os.getpid()}-{next(_cgroup_counter)}"
-    # The launcher and the reaper are in the pids cgroup too: two more than the program's own.
-    settings = {"cgroup v2": {"memory": [("memory.max", limits.memory_bytes), ("memory.swap.max", 0),
-                                         ("pids.max", limits.max_processes + 3)]},
-                "cgroup v1": {"memory": [("memory.limit_in_bytes", limits.memory_bytes),
-                                         ("memory.memsw.limit_in_bytes", limits.memory_bytes)],
-                              "pids": [("pids.max", limits.max_processes + 3)]}}.get(kind, {})
-    made = []
-    try:
-        for controller, base in bases.items():
-            folder = f"{base}/{name}"
-            os.mkdir(folder)
-            made.append(folder)
-            for file, value in settings[controller]:
-                if file in _OPTIONAL_CGROUP_FILES and not os.path.exists(f"{folder}/{file}"):
-                    continue
-                with open(f"{folder}/{file}", "w") as handle:
-                    handle.write(str(value))
-    except BaseException:
-        _remove_cgroups(made)
-        raise
-    return made
-
-
-def _out_of_memory(cgroups: list[str]) -> bool:
-    """Whether the kernel killed a process of the run for passing its memory cap."""
-    for folder in cgroups:
-        for file in ("memory.events", "memory.oom_control"):  # v2, v1: both have an "oom_kill N" line
-            try:
-                with open(f"{folder}/{file}") as handle:
-                    counts = dict(line.split() for line in handle if line.strip())
-            except OSError:
-                continue
-            if int(counts.get("oom_kill", 0)) > 0:
-                return True
-    return False
-
-
-def _remove_cgroups(cgroups: list[str]) -> None:
-    """Remove a run's cgroups: empty by now (the PID namespace is gone), but exiting tasks take a moment."""
-    for folder in cgroups:
-        deadline = time.monotonic() + 5.0
-        while True:
-            try:
-                os.rmdir(folder)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    logging.getLogger(__name__).warning("opd sandbox: could not remove %s", folder)
-                    break
-                try:
-                    with open(f"{folder}/cgroup.procs") as handle:
-                        for pid in handle.read().split():
-                            os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
-                time.sleep(0.01)
 
 
 def _collect(process: subprocess.Popen, limits: SandboxLimits) -> tuple[bytes, bytes, bool, bool]:
@@ -440,266 +319,3 @@ def _reason(returncode: int | None, timed_out: bool, flooded: bool, out_of_memor
         return "CPU time limit exceeded" if name == "SIGXCPU" else f"killed by signal {name}"
     last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")
     return f"exit code {returncode}: {last[:200]}" if last else f"exit code {returncode}"
-
-
-# ----------------------------------------------------------------------- the launcher, reaper, program
-
-_WORK = "/tmp/sandbox"
-# From <linux/sched.h>, <linux/mount.h>, <linux/prctl.h>; mount_setattr is 442 on every architecture.
-_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = (
-    0x20000, 0x8000000, 0x10000000, 0x20000000, 0x40000000)
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
-_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 1, 4, 38
-_SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID = 442, -100, 0x8000, 1, 2
-
-
-def _launch(config: dict) -> None:
-    """The launcher: new namespaces, then wait for the reaper. Runs as the caller (root or not)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    status = config["status_fd"]
-    try:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # our caller died: so do we, and so the reaper
-        for folder in config["cgroups"]:  # before any fork: every process of the run is born inside
-            with open(f"{folder}/cgroup.procs", "w") as handle:
-                handle.write(str(os.getpid()))
-        os.umask(0o022)
-        namespaces = _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID | _CLONE_NEWIPC
-        if config["uid"] is None:  # not root: a user namespace grants the rights to set up the rest
-            uid, gid = os.getuid(), os.getgid()
-            _check(libc.unshare(_CLONE_NEWUSER | namespaces), "unshare (user namespaces)")
-            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-                with open(f"/proc/self/{name}", "w") as handle:
-                    handle.write(text)
-        else:
-            _check(libc.unshare(namespaces), "unshare")
-        libc.prctl(_PR_SET_DUMPABLE, 0)  # a same-uid program may not ptrace us or open our /proc/<pid>/fd
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # until the handler below knows the reaper
-        reaper = os.fork()
-    except BaseException as error:
-        _report(status, f"error: launcher: {type(error).__name__}: {error}")
-        os._exit(125)
-    if reaper == 0:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        _reap(config, libc)
-    # SIGTERM from run_python (timeout, output flood) stops the run: the reaper's death empties its namespace,
-    # and we still reap it, so that it never lingers as a zombie of whatever process adopts orphans.
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(reaper, signal.SIGKILL))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    os.waitpid(reaper, 0)
-    os._exit(0)
-
-
-def _reap(config: dict, libc) -> None:
-    """PID 1 of the namespace: mounts, the work folder, then forks the program and reaps until it exits."""
-    status = config["status_fd"]
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as PID 1, unhandled signals from inside are ignored
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        setup = b""
-        while chunk := os.read(config["source_fd"], 1 << 20):
-            setup += chunk
-        os.lseek(config["source_fd"], 0, os.SEEK_SET)  # the runner reads it again, then closes it
-        _mount(config, libc)
-        os.mkdir(_WORK, 0o700)
-        with open(f"{_WORK}/program.py", "w", encoding="utf-8") as handle:  # the program alone, never its tests
-            handle.write(json.loads(setup)["program"])
-        del setup
-        if config["uid"] is not None:
-            for path in (_WORK, f"{_WORK}/program.py"):
-                os.chown(path, config["uid"], config["uid"])
-        os.chdir(_WORK)
-        program = os.fork()
-    except BaseException as error:
-        _report(status, f"error: setup: {type(error).__name__}: {error}")
-        os._exit(125)
-    if program == 0:
-        _exec_program(config, libc)
-    os.close(config["source_fd"])
-    os.close(config["proof_fd"])
-    while True:
-        pid, wait_status = os.waitpid(-1, 0)  # also reaps orphans re-parented to us
-        if pid == program:
-            _report(status, f"exit: {wait_status}")
-            os._exit(0)  # the kernel now kills whatever the program left behind
-
-
-def _mount(config: dict, libc) -> None:
-    import ctypes
-
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-
-    def mount(source, target: str, fstype, flags: int, data: str | None = None) -> None:
-        _check(libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), flags,
-                          data and data.encode()), f"mount {target}")
-
-    mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount may propagate to the real system
-    exposed = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in config["expose"]]
-    for path in config["hide"]:
-        mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=755")
-    for path, fd in exposed:
-        os.makedirs(path, exist_ok=True)
-        mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
-        os.close(fd)
-    attributes = (ctypes.c_uint64 * 4)(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, 0, 0)
-    _check(libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_long(_AT_FDCWD), ctypes.c_char_p(b"/"),
-                        ctypes.c_long(_AT_RECURSIVE), attributes, ctypes.c_long(ctypes.sizeof(attributes))),
-           "mount_setattr / read-only")
-    mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={config['scratch']},nr_inodes=4096,mode=1777")
-    for path in ("/var/tmp", "/dev/shm"):
-        if os.path.isdir(path) and not os.path.islink(path):
-            mount("/tmp", path, None, _MS_BIND)
-    try:
-        mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)  # only this namespace's processes
-    except OSError:
-        if config["uid"] is not None:
-            raise
-        # A container may forbid proc mounts in user namespaces; the host's /proc would let a same-uid
-        # program open /proc/<pid>/mem of our own processes, so it goes away entirely.
-        mount("tmpfs", "/proc", "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,mode=555")
-
-
-def _exec_program(config: dict, libc) -> None:
-    import resource
-
-    try:
-        limits = [(resource.RLIMIT_FSIZE, config["file"]), (resource.RLIMIT_NOFILE, 256), (resource.RLIMIT_CORE, 0),
-                  # Without a uid of its own (not root) the launcher and the reaper count too.
-                  (resource.RLIMIT_NPROC, config["processes"] + (0 if config["uid"] is not None else 2))]
-        if config["memory"] is not None:  # no cgroup: the weaker per-process cap (memory_control())
-            limits.append((resource.RLIMIT_AS, config["memory"]))
-        for limit, value in limits:
-            resource.setrlimit(limit, (value, value))
-        resource.setrlimit(resource.RLIMIT_CPU, (config["cpu"], config["cpu"] + 1))
-        try:  # at the cgroup's limit the kernel kills the program, not the reaper that reports on it
-            with open("/proc/self/oom_score_adj", "w") as handle:
-                handle.write("1000")
-        except OSError:
-            pass
-        if config["uid"] is not None:
-            os.setgroups([])
-            os.setgid(config["uid"])
-            os.setuid(config["uid"])  # drops every capability: no way back to root
-        _join_fresh_keyring(libc)
-        _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl no_new_privs")
-        _install_seccomp_filter(libc)
-        os.set_inheritable(config["status_fd"], False)  # closed by exec: the program cannot forge a report
-        for fd in (config["source_fd"], config["proof_fd"]):
-            os.set_inheritable(fd, True)  # the runner's: it closes the first before the program runs
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": _WORK, "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
-        os.execve(config["python"], [config["python"], "-I", "-S", "-B", "-c", config["runner"],
-                                     str(config["source_fd"]), str(config["proof_fd"]), f"{_WORK}/program.py"], env)
-    except BaseException as error:
-        _report(config["status_fd"], f"error: program start: {type(error).__name__}: {error}")
-    os._exit(125)
-
-
-# System call numbers, and the audit architecture the seccomp filter checks (<linux/audit.h>).
-_SYSCALLS = {
-    "x86_64": {"arch": 0xC000003E, "clone": 56, "unshare": 272, "setns": 308, "clone3": 435, "socket": 41,
-               "add_key": 248, "request_key": 249, "keyctl": 250, "io_uring_setup": 425, "io_uring_enter": 426,
-               "io_uring_register": 427, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
-               "pidfd_getfd": 438},
-    "aarch64": {"arch": 0xC00000B7, "clone": 220, "unshare": 97, "setns": 268, "clone3": 435, "socket": 198,
-                "add_key": 217, "request_key": 218, "keyctl": 219, "io_uring_setup": 425, "io_uring_enter": 426,
-                "io_uring_register": 427, "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
-                "pidfd_getfd": 438},
-}
-_KEYCTL_JOIN_SESSION_KEYRING, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, _AF_UNIX = 1, 22, 2, 1
-_SECCOMP_RET_KILL_PROCESS, _SECCOMP_RET_ERRNO, _SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
-_X32_SYSCALL_BIT = 0x40000000
-
-
-def _syscalls() -> dict[str, int]:
-    machine = os.uname().machine
-    if machine not in _SYSCALLS:
-        raise OSError(errno.ENOSYS, f"no seccomp filter written for {machine} (x86_64 and aarch64 only)")
-    return _SYSCALLS[machine]
-
-
-def _join_fresh_keyring(libc) -> None:
-    """A new, empty session keyring: through the inherited one the program would possess the grader's keys,
-    and possession grants reading them whatever the uid. (The seccomp filter then refuses keyctl.)"""
-    import ctypes
-
-    if libc.syscall(ctypes.c_long(_syscalls()["keyctl"]), ctypes.c_long(_KEYCTL_JOIN_SESSION_KEYRING), None) < 0:
-        if ctypes.get_errno() != errno.ENOSYS:  # a kernel without keys has none to hide
-            _check(-1, "keyctl join session keyring")
-
-
-def _seccomp_program() -> list[tuple[int, int, int, int]]:
-    """The classic BPF filter the program runs under, as (code, jt, jf, k) instructions. It refuses
-    (EPERM): a new user namespace (unshare or clone with CLONE_NEWUSER, and setns; inside one a program
-    would be root again, free to mount a tmpfs past its caps), the kernel keyring (add_key, request_key,
-    keyctl), ptrace, process_vm_readv/writev and pidfd_getfd (the test process beside the program must stay
-    out of its reach), socket(AF_UNIX) (connect() to a host's pathname socket is the one way out that the network
-    namespace leaves; socketpair() still works) and io_uring (its operations bypass this filter). clone3
-    says ENOSYS, since its flags sit in memory a filter cannot read; glibc then falls back to clone. A
-    system call of another ABI (x32, 32-bit) kills the process."""
-    numbers = _syscalls()
-    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
-    # seccomp_data: nr at 0, arch at 4, args[0] at 16 (its low 32 bits on a little-endian machine).
-    code = [("ld", 4), ("jump", jeq, numbers["arch"], None, "kill"), ("ld", 0)]
-    if os.uname().machine == "x86_64":
-        code.append(("jump", jge, _X32_SYSCALL_BIT, "kill", None))
-    code += [("jump", jeq, numbers[name], "flags", None) for name in ("unshare", "clone")]
-    code += [("jump", jeq, numbers["socket"], "domain", None), ("jump", jeq, numbers["clone3"], "enosys", None)]
-    code += [("jump", jeq, numbers[name], "eperm", None)
-             for name in ("setns", "add_key", "request_key", "keyctl", "io_uring_setup", "io_uring_enter",
-                          "io_uring_register", "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd")]
-    code += [("ret", _SECCOMP_RET_ALLOW),
-             ("label", "flags"), ("ld", 16), ("jump", jset, _CLONE_NEWUSER, "eperm", None), ("ret", _SECCOMP_RET_ALLOW),
-             ("label", "domain"), ("ld", 16), ("jump", jeq, _AF_UNIX, "eperm", None), ("ret", _SECCOMP_RET_ALLOW),
-             ("label", "eperm"), ("ret", _SECCOMP_RET_ERRNO | errno.EPERM),
-             ("label", "enosys"), ("ret", _SECCOMP_RET_ERRNO | errno.ENOSYS),
-             ("label", "kill"), ("ret", _SECCOMP_RET_KILL_PROCESS)]
-    labels, position = {}, 0
-    for item in code:
-        if item[0] == "label":
-            labels[item[1]] = position
-        else:
-            position += 1
-    program = []
-    for item in code:
-        if item[0] == "ld":
-            program.append((ld, 0, 0, item[1]))
-        elif item[0] == "ret":
-            program.append((ret, 0, 0, item[1]))
-        elif item[0] == "jump":
-            _, op, value, true, false = item
-            here = len(program) + 1  # jumps count from the next instruction
-            program.append((op, labels[true] - here if true else 0, labels[false] - here if false else 0, value))
-    return program
-
-
-def _install_seccomp_filter(libc) -> None:
-    import ctypes
-
-    class SockFilter(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
-
-    instructions = _seccomp_program()
-    table = (SockFilter * len(instructions))(*(SockFilter(*instruction) for instruction in instructions))
-    fprog = SockFprog(len(instructions), table)
-    _check(libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "seccomp filter")
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        import ctypes
-
-        number = ctypes.get_errno()
-        raise OSError(number, f"{what}: {os.strerror(number)}")
-
-
-def _report(fd: int, text: str) -> None:
-    os.write(fd, text.encode("utf-8", errors="replace")[:4000])
-
-
-if __name__ == "__main__":
-    _launch(json.loads(sys.argv[1]))

@@ -1,8 +1,8 @@
 """The runner: the first Python code inside the sandbox. It splits into two processes before anything is
 read, so that the tests and the proof of their completion live in a process the program cannot touch.
 
-`sandbox.py` starts it as `python -I -S -B -c <this file's text> <setup fd> <proof fd> <program.py>`; it is never
-imported inside the sandbox (the checkout may be hidden there), but the parent imports it to test the codec.
+`sandbox_launcher.py` starts it as `python -I -S -B -c <this file's text> <setup fd> <proof fd> <program.py>`;
+it is never imported inside the sandbox (the checkout may be hidden there), but the parent imports it to test the codec.
 
 1. It makes itself non-dumpable (a process of the same uid may then neither ptrace it nor open its
    /proc/<pid>/mem or /proc/<pid>/fd; the program has no capability, and the seccomp filter refuses ptrace,
