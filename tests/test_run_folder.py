@@ -255,14 +255,15 @@ def test_an_evaluation_cache_with_a_torn_last_line_resumes(model_dir, tmp_path):
     """`opd eval` appends one line per sample to its cache: a kill mid-append must not break the next run."""
     from opd.evaluate.benchmarks import load_benchmark
     from opd.evaluate.run import EvalSettings, generate_completions
+    from opd.evaluate.sampling import EvalBackend
 
     problems = load_benchmark("arc_challenge")[:2]
     settings = EvalSettings(samples=1, max_new_tokens=4, limit=2)
-    first = generate_completions(str(model_dir / "student"), problems, settings, tmp_path / "cache")
+    first = generate_completions(str(model_dir / "student"), problems, settings, tmp_path / "cache", EvalBackend())
     [cache] = (tmp_path / "cache").glob("*.jsonl")
     lines = cache.read_text().splitlines()
     cache.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # the second sample's line torn
-    again = generate_completions(str(model_dir / "student"), problems, settings, tmp_path / "cache")
+    again = generate_completions(str(model_dir / "student"), problems, settings, tmp_path / "cache", EvalBackend())
     assert again[problems[0].problem_id] == first[problems[0].problem_id]  # from the cache
     assert len(again[problems[1].problem_id]) == 1  # sampled again
     text = cache.read_text()

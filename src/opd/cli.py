@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                              help="with --responses: grade a file that answers only some problems; the others "
                                   "count as wrong and the coverage is reported (without it, such a file is refused)")
     eval_parser.add_argument("--output-dir", default="runs/eval")
+    eval_parser.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                             help="the sampler: HF generate, or a vLLM engine in this process (opd[vllm])")
+    eval_parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="--backend vllm: the engine's KV cache")
+    eval_parser.add_argument("--max-model-len", type=int, default=None,
+                             help="--backend vllm: tokens per sequence (default: the model's max_position_embeddings)")
 
     bench_parser = commands.add_parser("bench", help="speed and memory benchmarks, as ratios measured in one run")
     bench_parser.add_argument("name", choices=["memory", "overhead", "step", "rollout"])
@@ -241,8 +246,13 @@ def run_eval(args) -> None:
     benchmarks = [args.benchmark] if args.responses else [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     settings = EvalSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, limit=args.limit)
+    backend = None
+    if args.responses is None:
+        from opd.evaluate.sampling import EvalBackend
+
+        backend = EvalBackend(name=args.backend, kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len)
     results = evaluate(benchmarks, settings, args.output_dir, model_dir=args.model, responses_path=args.responses,
-                       partial=args.partial)
+                       partial=args.partial, backend=backend)
     print(format_table(results))
     print(f"opd: every sample with its grade and reason in {args.output_dir}/results.json")
 

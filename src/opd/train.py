@@ -29,6 +29,7 @@ from opd.collect import collect, grade, max_prefix_length
 from opd.config import Config, OptimConfig, to_dict
 from opd.data import prompts_for_step
 from opd.evaluate.run import EvalSettings, evaluate
+from opd.evaluate.sampling import EvalBackend
 from opd.metrics import as_floats, combine, rollout_metrics
 from opd.objectives import Objective
 from opd.runtime import distributed
@@ -268,7 +269,8 @@ def evaluate_during_training(student: nn.Module, tokenizer, config: Config, run_
     if distributed.is_main():
         settings = EvalSettings(samples=config.eval.samples, temperature=config.eval.temperature,
                                 max_new_tokens=config.eval.max_new_tokens, limit=config.eval.limit)
-        results = evaluate(list(config.eval.benchmarks), settings, str(run_dir / "eval"), model_dir=str(folder))
+        results = evaluate(list(config.eval.benchmarks), settings, str(run_dir / "eval"), model_dir=str(folder),
+                           backend=EvalBackend())
         for name, result in results["benchmarks"].items():
             values[f"eval/{name}/avg_at_k"] = result["avg_at_k"]
         for domain, value in results["domains"].items():

