@@ -442,13 +442,6 @@ INTERNALS_HACKS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(INTERNALS_HACKS))
-def test_hacks_against_the_runners_internals_score_zero(name):
-    program, tests = INTERNALS_HACKS[name]
-    result = check_program(program, tests, FAST)
-    assert not result.passed and not result.completed, (name, result)
-
-
 @pytest.mark.parametrize("name", sorted(REWARD_HACKS))
 def test_reward_hacks_score_zero(name):
     result = check_program(REWARD_HACKS[name], ADD_TESTS, FAST)
@@ -499,9 +492,10 @@ PLAIN_VALUE_PASSES = {  # what a legitimate program returns still compares by va
 }
 
 
-@pytest.mark.parametrize("name", sorted(PLAIN_VALUE_CASES))
-def test_the_programs_objects_never_answer_for_the_tests(name):
-    program, tests = PLAIN_VALUE_CASES[name]
+@pytest.mark.parametrize("name", sorted(INTERNALS_HACKS) + sorted(PLAIN_VALUE_CASES))
+def test_hacks_against_the_runners_internals_and_the_programs_objects_score_zero(name):
+    """Neither code that reaches for the tests' internals nor an object of the program's own answers for them."""
+    program, tests = INTERNALS_HACKS.get(name) or PLAIN_VALUE_CASES[name]
     result = check_program(program, tests, FAST)
     assert not result.passed and not result.completed, (name, result)
 
