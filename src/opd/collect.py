@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from opd.functional import grpo_advantages
-from opd.grading.graders import Grader, grader_failures
+from opd.grading.graders import Grader, failure_count
 from opd.rollout.batch import Responses, build_batch, concatenate, fixed_responses, sample_batch
 from opd.types import RolloutBatch
 
@@ -145,9 +145,9 @@ def grade(batch: RolloutBatch, graders: dict[str, Grader], rows, tokenizer, grou
         completion = tokenizer.decode(batch.response_ids[row][batch.response_mask[row]], skip_special_tokens=True)
         # A grade that could not be computed (a timeout, a dead worker) is a 0 and a warning; counting them
         # per row makes them a metric of the step (grading runs in this thread, one row at a time).
-        before = sum(grader_failures().values())
+        before = failure_count()
         rewards[row] = graders[domain](rows[batch.prompt_index[row]], completion)
-        failed[row] = sum(grader_failures().values()) > before
+        failed[row] = failure_count() > before
     return attach_rewards(batch, rewards, group_size, failed)
 
 

@@ -8,10 +8,8 @@ may mix text and chat prompts, which an Arrow schema would reject); parquet goes
 
 from __future__ import annotations
 
-import dataclasses
-
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,7 @@ def keep_rows(rows: list[PromptRow], keep: list[bool]) -> list[PromptRow]:
     """The rows marked to keep, renumbered 0.. (positions are the rows' keys in a run), each still naming
     its place in the file for messages."""
     kept = [row for row, wanted in zip(rows, keep, strict=True) if wanted]
-    return [dataclasses.replace(row, index=position, where=row.where or f"row {row.index + 1}")
+    return [replace(row, index=position, where=row.where or f"row {row.index + 1}")
             for position, row in enumerate(kept)]
 
 

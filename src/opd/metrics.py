@@ -116,7 +116,7 @@ def implicit_reward_metrics(batch: RolloutBatch, teacher: TeacherScores) -> dict
     reward = teacher.logprobs - teacher.ref_logprobs
     metrics = {}
     for domain in sorted(set(batch.domain)):
-        in_domain = torch.tensor([d == domain for d in batch.domain]) & teacher.has_reference
+        in_domain = _rows_of(batch, domain) & teacher.has_reference
         mask = batch.response_mask & in_domain[:, None]
         if not mask.any():
             continue
@@ -137,7 +137,7 @@ def domain_kl_metrics(batch: RolloutBatch, teacher: TeacherScores, student_logpr
     teacher/kl_* mixes teachers, so one domain's teacher drifting can hide behind the others)."""
     metrics: dict[str, Metric] = {}
     for domain in sorted(set(batch.domain)):
-        in_domain = sampled & torch.tensor([d == domain for d in batch.domain])[:, None]
+        in_domain = sampled & _rows_of(batch, domain)[:, None]
         count = float(in_domain.sum())
         if not count:
             continue
@@ -151,7 +151,7 @@ def accuracy_metrics(batch: RolloutBatch) -> dict[str, Metric]:
     """Graded accuracy of the rollouts per domain (logged even when the objective ignores it)."""
     metrics = {"reward/accuracy": Metric(value=float(batch.rewards.mean()), weight=float(batch.num_rows))}
     for domain in sorted(set(batch.domain)):
-        rows = torch.tensor([d == domain for d in batch.domain])
+        rows = _rows_of(batch, domain)
         metrics[f"reward/{domain}/accuracy"] = Metric(value=float(batch.rewards[rows].mean()),
                                                       weight=float(rows.sum()))
         if batch.grading_failed is not None:
@@ -160,6 +160,10 @@ def accuracy_metrics(batch: RolloutBatch) -> dict[str, Metric]:
     if batch.grading_failed is not None:  # grades that could not be computed and count as 0: never silent
         metrics["reward/grading_failures"] = Metric(value=float(batch.grading_failed.sum()), reduce=Reduce.SUM)
     return metrics
+
+
+def _rows_of(batch: RolloutBatch, domain: str) -> Tensor:  # [N] bool
+    return torch.tensor([d == domain for d in batch.domain])
 
 
 def as_floats(metrics: dict[str, Metric]) -> dict[str, float]:

@@ -69,6 +69,12 @@ def grader_failures() -> dict[str, int]:
         return dict(_FAILURES)
 
 
+def failure_count() -> int:
+    """All grades this process counted as wrong because grading failed, whatever the cause."""
+    with _FAILURES_LOCK:
+        return sum(_FAILURES.values())
+
+
 def _record_failure(cause: str, detail: str) -> None:
     with _FAILURES_LOCK:
         _FAILURES[cause] += 1

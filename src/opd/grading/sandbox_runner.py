@@ -318,7 +318,6 @@ def _program_process(path: str, calls_fd: int, replies_fd: int) -> None:
     sys.modules["__main__"] = module
     sys.argv = [path]
     handles = []
-    send, serve = _send, _serve  # kept: the program may rebind this module's globals through __main__ games
     try:
         exec(compile(source, path, "exec", dont_inherit=True), module.__dict__)
         del source
@@ -331,8 +330,8 @@ def _program_process(path: str, calls_fd: int, replies_fd: int) -> None:
         _flush()
         os._exit(1)
     _flush()  # the test process's exit ends this process at once: its output must be out before
-    send(replies_fd, {"names": names})
-    serve(calls_fd, replies_fd, handles)
+    _send(replies_fd, {"names": names})
+    _serve(calls_fd, replies_fd, handles)
 
 
 def _serve(calls_fd: int, replies_fd: int, handles: list) -> None:

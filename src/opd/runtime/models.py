@@ -196,14 +196,7 @@ def render_prompt(tokenizer, prompt: str | Messages, prompt_format: str) -> list
 
 def end_of_sequence_ids(model: nn.Module, tokenizer) -> tuple[int, ...]:
     """Every id that ends a response: the tokenizer's EOS and the model's generation_config list."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, Sequence):
-        ids.update(int(i) for i in configured)
+    ids = _end_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     if not ids:
         raise ValueError("the student has no end-of-sequence token (tokenizer.eos_token_id and generation_config)")
     return tuple(sorted(ids))
@@ -212,14 +205,19 @@ def end_of_sequence_ids(model: nn.Module, tokenizer) -> tuple[int, ...]:
 def folder_end_of_sequence_ids(path: str, tokenizer) -> tuple[int, ...]:
     """What end_of_sequence_ids will return for the model in `path`, read before its weights load: the
     tokenizer's EOS and the folder's generation_config.json list."""
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     file = Path(path) / "generation_config.json"
     configured = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+    return tuple(sorted(_end_ids(tokenizer, configured)))
+
+
+def _end_ids(tokenizer, configured) -> set[int]:
+    """The tokenizer's EOS id and a generation config's `eos_token_id` (an int or a list)."""
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     if isinstance(configured, int):
         ids.add(configured)
-    elif isinstance(configured, list):
+    elif isinstance(configured, Sequence):
         ids.update(int(i) for i in configured)
-    return tuple(sorted(ids))
+    return ids
 
 
 def output_width(model: nn.Module) -> int:
