@@ -55,6 +55,8 @@ def test_minimal_config_loads_with_defaults(tmp_path):
         ({"objective": {"tropd": {"clip_floor": float("nan")}}},
          r"objective.tropd.clip_floor: must be finite, got nan"),
         ({"objective": {"tropd": {"clip_floor": 0.5}}}, r"objective.tropd.clip_floor: must be < 0, got 0.5"),
+        ({"objective": {"renormalize": True, "fkl_topk": {"tail_bucket": True}}},
+         r"objective.fkl_topk.tail_bucket: a renormalised teacher top-k \(objective.renormalize\) leaves no tail"),
         ({"objective": {"lam": float("-inf")}}, r"objective.lam: must be finite, got -inf"),
         ({"rollout": {"vllm": {"kv_cache_gib": float("nan")}}}, r"rollout.vllm.kv_cache_gib: must be finite"),
         ({"optim": {"lr": 10**400}}, r"optim.lr: must be finite, got inf"),

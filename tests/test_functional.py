@@ -227,6 +227,26 @@ def test_topk_forward_kl_against_loop_reference():
     torch.testing.assert_close(full, (teacher.exp() * (teacher - student)).sum(-1))
 
 
+def test_topk_forward_kl_tail_bucket_end_points():
+    """With k = V the teacher has no tail (0 log 0 = 0): the full forward KL, and a finite gradient even
+    though the student's tail is 0 too (floored); with k = 1 the bucket is the binary KL of the top token."""
+    g = torch.Generator().manual_seed(2)
+    student = torch.log_softmax(torch.randn(2, 3, 6, generator=g, dtype=torch.float64), -1).requires_grad_()
+    teacher = torch.log_softmax(torch.randn(2, 3, 6, generator=g, dtype=torch.float64), -1)
+    values, ids = teacher.topk(6, dim=-1)
+    full = topk_forward_kl(student.gather(-1, ids), values, tail_bucket=True)
+    torch.testing.assert_close(full.detach(), kl(teacher, student.detach()))
+    (grad,) = torch.autograd.grad(full.sum(), student)
+    assert torch.isfinite(grad).all()
+    values, ids = teacher.topk(1, dim=-1)
+    binary = topk_forward_kl(student.gather(-1, ids), values, tail_bucket=True)
+    p, q = values[..., 0].exp(), student.detach().gather(-1, ids)[..., 0].exp()
+    expected = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+    torch.testing.assert_close(binary.detach(), expected)
+    with pytest.raises(ValueError, match="renormalise"):
+        topk_forward_kl(student, teacher, renormalize=True, tail_bucket=True)
+
+
 def kl(p_log, q_log):  # KL(p || q) over the last dimension, from the definition
     return (p_log.exp() * (p_log - q_log)).sum(-1)
 

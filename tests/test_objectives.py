@@ -13,7 +13,7 @@ from opd.config import GuidanceConfig, ObjectiveConfig, TermConfig
 from opd.functional import generalized_jsd
 from opd.objectives import BuildContext, build_objective, build_single
 from opd.objectives.baselines import EntropyOpdOptions, EopdOptions, ReopoldOptions
-from opd.objectives.kl import GkdOptions, JsdTopkOptions
+from opd.objectives.kl import FklTopkOptions, GkdOptions, JsdTopkOptions
 from opd.objectives.tropd import TropdOptions
 from opd.types import RolloutBatch, StudentOutputs, TeacherScores
 
@@ -128,6 +128,15 @@ def fkl_reference(case, n, t, renormalize=False):
     return loss
 
 
+def tail_bucket_reference(case, n, t):
+    """t_T (log t_T - log t_S): the mass outside the teacher's top-k as one more category."""
+    s, p_t, _ = probabilities(case, n, t)
+    ids = teacher_topk(case, n, t)
+    teacher_tail = 1.0 - sum(p_t[v].item() for v in ids)
+    student_tail = 1.0 - sum(s[v] for v in ids)
+    return teacher_tail * (math.log(teacher_tail) - torch.log(student_tail))
+
+
 def opd_advantage(case, n, t):
     s, p_t, _ = probabilities(case, n, t)
     y = case.tokens[n, t]
@@ -158,6 +167,8 @@ def reference_loss(name, case, **options):
             value = pg_reference(case, n, t, gopd_advantage_ref(case, n, t))
         elif name == "fkl_topk":
             value = fkl_reference(case, n, t, options.get("renormalize", False))
+            if options.get("tail_bucket"):
+                value = value + tail_bucket_reference(case, n, t)
         elif name == "tropd":
             a = opd_advantage(case, n, t)
             trusted = case.noise[n, t].item() < min(math.exp(a), 1.0)
@@ -257,6 +268,13 @@ def test_tropd_matches_reference(outlier, advantage):
 
 def test_fkl_renormalized_matches_reference():
     compare(objective("fkl_topk", renormalize=True), "fkl_topk", make_case(4), renormalize=True)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_fkl_tail_bucket_matches_reference(seed):
+    """objective.fkl_topk.tail_bucket: loss and gradient against the float64 K + 1 category reference."""
+    compare(objective("fkl_topk", fkl_topk=FklTopkOptions(tail_bucket=True)), "fkl_topk", make_case(seed),
+            tail_bucket=True)
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])

@@ -32,7 +32,7 @@ from opd.objectives import (
     registered_names,
 )
 from opd.objectives.baselines import EntropyOpdOptions, EopdOptions, ReopoldOptions
-from opd.objectives.kl import GkdOptions, JsdTopkOptions
+from opd.objectives.kl import FklTopkOptions, GkdOptions, JsdTopkOptions
 from opd.objectives.tropd import TropdOptions
 from opd.types import Signal
 
@@ -157,6 +157,7 @@ class ObjectiveConfig:
     onpolicy_fraction: float = 1.0
     # Each objective's own options, read only by that objective.
     tropd: TropdOptions = field(default_factory=TropdOptions)
+    fkl_topk: FklTopkOptions = field(default_factory=FklTopkOptions)
     jsd_topk: JsdTopkOptions = field(default_factory=JsdTopkOptions)
     gkd: GkdOptions = field(default_factory=GkdOptions)
     eopd: EopdOptions = field(default_factory=EopdOptions)
@@ -346,6 +347,9 @@ def _validate_objective_settings(config: Config, require) -> None:
     require(objective.topk >= 1, "objective.topk: must be >= 1")
     require(0 <= objective.onpolicy_fraction <= 1, "objective.onpolicy_fraction: must be in [0, 1]")
     require(len(set(objective.names)) == len(objective.names), "objective.add: an objective appears twice")
+    require(not (objective.renormalize and objective.fkl_topk.tail_bucket),
+            "objective.fkl_topk.tail_bucket: a renormalised teacher top-k (objective.renormalize) leaves no tail "
+            "mass; set one of the two")
     guidance = objective.guidance
     require(0 < guidance.fraction <= 1, "objective.guidance.fraction: must be in (0, 1]")
     require(guidance.beta >= 0, "objective.guidance.beta: must be >= 0")

@@ -117,17 +117,45 @@ def trust_region_mask(
     return noise < probability
 
 
-def topk_forward_kl(student_topk_logprobs: Tensor, teacher_topk_logprobs: Tensor, renormalize: bool = False) -> Tensor:
+# The student's leftover mass outside the teacher's top-k is floored here before its log (tail_bucket): a
+# student with all its mass on the top-k would otherwise give log 0 and an infinite gradient.
+TAIL_MASS_FLOOR = 1e-10
+
+
+def topk_forward_kl(student_topk_logprobs: Tensor, teacher_topk_logprobs: Tensor, renormalize: bool = False,
+                    tail_bucket: bool = False) -> Tensor:
     """Forward KL toward the teacher over its top-k tokens, per position: sum_v p_T(v) (lT_v - lS_v).
 
     By default the teacher's probabilities are not renormalised over the top-k (algorithms §2): the term is
     the top-k part of the full forward KL. renormalize=True uses q = softmax(lT_topk) and sum_v q(v)(log q(v) - lS_v).
+    tail_bucket=True adds the rest of the vocabulary as one category: + t_T (log t_T - log t_S), with
+    t_T = 1 - sum_v p_T(v) and t_S = 1 - sum_v p_S(v) over the teacher's top-k (a KL over K + 1 categories).
     The last dimension is K. Gradients flow into student_topk_logprobs only.
     """
+    if renormalize and tail_bucket:
+        raise ValueError("topk_forward_kl: a renormalised teacher has no tail; choose renormalize or tail_bucket")
     teacher = teacher_topk_logprobs.detach()
     if renormalize:
         teacher = torch.log_softmax(teacher, dim=-1)
-    return (teacher.exp() * (teacher - student_topk_logprobs)).sum(dim=-1)
+    loss = (teacher.exp() * (teacher - student_topk_logprobs)).sum(dim=-1)
+    if not tail_bucket:
+        return loss
+    teacher_tail = log_tail_mass(teacher)
+    student_tail = log_tail_mass(student_topk_logprobs, floor=TAIL_MASS_FLOOR)
+    # 0 log 0 = 0: a teacher whose top-k holds all its mass adds nothing (and no NaN through exp(-inf) * inf).
+    tail = torch.where(teacher_tail > -math.inf, teacher_tail.exp() * (teacher_tail - student_tail), 0.0)
+    return loss + tail
+
+
+def log_tail_mass(topk_logprobs: Tensor, floor: float = 0.0) -> Tensor:
+    """log(1 - sum_k exp(l_k)) over the last dimension, stably (log1mexp of the log-sum-exp), the mass
+    floored at `floor` (0: -inf when the top-k holds all the mass, rounding included)."""
+    inside = torch.logsumexp(topk_logprobs, dim=-1).clamp(max=math.log1p(-floor))
+    # Maechler's log1mexp: expm1 near 0, log1p(-exp) further out, each where it keeps its precision. Each
+    # branch reads a clamped copy, so the branch torch.where drops has a finite gradient (0, not NaN).
+    near = torch.log(-torch.expm1(inside.clamp(min=-math.log(2.0))))
+    far = torch.log1p(-torch.exp(inside.clamp(max=-math.log(2.0))))
+    return torch.where(inside > -math.log(2.0), near, far)
 
 
 def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float = 1.0) -> Tensor:

@@ -39,23 +39,38 @@ class GkdOptions:
         return _beta_problems(self.beta, where)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FklTopkOptions:
+    """objective.fkl_topk"""
+
+    # Add the mass outside the teacher's top-k as one more category, teacher's 1 - sum p_T against the
+    # student's 1 - sum p_S (algorithms §2): the student is then also pulled off tokens the teacher leaves out.
+    tail_bucket: bool = False
+
+    def problems(self, where: str) -> list[str]:
+        return []
+
+
 @register("fkl_topk")
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TopkForwardKl:
-    """sum_{v in topk_T} p_T(v) (lT_v - lS_v) on every student token (TrOPD reports it collapses alone)."""
+    """sum_{v in topk_T} p_T(v) (lT_v - lS_v) on every student token (TrOPD reports it collapses alone),
+    with the tail bucket t_T (log t_T - log t_S) when `tail_bucket`."""
 
     renormalize: bool = False
+    tail_bucket: bool = False
     needs: frozenset[Signal] = frozenset({Signal.TEACHER_TOPK})
     uses_lam: ClassVar[bool] = False
     takes_dataset_responses: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, config, context: BuildContext) -> "TopkForwardKl":
-        return cls(renormalize=config.renormalize)
+        return cls(renormalize=config.renormalize, **options(config.fkl_topk))
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
         mask = student_sampled(batch)
-        loss = masked(topk_forward_kl(student.topk_logprobs, teacher.topk_logprobs, self.renormalize), mask)
+        loss = masked(topk_forward_kl(student.topk_logprobs, teacher.topk_logprobs, self.renormalize,
+                                      self.tail_bucket), mask)
         mass = student.topk_logprobs.detach().exp().sum(dim=-1)
         return TokenLoss(per_token=loss, mask=mask, metrics={
             "fkl_topk/loss": mean_metric(loss.detach(), mask),
