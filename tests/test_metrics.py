@@ -31,7 +31,7 @@ import torch
 from metrics_worker import LR, table_train_step
 
 from opd.config import GuidanceConfig, ObjectiveConfig
-from opd.metrics import as_floats, combine, rollout_metrics
+from opd.metrics import as_floats, combine, rollout_metrics, topk_metrics
 from opd.objectives import build_objective
 from opd.runtime import distributed
 from opd.train import select_rows
@@ -489,3 +489,22 @@ def test_the_progress_bar_shows_per_domain_labels_as_written(tmp_path):
     figures = logger._progress.columns[-1].render(logger._progress.tasks[0]).plain
     logger.close()
     assert "r[math] 0.25/0/0" in figures
+
+
+def test_topk_metrics_match_the_reference():
+    """topk/student_mass and topk/overlap over the student-sampled tokens of rows with a teacher."""
+    c = make_case()
+    batch, teacher, (logprobs, _, topk) = tensors(c)
+    generator = torch.Generator().manual_seed(3)
+    teacher_ids = torch.stack([torch.randperm(8, generator=generator)[:K] for _ in range(N * T)]).reshape(N, T, K)
+    student_ids = torch.stack([torch.randperm(8, generator=generator)[:K] for _ in range(N * T)]).reshape(N, T, K)
+    teacher = replace(teacher, topk_ids=teacher_ids.to(torch.int32))
+    student = StudentOutputs(logprobs=logprobs, entropy=None, topk_logprobs=topk, topk_ids=student_ids.to(torch.int32))
+    tokens = [(i, t) for i in range(N) for t in range(c.lengths[i])
+              if not c.from_teacher[i, t] and not c.from_dataset[i] and c.has_teacher[i]]
+    overlaps = [len(set(teacher_ids[i, t].tolist()) & set(student_ids[i, t].tolist())) / K for i, t in tokens]
+    assert 0 < mean(overlaps) < 1  # partial overlaps exercised
+    expected = {"topk/student_mass": mean(sum(math.exp(x) for x in c.student_topk[i, t]) for i, t in tokens),
+                "topk/overlap": mean(overlaps)}
+    assert as_floats(topk_metrics(student, batch, teacher)) == {k: approx(v) for k, v in expected.items()}
+    assert topk_metrics(replace(student, topk_ids=None), batch, teacher) == {}  # objectives without top-k

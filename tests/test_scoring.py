@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from opd.scoring import scatter_tokens, student_token_logprobs, teacher_token_scores
+from opd.scoring import scatter_tokens, student_token_logprobs, student_token_scores, teacher_token_scores
 
 
 def inputs(num_tokens=37, hidden=8, vocab=50, k=5, seed=0, bias=True):
@@ -137,3 +137,12 @@ def test_scorer_peak_memory_does_not_scale_with_tokens_times_vocabulary():
     assert large < full_logits_large / 8, (small, large)
     assert large - small < full_logits_large / 16, (small, large)  # 4x the tokens, (nearly) no growth
     assert naive > 2048 * vocab * 4, naive  # the probe does see [tokens, vocab] allocations
+
+
+def test_student_token_scores_return_the_students_own_topk():
+    """The student's own top-k ids (the top-k overlap metric) equal the full-vocabulary top-k, chunked."""
+    h, w, b, targets, gather = inputs()
+    _, _, _, own = student_token_scores(h, w, b, targets, gather, temperature=0.8, chunk_size=6, with_own_topk=True)
+    full = torch.log_softmax((h @ w.T + b).detach() / 0.8, dim=-1)
+    assert torch.equal(own.long(), full.topk(gather.shape[1], dim=-1).indices) and not own.requires_grad
+    assert student_token_scores(h, w, b, targets, gather)[3] is None

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from opd.aggregate import masked_mean, masked_quantile
 from opd.functional import kl_estimate
-from opd.types import Metric, Reduce, RolloutBatch, TeacherScores
+from opd.types import Metric, Reduce, RolloutBatch, StudentOutputs, TeacherScores
 
 
 def combine(metric_sets: list[dict[str, Metric]]) -> dict[str, Metric]:
@@ -109,6 +109,31 @@ def rollout_metrics(
     if teacher.ref_logprobs is not None:
         metrics.update(implicit_reward_metrics(batch, teacher))
     return metrics
+
+
+def topk_metrics(student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> dict[str, Metric]:
+    """For objectives on the teacher's top-k, over the tokens the student sampled: the student's mass on the
+    teacher's top-k (sum of p_S there) and the overlap |topk_T ∩ topk_S| / K of the two top-k sets."""
+    if student.topk_ids is None or student.topk_logprobs is None:
+        return {}
+    sampled = batch.sampled_by_student & teacher.has_teacher[:, None].to(batch.response_mask.device)
+    count = float(sampled.sum())
+    if not count:
+        return {}
+    mass = student.topk_logprobs.detach().exp().sum(dim=-1)
+    return {
+        "topk/student_mass": Metric(value=masked_mean(mass, sampled), weight=count),
+        "topk/overlap": Metric(value=masked_mean(topk_overlap(teacher.topk_ids, student.topk_ids), sampled),
+                               weight=count),
+    }
+
+
+def topk_overlap(first_ids: Tensor, second_ids: Tensor) -> Tensor:  # [..., K] each -> [...] in [0, 1]
+    """|first ∩ second| / K for two sets of K distinct ids per position, by sorting and binary search
+    (O(K log K) per position; an all-pairs comparison would hold [..., K, K])."""
+    ordered = second_ids.long().sort(dim=-1).values
+    found = torch.searchsorted(ordered, first_ids.long()).clamp(max=ordered.shape[-1] - 1)
+    return (ordered.gather(-1, found) == first_ids.long()).float().mean(dim=-1)
 
 
 def implicit_reward_metrics(batch: RolloutBatch, teacher: TeacherScores) -> dict[str, Metric]:

@@ -88,12 +88,14 @@ class _ChunkedStudentLogprobs(torch.autograd.Function):
     """lS at target ids (and at extra gather ids) with logits recomputed chunk by chunk in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target_ids, gather_ids, temperature, chunk_size, with_entropy):
-        # hidden [M, H]; weight [V, H]; bias [V] | None; target_ids [M]; gather_ids [M, K] (K may be 0)
+    def forward(ctx, hidden, weight, bias, target_ids, gather_ids, temperature, chunk_size, with_entropy, own_topk):
+        # hidden [M, H]; weight [V, H]; bias [V] | None; target_ids [M]; gather_ids [M, K] (K may be 0);
+        # own_topk: also the ids of the student's own K most likely tokens [M, K] (0: none)
         num_tokens, dtype = hidden.shape[0], score_dtype(hidden.dtype)
         logprobs = hidden.new_empty(num_tokens, dtype=dtype)
         gathered = hidden.new_empty(gather_ids.shape, dtype=dtype)
         entropy = hidden.new_zeros(num_tokens if with_entropy else 0, dtype=dtype)
+        topk_ids = torch.empty(num_tokens, own_topk, dtype=torch.int32, device=hidden.device)
         for start in range(0, num_tokens, chunk_size):
             stop = min(start + chunk_size, num_tokens)
             chunk_logprobs = _chunk_logprobs(hidden[start:stop], weight, bias, temperature)
@@ -101,14 +103,16 @@ class _ChunkedStudentLogprobs(torch.autograd.Function):
             gathered[start:stop] = chunk_logprobs.gather(1, gather_ids[start:stop].long())
             if with_entropy:
                 entropy[start:stop] = -chunk_logprobs.exp().mul_(chunk_logprobs).sum(dim=-1)
+            if own_topk:  # while the chunk's logits exist: no second pass over the head
+                topk_ids[start:stop] = chunk_logprobs.topk(own_topk, dim=-1).indices.to(torch.int32)
         ctx.save_for_backward(hidden, weight, bias, target_ids, gather_ids)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
-        ctx.mark_non_differentiable(entropy)
-        return logprobs, gathered, entropy
+        ctx.mark_non_differentiable(entropy, topk_ids)
+        return logprobs, gathered, entropy, topk_ids
 
     @staticmethod
-    def backward(ctx, grad_logprobs, grad_gathered, _grad_entropy):
+    def backward(ctx, grad_logprobs, grad_gathered, _grad_entropy, _grad_topk_ids):
         hidden, weight, bias, target_ids, gather_ids = ctx.saved_tensors
         temperature, dtype = ctx.temperature, score_dtype(hidden.dtype)
         if grad_logprobs is None:
@@ -130,7 +134,7 @@ class _ChunkedStudentLogprobs(torch.autograd.Function):
 
         grads = chunked_head_backward(hidden, weight, bias, grad_logits_of, chunk_size=ctx.chunk_size,
                                       needs=ctx.needs_input_grad[:3], dtype=dtype)
-        return *grads, None, None, None, None, None
+        return *grads, None, None, None, None, None, None
 
 
 def chunked_head_backward(
@@ -182,12 +186,34 @@ def student_token_logprobs(
     The entropy (detached) costs two extra passes over each chunk's logits; skip it when it is known
     already (the HF sampler records the entropy of the distribution it samples from).
     """
+    logprobs, gathered, entropy, _ = student_token_scores(hidden, weight, bias, target_ids, gather_ids,
+                                                          temperature=temperature, chunk_size=chunk_size,
+                                                          with_entropy=with_entropy)
+    return logprobs, gathered, entropy
+
+
+def student_token_scores(
+    hidden: Tensor,  # [M, H] with gradient
+    weight: Tensor,  # [V, H]
+    bias: Tensor | None,  # [V]
+    target_ids: Tensor,  # [M] long
+    gather_ids: Tensor | None = None,  # [M, K] ids to gather log-probs at (the teacher's top-k)
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    with_entropy: bool = True,
+    with_own_topk: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """`student_token_logprobs`, and with `with_own_topk` the ids of the student's own K most likely tokens
+    [M, K] int32 (K of gather_ids; detached), taken from the logits each chunk computes anyway."""
     _check_chunk(chunk_size, temperature)
     ids = gather_ids if gather_ids is not None else target_ids.new_empty(target_ids.shape[0], 0)
-    logprobs, gathered, entropy = _ChunkedStudentLogprobs.apply(
-        hidden, weight, bias, target_ids.long(), ids, temperature, chunk_size, with_entropy
+    own_topk = ids.shape[1] if with_own_topk else 0
+    logprobs, gathered, entropy, topk_ids = _ChunkedStudentLogprobs.apply(
+        hidden, weight, bias, target_ids.long(), ids, temperature, chunk_size, with_entropy, own_topk
     )
-    return logprobs, (gathered if gather_ids is not None else None), (entropy if with_entropy else None)
+    return (logprobs, (gathered if gather_ids is not None else None), (entropy if with_entropy else None),
+            (topk_ids if own_topk else None))
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from opd.config import Config, OptimConfig, to_dict
 from opd.data import prompts_for_step
 from opd.evaluate.run import EvalSettings, evaluate
 from opd.evaluate.sampling import EvalBackend
-from opd.metrics import as_floats, combine, rollout_metrics
+from opd.metrics import as_floats, combine, rollout_metrics, topk_metrics
 from opd.objectives import Objective
 from opd.runtime import distributed
 from opd.runtime.checkpoint import (
@@ -44,7 +44,7 @@ from opd.runtime.checkpoint import (
 )
 from opd.runtime.monitor import MetricsLogger
 from opd.runtime.run_folder import clean_leftovers, segment_config_name, write_text_atomically
-from opd.scoring import output_head, response_hidden_states, scatter_tokens, student_token_logprobs
+from opd.scoring import output_head, response_hidden_states, scatter_tokens, student_token_scores
 from opd.teachers import score_batch
 from opd.types import Metric, Reduce, RolloutBatch, Signal, StudentOutputs, TeacherScores, select_rows, to_device
 
@@ -180,7 +180,8 @@ def accumulate_gradients(model: nn.Module, batch: RolloutBatch, teacher: Teacher
         token_loss = objective(student, micro_batch, micro_teacher)
         loss = aggregate(token_loss.per_token, micro_batch.response_mask, settings.aggregation, denominator)
         loss.backward()
-        metric_sets.append({**token_loss.metrics, "loss": Metric(value=float(loss.detach()), reduce=Reduce.SUM)})
+        metric_sets.append({**token_loss.metrics, **topk_metrics(student, micro_batch, micro_teacher),
+                            "loss": Metric(value=float(loss.detach()), reduce=Reduce.SUM)})
         logprobs.append(student.logprobs.detach().cpu())
         entropies.append(student.entropy.cpu())
     distributed.synchronize_replicated_gradients(model)
@@ -202,10 +203,11 @@ def student_forward(model: nn.Module, batch: RolloutBatch, teacher: TeacherScore
     # prefixes, sft's teacher responses, gkd's dataset answers), which carry 0 in the record.
     recorded = batch.sampler_entropy
     sampled = batch.sampled_by_student
-    logprobs, topk_logprobs, computed = student_token_logprobs(
+    # The student's own top-k (for the top-k overlap metric) comes from the logits each chunk computes anyway.
+    logprobs, topk_logprobs, computed, own_topk = student_token_scores(
         hidden[mask], weight, bias, batch.response_ids[mask], gather_ids,
         temperature=settings.temperature, chunk_size=settings.chunk_size,
-        with_entropy=recorded is None or bool((mask & ~sampled).any()),
+        with_entropy=recorded is None or bool((mask & ~sampled).any()), with_own_topk=gather_ids is not None,
     )
     entropy = recorded
     if computed is not None:
@@ -217,6 +219,7 @@ def student_forward(model: nn.Module, batch: RolloutBatch, teacher: TeacherScore
         logprobs=scatter_tokens(logprobs, mask),
         entropy=entropy,
         topk_logprobs=scatter_tokens(topk_logprobs, mask) if topk_logprobs is not None else None,
+        topk_ids=scatter_tokens(own_topk, mask) if own_topk is not None else None,
         hidden=hidden if full else None,
         head=(weight, bias) if full else None,
     )

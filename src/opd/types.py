@@ -117,6 +117,7 @@ class StudentOutputs:
     logprobs: Tensor  # [N, T] float32, lS with gradient
     entropy: Tensor | None  # [N, T] float32, detached H(pi_S) at each response position
     topk_logprobs: Tensor | None  # [N, T, K] float32, lS at the teacher's top-k ids, with gradient
+    topk_ids: Tensor | None = None  # [N, T, K] int32, the student's own K most likely tokens (top-k metrics)
     hidden: Tensor | None = None  # [N, T, H] with gradient (full-vocabulary losses)
     head: tuple[Tensor, Tensor | None] | None = None  # (weight [V, H], bias [V] | None), with gradient
 
