@@ -76,6 +76,8 @@ def test_objective_trains_three_steps(name, model_dir, rows_file, tmp_path, leng
     assert all(OBJECTIVE_METRIC[name] in r for r in records), (name, sorted(records[0]))
     if name == "grpo":
         assert all("reward/accuracy" in r for r in records)
+    if name in ("fkl_topk", "jsd_topk"):  # the real training forward takes the student's own top-k
+        assert all(0 <= r["topk/overlap"] <= 1 and 0 < r["topk/student_mass"] <= 1 for r in records)
 
 
 def test_tropd_with_guidance_follows_the_cosine_schedule(model_dir, rows_file, tmp_path):
