@@ -95,3 +95,16 @@ def test_token_budget_micro_batches_give_the_row_micro_batches_gradient(float64_
     budget = _gradients(*float64_run, micro_batch_tokens=20, packed=packed)
     for name, grad in rows.items():
         torch.testing.assert_close(budget[name], grad, rtol=1e-9, atol=1e-12)
+
+
+def test_a_packed_teacher_scores_what_the_padded_one_does(float64_run):
+    from opd.teachers import HfScorer
+    from opd.types import ScoreRequest
+
+    run, batch, _ = float64_run
+    request = ScoreRequest(prompt_ids=batch.prompt_ids, prompt_mask=batch.prompt_mask,
+                           response_ids=batch.response_ids, response_mask=batch.response_mask, topk=3)
+    padded, packed = (HfScorer(run.student, temperature=1.0, chunk_size=5, packed=p).score(request)
+                      for p in (False, True))
+    torch.testing.assert_close(packed.logprobs, padded.logprobs, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(packed.topk_logprobs, padded.topk_logprobs, rtol=1e-10, atol=1e-10)
