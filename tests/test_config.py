@@ -45,6 +45,8 @@ def test_minimal_config_loads_with_defaults(tmp_path):
         ({"objective": {"aggregation": "mean"}}, r"objective.aggregation: 'mean' is not one of"),
         ({"objective": {"name": "nope"}}, r"objective.name: 'nope' is not one of"),
         ({"optim": {"micro_batch_size": 1.5}}, r"optim.micro_batch_size: expected an integer"),
+        ({"optim": {"micro_batch_tokens": 0}}, r"optim.micro_batch_tokens: must be >= 1 or null"),
+        ({"optim": {"pack_sequences": "yes"}}, r"optim.pack_sequences: expected"),
         ({"train": {"steps": 0}}, r"train.steps: must be >= 1"),
         ({"teachers": []}, r"teachers: at least one teacher"),
         ({"teachers": [{"domain": "a", "path": "t"}, {"domain": "a", "path": "u"}]}, r"more than one teacher"),

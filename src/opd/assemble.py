@@ -67,6 +67,8 @@ class StepSettings:
     temperature: float  # the student's log-probs are taken at its sampling temperature
     chunk_size: int
     max_grad_norm: float | None
+    micro_batch_tokens: int | None = None  # None: micro_batch_size rows per micro-batch
+    packed: bool = False  # the student's forward on packed rows (packing.py)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -181,7 +183,8 @@ def step_settings(config: Config) -> StepSettings:
     return StepSettings(
         aggregation=config.objective.aggregation, micro_batch_size=config.optim.micro_batch_size,
         temperature=config.rollout.temperature, chunk_size=config.train.logit_chunk,
-        max_grad_norm=config.optim.max_grad_norm,
+        max_grad_norm=config.optim.max_grad_norm, micro_batch_tokens=config.optim.micro_batch_tokens,
+        packed=config.optim.pack_sequences,
     )
 
 
@@ -281,6 +284,7 @@ class _FrozenModels:
         self._vocabulary_size, self._student_width, self._needs_topk = vocabulary_size, student_width, needs_topk
         self._student_path, self._student_dtype = config.student.path, config.student.dtype
         self._temperature, self._chunk_size = config.score_temperature, config.train.logit_chunk
+        self._packed = config.optim.pack_sequences
         topk = config.objective.topk if needs_topk else 1
         self._engine_settings = lambda path, dtype: engine_settings(config, path, dtype, topk)
         self._loaded: dict[tuple, tuple[Scorer, Sampler]] = {}
@@ -296,7 +300,8 @@ class _FrozenModels:
             return None
         if reference == STUDENT_INIT and is_adapted(student):
             # LoRA's initial student is the model without its adapters: no second copy in memory.
-            return HfScorer(AdaptersDisabled(student), temperature=self._temperature, chunk_size=self._chunk_size)
+            return HfScorer(AdaptersDisabled(student), temperature=self._temperature, chunk_size=self._chunk_size,
+                            packed=self._packed)
         if reference == STUDENT_INIT:
             # Always the initial weights, also when resuming: the reference must not move with the student.
             return self.get(self._student_path, self._student_dtype, key, shard)[0]
@@ -306,7 +311,8 @@ class _FrozenModels:
         model = load_model(path, dtype, key=key)
         check_output_width(self._student_width, output_width(model), self._vocabulary_size, key, self._needs_topk)
         model = distributed.shard_frozen(model) if shard else model
-        return HfScorer(model, temperature=self._temperature, chunk_size=self._chunk_size), HfSampler(model)
+        scorer = HfScorer(model, temperature=self._temperature, chunk_size=self._chunk_size, packed=self._packed)
+        return scorer, HfSampler(model)
 
     def load_vllm(self, path: str, dtype: str, key: str, shard: bool) -> tuple[Scorer, Sampler]:
         check_finite_weight_files(path, key)  # the engine loads the weights itself

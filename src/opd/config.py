@@ -201,7 +201,15 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # warmup-cosine decays to lr * min_lr_ratio
     max_grad_norm: float | None = 1.0  # None = no clipping (the norm is still logged)
-    micro_batch_size: int = 8  # rows per forward/backward; the gradient does not depend on it
+    micro_batch_size: int = 8  # rows per forward/backward (and per scoring forward); the gradient does not depend on it
+    # Training micro-batches by a token budget instead of micro_batch_size rows: consecutive rows filled
+    # greedily up to this many forward tokens (real tokens when packed, else the padded width per row); a
+    # longer row is a micro-batch of its own. Scoring forwards stay at micro_batch_size rows.
+    micro_batch_tokens: int | None = None
+    # Padding-free forwards for the student's training forward and the in-process (hf) teachers' and
+    # references' scoring: each forward's rows packed into one row of real tokens, positions restarting per
+    # row, attention never crossing rows (docs/architecture.md "Packed sequences"). Same values and gradients.
+    pack_sequences: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -299,6 +307,8 @@ def validate(config: Config) -> None:
     require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio: must be in [0, 1]")
     require(optim.max_grad_norm is None or optim.max_grad_norm > 0, "optim.max_grad_norm: must be > 0 or null")
     require(optim.micro_batch_size >= 1, "optim.micro_batch_size: must be >= 1")
+    require(optim.micro_batch_tokens is None or optim.micro_batch_tokens >= 1,
+            "optim.micro_batch_tokens: must be >= 1 or null")
     require(train.steps >= 1, "train.steps: must be >= 1")
     require(0 <= train.seed < SEED_LIMIT, f"train.seed: must be in [0, 2**32) (numpy's seed range), got {train.seed}")
     require(train.save_every >= 0, "train.save_every: must be >= 0")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from opd.packing import pack_rows, packed_hidden_states
 from opd.runtime.lora import causal_lm
 
 
@@ -48,13 +49,18 @@ def response_hidden_states(
     prompt_mask: Tensor,  # [N, P] bool
     response_ids: Tensor,  # [N, T] right-padded
     response_mask: Tensor,  # [N, T] bool
+    *,
+    packed: bool = False,  # one packed row of real tokens (packing.py) instead of the padded rows
 ) -> Tensor:  # [N, T, H]: the final hidden state that predicts each response token
     """Run the decoder body (no output head) over prompt + response."""
+    body = causal_lm(model).base_model  # the decoder without the head; its last_hidden_state is post-norm
+    if packed:
+        return packed_hidden_states(body, pack_rows(prompt_ids, prompt_mask, response_ids, response_mask),
+                                    response_mask)
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
     # Left padding: positions count real tokens only, as generation did, so scores match the sampler.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    body = causal_lm(model).base_model  # the decoder without the head; its last_hidden_state is post-norm
     outputs = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     hidden = outputs.last_hidden_state
     prompt_width = prompt_ids.shape[1]

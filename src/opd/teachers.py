@@ -43,9 +43,10 @@ class Scorer(Protocol):
 class HfScorer:
     """A `Scorer` that runs the model's forward in this process, chunked over the output head."""
 
-    def __init__(self, model: nn.Module, *, temperature: float, chunk_size: int):
+    def __init__(self, model: nn.Module, *, temperature: float, chunk_size: int, packed: bool = False):
         self.model = model  # an HF causal LM, an FSDP-sharded one, or a LoRA student with adapters disabled
         self.temperature, self.chunk_size = temperature, chunk_size
+        self.packed = packed  # padding-free forwards (optim.pack_sequences)
         self.sharded = distributed.is_sharded_model(model)
 
     @torch.no_grad()
@@ -54,7 +55,7 @@ class HfScorer:
         mask = request.response_mask.to(device)
         with scoring_context(self.model):  # a LoRA student's reference: the same model with adapters disabled
             hidden = response_hidden_states(self.model, request.prompt_ids.to(device), request.prompt_mask.to(device),
-                                            request.response_ids.to(device), mask)
+                                            request.response_ids.to(device), mask, packed=self.packed)
         weight, bias = output_head(self.model)
         logprobs, topk_ids, topk_logprobs, entropy = teacher_token_scores(
             hidden[mask], weight, bias, request.response_ids.to(device)[mask], topk=request.topk,

@@ -32,6 +32,7 @@ from opd.evaluate.run import EvalSettings, evaluate
 from opd.evaluate.sampling import EvalBackend
 from opd.metrics import as_floats, combine, rollout_metrics, topk_metrics
 from opd.objectives import Objective
+from opd.packing import forward_tokens, token_budget_slices
 from opd.runtime import distributed
 from opd.runtime.checkpoint import (
     CheckpointRecord,
@@ -172,8 +173,7 @@ def accumulate_gradients(model: nn.Module, batch: RolloutBatch, teacher: Teacher
     # The whole optimizer batch: every micro-batch on every rank divides by the same number.
     denominator = distributed.all_reduce_sum(count_denominator(batch.response_mask, settings.aggregation))
     metric_sets, logprobs, entropies = [], [], []
-    for start in range(0, batch.num_rows, settings.micro_batch_size):
-        rows = slice(start, start + settings.micro_batch_size)
+    for rows in micro_batch_slices(batch, settings):
         micro_batch = to_device(select_rows(batch, rows), model.device)
         micro_teacher = to_device(select_rows(teacher, rows), model.device)
         student = student_forward(model, micro_batch, micro_teacher, objective, settings)
@@ -188,6 +188,15 @@ def accumulate_gradients(model: nn.Module, batch: RolloutBatch, teacher: Teacher
     return combine(metric_sets), torch.cat(logprobs), torch.cat(entropies)
 
 
+def micro_batch_slices(batch: RolloutBatch, settings: StepSettings) -> list[slice]:
+    """Consecutive rows per micro-batch: micro_batch_size of them, or filled up to micro_batch_tokens."""
+    if settings.micro_batch_tokens is None:
+        size = settings.micro_batch_size
+        return [slice(start, start + size) for start in range(0, batch.num_rows, size)]
+    row_tokens = forward_tokens(batch.prompt_mask, batch.response_mask, settings.packed)
+    return token_budget_slices(row_tokens, settings.micro_batch_tokens)
+
+
 def student_forward(model: nn.Module, batch: RolloutBatch, teacher: TeacherScores, objective: Objective,
                     settings: StepSettings) -> StudentOutputs:
     """lS of the response tokens (and at the teacher's top-k ids if the objective needs them), chunked.
@@ -195,7 +204,8 @@ def student_forward(model: nn.Module, batch: RolloutBatch, teacher: TeacherScore
     `batch` and `teacher` are already on the model's device.
     """
     mask = batch.response_mask
-    hidden = response_hidden_states(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask)
+    hidden = response_hidden_states(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask,
+                                    packed=settings.packed)
     weight, bias = output_head(model)
     gather_ids = teacher.topk_ids[mask] if Signal.TEACHER_TOPK in objective.needs else None
     # The HF sampler recorded the entropy of the distribution it drew from (the student's); the forward
