@@ -43,6 +43,7 @@ from opd.runtime.checkpoint import (
     save_model_atomically,
 )
 from opd.runtime.monitor import MetricsLogger
+from opd.runtime.wandb_sink import WandbSink
 from opd.runtime.run_folder import clean_leftovers, segment_config_name, write_text_atomically
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, student_token_logprobs
 from opd.teachers import score_batch
@@ -101,7 +102,7 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
                                                                                        sort_keys=False))
         logger = MetricsLogger(run_dir, total_steps=config.train.steps, start_step=state.step,
                                tensorboard=config.train.tensorboard, progress=config.train.progress,
-                               log_every=config.train.log_every)
+                               log_every=config.train.log_every, wandb=_wandb_sink(config, run_dir))
     try:
         while state.step < config.train.steps:
             set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)
@@ -258,6 +259,14 @@ def refuse_if_every_step_skipped(state: TrainState, first_step: int, skipped_bef
                 f"every one of the {steps} step(s) of this run was skipped: the gradient was not finite (nan or "
                 "inf) each time, so the student did not change and no final/ model was written. Look for "
                 "non-finite losses (optim/grad_norm and the objective's metrics in metrics.jsonl)")
+
+
+def _wandb_sink(config: Config, run_dir: Path) -> WandbSink | None:
+    settings = config.train.wandb
+    if settings is None:
+        return None
+    return WandbSink(project=settings.project, name=settings.name, mode=settings.mode, run_dir=str(run_dir),
+                     config=to_dict(config))
 
 
 def evaluate_during_training(student: nn.Module, tokenizer, config: Config, run_dir: Path,

@@ -21,6 +21,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from opd.runtime.run_folder import write_text_atomically, writing
+from opd.runtime.wandb_sink import WandbSink
 
 # The figures the progress bar shows, in order, with short labels; absent ones are skipped.
 _PROGRESS_FIGURES = (
@@ -57,7 +58,7 @@ class MetricsLogger:
     `log_every` steps and at the last, since a bar that redraws in place is unreadable in a file."""
 
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, tensorboard: bool, progress: bool,
-                 log_every: int = 10, terminal: bool | None = None):
+                 log_every: int = 10, terminal: bool | None = None, wandb: WandbSink | None = None):
         self.path = run_dir / "metrics.jsonl"
         _truncate_after(self.path, start_step)
         # The running union of metric names, in first-seen order (a resumed segment starts from the file's).
@@ -68,6 +69,7 @@ class MetricsLogger:
         self._keys_grew = False
         self._last_step = start_step
         self._file = self.path.open("a", encoding="utf-8")
+        self._wandb = wandb  # one more sink, built by the caller from train.wandb
         self._tensorboard = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: only when asked
@@ -95,6 +97,8 @@ class MetricsLogger:
         with writing(self.path, step):  # a full disk: the error names the file and the step
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, values)
         if self._tensorboard is not None:
             for name, value in values.items():
                 self._tensorboard.add_scalar(name, value, step)
@@ -103,8 +107,15 @@ class MetricsLogger:
         if self._lines and (step % self._log_every == 0 or step == self._total_steps):
             print(f"opd train: step {step}/{self._total_steps}  {progress_figures(values)}", flush=True)
 
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """Sample rows (prompt, response, reward, ...) for the sinks that show tables (W&B)."""
+        if self._wandb is not None:
+            self._wandb.log_samples(step, rows)
+
     def close(self) -> None:
         self._file.close()
+        if self._wandb is not None:
+            self._wandb.close()
         if self._keys_grew:
             _fill_absent_keys(self.path, list(self._keys), self._last_step)
         if self._tensorboard is not None:
