@@ -15,6 +15,7 @@ import contextlib
 import math
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,3 +321,14 @@ def _autocast(mode: str):
 def _should_save(step: int, config: Config) -> bool:
     every = config.train.save_every
     return step == config.train.steps or (every > 0 and step % every == 0)
+
+
+class _CallableModule(types.ModuleType):
+    """`opd.train(config)`: importing the submodule `opd.train` makes it the package's `train` attribute,
+    which would shadow a function of that name, so the module itself calls `train`."""
+
+    def __call__(self, config: Config, **options) -> Path:
+        return train(config, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule
