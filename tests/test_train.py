@@ -34,6 +34,7 @@ def test_three_steps_move_parameters_write_metrics_and_save_an_hf_folder(model_d
     assert [r["step"] for r in records] == [1, 2, 3]
     for name in REQUIRED_METRICS:
         assert all(name in r for r in records), name
+    assert all(set(r) == set(records[0]) for r in records)  # absent values are null, never missing keys
     # The implicit reward lT - lR is logged per domain present in the step's batch.
     for record in records:
         domains = {key.split("/")[1] for key in record if key.startswith("reward/")}

@@ -8,6 +8,7 @@ the student: tinker #796, ms-swift #9429 / #9671), turned into errors.
 
 from __future__ import annotations
 
+import importlib.util
 from collections import Counter
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def check_launch(config: Config, *, world_size: int, cuda: bool, resume: bool, c
         )
     changed = check_resume(config, checkpoint, allow_config_change) if checkpoint is not None else []
     check_process_count(config, world_size)
+    if config.train.wandb is not None and importlib.util.find_spec("wandb") is None:
+        raise StartupError("train.wandb is set but the wandb package is not installed: pip install 'opd[wandb]' "
+                           "(or remove the train.wandb block)")
     if config.train.mixed_precision == "bf16" and not cuda:
         raise StartupError("train.mixed_precision=bf16 autocasts on a GPU; on the CPU training stays float32 "
                            "(set train.mixed_precision=none)")

@@ -213,6 +213,15 @@ class OptimConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class WandbSettings:
+    """Weights & Biases, one more sink of the metrics logger (rank 0 only); needs `pip install opd[wandb]`."""
+
+    project: str
+    name: str | None = None  # the run's display name; None = W&B picks one
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TrainConfig:
     steps: int = 100
     seed: int = 0
@@ -225,6 +234,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True  # a progress bar on a terminal; without one (nohup, CI), a line every log_every steps
     log_every: int = 10  # steps between progress lines when stdout is not a terminal
+    wandb: WandbSettings | None = None  # absent = no W&B
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -316,6 +326,7 @@ def validate(config: Config) -> None:
     require(train.logit_chunk >= 1, "train.logit_chunk: must be >= 1")
     require(config.data.max_prompt_tokens >= 1, "data.max_prompt_tokens: must be >= 1")
     require(config.train.log_every >= 1, "train.log_every: must be >= 1")
+    require(train.wandb is None or bool(train.wandb.project.strip()), "train.wandb.project: must not be empty")
     evaluation = config.eval
     require(evaluation.every >= 0, "eval.every: must be >= 0")
     require(evaluation.every == 0 or len(evaluation.benchmarks) > 0, "eval.benchmarks: name at least one benchmark")

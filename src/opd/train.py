@@ -15,6 +15,7 @@ import contextlib
 import math
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from opd.runtime.checkpoint import (
     save_model_atomically,
 )
 from opd.runtime.monitor import MetricsLogger
+from opd.runtime.wandb_sink import WandbSink
 from opd.runtime.run_folder import clean_leftovers, segment_config_name, write_text_atomically
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, student_token_scores
 from opd.teachers import score_batch
@@ -102,7 +104,7 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
                                                                                        sort_keys=False))
         logger = MetricsLogger(run_dir, total_steps=config.train.steps, start_step=state.step,
                                tensorboard=config.train.tensorboard, progress=config.train.progress,
-                               log_every=config.train.log_every)
+                               log_every=config.train.log_every, wandb=_wandb_sink(config, run_dir))
     try:
         while state.step < config.train.steps:
             set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)
@@ -273,6 +275,14 @@ def refuse_if_every_step_skipped(state: TrainState, first_step: int, skipped_bef
                 "non-finite losses (optim/grad_norm and the objective's metrics in metrics.jsonl)")
 
 
+def _wandb_sink(config: Config, run_dir: Path) -> WandbSink | None:
+    settings = config.train.wandb
+    if settings is None:
+        return None
+    return WandbSink(project=settings.project, name=settings.name, mode=settings.mode, run_dir=str(run_dir),
+                     config=to_dict(config))
+
+
 def evaluate_during_training(student: nn.Module, tokenizer, config: Config, run_dir: Path,
                              step: int) -> dict[str, float]:
     """Write the current student to run_dir/eval_model and run `opd eval`'s pipeline on it (rank 0)."""
@@ -324,3 +334,14 @@ def _autocast(mode: str):
 def _should_save(step: int, config: Config) -> bool:
     every = config.train.save_every
     return step == config.train.steps or (every > 0 and step % every == 0)
+
+
+class _CallableModule(types.ModuleType):
+    """`opd.train(config)`: importing the submodule `opd.train` makes it the package's `train` attribute,
+    which would shadow a function of that name, so the module itself calls `train`."""
+
+    def __call__(self, config: Config, **options) -> Path:
+        return train(config, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule

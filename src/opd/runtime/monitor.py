@@ -4,6 +4,11 @@ On resume the JSONL file is cut back to the checkpoint's step, so a run that cra
 it never checkpointed does not end up with two records for one step. The cut is an atomic rewrite
 (`metrics.jsonl.tmp`, renamed over the file), and a torn last line (a kill in the middle of writing it) is
 dropped with a note; an unreadable line anywhere else is an error naming the file and the line.
+
+Every record holds the same keys: a value absent on a step (an eval metric between evaluations, a domain
+with no rows in the step) is written as null. The logger keeps the running union of the keys seen, writes
+null for each known key a step lacks, and, when a key first appeared after the file's first record, rewrites
+the file once at close (atomically) so the earlier records carry it as null too.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from opd.runtime.run_folder import write_text_atomically, writing
+from opd.runtime.wandb_sink import WandbSink
 
 # The figures the progress bar shows, in order, with short labels; absent ones are skipped.
 _PROGRESS_FIGURES = (
@@ -52,10 +58,18 @@ class MetricsLogger:
     `log_every` steps and at the last, since a bar that redraws in place is unreadable in a file."""
 
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, tensorboard: bool, progress: bool,
-                 log_every: int = 10, terminal: bool | None = None):
+                 log_every: int = 10, terminal: bool | None = None, wandb: WandbSink | None = None):
         self.path = run_dir / "metrics.jsonl"
         _truncate_after(self.path, start_step)
+        # The running union of metric names, in first-seen order (a resumed segment starts from the file's).
+        self._keys: dict[str, None] = {}
+        if self.path.exists():
+            for record in read_metrics(self.path):
+                self._keys.update(dict.fromkeys(key for key in record if key != "step"))
+        self._keys_grew = False
+        self._last_step = start_step
         self._file = self.path.open("a", encoding="utf-8")
+        self._wandb = wandb  # one more sink, built by the caller from train.wandb
         self._tensorboard = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: only when asked
@@ -75,10 +89,16 @@ class MetricsLogger:
             self._progress.start()
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}
+        new_keys = [key for key in values if key not in self._keys]
+        self._keys_grew = self._keys_grew or (bool(new_keys) and bool(self._keys))
+        self._keys.update(dict.fromkeys(new_keys))
+        self._last_step = step
+        record = {"step": step, **{key: _json_value(values.get(key)) for key in self._keys}}
         with writing(self.path, step):  # a full disk: the error names the file and the step
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, values)
         if self._tensorboard is not None:
             for name, value in values.items():
                 self._tensorboard.add_scalar(name, value, step)
@@ -87,8 +107,17 @@ class MetricsLogger:
         if self._lines and (step % self._log_every == 0 or step == self._total_steps):
             print(f"opd train: step {step}/{self._total_steps}  {progress_figures(values)}", flush=True)
 
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """Sample rows (prompt, response, reward, ...) for the sinks that show tables (W&B)."""
+        if self._wandb is not None:
+            self._wandb.log_samples(step, rows)
+
     def close(self) -> None:
         self._file.close()
+        if self._wandb is not None:
+            self._wandb.close()
+        if self._keys_grew:
+            _fill_absent_keys(self.path, list(self._keys), self._last_step)
         if self._tensorboard is not None:
             self._tensorboard.close()
         if self._progress is not None:
@@ -97,6 +126,22 @@ class MetricsLogger:
 
 class MetricsError(ValueError):
     pass
+
+
+def _json_value(value: float | None) -> float | str | None:
+    """None stays null (absent this step); nan and inf are written as strings, which JSON cannot hold."""
+    if value is None:
+        return None
+    return value if math.isfinite(value) else str(value)
+
+
+def _fill_absent_keys(path: Path, keys: list[str], step: int) -> None:
+    """Rewrite the file so every record holds every key (null where absent), in one key order."""
+    records = read_metrics(path)
+    text = "".join(json.dumps({"step": record["step"], **{key: record.get(key) for key in keys}}) + "\n"
+                   for record in records)
+    with writing(path, step):
+        write_text_atomically(path, text)
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -29,7 +29,7 @@ TMP_SUFFIX = ".tmp"  # a file being written beside its place
 # A LoRA student's model folders have their adapter beside them (`final_adapter`, `eval_model_adapter`).
 RUN_FOLDER_NAMES = frozenset({
     "config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "final", "final_adapter", "eval",
-    "eval_model", "eval_model_adapter",
+    "eval_model", "eval_model_adapter", "wandb",  # wandb: W&B's own files (train.wandb, dir = the run folder)
 })
 
 # The config of every segment of a run: the first's `config.yaml`, each resumed one's beside it, named by
