@@ -10,6 +10,7 @@ class and a line in a factory.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from opd.rollout.batch import Sampler, SamplingSettings
 from opd.rollout.hf import HfSampler
 from opd.rollout.vllm import EngineSettings, VllmEngine
 from opd.runtime import distributed
+from opd.runtime.hub import local_model_folder
 from opd.runtime.lora import AdaptersDisabled, attach_adapters, causal_lm, is_adapted
 from opd.runtime.models import (
     check_finite_weight_files,
@@ -98,6 +100,7 @@ class Run:
 
 def assemble(config: Config, checkpoint: Path | None = None) -> Run:
     """Check and load everything; with `checkpoint`, the student's weights (or adapter) come from it."""
+    config = with_local_model_folders(config)
     objective = build_objective(config.objective, temperature=config.score_temperature,
                                 lam_by_domain=config.lam_by_domain)
     check_vllm_teachers(config, objective.needs)
@@ -127,6 +130,20 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
         scoring=scoring_settings(config, objective, any(s.reference is not None for s in scorers.values())),
         collect=collect_settings(config, objective), step=step_settings(config), dataset_responses=dataset_responses,
     )
+
+
+def with_local_model_folders(config: Config) -> Config:
+    """The config with every model path (student, teachers, references) a local folder: hub ids resolved
+    from the local Hugging Face cache once, here, so that every reader (tokenizers, weights, vLLM engines,
+    generation configs) sees the same folder. The run folder records the paths as the user wrote them."""
+    teachers = tuple(dataclasses.replace(
+        teacher,
+        path=None if teacher.path is None else local_model_folder(teacher.path, f"teachers.{index}.path"),
+        reference=(teacher.reference if teacher.reference in (None, STUDENT_INIT)
+                   else local_model_folder(teacher.reference, f"teachers.{index}.reference")),
+    ) for index, teacher in enumerate(config.teachers))
+    student = dataclasses.replace(config.student, path=local_model_folder(config.student.path, "student.path"))
+    return dataclasses.replace(config, student=student, teachers=teachers)
 
 
 def _domain_scorer(config: Config, index: int, frozen: "_FrozenModels", student: nn.Module,

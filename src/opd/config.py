@@ -57,7 +57,9 @@ class LoraSettings:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
-    path: str  # a local Hugging Face folder (save_pretrained layout)
+    # A local Hugging Face folder (save_pretrained layout), or a hub id (`Qwen/Qwen3-4B`) already in the local
+    # Hugging Face cache (HF_HUB_CACHE / HF_HOME; opd never downloads: `hf download ID` first).
+    path: str
     dtype: Dtype = "float32"
     lora: LoraSettings | None = None  # student only: train LoRA adapters instead of all weights
     gradient_checkpointing: bool = False  # student only: recompute activations in backward (less memory)

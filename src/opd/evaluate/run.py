@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from opd.evaluate.benchmarks import BENCHMARKS, load_benchmark
 from opd.evaluate.grading import average_at_k, grade_all, pass_at_k
 from opd.evaluate.problem import Problem
+from opd.runtime.hub import local_model_folder
 from opd.runtime.run_folder import write_text_atomically
 
 
@@ -228,6 +229,8 @@ def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, mod
     every benchmark, and only when some problem is not cached. Given responses are checked before anything
     is graded (`read_responses`, `check_coverage`); with `partial`, problems without a response count as
     wrong and the coverage is reported."""
+    if model_dir is not None:
+        model_dir = local_model_folder(model_dir, "MODEL_DIR")  # a cached hub id: its snapshot folder
     if model_dir is not None and (Path(model_dir) / "adapter_config.json").is_file():
         raise ValueError(f"{model_dir}: a LoRA adapter folder, not a model; evaluate the merged model a LoRA run "
                          "writes beside it (the run's final/ folder, or eval_model/)")
