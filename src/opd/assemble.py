@@ -111,7 +111,8 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
     tokenizer = load_tokenizer(config.student.path, key="student.path")
     needs_topk = Signal.TEACHER_TOPK in objective.needs
     check_topk(config.objective.topk, len(tokenizer), needs_topk)
-    prompt_ids = [render_prompt(tokenizer, row.messages, config.data.prompt_format) for row in rows]
+    prompt_ids = [render_prompt(tokenizer, row.messages, config.data.prompt_format, config.student.chat_template_kwargs)
+                  for row in rows]
     if config.data.drop_long_prompts:
         rows, prompt_ids = _drop_long_prompts(rows, prompt_ids, config)
     check_prompt_lengths(prompt_ids, rows, config.data.max_prompt_tokens, config.data.path)
@@ -276,11 +277,13 @@ def _check_teacher_tokenizers(config: Config, student_tokenizer, rows) -> dict[s
         check_same_end_of_sequence(folder_end_of_sequence_ids(config.student.path, student_tokenizer),
                                    folder_end_of_sequence_ids(teacher.path, teacher_tokenizer), key, teacher.path)
         if teacher.chat_template is None:
-            check_same_prompt_rendering(student_tokenizer, teacher_tokenizer, rows, config.data.prompt_format, key,
-                                        config.data.path)
+            check_same_prompt_rendering((student_tokenizer, config.student.chat_template_kwargs),
+                                        (teacher_tokenizer, config.template_kwargs_for(teacher)), rows,
+                                        config.data.prompt_format, key, config.data.path)
         else:
             own_prompts[teacher.domain] = {
-                row.index: render_prompt(teacher_tokenizer, row.messages, config.data.prompt_format)
+                row.index: render_prompt(teacher_tokenizer, row.messages, config.data.prompt_format,
+                                         config.template_kwargs_for(teacher))
                 for row in rows
                 if row.domain == teacher.domain
             }

@@ -61,6 +61,9 @@ class ModelConfig:
     # Hugging Face cache (HF_HUB_CACHE / HF_HOME; opd never downloads: `hf download ID` first).
     path: str
     dtype: Dtype = "float32"
+    # Variables for this model's chat template wherever its prompts are rendered (training data, the eval
+    # block), e.g. {enable_thinking: false} for Qwen3; part of the chat-template agreement check.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     lora: LoraSettings | None = None  # student only: train LoRA adapters instead of all weights
     gradient_checkpointing: bool = False  # student only: recompute activations in backward (less memory)
 
@@ -80,6 +83,11 @@ class TeacherConfig:
     # without '{{' or '{%'), read at start-up; a path that does not exist is an error.
     # null: the teacher must tokenize every prompt exactly as the student does (checked at start-up).
     chat_template: str | None = None
+    # Variables for the teacher's chat template (e.g. {enable_thinking: false}); null = the student's
+    # student.chat_template_kwargs. Without its own chat_template the teacher must still render every prompt
+    # to the student's token ids with them (checked at start-up). References read the student's prompt ids,
+    # so they take none of their own.
+    chat_template_kwargs: dict[str, Any] | None = None
     # How this domain's rollouts are graded (outcome reward for grpo; accuracy is logged whenever set).
     grader: GraderName = "none"
     # With several processes: FSDP2-shard this teacher and its reference across them (less memory per
@@ -252,6 +260,10 @@ class Config:
     @property
     def lam_by_domain(self) -> dict[str, float]:
         return {teacher.domain: self.lam_for(teacher) for teacher in self.teachers}
+
+    def template_kwargs_for(self, teacher: TeacherConfig) -> dict[str, Any]:
+        """The chat-template variables a teacher renders prompts with: its own, else the student's."""
+        return self.student.chat_template_kwargs if teacher.chat_template_kwargs is None else teacher.chat_template_kwargs
 
     @property
     def score_temperature(self) -> float:

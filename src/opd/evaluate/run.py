@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -35,6 +35,8 @@ class EvalSettings:
     max_new_tokens: int = 1024
     limit: int | None = None  # first M problems of each benchmark
     batch_size: int = 16
+    # The chat template's variables (Qwen3's enable_thinking); they change the prompts, so the cache key holds them.
+    chat_template_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -274,7 +276,7 @@ def _open_sampler(model_dir: str, backend, todo: list[Problem], settings: EvalSe
     # Sampling imports torch and the model code; grading given responses (`--responses`) needs neither.
     from opd.evaluate.sampling import open_eval_sampler
 
-    return open_eval_sampler(model_dir, backend, todo, settings.max_new_tokens)
+    return open_eval_sampler(model_dir, backend, todo, settings.max_new_tokens, settings.chat_template_kwargs)
 
 
 class _Quiet:

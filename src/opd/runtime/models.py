@@ -177,11 +177,11 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def render_prompt(tokenizer, prompt: str | Messages, prompt_format: str) -> list[int]:
+def render_prompt(tokenizer, prompt: str | Messages, prompt_format: str, template_kwargs: dict | None = None) -> list[int]:
     """Token ids of a prompt, ready for the response to follow.
 
     chat: text becomes one user message; messages are rendered with the tokenizer's chat template and the
-    generation prompt. raw: text is tokenized as is (with the tokenizer's own special tokens, e.g. BOS).
+    generation prompt, `template_kwargs` given to the template as variables (Qwen3's enable_thinking). raw: text is tokenized as is (with the tokenizer's own special tokens, e.g. BOS).
     """
     if prompt_format == "raw":
         if not isinstance(prompt, str):
@@ -192,7 +192,7 @@ def render_prompt(tokenizer, prompt: str | Messages, prompt_format: str) -> list
             "the tokenizer has no chat template; set data.prompt_format=raw to tokenize prompts as plain text"
         )
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {}))
     # The template already wrote every special token it wants (BOS included): add none twice.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
