@@ -37,7 +37,8 @@ from opd.checks import (
 from opd.collect import CollectSettings
 from opd.config import STUDENT_INIT, Config
 from opd.data import DataError, PromptRow, keep_rows, load_prompts
-from opd.grading.graders import Grader, build_grader
+from opd.grading.custom import make_grader
+from opd.grading.graders import Grader
 from opd.objectives import Objective, build_objective
 from opd.rollout.batch import Sampler, SamplingSettings
 from opd.rollout.hf import HfSampler
@@ -126,7 +127,7 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
     return Run(
         student=student, tokenizer=tokenizer, rows=rows, prompt_ids=prompt_ids,
         sampler=SAMPLERS[config.rollout.backend](config, student), scorers=scorers, objective=objective,
-        graders={t.domain: build_grader(t.grader) for t in config.teachers if t.grader != "none"},
+        graders={t.domain: make_grader(t.grader) for t in config.teachers if t.grader != "none"},
         sampling=sampling_settings(config, end_of_sequence_ids(student, tokenizer), tokenizer.pad_token_id),
         scoring=scoring_settings(config, objective, any(s.reference is not None for s in scorers.values())),
         collect=collect_settings(config, objective), step=step_settings(config), dataset_responses=dataset_responses,

@@ -21,6 +21,7 @@ import yaml
 from opd.aggregate import Aggregation
 from opd.config_tree import ConfigError, apply_override, build, load_yaml, nonfinite_floats, to_dict
 from opd.evaluate.benchmarks import BENCHMARKS
+from opd.grading.custom import grader_problem
 # Validation asks the objectives what they need, and their option blocks are part of this tree. opd.objectives
 # never imports this module (objectives read no config after construction), so importing it here makes no cycle.
 from opd.objectives import (
@@ -38,7 +39,6 @@ from opd.types import Signal
 
 __all__ = ["Config", "ConfigError", "ObjectiveConfig", "STUDENT_INIT", "apply_override", "load_config", "to_dict"]
 
-GraderName = Literal["none", "exact", "math", "code"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 STUDENT_INIT = "student_init"  # reference = a frozen copy of the student's initial weights
 SEED_LIMIT = 2**32  # numpy accepts seeds in [0, 2**32); process r of a run seeds with train.seed + r
@@ -89,7 +89,9 @@ class TeacherConfig:
     # so they take none of their own.
     chat_template_kwargs: dict[str, Any] | None = None
     # How this domain's rollouts are graded (outcome reward for grpo; accuracy is logged whenever set).
-    grader: GraderName = "none"
+    # none, exact, math, code, a name registered with opd.grading.custom.register_grader, or 'module:function'
+    # of your own ((row, completion) -> reward in [0, 1]; docs: grading/custom.py).
+    grader: str = "none"
     # With several processes: FSDP2-shard this teacher and its reference across them (less memory per
     # process, an all-gather per layer per forward) instead of a full copy on each.
     shard: bool = False
@@ -291,6 +293,8 @@ def validate(config: Config) -> None:
         lam = config.lam_for(teacher)
         where = f"teachers.{index}"
         require(math.isfinite(lam), f"{where}.lam: must be finite, got {lam}")
+        grader = grader_problem(teacher.grader, f"{where}.grader")
+        require(grader is None, grader or "")
         if teacher.reference is None and lam != 1.0:
             problems.append(
                 f"{where}.reference: lam = {lam} for domain '{teacher.domain}' needs a reference model "
