@@ -10,6 +10,7 @@ class and a line in a factory.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 from dataclasses import dataclass
@@ -36,12 +37,14 @@ from opd.checks import (
 from opd.collect import CollectSettings
 from opd.config import STUDENT_INIT, Config
 from opd.data import DataError, PromptRow, keep_rows, load_prompts
-from opd.grading.graders import Grader, build_grader
+from opd.grading.custom import make_grader
+from opd.grading.graders import Grader
 from opd.objectives import Objective, build_objective
 from opd.rollout.batch import Sampler, SamplingSettings
 from opd.rollout.hf import HfSampler
 from opd.rollout.vllm import EngineSettings, VllmEngine
 from opd.runtime import distributed
+from opd.runtime.hub import local_model_folder
 from opd.runtime.lora import AdaptersDisabled, attach_adapters, causal_lm, is_adapted
 from opd.runtime.models import (
     check_finite_weight_files,
@@ -100,6 +103,7 @@ class Run:
 
 def assemble(config: Config, checkpoint: Path | None = None) -> Run:
     """Check and load everything; with `checkpoint`, the student's weights (or adapter) come from it."""
+    config = with_local_model_folders(config)
     objective = build_objective(config.objective, temperature=config.score_temperature,
                                 lam_by_domain=config.lam_by_domain)
     check_vllm_teachers(config, objective.needs)
@@ -110,7 +114,8 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
     tokenizer = load_tokenizer(config.student.path, key="student.path")
     needs_topk = Signal.TEACHER_TOPK in objective.needs
     check_topk(config.objective.topk, len(tokenizer), needs_topk)
-    prompt_ids = [render_prompt(tokenizer, row.messages, config.data.prompt_format) for row in rows]
+    prompt_ids = [render_prompt(tokenizer, row.messages, config.data.prompt_format, config.student.chat_template_kwargs)
+                  for row in rows]
     if config.data.drop_long_prompts:
         rows, prompt_ids = _drop_long_prompts(rows, prompt_ids, config)
     check_prompt_lengths(prompt_ids, rows, config.data.max_prompt_tokens, config.data.path)
@@ -124,11 +129,25 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
     return Run(
         student=student, tokenizer=tokenizer, rows=rows, prompt_ids=prompt_ids,
         sampler=SAMPLERS[config.rollout.backend](config, student), scorers=scorers, objective=objective,
-        graders={t.domain: build_grader(t.grader) for t in config.teachers if t.grader != "none"},
+        graders={t.domain: make_grader(t.grader) for t in config.teachers if t.grader != "none"},
         sampling=sampling_settings(config, end_of_sequence_ids(student, tokenizer), tokenizer.pad_token_id),
         scoring=scoring_settings(config, objective, any(s.reference is not None for s in scorers.values())),
         collect=collect_settings(config, objective), step=step_settings(config), dataset_responses=dataset_responses,
     )
+
+
+def with_local_model_folders(config: Config) -> Config:
+    """The config with every model path (student, teachers, references) a local folder: hub ids resolved
+    from the local Hugging Face cache once, here, so that every reader (tokenizers, weights, vLLM engines,
+    generation configs) sees the same folder. The run folder records the paths as the user wrote them."""
+    teachers = tuple(dataclasses.replace(
+        teacher,
+        path=None if teacher.path is None else local_model_folder(teacher.path, f"teachers.{index}.path"),
+        reference=(teacher.reference if teacher.reference in (None, STUDENT_INIT)
+                   else local_model_folder(teacher.reference, f"teachers.{index}.reference")),
+    ) for index, teacher in enumerate(config.teachers))
+    student = dataclasses.replace(config.student, path=local_model_folder(config.student.path, "student.path"))
+    return dataclasses.replace(config, student=student, teachers=teachers)
 
 
 def _domain_scorer(config: Config, index: int, frozen: "_FrozenModels", student: nn.Module,
@@ -262,11 +281,13 @@ def _check_teacher_tokenizers(config: Config, student_tokenizer, rows) -> dict[s
         check_same_end_of_sequence(folder_end_of_sequence_ids(config.student.path, student_tokenizer),
                                    folder_end_of_sequence_ids(teacher.path, teacher_tokenizer), key, teacher.path)
         if teacher.chat_template is None:
-            check_same_prompt_rendering(student_tokenizer, teacher_tokenizer, rows, config.data.prompt_format, key,
-                                        config.data.path)
+            check_same_prompt_rendering((student_tokenizer, config.student.chat_template_kwargs),
+                                        (teacher_tokenizer, config.template_kwargs_for(teacher)), rows,
+                                        config.data.prompt_format, key, config.data.path)
         else:
             own_prompts[teacher.domain] = {
-                row.index: render_prompt(teacher_tokenizer, row.messages, config.data.prompt_format)
+                row.index: render_prompt(teacher_tokenizer, row.messages, config.data.prompt_format,
+                                         config.template_kwargs_for(teacher))
                 for row in rows
                 if row.domain == teacher.domain
             }

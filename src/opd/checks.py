@@ -175,12 +175,14 @@ def check_output_width(student_width: int, other_width: int, vocabulary_size: in
         )
 
 
-def check_same_prompt_rendering(student_tokenizer, teacher_tokenizer, rows: list[PromptRow], prompt_format: str,
+def check_same_prompt_rendering(student: tuple, teacher: tuple, rows: list[PromptRow], prompt_format: str,
                                 key: str, data_path: str) -> None:
-    """Without its own template, a teacher must read each prompt as exactly the student's token ids."""
+    """Without its own template, a teacher must read each prompt as exactly the student's token ids.
+    `student`, `teacher`: (tokenizer, chat_template_kwargs), each rendering as it does in the run."""
+    (student_tokenizer, student_kwargs), (teacher_tokenizer, teacher_kwargs) = student, teacher
     for row in rows[:TEMPLATE_PROBE_ROWS]:
-        student_ids = render_prompt(student_tokenizer, row.messages, prompt_format)
-        teacher_ids = render_prompt(teacher_tokenizer, row.messages, prompt_format)
+        student_ids = render_prompt(student_tokenizer, row.messages, prompt_format, student_kwargs)
+        teacher_ids = render_prompt(teacher_tokenizer, row.messages, prompt_format, teacher_kwargs)
         if student_ids == teacher_ids:
             continue
         position = next(
@@ -191,7 +193,9 @@ def check_same_prompt_rendering(student_tokenizer, teacher_tokenizer, rows: list
         raise StartupError(
             f"{key}: its chat template renders {data_path} row {row.index + 1} to different token ids than the "
             f"student's (first difference at token {position}: student {student_piece!r} vs teacher "
-            f"{teacher_piece!r}). Set {key}.chat_template to render prompts with a template of the teacher's own."
+            f"{teacher_piece!r}; chat_template_kwargs: student {student_kwargs}, teacher {teacher_kwargs}). Set "
+            f"{key}.chat_template_kwargs to render them alike, or {key}.chat_template to render prompts with a "
+            "template of the teacher's own."
         )
 
 
@@ -210,6 +214,8 @@ def check_grader_fields(rows: list[PromptRow], graders: dict[str, tuple[str, str
         key, name = graders[row.domain]
         if name == "code":
             field, problem = "tests", _tests_problem(row.tests)
+        elif name not in ("exact", "math"):  # a custom grader reads what it reads; its errors name the row
+            continue
         else:
             field, problem = "answer", _answer_problem(row.answer)
         if problem:

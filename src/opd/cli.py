@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--temperature", type=float, default=1.0)
     eval_parser.add_argument("--top-p", type=float, default=1.0)
     eval_parser.add_argument("--max-new-tokens", type=int, default=1024)
+    eval_parser.add_argument("--chat-template-kwargs", default="{}", metavar="JSON",
+                             help='variables for the model\'s chat template, e.g. \'{"enable_thinking": false}\'')
     eval_parser.add_argument("--limit", type=int, help="only the first M problems of each benchmark (M >= 1)")
     eval_parser.add_argument("--partial", action="store_true",
                              help="with --responses: grade a file that answers only some problems; the others "
@@ -243,9 +245,15 @@ def run_eval(args) -> None:
         raise ValueError(f"opd eval: --limit must be a positive number of problems, got {args.limit}")
     if args.partial and args.responses is None:
         raise ValueError("opd eval: --partial applies only to --responses (a sampled evaluation answers every problem)")
+    try:
+        template_kwargs = json.loads(args.chat_template_kwargs)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"opd eval: --chat-template-kwargs is not JSON ({error})") from None
+    if not isinstance(template_kwargs, dict):
+        raise ValueError(f"opd eval: --chat-template-kwargs must be a JSON object, got {args.chat_template_kwargs}")
     benchmarks = [args.benchmark] if args.responses else [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     settings = EvalSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, limit=args.limit)
+                            max_new_tokens=args.max_new_tokens, limit=args.limit, chat_template_kwargs=template_kwargs)
     backend = None
     if args.responses is None:
         from opd.evaluate.sampling import EvalBackend

@@ -21,6 +21,7 @@ import yaml
 from opd.aggregate import Aggregation
 from opd.config_tree import ConfigError, apply_override, build, load_yaml, nonfinite_floats, to_dict
 from opd.evaluate.benchmarks import BENCHMARKS
+from opd.grading.custom import grader_problem
 # Validation asks the objectives what they need, and their option blocks are part of this tree. opd.objectives
 # never imports this module (objectives read no config after construction), so importing it here makes no cycle.
 from opd.objectives import (
@@ -38,7 +39,6 @@ from opd.types import Signal
 
 __all__ = ["Config", "ConfigError", "ObjectiveConfig", "STUDENT_INIT", "apply_override", "load_config", "to_dict"]
 
-GraderName = Literal["none", "exact", "math", "code"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 STUDENT_INIT = "student_init"  # reference = a frozen copy of the student's initial weights
 SEED_LIMIT = 2**32  # numpy accepts seeds in [0, 2**32); process r of a run seeds with train.seed + r
@@ -57,8 +57,13 @@ class LoraSettings:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
-    path: str  # a local Hugging Face folder (save_pretrained layout)
+    # A local Hugging Face folder (save_pretrained layout), or a hub id (`Qwen/Qwen3-4B`) already in the local
+    # Hugging Face cache (HF_HUB_CACHE / HF_HOME; opd never downloads: `hf download ID` first).
+    path: str
     dtype: Dtype = "float32"
+    # Variables for this model's chat template wherever its prompts are rendered (training data, the eval
+    # block), e.g. {enable_thinking: false} for Qwen3; part of the chat-template agreement check.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     lora: LoraSettings | None = None  # student only: train LoRA adapters instead of all weights
     gradient_checkpointing: bool = False  # student only: recompute activations in backward (less memory)
 
@@ -78,8 +83,15 @@ class TeacherConfig:
     # without '{{' or '{%'), read at start-up; a path that does not exist is an error.
     # null: the teacher must tokenize every prompt exactly as the student does (checked at start-up).
     chat_template: str | None = None
+    # Variables for the teacher's chat template (e.g. {enable_thinking: false}); null = the student's
+    # student.chat_template_kwargs. Without its own chat_template the teacher must still render every prompt
+    # to the student's token ids with them (checked at start-up). References read the student's prompt ids,
+    # so they take none of their own.
+    chat_template_kwargs: dict[str, Any] | None = None
     # How this domain's rollouts are graded (outcome reward for grpo; accuracy is logged whenever set).
-    grader: GraderName = "none"
+    # none, exact, math, code, a name registered with opd.grading.custom.register_grader, or 'module:function'
+    # of your own ((row, completion) -> reward in [0, 1]; docs: grading/custom.py).
+    grader: str = "none"
     # With several processes: FSDP2-shard this teacher and its reference across them (less memory per
     # process, an all-gather per layer per forward) instead of a full copy on each.
     shard: bool = False
@@ -270,6 +282,10 @@ class Config:
     def lam_by_domain(self) -> dict[str, float]:
         return {teacher.domain: self.lam_for(teacher) for teacher in self.teachers}
 
+    def template_kwargs_for(self, teacher: TeacherConfig) -> dict[str, Any]:
+        """The chat-template variables a teacher renders prompts with: its own, else the student's."""
+        return self.student.chat_template_kwargs if teacher.chat_template_kwargs is None else teacher.chat_template_kwargs
+
     @property
     def score_temperature(self) -> float:
         return self.objective.score_temperature or self.rollout.temperature
@@ -296,6 +312,8 @@ def validate(config: Config) -> None:
         lam = config.lam_for(teacher)
         where = f"teachers.{index}"
         require(math.isfinite(lam), f"{where}.lam: must be finite, got {lam}")
+        grader = grader_problem(teacher.grader, f"{where}.grader")
+        require(grader is None, grader or "")
         if teacher.reference is None and lam != 1.0:
             problems.append(
                 f"{where}.reference: lam = {lam} for domain '{teacher.domain}' needs a reference model "

@@ -118,6 +118,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             except ConfigError as error:
                 errors.append(str(error))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
+    if origin is dict:
+        return _convert_mapping(args, value, where)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
@@ -163,6 +165,20 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported config type {hint}")
 
 
+def _convert_mapping(args: tuple, value: Any, where: str) -> dict:
+    """A mapping with text keys (keyword arguments for a library call, e.g. a chat template's variables);
+    values typed `Any` are kept as YAML gave them."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    value_type = args[1] if args else Any
+    converted = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: keys must be text, got {key!r}")
+        converted[key] = item if value_type is Any else _convert(value_type, item, _join(where, key))
+    return converted
+
+
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
@@ -186,4 +202,6 @@ def to_dict(config: Any) -> Any:
         return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
     if isinstance(config, tuple):
         return [to_dict(item) for item in config]
+    if isinstance(config, dict):
+        return {key: to_dict(value) for key, value in config.items()}
     return config

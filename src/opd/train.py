@@ -291,7 +291,8 @@ def evaluate_during_training(student: nn.Module, tokenizer, config: Config, run_
     values: dict[str, float] = {}
     if distributed.is_main():
         settings = EvalSettings(samples=config.eval.samples, temperature=config.eval.temperature,
-                                max_new_tokens=config.eval.max_new_tokens, limit=config.eval.limit)
+                                max_new_tokens=config.eval.max_new_tokens, limit=config.eval.limit,
+                                chat_template_kwargs=config.student.chat_template_kwargs)
         results = evaluate(list(config.eval.benchmarks), settings, str(run_dir / "eval"), model_dir=str(folder),
                            backend=EvalBackend())
         for name, result in results["benchmarks"].items():

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from opd.evaluate.benchmarks import BENCHMARKS, load_benchmark
 from opd.evaluate.grading import average_at_k, grade_all, pass_at_k
 from opd.evaluate.problem import Problem
+from opd.runtime.hub import local_model_folder
 from opd.runtime.run_folder import write_text_atomically
 
 
@@ -34,6 +35,8 @@ class EvalSettings:
     max_new_tokens: int = 1024
     limit: int | None = None  # first M problems of each benchmark
     batch_size: int = 16
+    # The chat template's variables (Qwen3's enable_thinking); they change the prompts, so the cache key holds them.
+    chat_template_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -228,6 +231,8 @@ def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, mod
     every benchmark, and only when some problem is not cached. Given responses are checked before anything
     is graded (`read_responses`, `check_coverage`); with `partial`, problems without a response count as
     wrong and the coverage is reported."""
+    if model_dir is not None:
+        model_dir = local_model_folder(model_dir, "MODEL_DIR")  # a cached hub id: its snapshot folder
     if model_dir is not None and (Path(model_dir) / "adapter_config.json").is_file():
         raise ValueError(f"{model_dir}: a LoRA adapter folder, not a model; evaluate the merged model a LoRA run "
                          "writes beside it (the run's final/ folder, or eval_model/)")
@@ -271,7 +276,7 @@ def _open_sampler(model_dir: str, backend, todo: list[Problem], settings: EvalSe
     # Sampling imports torch and the model code; grading given responses (`--responses`) needs neither.
     from opd.evaluate.sampling import open_eval_sampler
 
-    return open_eval_sampler(model_dir, backend, todo, settings.max_new_tokens)
+    return open_eval_sampler(model_dir, backend, todo, settings.max_new_tokens, settings.chat_template_kwargs)
 
 
 class _Quiet:

@@ -56,9 +56,9 @@ class EvalSampler:
     prompts: dict[str, list[int]]  # problem_id -> rendered prompt ids
 
 
-def _rendered(tokenizer, problems: list[Problem]) -> dict[str, list[int]]:
+def _rendered(tokenizer, problems: list[Problem], template_kwargs: dict) -> dict[str, list[int]]:
     prompt_format = "chat" if getattr(tokenizer, "chat_template", None) else "raw"
-    return {p.problem_id: render_prompt(tokenizer, p.prompt, prompt_format) for p in problems}
+    return {p.problem_id: render_prompt(tokenizer, p.prompt, prompt_format, template_kwargs) for p in problems}
 
 
 def _hf(model_dir: str, backend: EvalBackend, tokenizer, prompts: dict[str, list[int]], max_new_tokens: int) -> Sampler:
@@ -87,10 +87,12 @@ EVAL_SAMPLERS: dict[str, Callable[..., Sampler]] = {
 
 
 @contextlib.contextmanager
-def open_eval_sampler(model_dir: str, backend: EvalBackend, problems: list[Problem], max_new_tokens: int):
-    """The EvalSampler for `problems` (every problem it will sample), closed (an engine freed) on exit."""
+def open_eval_sampler(model_dir: str, backend: EvalBackend, problems: list[Problem], max_new_tokens: int,
+                      template_kwargs: dict | None = None):
+    """The EvalSampler for `problems` (every problem it will sample, its prompt rendered with the chat
+    template's `template_kwargs`), closed (an engine freed) on exit."""
     tokenizer = load_tokenizer(model_dir, key="MODEL_DIR")
-    prompts = _rendered(tokenizer, problems)
+    prompts = _rendered(tokenizer, problems, template_kwargs or {})
     sampler = EVAL_SAMPLERS[backend.name](model_dir, backend, tokenizer, prompts, max_new_tokens)
     try:
         yield EvalSampler(sampler=sampler, tokenizer=tokenizer,

@@ -1,7 +1,8 @@
 """Loading models and tokenizers from local Hugging Face folders, and rendering prompts to token ids.
 
-Everything loads with `local_files_only=True`: opd never reaches a model hub at run time, and a path
-that is not a local folder is an error that says so (rather than a slow network timeout). A folder opd
+Everything loads with `local_files_only=True`: opd never reaches a model hub at run time. A model path is a
+local folder or a hub id already in the local Hugging Face cache (runtime/hub.py resolves it); anything else
+is an error that says so (rather than a slow network timeout). A folder opd
 cannot use (unreadable weights, weights that are not finite, no tokenizer) is a `ModelFolderError` naming
 the config key and the folder, never a traceback from deep inside transformers.
 """
@@ -19,6 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
+from opd.runtime.hub import local_model_folder
 from opd.runtime.lora import causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,11 +44,12 @@ def quiet_transformers() -> None:
 
 
 def check_model_folder(path: str, key: str) -> Path:
-    folder = Path(path)
+    """The model's local folder (a hub id resolved from the local cache), checked to hold a config.json."""
+    folder = Path(local_model_folder(path, key))
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"{key}: '{path}' is not a local folder. opd loads Hugging Face checkpoints from local folders only "
-            "(download one first, e.g. `hf download ORG/NAME --local-dir DIR`)."
+            f"{key}: '{path}' is not a local folder. opd loads Hugging Face checkpoints from local folders, or "
+            "hub ids ORG/NAME already in the local Hugging Face cache (download one first: `hf download ORG/NAME`)."
         )
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{key}: '{path}' has no config.json; is it a save_pretrained folder?")
@@ -59,7 +62,7 @@ def load_model(path: str, dtype: str = "float32", *, key: str = "model", trainab
     check_safetensors_files(folder, key)
     quiet_transformers()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype], local_files_only=True)
     except _LOAD_ERRORS as error:
         raise ModelFolderError(f"{key}: could not load the model in '{path}' ({type(error).__name__}: "
                                f"{_first_line(error)})") from error
@@ -138,7 +141,7 @@ def load_tokenizer(path: str, *, key: str = "model", chat_template: str | None =
         raise ModelFolderError(f"{key}: '{path}' has no tokenizer (none of {list(TOKENIZER_FILES)}); save the "
                                "model's tokenizer into the folder (tokenizer.save_pretrained)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except _LOAD_ERRORS as error:
         raise ModelFolderError(f"{key}: could not load the tokenizer in '{path}' ({type(error).__name__}: "
                                f"{_first_line(error)})") from error
@@ -174,11 +177,11 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def render_prompt(tokenizer, prompt: str | Messages, prompt_format: str) -> list[int]:
+def render_prompt(tokenizer, prompt: str | Messages, prompt_format: str, template_kwargs: dict | None = None) -> list[int]:
     """Token ids of a prompt, ready for the response to follow.
 
     chat: text becomes one user message; messages are rendered with the tokenizer's chat template and the
-    generation prompt. raw: text is tokenized as is (with the tokenizer's own special tokens, e.g. BOS).
+    generation prompt, `template_kwargs` given to the template as variables (Qwen3's enable_thinking). raw: text is tokenized as is (with the tokenizer's own special tokens, e.g. BOS).
     """
     if prompt_format == "raw":
         if not isinstance(prompt, str):
@@ -189,7 +192,7 @@ def render_prompt(tokenizer, prompt: str | Messages, prompt_format: str) -> list
             "the tokenizer has no chat template; set data.prompt_format=raw to tokenize prompts as plain text"
         )
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {}))
     # The template already wrote every special token it wants (BOS included): add none twice.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
