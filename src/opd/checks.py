@@ -24,7 +24,8 @@ from opd.types import Signal
 # models, seeds, sampling...) shaped the steps already taken.
 RESUMABLE_KEYS = (
     "train.steps", "train.output_dir", "train.save_every", "train.keep_checkpoints", "train.tensorboard", "train.progress",
-    "train.log_every", "train.logit_chunk", "optim.micro_batch_size", "rollout.batch_size", "rollout.vllm.", "eval.",
+    "train.log_every", "train.log_samples_every", "train.log_samples_per_domain", "train.logit_chunk",
+    "optim.micro_batch_size", "rollout.batch_size", "rollout.vllm.", "eval.",
 )
 
 # How many dataset prompts are rendered by both tokenizers to compare chat templates.

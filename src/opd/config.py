@@ -247,6 +247,9 @@ class TrainConfig:
     progress: bool = True  # a progress bar on a terminal; without one (nohup, CI), a line every log_every steps
     log_every: int = 10  # steps between progress lines when stdout is not a terminal
     wandb: WandbSettings | None = None  # absent = no W&B
+    # A few rollouts per domain, token by token, to samples.jsonl (and TensorBoard text) every N steps; 0 = never.
+    log_samples_every: int = 10
+    log_samples_per_domain: int = 2
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -345,6 +348,8 @@ def validate(config: Config) -> None:
     require(config.data.max_prompt_tokens >= 1, "data.max_prompt_tokens: must be >= 1")
     require(config.train.log_every >= 1, "train.log_every: must be >= 1")
     require(train.wandb is None or bool(train.wandb.project.strip()), "train.wandb.project: must not be empty")
+    require(config.train.log_samples_every >= 0, "train.log_samples_every: must be >= 0 (0 = never)")
+    require(config.train.log_samples_per_domain >= 1, "train.log_samples_per_domain: must be >= 1")
     evaluation = config.eval
     require(evaluation.every >= 0, "eval.every: must be >= 0")
     require(evaluation.every == 0 or len(evaluation.benchmarks) > 0, "eval.benchmarks: name at least one benchmark")

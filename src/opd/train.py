@@ -47,6 +47,7 @@ from opd.runtime.checkpoint import (
 from opd.runtime.monitor import MetricsLogger
 from opd.runtime.wandb_sink import WandbSink
 from opd.runtime.run_folder import clean_leftovers, segment_config_name, write_text_atomically
+from opd.samples import SampleRequest, TokenRecord, is_sample_step, sample_records
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, student_token_scores
 from opd.teachers import score_batch
 from opd.types import Metric, Reduce, RolloutBatch, Signal, StudentOutputs, TeacherScores, select_rows, to_device
@@ -109,7 +110,7 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
         while state.step < config.train.steps:
             set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)
             with _autocast(config.train.mixed_precision):
-                values = run_one_step(run, state)
+                values = run_one_step(run, state, _sample_request(logger, config, state.step + 1))
             if config.eval.every and state.step % config.eval.every == 0:
                 values.update(evaluate_during_training(state.student, run.tokenizer, config, run_dir, state.step))
             if logger is not None:
@@ -130,8 +131,11 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
 # --------------------------------------------------------------------------- one step
 
 
-def run_one_step(run: Run, state: TrainState) -> dict[str, float]:
-    """Collect, grade, score and train on this rank's share of the step's prompts; the metrics as floats."""
+def run_one_step(run: Run, state: TrainState, samples: SampleRequest | None = None) -> dict[str, float]:
+    """Collect, grade, score and train on this rank's share of the step's prompts; the metrics as floats.
+
+    With `samples` (a sample step, on the main process) a few of this rank's rollouts go to samples.write
+    token by token."""
     started = time.perf_counter()
     settings = run.collect
     indices = prompts_for_step(len(run.rows), state.step, settings.prompts_per_step, settings.seed, settings.shuffle)
@@ -143,9 +147,13 @@ def run_one_step(run: Run, state: TrainState) -> dict[str, float]:
     rolled = time.perf_counter()
     teacher = score_batch(batch, run.scorers, run.scoring)
     scored = time.perf_counter()
-    metrics = train_step(state, batch, teacher, run.objective, run.step)
+    record = TokenRecord() if samples is not None else None
+    metrics = train_step(state, batch, teacher, run.objective, run.step, record=record)
     run.sampler.sync(state.student)  # the next step samples from the updated policy
     finished = time.perf_counter()
+    if samples is not None:
+        samples.write(state.step, sample_records(state.step, batch, teacher, record, run.tokenizer,
+                                                 samples.per_domain))
     values = as_floats(metrics)
     if settings.guidance:
         values["guidance/max_prefix_length"] = float(
@@ -160,9 +168,10 @@ def run_one_step(run: Run, state: TrainState) -> dict[str, float]:
 
 
 def train_step(state: TrainState, batch: RolloutBatch, teacher: TeacherScores, objective: Objective,
-               settings: StepSettings) -> dict[str, Metric]:
-    """One optimizer step on a scored rollout batch."""
-    metrics, logprobs, entropy = accumulate_gradients(state.student, batch, teacher, objective, settings)
+               settings: StepSettings, *, record: TokenRecord | None = None) -> dict[str, Metric]:
+    """One optimizer step on a scored rollout batch; `record` collects this rank's per-token values."""
+    metrics, logprobs, entropy = accumulate_gradients(state.student, batch, teacher, objective, settings,
+                                                      record=record)
     metrics.update(rollout_metrics(batch, teacher, logprobs, entropy))
     metrics = combine(distributed.gather_objects(metrics))  # every rank's rows
     metrics.update(apply_update(state, settings.max_grad_norm))
@@ -170,8 +179,11 @@ def train_step(state: TrainState, batch: RolloutBatch, teacher: TeacherScores, o
 
 
 def accumulate_gradients(model: nn.Module, batch: RolloutBatch, teacher: TeacherScores, objective: Objective,
-                         settings: StepSettings) -> tuple[dict[str, Metric], Tensor, Tensor]:
-    """Forward + backward over micro-batches; returns metrics and the batch's detached lS and entropy [N, T]."""
+                         settings: StepSettings, *, record: TokenRecord | None = None,
+                         ) -> tuple[dict[str, Metric], Tensor, Tensor]:
+    """Forward + backward over micro-batches; returns metrics and the batch's detached lS and entropy [N, T].
+
+    `record` (a sample step) gets each micro-batch's lS and the objective's per-token diagnostics."""
     # The whole optimizer batch: every micro-batch on every rank divides by the same number.
     denominator = distributed.all_reduce_sum(count_denominator(batch.response_mask, settings.aggregation))
     metric_sets, logprobs, entropies = [], [], []
@@ -186,6 +198,8 @@ def accumulate_gradients(model: nn.Module, batch: RolloutBatch, teacher: Teacher
                             "loss": Metric(value=float(loss.detach()), reduce=Reduce.SUM)})
         logprobs.append(student.logprobs.detach().cpu())
         entropies.append(student.entropy.cpu())
+        if record is not None:
+            record.add(student.logprobs, token_loss.diagnostics)
     distributed.synchronize_replicated_gradients(model)
     return combine(metric_sets), torch.cat(logprobs), torch.cat(entropies)
 
@@ -301,6 +315,13 @@ def evaluate_during_training(student: nn.Module, tokenizer, config: Config, run_
             values[f"eval/{domain}/average"] = value
     distributed.barrier()
     return values
+
+
+def _sample_request(logger: MetricsLogger | None, config: Config, step: int) -> SampleRequest | None:
+    """On the main process (the one with a logger), at every train.log_samples_every-th step."""
+    if logger is None or not is_sample_step(config.train.log_samples_every, step):
+        return None
+    return SampleRequest(per_domain=config.train.log_samples_per_domain, write=logger.log_samples)
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:

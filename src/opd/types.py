@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -129,6 +130,16 @@ class TokenLoss:
     per_token: Tensor  # [N, T] float32, with gradient; zero where mask is False
     mask: Tensor  # [N, T] bool, tokens that bear loss (the aggregation denominator counts these)
     metrics: dict[str, Metric] = field(default_factory=dict)
+    # What the objective computed per token, for samples.jsonl: a TOKEN_DIAGNOSTICS name -> [N, T] float32,
+    # detached, nan where the value does not apply (tokens outside the objective's selection). Only the
+    # names an objective computes anyway are filled; the loop keeps them on sample steps only.
+    diagnostics: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+# The per-token values an objective may report in TokenLoss.diagnostics. advantage: the A_t its
+# policy-gradient term used; trust_probability: TrOPD's min(pi_T / pi_S, 1); outlier: 1.0 where TrOPD's
+# Bernoulli draw made the token an outlier, 0.0 where it was trusted.
+TOKEN_DIAGNOSTICS = ("advantage", "trust_probability", "outlier")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -17,6 +17,7 @@ from opd.objectives import BuildContext, options, register
 from opd.objectives.pg import (
     PolicyGradientSettings,
     TeacherAdvantage,
+    diagnostic,
     masked,
     masked_policy_gradient,
     mean_metric,
@@ -106,7 +107,7 @@ class EntropyGatedOpd:
             **pg.metrics,
             "eopd/gated_fraction": mean_metric(gate.float(), mask),
             "eopd/teacher_entropy": mean_metric(teacher.entropy, mask),
-        })
+        }, diagnostics=pg.diagnostics)
 
 
 @register("reopold")
@@ -176,7 +177,8 @@ class EntropyOpd:
         result = masked_policy_gradient("entropy_opd", _OPD_ADVANTAGE(student, batch, teacher), mask, student,
                                         batch, self.settings)
         result.metrics["entropy_opd/selected_fraction"] = mean_metric(mask.float(), sampled)
-        return TokenLoss(per_token=result.per_token, mask=sampled, metrics=result.metrics)
+        return TokenLoss(per_token=result.per_token, mask=sampled, metrics=result.metrics,
+                         diagnostics=result.diagnostics)
 
 
 @register("aopd")
@@ -205,7 +207,8 @@ class AsymmetricOpd:
         loss = torch.where(positive, pg_loss, masked(fkl, mask))
         metrics = policy_gradient_metrics("aopd", advantages, weight, positive, self.settings)
         metrics["aopd/positive_fraction"] = mean_metric(positive.float(), mask)
-        return TokenLoss(per_token=loss, mask=mask, metrics=metrics)
+        return TokenLoss(per_token=loss, mask=mask, metrics=metrics,
+                         diagnostics={"advantage": diagnostic(advantages, positive)})
 
 
 @register("sft")

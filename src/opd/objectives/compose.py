@@ -29,13 +29,15 @@ class Weighted:
         return all(objective.takes_dataset_responses for _, objective in self.terms)
 
     def __call__(self, student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> TokenLoss:
-        total, mask, metrics = None, None, {}
+        total, mask, metrics, diagnostics = None, None, {}, {}
         for weight, objective in self.terms:
             loss = objective(student, batch, teacher)
             total = weight * loss.per_token if total is None else total + weight * loss.per_token
             mask = loss.mask if mask is None else mask | loss.mask
             metrics.update(loss.metrics)
-        return TokenLoss(per_token=total, mask=mask, metrics=metrics)
+            for name, values in loss.diagnostics.items():  # the main objective (the first term) names them
+                diagnostics.setdefault(name, values)
+        return TokenLoss(per_token=total, mask=mask, metrics=metrics, diagnostics=diagnostics)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -11,7 +11,14 @@ import torch
 from opd.functional import topk_forward_kl
 from opd.objectives import BuildContext, options, register
 from opd.objectives.fullvocab import chunked_generalized_jsd
-from opd.objectives.pg import PolicyGradientSettings, masked, mean_metric, policy_gradient_terms, student_sampled
+from opd.objectives.pg import (
+    PolicyGradientSettings,
+    diagnostic,
+    masked,
+    mean_metric,
+    policy_gradient_terms,
+    student_sampled,
+)
 from opd.types import RolloutBatch, Signal, StudentOutputs, TeacherScores, TokenLoss
 
 
@@ -108,7 +115,7 @@ class TopkJsd:
         return TokenLoss(per_token=loss, mask=mask, metrics={
             "jsd_topk/forward_term": mean_metric(forward.detach(), mask),
             "jsd_topk/reward_mean": mean_metric(reward, mask),
-        })
+        }, diagnostics={"advantage": diagnostic(reward, mask)})  # the reward of its policy-gradient term
 
 
 def _log_mixture(teacher_logprobs, student_logprobs, beta: float):

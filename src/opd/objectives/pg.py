@@ -14,6 +14,7 @@ G-OPD teachers use KL 0).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Mapping, Protocol
 
@@ -75,12 +76,18 @@ def policy_gradient_metrics(area: str, advantages: Tensor, weight: Tensor, mask:
     }
 
 
+def diagnostic(values: Tensor, mask: Tensor) -> Tensor:  # [N, T] float32
+    """Detached `values` where `mask`, nan elsewhere: one TokenLoss.diagnostics entry."""
+    return torch.where(mask, values.detach().float(), torch.full_like(values, math.nan, dtype=torch.float32))
+
+
 def masked_policy_gradient(area: str, advantages: Tensor, mask: Tensor, student: StudentOutputs, batch: RolloutBatch,
                            settings: PolicyGradientSettings) -> TokenLoss:
-    """The PG loss on `mask` tokens only, with its metrics."""
+    """The PG loss on `mask` tokens only, with its metrics and the advantage of those tokens."""
     loss, weight = policy_gradient_terms(advantages, student, batch, settings)
     return TokenLoss(per_token=masked(loss, mask), mask=mask,
-                     metrics=policy_gradient_metrics(area, advantages, weight, mask, settings))
+                     metrics=policy_gradient_metrics(area, advantages, weight, mask, settings),
+                     diagnostics={"advantage": diagnostic(advantages, mask)})
 
 
 # --------------------------------------------------------------------------- advantages

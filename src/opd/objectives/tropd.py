@@ -21,6 +21,7 @@ from opd.objectives.pg import (
     PolicyGradientSettings,
     TeacherAdvantage,
     advantage_named,
+    diagnostic,
     masked,
     mean_metric,
     policy_gradient_metrics,
@@ -90,12 +91,22 @@ class TrustRegionOpd:
             fkl = topk_forward_kl(student.topk_logprobs, teacher.topk_logprobs, self.renormalize)
             outlier_loss = masked(fkl, outliers)
         metrics = policy_gradient_metrics("tropd", advantages, weight, trusted, self.settings)
+        p_trust = trust_probability(student_detached, teacher.logprobs)
         topk_mass = student.topk_logprobs.detach().exp().sum(dim=-1)
         metrics.update({
             "tropd/outlier_fraction": mean_metric(outliers.float(), sampled),
-            "tropd/p_trust_mean": mean_metric(trust_probability(student_detached, teacher.logprobs), sampled),
+            "tropd/p_trust_mean": mean_metric(p_trust, sampled),
             "tropd/trust_loss": mean_metric(trust_loss.detach(), trusted),
             "tropd/outlier_loss": mean_metric(outlier_loss.detach(), outliers),
             "tropd/student_topk_mass": mean_metric(topk_mass, sampled),
         })
-        return TokenLoss(per_token=trust_loss + outlier_loss, mask=sampled, metrics=metrics)
+        # The advantage each token's PG term used: trusted tokens', and the floored one of `clip`'s outliers.
+        used, with_advantage = advantages, trusted
+        if self.outlier == "clip":
+            used, with_advantage = torch.where(trusted, advantages, floored), sampled
+        diagnostics = {
+            "advantage": diagnostic(used, with_advantage),
+            "trust_probability": diagnostic(p_trust, sampled),
+            "outlier": diagnostic(outliers.float(), sampled),
+        }
+        return TokenLoss(per_token=trust_loss + outlier_loss, mask=sampled, metrics=metrics, diagnostics=diagnostics)

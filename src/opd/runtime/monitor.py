@@ -1,6 +1,7 @@
-"""Where metrics go: `metrics.jsonl` (always), TensorBoard (optional) and a rich progress bar.
+"""Where metrics go: `metrics.jsonl` (always), TensorBoard (optional) and a rich progress bar; and where the
+logged samples go: `samples.jsonl` and TensorBoard text.
 
-On resume the JSONL file is cut back to the checkpoint's step, so a run that crashed after logging steps
+On resume each JSONL file is cut back to the checkpoint's step, so a run that crashed after logging steps
 it never checkpointed does not end up with two records for one step. The cut is an atomic rewrite
 (`metrics.jsonl.tmp`, renamed over the file), and a torn last line (a kill in the middle of writing it) is
 dropped with a note; an unreadable line anywhere else is an error naming the file and the line.
@@ -60,6 +61,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, tensorboard: bool, progress: bool,
                  log_every: int = 10, terminal: bool | None = None, wandb: WandbSink | None = None):
         self.path = run_dir / "metrics.jsonl"
+        self.samples_path = run_dir / "samples.jsonl"
         _truncate_after(self.path, start_step)
         # The running union of metric names, in first-seen order (a resumed segment starts from the file's).
         self._keys: dict[str, None] = {}
@@ -68,7 +70,9 @@ class MetricsLogger:
                 self._keys.update(dict.fromkeys(key for key in record if key != "step"))
         self._keys_grew = False
         self._last_step = start_step
+        _truncate_after(self.samples_path, start_step)
         self._file = self.path.open("a", encoding="utf-8")
+        self._samples_file = None  # opened by the first sample step
         self._wandb = wandb  # one more sink, built by the caller from train.wandb
         self._tensorboard = None
         if tensorboard:
@@ -107,13 +111,26 @@ class MetricsLogger:
         if self._lines and (step % self._log_every == 0 or step == self._total_steps):
             print(f"opd train: step {step}/{self._total_steps}  {progress_figures(values)}", flush=True)
 
-    def log_samples(self, step: int, rows: list[dict]) -> None:
-        """Sample rows (prompt, response, reward, ...) for the sinks that show tables (W&B)."""
-        if self._wandb is not None:
-            self._wandb.log_samples(step, rows)
+    def log_samples(self, step: int, records: list[dict]) -> None:
+        """One line per sample (opd.samples.sample_record) to samples.jsonl, per domain one TensorBoard text
+        entry, and a W&B table when W&B is on."""
+        if self._samples_file is None:
+            self._samples_file = self.samples_path.open("a", encoding="utf-8")
+        with writing(self.samples_path, step):
+            self._samples_file.write("".join(json.dumps(record) + "\n" for record in records))
+            self._samples_file.flush()
+        if self._tensorboard is not None:
+            for domain in sorted({record["domain"] for record in records}):
+                text = "\n\n".join(samples_markdown(r) for r in records if r["domain"] == domain)
+                self._tensorboard.add_text(f"samples/{domain}", text, step)
+        if self._wandb is not None:  # a table cell holds a scalar: the per-token list goes as JSON text
+            self._wandb.log_samples(step, [{key: json.dumps(value) if isinstance(value, (list, dict)) else value
+                                            for key, value in record.items()} for record in records])
 
     def close(self) -> None:
         self._file.close()
+        if self._samples_file is not None:
+            self._samples_file.close()
         if self._wandb is not None:
             self._wandb.close()
         if self._keys_grew:
@@ -122,6 +139,20 @@ class MetricsLogger:
             self._tensorboard.close()
         if self._progress is not None:
             self._progress.stop()
+
+
+def samples_markdown(record: dict) -> str:
+    """A sample as TensorBoard's markdown: prompt, response, and a table of its tokens' values."""
+    def cell(value) -> str:
+        return "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    names = ("lS", "lOld", "lT", "lR", "advantage", "trust_probability", "outlier", "from_teacher")
+    rows = [f"| {json.dumps(token['text'])} | " + " | ".join(cell(token[name]) for name in names) + " |"
+            for token in record["tokens"]]
+    return "\n".join([
+        f"**prompt** {json.dumps(record['prompt'])}", "", f"**response** {json.dumps(record['response'])}", "",
+        "| token | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1), *rows,
+    ])
 
 
 class MetricsError(ValueError):

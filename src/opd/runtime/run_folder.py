@@ -25,11 +25,13 @@ PARTIAL = ".partial-"  # a folder being written; renamed to its name when comple
 DELETING = ".deleting-"  # a folder being deleted; renamed away from its name first
 TMP_SUFFIX = ".tmp"  # a file being written beside its place
 
-# Every name opd writes directly in a run folder (train.py, checkpoint.py, monitor.py, evaluate_during_training).
+# Every name opd writes directly in a run folder (train.py, checkpoint.py, monitor.py, evaluate_during_training,
+# and `opd report`'s report.html).
 # A LoRA student's model folders have their adapter beside them (`final_adapter`, `eval_model_adapter`).
 RUN_FOLDER_NAMES = frozenset({
-    "config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "final", "final_adapter", "eval",
-    "eval_model", "eval_model_adapter", "wandb",  # wandb: W&B's own files (train.wandb, dir = the run folder)
+    "config.yaml", "metrics.jsonl", "samples.jsonl", "report.html", "tensorboard", "checkpoints", "final",
+    "final_adapter", "eval", "eval_model", "eval_model_adapter",
+    "wandb",  # W&B's own files (train.wandb, dir = the run folder)
 })
 
 # The config of every segment of a run: the first's `config.yaml`, each resumed one's beside it, named by
