@@ -183,7 +183,7 @@ def test_lora_weights_are_synced_merged(folder):
         for name, parameter in adapted.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.1)  # B starts at zero: make the adapters matter
-    weights = policy_weights(adapted)
+    weights = dict(policy_weights(adapted))
     merged = copy.deepcopy(adapted).merge_and_unload().state_dict()
     assert set(weights) == set(merged)
     for name, tensor in merged.items():
@@ -207,7 +207,7 @@ def test_after_an_optimizer_step_and_sync_vllm_samples_from_the_updated_model(en
     optimizer.step()
     trained.eval()
     try:
-        engine.load_weights(policy_weights(trained).items())  # no reset yet
+        engine.load_weights(policy_weights(trained))  # no reset yet
         row, response, stale = next(sampled_rows(engine.sample([long], settings), 1))
         assert (stale - reference_logprobs(trained, long, response)).abs().max() > 0.05
         engine.reset_prefix_cache()

