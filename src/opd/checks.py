@@ -101,6 +101,12 @@ def check_process_count(config: Config, world_size: int) -> None:
     if config.student.lora is not None and world_size > 1:
         raise StartupError("student.lora with more than one process is not supported yet (FSDP2 over peft "
                            "adapters is untested); run LoRA on one process")
+    in_process_teachers = [i for i, t in enumerate(config.teachers) if t.backend == "vllm"]
+    if in_process_teachers and world_size > 1:
+        # Shutting a colocated engine down tears down the default process group (vLLM's cleanup), which a
+        # second engine per process would still need: untested, so refused rather than risked mid-run.
+        raise StartupError(f"teachers.{in_process_teachers[0]}.backend: vllm runs in one training process only; "
+                           "with more processes serve the teacher (backend: vllm-server, `opd serve`) or use hf")
 
 
 def check_vllm_teachers(config: Config, needs: frozenset[Signal]) -> None:
