@@ -148,6 +148,19 @@ def test_vllm_teacher_for_an_objective_needing_full_distributions_is_refused(mod
         assemble(config)
 
 
+def test_in_process_vllm_teachers_are_refused_with_more_than_one_process(model_dir, prompts_file, tmp_path):
+    """A colocated student engine per process is allowed; a second engine per process (a vLLM teacher) is not."""
+    from opd.checks import check_process_count
+
+    teachers = [{"domain": "math", "path": str(model_dir / "teacher"), "backend": "vllm"},
+                {"domain": "code", "path": str(model_dir / "teacher_b")}]
+    config = make_config(model_dir, prompts_file, tmp_path, teachers=teachers, objective={"score_temperature": 1.0})
+    check_process_count(config, 1)
+    with pytest.raises(StartupError, match=r"teachers.0.backend: vllm runs in one training process only"):
+        check_process_count(config, 2)
+    check_process_count(make_config(model_dir, prompts_file, tmp_path, rollout={"backend": "vllm"}), 2)
+
+
 # --------------------------------------------------------------------------- no silently wrong run
 
 
