@@ -30,6 +30,7 @@ TMP_SUFFIX = ".tmp"  # a file being written beside its place
 RUN_FOLDER_NAMES = frozenset({
     "config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "final", "final_adapter", "eval",
     "eval_model", "eval_model_adapter",
+    "served_weights",  # the student's weights for vLLM servers to reload (rollout.server.sync: folder)
 })
 
 # The config of every segment of a run: the first's `config.yaml`, each resumed one's beside it, named by
