@@ -10,6 +10,7 @@ import torch
 
 from opd.config import load_config
 from opd.runtime.tiny import build_model, build_tokenizer, perturb_model
+from served_support import served_models, servers  # noqa: F401 (session fixtures: vLLM servers)
 
 torch.set_num_threads(1)  # 2-core CI: tests run in one thread; determinism is easier to reason about
 

@@ -35,7 +35,7 @@ from opd.checks import (
     check_vllm_teachers,
 )
 from opd.collect import CollectSettings
-from opd.config import STUDENT_INIT, Config
+from opd.config import STUDENT_INIT, Config, ServerConfig, is_server_url
 from opd.data import DataError, PromptRow, keep_rows, load_prompts
 from opd.grading.custom import make_grader
 from opd.grading.graders import Grader
@@ -45,6 +45,9 @@ from opd.rollout.hf import HfSampler
 from opd.rollout.vllm import EngineSettings, VllmEngine
 from opd.runtime import distributed
 from opd.runtime.hub import local_model_folder
+from opd.served.checks import PROBE_TEXT, ServedExpectation, check_served_model
+from opd.served.client import RetrySettings, ServerClient
+from opd.served.engine import ServedModel, ServedSettings
 from opd.runtime.lora import AdaptersDisabled, attach_adapters, causal_lm, is_adapted
 from opd.runtime.models import (
     check_finite_weight_files,
@@ -120,6 +123,7 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
         rows, prompt_ids = _drop_long_prompts(rows, prompt_ids, config)
     check_prompt_lengths(prompt_ids, rows, config.data.max_prompt_tokens, config.data.path)
     teacher_prompts = _check_teacher_tokenizers(config, tokenizer, rows)
+    _check_servers(config, tokenizer, rows, prompt_ids, teacher_prompts, config.objective.topk if needs_topk else 0)
     dataset_responses = _dataset_responses(config, tokenizer, rows) if config.objective.onpolicy_fraction < 1 else None
 
     student = load_student(config, checkpoint)
@@ -128,7 +132,7 @@ def assemble(config: Config, checkpoint: Path | None = None) -> Run:
                for index, teacher in enumerate(config.teachers)}
     return Run(
         student=student, tokenizer=tokenizer, rows=rows, prompt_ids=prompt_ids,
-        sampler=SAMPLERS[config.rollout.backend](config, student), scorers=scorers, objective=objective,
+        sampler=SAMPLERS[config.rollout.backend](config, student, tokenizer), scorers=scorers, objective=objective,
         graders={t.domain: make_grader(t.grader) for t in config.teachers if t.grader != "none"},
         sampling=sampling_settings(config, end_of_sequence_ids(student, tokenizer), tokenizer.pad_token_id),
         scoring=scoring_settings(config, objective, any(s.reference is not None for s in scorers.values())),
@@ -143,7 +147,7 @@ def with_local_model_folders(config: Config) -> Config:
     teachers = tuple(dataclasses.replace(
         teacher,
         path=None if teacher.path is None else local_model_folder(teacher.path, f"teachers.{index}.path"),
-        reference=(teacher.reference if teacher.reference in (None, STUDENT_INIT)
+        reference=(teacher.reference if teacher.reference in (None, STUDENT_INIT) or is_server_url(teacher.reference)
                    else local_model_folder(teacher.reference, f"teachers.{index}.reference")),
     ) for index, teacher in enumerate(config.teachers))
     student = dataclasses.replace(config.student, path=local_model_folder(config.student.path, "student.path"))
@@ -156,10 +160,15 @@ def _domain_scorer(config: Config, index: int, frozen: "_FrozenModels", student:
     key = f"teachers.{index}"
     if teacher.path is None:  # no teacher (grpo alone): no reward lT - lR to anchor, so no reference either
         return DomainScorer(domain=teacher.domain, teacher=None, reference=None)
-    scorer, writer = frozen.get(teacher.path, teacher.dtype, f"{key}.path", teacher.shard, teacher.backend)
+    scorer, writer = frozen.get(teacher.path, teacher.dtype, f"{key}.path", teacher.shard, teacher.backend,
+                                server=teacher.server)
+    if is_server_url(teacher.reference):
+        reference = ServedModel(served_settings(dataclasses.replace(teacher.server, urls=(teacher.reference,)),
+                                                f"{key}.reference"))
+    else:
+        reference = frozen.reference(teacher.reference, teacher.dtype, f"{key}.reference", student, teacher.shard)
     return DomainScorer(
-        domain=teacher.domain, teacher=scorer, writer=writer,
-        reference=frozen.reference(teacher.reference, teacher.dtype, f"{key}.reference", student, teacher.shard),
+        domain=teacher.domain, teacher=scorer, writer=writer, reference=reference,
         teacher_prompts=teacher_prompts.get(teacher.domain),
     )
 
@@ -216,11 +225,31 @@ def engine_settings(config: Config, path: str, dtype: str, max_logprobs: int) ->
     )
 
 
-# The student's sampler, by rollout.backend. A vLLM engine is built from the student's folder; the loop
-# syncs the training weights (a checkpoint's, LoRA's merged) into it before the first step.
-SAMPLERS: dict[str, Callable[[Config, nn.Module], Sampler]] = {
-    "hf": lambda config, student: HfSampler(student),
-    "vllm": lambda config, student: VllmEngine(engine_settings(config, config.student.path, config.student.dtype, 1)),
+def served_settings(server: ServerConfig, key: str, *, sync_folder: str | None = None,
+                    probe: tuple[int, ...] = (), temperature: float = 1.0) -> ServedSettings:
+    return ServedSettings(
+        urls=server.urls, max_concurrency=server.max_concurrency, key=key, sync_folder=sync_folder,
+        retry=RetrySettings(timeout_seconds=server.timeout_seconds, attempts=server.attempts,
+                            backoff_seconds=server.backoff_seconds),
+        probe_prompt=probe, probe_temperature=temperature, probe_tolerance=server.probe_tolerance,
+    )
+
+
+def _served_student(config: Config, tokenizer) -> ServedModel:
+    server = config.rollout.server
+    folder = server.sync_folder or str(Path(config.train.output_dir) / "served_weights")
+    probe = tuple(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])
+    return ServedModel(served_settings(server, "rollout.server", sync_folder=folder, probe=probe,
+                                       temperature=config.rollout.temperature))
+
+
+# The student's sampler, by rollout.backend. A vLLM engine or server starts from the student's folder; the
+# loop syncs the training weights (a checkpoint's, LoRA's merged) into it before the first step.
+SAMPLERS: dict[str, Callable[[Config, nn.Module, object], Sampler]] = {
+    "hf": lambda config, student, tokenizer: HfSampler(student),
+    "vllm": lambda config, student, tokenizer: VllmEngine(
+        engine_settings(config, config.student.path, config.student.dtype, 1)),
+    "vllm-server": lambda config, student, tokenizer: _served_student(config, tokenizer),
 }
 
 
@@ -310,10 +339,11 @@ class _FrozenModels:
         self._engine_settings = lambda path, dtype: engine_settings(config, path, dtype, topk)
         self._loaded: dict[tuple, tuple[Scorer, Sampler]] = {}
 
-    def get(self, path: str, dtype: str, key: str, shard: bool = False, backend: str = "hf") -> tuple[Scorer, Sampler]:
-        identity = (str(Path(path).resolve()), dtype, shard, backend)
+    def get(self, path: str, dtype: str, key: str, shard: bool = False, backend: str = "hf",
+            server: ServerConfig | None = None) -> tuple[Scorer, Sampler]:
+        identity = (str(Path(path).resolve()), dtype, shard, backend, server.urls if server else ())
         if identity not in self._loaded:
-            self._loaded[identity] = FROZEN_BACKENDS[backend](self, path, dtype, key, shard)
+            self._loaded[identity] = FROZEN_BACKENDS[backend](self, path, dtype, key, shard, server)
         return self._loaded[identity]
 
     def reference(self, reference: str | None, dtype: str, key: str, student: nn.Module, shard: bool) -> Scorer | None:
@@ -328,18 +358,24 @@ class _FrozenModels:
             return self.get(self._student_path, self._student_dtype, key, shard)[0]
         return self.get(reference, dtype, key, shard)[0]  # a teacher-side base: the teacher's dtype
 
-    def load_hf(self, path: str, dtype: str, key: str, shard: bool) -> tuple[Scorer, Sampler]:
+    def load_hf(self, path: str, dtype: str, key: str, shard: bool, server=None) -> tuple[Scorer, Sampler]:
         model = load_model(path, dtype, key=key)
         check_output_width(self._student_width, output_width(model), self._vocabulary_size, key, self._needs_topk)
         model = distributed.shard_frozen(model) if shard else model
         scorer = HfScorer(model, temperature=self._temperature, chunk_size=self._chunk_size, packed=self._packed)
         return scorer, HfSampler(model)
 
-    def load_vllm(self, path: str, dtype: str, key: str, shard: bool) -> tuple[Scorer, Sampler]:
+    def load_vllm(self, path: str, dtype: str, key: str, shard: bool, server=None) -> tuple[Scorer, Sampler]:
         check_finite_weight_files(path, key)  # the engine loads the weights itself
         check_output_width(self._student_width, _configured_width(path), self._vocabulary_size, key, self._needs_topk)
         engine = VllmEngine(self._engine_settings(path, dtype))
         return engine, engine
+
+    def load_served(self, path: str, dtype: str, key: str, shard: bool, server: ServerConfig) -> tuple[Scorer, Sampler]:
+        """Servers checked at start-up (_check_servers); the folder's configured width checked here."""
+        check_output_width(self._student_width, _configured_width(path), self._vocabulary_size, key, self._needs_topk)
+        model = ServedModel(served_settings(server, key.removesuffix(".path") + ".server"))
+        return model, model
 
 
 # A frozen model (teacher or reference) by teachers.N.backend: its scorer and the sampler that writes its
@@ -347,7 +383,48 @@ class _FrozenModels:
 FROZEN_BACKENDS: dict[str, Callable[..., tuple[Scorer, Sampler]]] = {
     "hf": _FrozenModels.load_hf,
     "vllm": _FrozenModels.load_vllm,
+    "vllm-server": _FrozenModels.load_served,
 }
+
+
+def _check_servers(config: Config, tokenizer, rows, prompt_ids: list[list[int]],
+                   teacher_prompts: dict[str, dict[int, list[int]]], topk: int) -> None:
+    """Each served model agrees with the model it stands for (served/checks.py), before any weights load."""
+    required = config.data.max_prompt_tokens + config.rollout.max_new_tokens + 1
+    format_ = config.data.prompt_format
+
+    def expectation(key, model_tokenizer, width, domain, ids_of, depth, reloads):
+        chosen = [row for row in rows if domain is None or row.domain == domain][:3]
+        renderings = tuple((row.messages, tuple(ids_of(row))) for row in chosen)
+        return ServedExpectation(key=key, tokenizer=model_tokenizer, width=width, renderings=renderings,
+                                 prompt_format=format_, required_length=required, topk=depth, reloads=reloads)
+
+    student_ids = {row.index: ids for row, ids in zip(rows, prompt_ids, strict=True)}
+    student_width = _configured_width(config.student.path)
+    checks: list[tuple[tuple[str, ...], ServedExpectation]] = []
+    if config.rollout.backend == "vllm-server":
+        checks.append((config.rollout.server.urls, expectation(
+            "rollout.server", tokenizer, student_width, None, lambda row: student_ids[row.index], 0, True)))
+    for index, teacher in enumerate(config.teachers):
+        key = f"teachers.{index}"
+        if teacher.backend == "vllm-server":
+            own = teacher_prompts.get(teacher.domain)
+            teacher_tokenizer = load_tokenizer(teacher.path, key=f"{key}.path", chat_template=(
+                read_chat_template(teacher.chat_template, f"{key}.chat_template") if teacher.chat_template else None))
+            checks.append((teacher.server.urls, expectation(
+                f"{key}.server", teacher_tokenizer, _configured_width(teacher.path), teacher.domain,
+                lambda row, own=own: (own or student_ids)[row.index], topk, False)))
+        if is_server_url(teacher.reference):
+            checks.append(((teacher.reference,), expectation(
+                f"{key}.reference", tokenizer, student_width, teacher.domain,
+                lambda row: student_ids[row.index], 0, False)))
+    for urls, expected in checks:
+        retry = RetrySettings(timeout_seconds=60.0, attempts=2, backoff_seconds=1.0)
+        for url in urls:
+            try:
+                check_served_model(ServerClient(url, retry), expected)
+            except ValueError as error:
+                raise StartupError(str(error)) from None
 
 
 def _configured_width(path: str) -> int:

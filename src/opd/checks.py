@@ -114,9 +114,10 @@ def check_vllm_teachers(config: Config, needs: frozenset[Signal]) -> None:
     unavailable = {Signal.TEACHER_ENTROPY: "the teacher's entropy", Signal.FULL_DISTRIBUTIONS: "full distributions"}
     missing = [unavailable[signal] for signal in needs if signal in unavailable]
     for index, teacher in enumerate(config.teachers):
-        if teacher.backend == "vllm" and missing:
+        if teacher.backend != "hf" and missing:
             raise StartupError(f"teachers.{index}.backend: objective {list(config.objective.names)} needs "
-                               f"{' and '.join(missing)}, which vLLM scoring does not return; use backend hf")
+                               f"{' and '.join(missing)}, which vLLM scoring ({teacher.backend}) does not return; "
+                               "use backend hf")
 
 
 def check_prompt_lengths(prompt_ids: list[list[int]], rows: list[PromptRow], max_tokens: int, data_path: str) -> None:

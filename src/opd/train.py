@@ -49,6 +49,7 @@ from opd.runtime.wandb_sink import WandbSink
 from opd.runtime.run_folder import clean_leftovers, segment_config_name, write_text_atomically
 from opd.samples import SampleRequest, TokenRecord, is_sample_step, sample_records
 from opd.scoring import output_head, response_hidden_states, scatter_tokens, student_token_scores
+from opd.served.client import ServerUnavailable
 from opd.teachers import score_batch
 from opd.types import Metric, Reduce, RolloutBatch, Signal, StudentOutputs, TeacherScores, select_rows, to_device
 
@@ -109,7 +110,7 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
     try:
         while state.step < config.train.steps:
             set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)
-            with _autocast(config.train.mixed_precision):
+            with _autocast(config.train.mixed_precision), _naming_the_step(state.step + 1):
                 values = run_one_step(run, state, _sample_request(logger, config, state.step + 1))
             if config.eval.every and state.step % config.eval.every == 0:
                 values.update(evaluate_during_training(state.student, run.tokenizer, config, run_dir, state.step))
@@ -126,6 +127,16 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
             logger.close()
     refuse_if_every_step_skipped(state, first_step, skipped_before)
     return save_final(run_dir, state.student, run.tokenizer, state.step)
+
+
+@contextlib.contextmanager
+def _naming_the_step(step: int):
+    """A served model that stays down fails the step, never fills in a score; the message says where to go on."""
+    try:
+        yield
+    except ServerUnavailable as error:
+        raise ServerUnavailable(f"step {step}: {error}. Nothing of this step was trained; `opd train ... --resume` "
+                                f"continues from the last checkpoint once the server is back") from None
 
 
 # --------------------------------------------------------------------------- one step

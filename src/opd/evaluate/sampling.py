@@ -1,9 +1,10 @@
-"""Which `Sampler` draws an evaluation's samples: `opd eval --backend hf | vllm`, chosen once here.
+"""Which `Sampler` draws an evaluation's samples: `opd eval --backend hf | vllm` or `--server URL`, chosen
+once here.
 
 Evaluation samples through the same `Sampler` protocol as training (rollout/batch.py), so every sampler
-training has plugs in: Hugging Face `generate` on the model (`hf`) or a vLLM engine in this process
-(`vllm`). A new one (a served model) is one entry in `EVAL_SAMPLERS` and, when it needs more than the
-model folder, a field in `EvalBackend`.
+training has plugs in: Hugging Face `generate` on the model (`hf`), a vLLM engine in this process
+(`vllm`), or a vLLM server serving the folder (`server`, `opd eval MODEL --server URL`). A new one is one
+entry in `EVAL_SAMPLERS` and, when it needs more than the model folder, a field in `EvalBackend`.
 
 Whatever the backend, the samples are drawn from the same distribution (temperature and top-p applied
 the same way; tests/evaluate/test_eval_vllm.py checks the log-probs to 1e-3 and avg@k to binomial noise),
@@ -14,6 +15,7 @@ sampler and an evaluation can be reproduced from its cache.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
@@ -25,6 +27,9 @@ from opd.rollout.batch import Sampler
 from opd.rollout.hf import HfSampler
 from opd.rollout.vllm import EngineSettings, VllmEngine
 from opd.runtime.models import end_of_sequence_ids, load_model, load_tokenizer, render_prompt
+from opd.served.checks import ServedExpectation, check_served_model
+from opd.served.client import RetrySettings
+from opd.served.engine import ServedModel, ServedSettings
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -36,12 +41,15 @@ class EvalBackend:
     kv_cache_gib: float = 1.0  # vllm: the engine's KV cache (explicit: vLLM's default fails on the CPU)
     max_model_len: int | None = None  # vllm: tokens per sequence; None = the model's max_position_embeddings
     seed: int = 0  # vllm: its sampling stream (HF draws from torch's global generator)
+    server: str | None = None  # server: the URL of a vLLM server serving the model folder (`opd serve MODEL`)
 
     def __post_init__(self) -> None:
         if self.name not in EVAL_SAMPLERS:
             raise ValueError(f"opd eval --backend {self.name}: unknown backend; choose one of {sorted(EVAL_SAMPLERS)}")
         if not self.kv_cache_gib > 0:
             raise ValueError(f"opd eval --kv-cache-gib {self.kv_cache_gib}: must be > 0")
+        if (self.name == "server") != (self.server is not None):
+            raise ValueError("opd eval: --server URL samples from a vLLM server serving MODEL (and only it does)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"opd eval --max-model-len {self.max_model_len}: must be at least 2 tokens")
 
@@ -78,11 +86,29 @@ def _vllm(model_dir: str, backend: EvalBackend, tokenizer, prompts: dict[str, li
                                      enforce_eager=True, seed=backend.seed, max_logprobs=1))
 
 
-# The evaluation's sampler, by `opd eval --backend`: (model folder, backend, tokenizer, every prompt it will
-# be asked for, max new tokens) -> Sampler. A served model is one more entry.
+def _served(model_dir: str, backend: EvalBackend, tokenizer, prompts: dict[str, list[int]],
+            max_new_tokens: int) -> Sampler:
+    """A server serving `model_dir` itself (its /v1/models root), checked like a training run's servers."""
+    settings = ServedSettings(urls=(backend.server,), max_concurrency=8, retry=RetrySettings(), key="--server")
+    model = ServedModel(settings)
+    root = model.clients[0].models()[0].get("root") or ""
+    if Path(root).resolve() != Path(model_dir).resolve():
+        raise ValueError(f"opd eval --server {backend.server}: the server serves {root}, not {model_dir}; start it "
+                         f"with `opd serve {model_dir}` (results are recorded as the folder's)")
+    # Prompts go as our token ids, so the server's chat template plays no part; its tokenizer and context do.
+    check_served_model(model.clients[0], ServedExpectation(
+        key="--server", tokenizer=tokenizer, width=AutoConfig.from_pretrained(model_dir, local_files_only=True).vocab_size,
+        renderings=(), prompt_format="chat", required_length=max(len(ids) for ids in prompts.values()) + max_new_tokens,
+        topk=0, reloads=False))
+    return model
+
+
+# The evaluation's sampler, by `opd eval --backend` (`--server URL` is the backend "server"): (model
+# folder, backend, tokenizer, every prompt it will be asked for, max new tokens) -> Sampler.
 EVAL_SAMPLERS: dict[str, Callable[..., Sampler]] = {
     "hf": _hf,
     "vllm": _vllm,
+    "server": _served,
 }
 
 

@@ -58,6 +58,17 @@ def place_prefixes(prefixes: list[list[int]], width: int, pad_id: int) -> tuple[
     return ids, from_teacher
 
 
+def consecutive_groups(rows: list[list[int]]) -> list[tuple[int, int]]:
+    """(start, count) of each run of identical consecutive rows: a prompt's samples, sent as one request."""
+    groups: list[tuple[int, int]] = []
+    for row, tokens in enumerate(rows):
+        if groups and rows[groups[-1][0]] == tokens:
+            groups[-1] = (groups[-1][0], groups[-1][1] + 1)
+        else:
+            groups.append((row, 1))
+    return groups
+
+
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """[N, P] ids and bool mask, padded on the left (generation continues from the right edge)."""
     width = max(len(s) for s in sequences)

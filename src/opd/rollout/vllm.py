@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig
 
-from opd.rollout.batch import Responses, SamplingSettings, finish_responses, place_prefixes
+from opd.rollout.batch import Responses, SamplingSettings, consecutive_groups, finish_responses, place_prefixes
 from opd.runtime import distributed
 from opd.runtime.lora import causal_lm
 from opd.types import ScoreRequest, TokenScores
@@ -137,7 +137,7 @@ class VllmEngine:
 
         prefixes = prefixes or [[] for _ in prompts]
         width = settings.max_new_tokens
-        groups = _consecutive_groups([p + x for p, x in zip(prompts, prefixes, strict=True)])
+        groups = consecutive_groups([p + x for p, x in zip(prompts, prefixes, strict=True)])
         requests, parameters, sampled_groups = [], [], []
         for start, count in groups:
             remaining = width - len(prefixes[start])
@@ -262,14 +262,3 @@ def _restore_environment(saved: dict[str, str]) -> None:
     for name in [name for name in os.environ if name not in saved]:
         del os.environ[name]
     os.environ.update(saved)
-
-
-def _consecutive_groups(rows: list[list[int]]) -> list[tuple[int, int]]:
-    """(start, count) of each run of identical consecutive rows."""
-    groups: list[tuple[int, int]] = []
-    for row, tokens in enumerate(rows):
-        if groups and rows[groups[-1][0]] == tokens:
-            groups[-1] = (groups[-1][0], groups[-1][1] + 1)
-        else:
-            groups.append((row, 1))
-    return groups

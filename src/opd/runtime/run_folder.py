@@ -32,6 +32,7 @@ RUN_FOLDER_NAMES = frozenset({
     "config.yaml", "metrics.jsonl", "samples.jsonl", "report.html", "tensorboard", "checkpoints", "final",
     "final_adapter", "eval", "eval_model", "eval_model_adapter",
     "wandb",  # W&B's own files (train.wandb, dir = the run folder)
+    "served_weights",  # the student's weights for vLLM servers to reload (rollout.server.sync: folder)
 })
 
 # The config of every segment of a run: the first's `config.yaml`, each resumed one's beside it, named by
