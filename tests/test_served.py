@@ -165,6 +165,21 @@ def test_start_up_refuses_servers_that_do_not_serve_the_model(servers, served_mo
     assert "teachers.0.server" in message and "--chat-template" in message
 
 
+def test_a_reference_given_as_a_url_is_a_served_scorer(servers, served_models, prompts_file, tmp_path):
+    """Reward correction with the teacher's base on another machine: the reference is a server URL."""
+    teachers = [{"domain": d, "path": str(served_models / "teacher"), "reference": servers["teacher"]}
+                for d in ("math", "code")]
+    config = make_config(served_models, prompts_file, tmp_path / "run", teachers=teachers,
+                         data={"path": str(prompts_file), "max_prompt_tokens": 200},
+                         objective={"name": "gopd", "lam": 1.25, "score_temperature": 1.0})
+    run = assemble(config)
+    try:
+        reference = run.scorers["math"].reference
+        assert isinstance(reference, ServedModel) and reference.clients[0].url == servers["teacher"]
+    finally:
+        run.close()
+
+
 def test_a_served_model_that_stays_down_is_named_with_its_url():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

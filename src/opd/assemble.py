@@ -320,7 +320,7 @@ def _check_teacher_tokenizers(config: Config, student_tokenizer, rows) -> dict[s
                 for row in rows
                 if row.domain == teacher.domain
             }
-        if teacher.reference not in (None, STUDENT_INIT):
+        if teacher.reference not in (None, STUDENT_INIT) and not is_server_url(teacher.reference):  # a server: _check_servers
             reference_tokenizer = load_tokenizer(teacher.reference, key=f"{key}.reference")
             check_same_vocabulary(student_tokenizer, reference_tokenizer, f"{key}.reference")
     return own_prompts
@@ -393,11 +393,12 @@ def _check_servers(config: Config, tokenizer, rows, prompt_ids: list[list[int]],
     required = config.data.max_prompt_tokens + config.rollout.max_new_tokens + 1
     format_ = config.data.prompt_format
 
-    def expectation(key, model_tokenizer, width, domain, ids_of, depth, reloads):
+    def expectation(key, model_tokenizer, width, domain, ids_of, depth, reloads, kwargs=None):
         chosen = [row for row in rows if domain is None or row.domain == domain][:3]
         renderings = tuple((row.messages, tuple(ids_of(row))) for row in chosen)
         return ServedExpectation(key=key, tokenizer=model_tokenizer, width=width, renderings=renderings,
-                                 prompt_format=format_, required_length=required, topk=depth, reloads=reloads)
+                                 prompt_format=format_, required_length=required, topk=depth, reloads=reloads,
+                                 chat_template_kwargs=dict(config.student.chat_template_kwargs if kwargs is None else kwargs))
 
     student_ids = {row.index: ids for row, ids in zip(rows, prompt_ids, strict=True)}
     student_width = _configured_width(config.student.path)
@@ -413,7 +414,7 @@ def _check_servers(config: Config, tokenizer, rows, prompt_ids: list[list[int]],
                 read_chat_template(teacher.chat_template, f"{key}.chat_template") if teacher.chat_template else None))
             checks.append((teacher.server.urls, expectation(
                 f"{key}.server", teacher_tokenizer, _configured_width(teacher.path), teacher.domain,
-                lambda row, own=own: (own or student_ids)[row.index], topk, False)))
+                lambda row, own=own: (own or student_ids)[row.index], topk, False, config.template_kwargs_for(teacher))))
         if is_server_url(teacher.reference):
             checks.append(((teacher.reference,), expectation(
                 f"{key}.reference", tokenizer, student_width, teacher.domain,

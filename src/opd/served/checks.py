@@ -18,7 +18,7 @@ A server is asked only what its OpenAI-compatible endpoints answer, so each chec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ class ServedExpectation:
     required_length: int  # prompt + response + 1 tokens
     topk: int  # top-k prompt log-probs the objective needs (0: none)
     reloads: bool  # the student's: weights are reloaded after every step
+    chat_template_kwargs: dict = field(default_factory=dict)  # what our rendering passed to the template
 
 
 def check_served_model(client: ServerClient, expected: ServedExpectation) -> None:
@@ -94,7 +95,7 @@ def _check_rendering(client: ServerClient, expected: ServedExpectation, where: s
             theirs = client.tokenize_text(prompt, add_special_tokens=True)
         else:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            theirs = client.tokenize_messages(messages)
+            theirs = client.tokenize_messages(messages, expected.chat_template_kwargs)
         if theirs != list(ids):
             raise ServedModelMismatch(
                 f"{where} renders a prompt of the data differently ({_first_difference(list(ids), theirs)}): "

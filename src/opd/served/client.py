@@ -52,9 +52,10 @@ class ServerClient:
         """`/v1/models`: the served model(s), each with its `max_model_len`."""
         return self.request("GET", "/v1/models")["data"]
 
-    def tokenize_messages(self, messages: list[dict[str, str]]) -> list[int]:
+    def tokenize_messages(self, messages: list[dict[str, str]], chat_template_kwargs: dict | None = None) -> list[int]:
         """The server's own rendering of a chat prompt (its chat template, then its tokenizer)."""
-        body = {"messages": messages, "add_generation_prompt": True, "add_special_tokens": False}
+        body = {"messages": messages, "add_generation_prompt": True, "add_special_tokens": False,
+                "chat_template_kwargs": dict(chat_template_kwargs or {})}
         return list(self.request("POST", "/tokenize", body)["tokens"])
 
     def tokenize_text(self, text: str, *, add_special_tokens: bool) -> list[int]:
