@@ -209,7 +209,7 @@ def served_weights(model: nn.Module) -> dict[str, Tensor] | None:
     the other ranks; every rank must call it."""
     if distributed.world_size() > 1:
         return distributed.full_state_dict(model)
-    return policy_weights(model)
+    return dict(policy_weights(model))
 
 
 def write_weights(weights: dict[str, Tensor], folder: Path) -> None:
