@@ -32,7 +32,7 @@ class RecordingSampler(HfSampler):
 def test_the_loop_syncs_the_factory_built_sampler_before_the_first_step_and_after_every_step(
         model_dir, prompts_file, tmp_path, monkeypatch):
     RecordingSampler.events = []
-    monkeypatch.setitem(opd.assemble.SAMPLERS, "hf", lambda config, student: RecordingSampler(student))
+    monkeypatch.setitem(opd.assemble.SAMPLERS, "hf", lambda config, student, tokenizer: RecordingSampler(student))
     train(make_config(model_dir, prompts_file, tmp_path / "run", train={"steps": 2}))
     kinds = [kind for kind, _ in RecordingSampler.events]
     assert kinds == ["sync", "sample", "sync", "sample", "sync"]
