@@ -49,9 +49,11 @@ def engine(folder):
 
 def test_building_an_engine_leaves_the_environment_and_thread_control_alone(engine):
     """vLLM sets LD_PRELOAD, LD_LIBRARY_PATH, LOCAL_WORLD_SIZE, ... and disables torch.set_num_threads: later
-    subprocesses and training must not inherit that. Only the two documented variables may be added."""
+    subprocesses and training must not inherit that. Only the three documented variables may be added
+    (rollout/vllm.py's prepare_environment: its thread and process settings, and its quiet logging)."""
     changed = {k for k in set(os.environ) | set(ENVIRONMENT_BEFORE) if os.environ.get(k) != ENVIRONMENT_BEFORE.get(k)}
-    assert changed - {"PYTEST_CURRENT_TEST"} <= {"OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING"}, changed
+    assert changed - {"PYTEST_CURRENT_TEST"} <= {"OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING",
+                                                  "VLLM_LOGGING_LEVEL"}, changed
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
