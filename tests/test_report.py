@@ -1,0 +1,195 @@
+"""`opd report`: the page of a real tiny single-teacher run and a real tiny multi-teacher run, loaded in headless
+Chromium (Debian's package, installed by scripts/setup.sh); without chromium these tests fail, they do not skip.
+
+The page's script appends `#opd-report-ready` only when it ran to its end without an error, and
+`#opd-report-error` otherwise; the DOM Chromium dumps after running it is checked for one plot per metric
+group, every logged metric in a legend, a sample view per domain, and token spans coloured by lT - lS.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from conftest import PROMPTS, make_config
+from PIL import Image, ImageStat
+
+from opd.cli import main
+from opd.report import write_report
+from opd.report.token_html import NEGATIVE, POSITIVE
+from opd.runtime.monitor import read_metrics
+from opd.train import train
+
+INJECTION = "</script><script>document.documentElement.setAttribute('data-pwned', 'script')</script>"
+IMAGE_INJECTION = "<img src=x onerror=\"document.documentElement.setAttribute('data-pwned', 'img')\">"
+
+
+def chromium() -> str:
+    path = shutil.which("chromium")
+    assert path, "chromium is not on PATH: scripts/setup.sh installs it (apt-get install chromium)"
+    return path
+
+
+def browse(page: Path, tmp_path: Path, *arguments: str) -> str:
+    """Chromium headless on the page (a fresh profile each time: parallel runs must not share one)."""
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
+    result = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+                             *arguments, page.as_uri()], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+class Elements(HTMLParser):
+    """Every start tag of a document as (tag, attributes)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.found: list[tuple[str, dict]] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.found.append((tag, dict(attrs)))
+
+    def with_class(self, name: str) -> list[dict]:
+        return [attrs for _, attrs in self.found if name in (attrs.get("class") or "").split()]
+
+
+def _rgb(style: str) -> tuple[int, int, int]:
+    match = re.search(r"background:\s*rgb\((\d+),\s*(\d+),\s*(\d+)\)", style)
+    assert match, style
+    return tuple(int(part) for part in match.groups())
+
+
+@pytest.fixture(scope="module")
+def single_run(model_dir, tmp_path_factory) -> Path:
+    """One teacher, one domain; TrOPD with guidance prefixes (trust, outlier and guidance metrics)."""
+    root = tmp_path_factory.mktemp("report-single")
+    prompts = root / "math.jsonl"
+    prompts.write_text("".join(json.dumps({**row, "domain": "math"}) + "\n" for row in PROMPTS))
+    train(make_config(model_dir, prompts, root / "run", teachers=[{"domain": "math", "path": str(model_dir / "teacher")}],
+                      objective={"name": "tropd", "lam": 1.0, "guidance": {"enabled": True}},
+                      train={"steps": 3, "log_samples_every": 1}))
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def multi_run(model_dir, prompts_file, tmp_path_factory) -> Path:
+    """Two teachers (math, code), G-OPD."""
+    run_dir = tmp_path_factory.mktemp("report-multi") / "run"
+    train(make_config(model_dir, prompts_file, run_dir, train={"steps": 3, "log_samples_every": 1}))
+    return run_dir
+
+
+def check_page(run_dir: Path, tmp_path: Path, expected_groups: set[str], domains: set[str]) -> Elements:
+    """The report of run_dir in Chromium: script finished, groups, legends, domains, coloured tokens, pixels."""
+    page = write_report(run_dir)
+    dom = browse(page, tmp_path, "--dump-dom")
+    assert 'id="opd-report-error"' not in dom, re.search(r'id="opd-report-error">[^<]*', dom).group(0)
+    assert 'id="opd-report-ready"' in dom
+    elements = Elements(dom)
+    groups = [attrs["data-group"] for attrs in elements.with_class("plot")]
+    assert len(groups) == len(set(groups))  # one plot per group
+    assert expected_groups <= set(groups), expected_groups - set(groups)
+    for figure in dom.split('<figure class="plot"')[1:]:  # every plot draws its values
+        figure = figure.split("</figure>", 1)[0]
+        assert "<svg" in figure and ("<polyline" in figure or "<circle" in figure), figure[:200]
+    logged = {key for record in read_metrics(run_dir / "metrics.jsonl") for key in record if key != "step"}
+    legend = {key for attrs in elements.with_class("plot") for key in json.loads(attrs["data-points"])}
+    assert legend == logged  # every logged metric is drawn, in exactly the plots the page lists
+    assert {attrs["data-domain"] for attrs in elements.with_class("sample-domain")} == domains
+    coloured = [attrs for attrs in elements.with_class("tok") if "data-delta" in attrs]
+    assert coloured
+    for attrs in coloured:  # teacher more likely: blue side; less likely: red side
+        red, _, blue = _rgb(attrs["style"])
+        value = float(attrs["data-delta"])
+        assert (blue > red) if value > 0 else (red > blue) if value < 0 else (red == blue)
+    shot = tmp_path / "page.png"
+    browse(page, tmp_path, f"--screenshot={shot}", "--window-size=1200,2000")
+    image = Image.open(shot).convert("L")
+    assert image.size == (1200, 2000)
+    assert ImageStat.Stat(image).stddev[0] > 20  # not a blank page
+    assert sum(image.histogram()[:200]) / (1200 * 2000) > 0.02  # a real share of non-white pixels
+    return elements
+
+
+COMMON_GROUPS = {"teacher-kl-k1", "teacher-kl-k3", "response-length", "truncation", "entropy", "grad-norm",
+                 "is-weights", "perf-seconds", "perf-throughput"}
+
+
+def test_single_teacher_run_report_renders_in_chromium(single_run, tmp_path):
+    elements = check_page(single_run, tmp_path, COMMON_GROUPS | {"implicit-reward-math", "trust", "guidance"},
+                          {"math"})
+    assert elements.with_class("given")  # guidance prefix tokens are marked
+
+
+def test_multi_teacher_run_report_has_per_domain_curves_and_samples(multi_run, tmp_path):
+    elements = check_page(multi_run, tmp_path, COMMON_GROUPS | {"implicit-reward-math", "implicit-reward-code"},
+                          {"math", "code"})
+    kl = next(attrs for attrs in elements.with_class("plot") if attrs["data-group"] == "teacher-kl-k1")
+    assert set(json.loads(kl["data-points"])) == {"teacher/kl_k1", "teacher/math/kl_k1", "teacher/code/kl_k1"}
+    disagreement_lists = [tag for tag, attrs in elements.found if "disagreements" in (attrs.get("class") or "")]
+    assert len(disagreement_lists) == 2  # one per domain
+
+
+def test_sample_text_cannot_inject_markup(multi_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(multi_run, run_dir)
+    record = json.loads((run_dir / "samples.jsonl").read_text().splitlines()[0])
+    record["prompt"] = record["response"] = INJECTION
+    record["domain"] = IMAGE_INJECTION
+    record["tokens"][0]["text"] = INJECTION
+    record["tokens"][1]["text"] = IMAGE_INJECTION
+    with (run_dir / "samples.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    dom = browse(write_report(run_dir), tmp_path, "--dump-dom")
+    assert "data-pwned" not in dom.split("<body", 1)[0]  # neither script nor handler ran
+    assert 'id="opd-report-ready"' in dom and 'id="opd-report-error"' not in dom
+    assert "&lt;/script&gt;&lt;script&gt;" in dom  # shown as text
+
+
+def test_cli_writes_and_rewrites_the_report(multi_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(multi_run, run_dir)
+    (run_dir / "report.html").write_text("stale")
+    main(["report", str(run_dir)])
+    assert "opd: report written to" in capsys.readouterr().out
+    assert (run_dir / "report.html").read_text().startswith("<!DOCTYPE html>")
+    elsewhere = tmp_path / "elsewhere.html"
+    main(["report", str(run_dir), "--output", str(elsewhere)])
+    assert elsewhere.read_text().startswith("<!DOCTYPE html>")
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda folder: None, "does not exist"),
+    (lambda folder: folder.mkdir(), "has no metrics.jsonl"),
+    (lambda folder: (folder.mkdir(), (folder / "metrics.jsonl").write_text("")), "holds no step yet"),
+    (lambda folder: (folder.mkdir(), (folder / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')),
+     "line 2 is not a metrics record"),
+])
+def test_cli_user_errors_are_one_line(tmp_path, capsys, setup, message):
+    folder = tmp_path / "run"
+    setup(folder)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(folder)])
+    text = str(exit_info.value.code)
+    assert text.startswith("opd: ") and message in text and "\n" not in text
+
+
+def test_output_inside_the_run_folder_must_keep_the_run_name(multi_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(multi_run, run_dir)
+    with pytest.raises(SystemExit, match="must be named report.html"):
+        main(["report", str(run_dir), "--output", str(run_dir / "mine.html")])
+
+
+def test_the_colour_scale_diverges_around_zero():
+    from opd.report.token_html import colour
+
+    assert colour(0.0, 1.0) == "rgb(255, 255, 255)"
+    assert colour(5.0, 1.0) == "rgb({}, {}, {})".format(*POSITIVE)  # saturated beyond the scale
+    assert colour(-1.0, 1.0) == "rgb({}, {}, {})".format(*NEGATIVE)
