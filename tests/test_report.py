@@ -193,3 +193,61 @@ def test_the_colour_scale_diverges_around_zero():
     assert colour(0.0, 1.0) == "rgb(255, 255, 255)"
     assert colour(5.0, 1.0) == "rgb({}, {}, {})".format(*POSITIVE)  # saturated beyond the scale
     assert colour(-1.0, 1.0) == "rgb({}, {}, {})".format(*NEGATIVE)
+
+
+def _token(text: str, lT: float, lS: float) -> dict:
+    return {"id": 1, "text": text, "lS": lS, "lOld": lS, "lT": lT, "lR": lS, "from_teacher": False,
+            "advantage": lT - lS, "trust_probability": None, "outlier": None}
+
+
+def _long_run(run_dir: Path) -> None:
+    """A 1000-step run's files: a grad-norm spike, a nan, an eval every 100 steps; samples every 10 steps,
+    5 per domain and step (one over the cap), one response over the token cap, one huge disagreement at a
+    step the token views leave out."""
+    run_dir.mkdir()
+    lines = []
+    for step in range(1, 1001):
+        lines.append({"step": step, "loss": "nan" if step == 10 else 1.0 / step,
+                      "optim/grad_norm": 100.0 if step == 537 else 1.0 + (step % 7) * 0.01,
+                      "eval/gsm8k/avg_at_k": step / 1000 if step % 100 == 0 else None})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    samples = []
+    for step in range(10, 1001, 10):
+        for domain in ("math", "code"):
+            for index in range(5):
+                length = 1600 if (step, domain, index) == (1000, "code", 0) else 40
+                tokens = [_token(f"t{position}", -1.0 + 0.01 * position, -1.0) for position in range(length)]
+                if (step, domain, index) == (20, "math", 0):
+                    tokens[5] = _token("HUGE", 0.0, -9.0)
+                samples.append({"step": step, "domain": domain, "prompt_index": index, "prompt": "p",
+                                "response": "r", "truncated": False, "reward": None, "tokens": tokens})
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+
+
+def test_a_long_run_stays_usable_and_says_what_was_capped(tmp_path):
+    from opd.report.groups import MAX_POINTS
+    from opd.report.samples_view import MAX_SAMPLE_STEPS, MAX_SAMPLES_PER_STEP, MAX_TOKENS_PER_SAMPLE
+
+    run_dir = tmp_path / "run"
+    _long_run(run_dir)
+    dom = browse(write_report(run_dir), tmp_path, "--dump-dom")
+    assert 'id="opd-report-ready"' in dom and 'id="opd-report-error"' not in dom
+    assert len(dom) < 3_000_000
+    elements = Elements(dom)
+    plots = {attrs["data-group"]: json.loads(attrs["data-points"]) for attrs in elements.with_class("plot")}
+    grad_norm = plots["grad-norm"]["optim/grad_norm"]
+    assert len(grad_norm) <= MAX_POINTS and [537, 100.0] in grad_norm  # downsampled, the spike kept
+    assert len(plots["eval"]["eval/gsm8k/avg_at_k"]) == 10  # nulls are gaps, not zeros
+    eval_figure = dom.split('data-group="eval"', 1)[1].split("</figure>", 1)[0]
+    assert eval_figure.count("<circle") == 10  # sparse values drawn as markers
+    assert "loss: 1 non-finite value(s), not drawn (steps 10)" in dom
+    assert "optim/grad_norm: 1000 values drawn as" in dom
+    shown = {int(attrs["data-step"]) for attrs in elements.with_class("sample")}
+    assert len(shown) == MAX_SAMPLE_STEPS and {10, 1000} <= shown and 20 not in shown
+    assert "100 steps logged samples; the token views show 12 of them" in dom
+    assert len(elements.with_class("sample")) == MAX_SAMPLE_STEPS * 2 * MAX_SAMPLES_PER_STEP
+    assert f"at most {MAX_SAMPLES_PER_STEP} per domain and step" in dom
+    assert f"1 response(s) shown up to their first {MAX_TOKENS_PER_SAMPLE} tokens" in dom
+    math_list = dom.split('data-domain="math"', 1)[1].split("</ol>", 1)[0]
+    first = math_list.split("<li>")[1]
+    assert "step 20, prompt 0" in first and ">HUGE<" in first  # the lists cover steps the views leave out
