@@ -251,3 +251,16 @@ def test_a_long_run_stays_usable_and_says_what_was_capped(tmp_path):
     math_list = dom.split('data-domain="math"', 1)[1].split("</ol>", 1)[0]
     first = math_list.split("<li>")[1]
     assert "step 20, prompt 0" in first and ">HUGE<" in first  # the lists cover steps the views leave out
+
+
+def test_a_broken_samples_line_is_named_and_a_torn_last_line_is_left_out(multi_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(multi_run, run_dir)
+    lines = (run_dir / "samples.jsonl").read_text().splitlines()
+    (run_dir / "samples.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "domain": "ma')  # a run still writing
+    page = write_report(run_dir).read_text()
+    assert 'data-step="4"' not in page and 'data-step="3"' in page
+    (run_dir / "samples.jsonl").write_text("\n".join([lines[0], '{"step": 1, "domain": "math"}', *lines[1:]]) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(run_dir)])
+    assert "samples.jsonl: line 2 is not a sample record (missing or wrong: tokens, prompt)" in str(exit_info.value.code)
