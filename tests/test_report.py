@@ -264,3 +264,18 @@ def test_a_broken_samples_line_is_named_and_a_torn_last_line_is_left_out(multi_r
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(run_dir)])
     assert "samples.jsonl: line 2 is not a sample record (missing or wrong: tokens, prompt)" in str(exit_info.value.code)
+
+
+def test_every_key_lands_in_exactly_one_group_with_a_safe_slug():
+    from opd.report.groups import group_metrics
+
+    keys = ["loss", "teacher/kl_k1", 'teacher/"x<y"/kl_k1', 'reward/"x<y"/implicit_mean', "reward/math/implicit_p99",
+            "tropd/is_weight_mean", "grpo/is_truncated_fraction", "perf/score_seconds", "brand_new/thing"]
+    groups = group_metrics(keys)
+    assert sorted(key for group in groups for key in group.keys) == sorted(keys)
+    slugs = {group.slug: group.keys for group in groups}
+    assert slugs["implicit-reward-math"] == ("reward/math/implicit_p99",)
+    assert slugs["implicit-reward-_x_y_"] == ('reward/"x<y"/implicit_mean',)
+    assert slugs["teacher-kl-k1"] == ('teacher/"x<y"/kl_k1', "teacher/kl_k1")
+    assert slugs["is-weights"] == ("grpo/is_truncated_fraction", "tropd/is_weight_mean")
+    assert slugs["other-brand_new"] == ("brand_new/thing",) and slugs["other-loss"] == ("loss",)

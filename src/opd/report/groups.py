@@ -87,7 +87,8 @@ def group_metrics(keys: list[str]) -> list[MetricGroup]:
                 break
         else:
             order, prefix = len(RULES), key.split("/", 1)[0]
-            slug, title, y_label = f"other-{prefix}", f"{prefix} (other metrics)", "value"
+            title = f"{prefix} (other metrics)" if "/" in key else key  # `loss` alone is its own title
+            slug, y_label = f"other-{prefix}", "value"
         found.setdefault(slug, (order, title, y_label, []))[3].append(key)
     ordered = sorted(found.items(), key=lambda item: (item[1][0], item[0]))
     return [MetricGroup(slug=_slug(slug), title=title, y_label=y_label, keys=tuple(sorted(group_keys)))
