@@ -8,6 +8,7 @@ group, every logged metric in a legend, a sample view per domain, and token span
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -279,3 +280,41 @@ def test_every_key_lands_in_exactly_one_group_with_a_safe_slug():
     assert slugs["teacher-kl-k1"] == ('teacher/"x<y"/kl_k1', "teacher/kl_k1")
     assert slugs["is-weights"] == ("grpo/is_truncated_fraction", "tropd/is_weight_mean")
     assert slugs["other-brand_new"] == ("brand_new/thing",) and slugs["other-loss"] == ("loss",)
+
+
+# Appended to a copy of the page: what a reader's mouse and the step selector would do, with the outcome
+# written into the DOM for --dump-dom to show.
+INTERACTION = """<script>
+var figure = document.querySelector('.plot[data-group="grad-norm"]'), svg = figure.querySelector("svg");
+var rect = svg.getBoundingClientRect();
+var userX = LEFT + 0.2 * (WIDTH - LEFT - RIGHT);  // a fifth into the plotted steps
+svg.dispatchEvent(new MouseEvent("mousemove", {clientX: rect.left + userX / WIDTH * rect.width, clientY: rect.top + 20,
+                                               bubbles: true}));
+var select = document.getElementById("step-select");
+select.value = select.options[select.options.length - 1].value;
+select.dispatchEvent(new Event("change"));
+var shown = Array.from(document.querySelectorAll(".sample")).filter(function (card) { return card.style.display !== "none"; });
+var out = document.createElement("pre");
+out.id = "interaction";
+out.textContent = JSON.stringify({readout: figure.querySelector(".readout").textContent, step: select.value,
+  shown: shown.map(function (card) { return card.getAttribute("data-step"); })});
+document.body.appendChild(out);
+</script>"""
+
+
+def test_hover_reads_out_values_and_the_step_selector_filters_samples(multi_run, tmp_path):
+    page = tmp_path / "page.html"
+    from opd.report.plots import LEFT, RIGHT, WIDTH
+
+    script = INTERACTION.replace("LEFT", str(LEFT)).replace("RIGHT", str(RIGHT)).replace("WIDTH", str(WIDTH))
+    page.write_text(write_report(multi_run, tmp_path / "report.html").read_text().replace("</body>", script + "</body>"))
+    dom = browse(page, tmp_path, "--dump-dom", "--window-size=1200,2000")
+    assert 'id="opd-report-error"' not in dom
+    outcome = json.loads(html.unescape(re.search(r'<pre id="interaction">(.*?)</pre>', dom).group(1)))
+    records = read_metrics(multi_run / "metrics.jsonl")
+    steps = [record["step"] for record in records]
+    under_mouse = steps[0] + 0.2 * (steps[-1] - steps[0])
+    nearest = min(records, key=lambda record: abs(record["step"] - under_mouse))
+    value, step = re.fullmatch(r"optim/grad_norm = (\S+)  \(step (\d+)\)", outcome["readout"]).groups()
+    assert int(step) == nearest["step"] and float(value) == pytest.approx(nearest["optim/grad_norm"], rel=1e-3)
+    assert outcome["shown"] and set(outcome["shown"]) == {outcome["step"]}
