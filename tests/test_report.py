@@ -318,3 +318,13 @@ def test_hover_reads_out_values_and_the_step_selector_filters_samples(multi_run,
     value, step = re.fullmatch(r"optim/grad_norm = (\S+)  \(step (\d+)\)", outcome["readout"]).groups()
     assert int(step) == nearest["step"] and float(value) == pytest.approx(nearest["optim/grad_norm"], rel=1e-3)
     assert outcome["shown"] and set(outcome["shown"]) == {outcome["step"]}
+
+
+def test_a_run_without_samples_says_so_and_still_loads(multi_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(multi_run, run_dir)
+    (run_dir / "samples.jsonl").unlink()
+    dom = browse(write_report(run_dir), tmp_path, "--dump-dom")
+    assert 'id="opd-report-ready"' in dom and 'id="opd-report-error"' not in dom
+    assert "No samples.jsonl: this run logged no samples (train.log_samples_every: 0)" in dom
+    assert 'class="sample"' not in dom and 'class="plot"' in dom
