@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from opd.report.groups import MetricGroup, Series
 
 WIDTH, HEIGHT = 540, 250  # the SVG's user units; CSS scales it to the column
-LEFT, RIGHT, TOP, BOTTOM = 64, 12, 12, 40  # margins holding the tick labels and axis titles
+LEFT, RIGHT, TOP, BOTTOM = 84, 12, 12, 40  # margins holding the tick labels and axis titles
 # Distinct colours for up to ten series (a colour-blind-friendly qualitative palette); more cycle.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
@@ -125,7 +125,7 @@ def _axes(frame: Frame, y_label: str) -> str:
     parts.append(f'<text class="axis-title" x="{(LEFT + right) / 2:.0f}" y="{HEIGHT - 6}" '
                  'text-anchor="middle">step</text>')
     middle = (TOP + bottom) / 2
-    parts.append(f'<text class="axis-title" transform="rotate(-90)" x="{-middle:.0f}" y="14" '
+    parts.append(f'<text class="axis-title" transform="rotate(-90)" x="{-middle:.0f}" y="13" '
                  f'text-anchor="middle">{html.escape(y_label)}</text>')
     return "".join(parts)
 
