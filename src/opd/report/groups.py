@@ -19,7 +19,7 @@ from dataclasses import dataclass
 MAX_POINTS = 400
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class MetricGroup:
     """One plot: `keys` in legend order; `slug` identifies it in the page (data-group)."""
 
@@ -29,7 +29,7 @@ class MetricGroup:
     keys: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Series:
     """One curve: finite (step, value) points after downsampling; steps whose value was nan/inf kept apart."""
 

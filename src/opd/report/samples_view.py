@@ -26,7 +26,7 @@ class SamplesError(ValueError):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Disagreement:
     """One token with a large |lT - lS|, with the response text around it."""
 
@@ -38,7 +38,7 @@ class Disagreement:
     after: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SampleViews:
     """What the page shows of samples.jsonl (records as written by opd.samples.sample_record)."""
 
