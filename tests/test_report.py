@@ -89,6 +89,9 @@ def multi_run(model_dir, prompts_file, tmp_path_factory) -> Path:
 def check_page(run_dir: Path, tmp_path: Path, expected_groups: set[str], domains: set[str]) -> Elements:
     """The report of run_dir in Chromium: script finished, groups, legends, domains, coloured tokens, pixels."""
     page = write_report(run_dir)
+    text = page.read_text()
+    assert not re.search(r"\b(?:src|href)\s*=|<link|@import|url\(", text)  # self-contained: loads nothing
+    assert set(re.findall(r"https?://[^\s\"']+", text)) <= {"http://www.w3.org/2000/svg"}  # only SVG's namespace
     dom = browse(page, tmp_path, "--dump-dom")
     assert 'id="opd-report-error"' not in dom, re.search(r'id="opd-report-error">[^<]*', dom).group(0)
     assert 'id="opd-report-ready"' in dom
