@@ -10,6 +10,31 @@ cd "$(dirname "$0")/.."
 VENV=${OPD_VENV:-.venv}
 PY=${PYTHON:-python3}
 stamp="$VENV/.opd-setup-stamp"
+# Headless Chromium (Debian's `chromium`) for tests/test_report.py, which loads `opd report`'s page in a real
+# browser. Checked before the stamp's early exit, so a fresh machine with an existing .venv still gets it;
+# apt runs only when no chromium is on PATH. Without apt-get or root, setup goes on and says so: the report
+# test then fails, naming chromium as missing.
+install_chromium() {
+  if command -v chromium >/dev/null 2>&1; then
+    return 0
+  fi
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo="none"; fi
+  fi
+  if ! command -v apt-get >/dev/null 2>&1 || [ "$sudo" = none ]; then
+    echo "[setup] chromium is not installed and apt-get as root is not available: install Debian's chromium" \
+      "package (apt-get install chromium); tests/test_report.py fails without it" >&2
+    return 0
+  fi
+  echo "[setup] installing chromium (Debian package, for the report's browser test)"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null \
+         && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; } \
+    || { echo "[setup] apt-get install chromium failed" >&2; exit 1; }
+  command -v chromium >/dev/null 2>&1 || { echo "[setup] apt-get install chromium gave no chromium on PATH" >&2; exit 1; }
+}
+install_chromium
 inputs_hash=$(cat pyproject.toml requirements/*.txt scripts/setup.sh 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs_hash" ]; then
   exit 0

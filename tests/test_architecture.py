@@ -17,7 +17,8 @@ PACKAGE = Path(opd.__file__).parent
 SPINE = ("opd.cli", "opd.assemble", "opd.train", "opd.collect", "opd.teachers", "opd.checks")
 # Layers below the spine: none of them may import it.
 LOWER = ("opd.runtime", "opd.rollout", "opd.grading", "opd.objectives", "opd.evaluate", "opd.types",
-         "opd.config", "opd.scoring", "opd.packing", "opd.functional", "opd.aggregate", "opd.metrics", "opd.data")
+         "opd.config", "opd.scoring", "opd.packing", "opd.functional", "opd.aggregate", "opd.metrics", "opd.data",
+         "opd.report")
 
 
 def module_name(path: Path) -> str:

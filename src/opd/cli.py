@@ -1,4 +1,5 @@
-"""The `opd` command line: `opd train CONFIG [key=value ...] [--resume]`, `opd merge --expo ...`, `opd lab`, `opd demo`."""
+"""The `opd` command line: `opd train CONFIG [key=value ...] [--resume]`, `opd merge --expo ...`, `opd report RUN_DIR`,
+`opd lab`, `opd demo`."""
 
 from __future__ import annotations
 
@@ -120,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--chat-template", default=None, help="a chat template file (a teacher with its own)")
     serve_parser.add_argument("--cuda-graphs", action="store_true", help="capture CUDA graphs (GPU; slower start)")
 
+    report_parser = commands.add_parser(
+        "report", help="write RUN_DIR/report.html: every metric's curve and the logged samples token by token",
+        description="Write one self-contained HTML page (no network: inline plots, styles and script) from a run "
+                    "folder's metrics.jsonl and samples.jsonl. The page is derived from those files: an existing "
+                    "report.html is rewritten. It can be written while the run is still training.")
+    report_parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (the config's train.output_dir)")
+    report_parser.add_argument("--output", default=None, metavar="PATH",
+                               help="where to write the page (default RUN_DIR/report.html; replaced if present)")
+
     bench_parser = commands.add_parser("bench", help="speed and memory benchmarks, as ratios measured in one run")
     bench_parser.add_argument("name", choices=["memory", "overhead", "step", "rollout"])
     bench_parser.add_argument("--quick", action="store_true", help="reduced sizes (what CI runs)")
@@ -166,6 +176,10 @@ def run_command(args) -> None:
                                      max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
                                      max_logprobs=args.max_logprobs, dtype=args.dtype,
                                      enforce_eager=not args.cuda_graphs, chat_template=args.chat_template)))
+    elif args.command == "report":
+        from opd.report import write_report
+
+        print(f"opd: report written to {write_report(args.run_dir, args.output)}")
     elif args.command == "bench":
         run_bench(args.name, args.quick, args.output, args.tokens)
     elif args.command == "lab":
