@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--benchmark", help="with --responses: the benchmark the responses answer")
     eval_parser.add_argument("--responses", help="grade these JSONL responses instead of sampling a model")
     eval_parser.add_argument("--samples", type=int, default=1, help="K samples per problem (avg@K, pass@K)")
-    eval_parser.add_argument("--temperature", type=float, default=1.0)
+    eval_parser.add_argument("--temperature", type=float, default=1.0,
+                             help="sampling temperature; 0: greedy decoding (one sample per problem)")
     eval_parser.add_argument("--top-p", type=float, default=1.0)
     eval_parser.add_argument("--max-new-tokens", type=int, default=1024)
     eval_parser.add_argument("--chat-template-kwargs", default="{}", metavar="JSON",
@@ -261,8 +262,12 @@ def run_eval(args) -> None:
         raise ValueError("opd eval: give a MODEL folder or --responses FILE --benchmark NAME (one of the two)")
     if args.responses is not None and not args.benchmark:
         raise ValueError("opd eval --responses needs --benchmark NAME")
-    if args.samples < 1 or not args.temperature > 0:
-        raise ValueError("opd eval: --samples must be >= 1 and --temperature > 0 (sampled evaluation, avg@k)")
+    if args.samples < 1 or not args.temperature >= 0:
+        raise ValueError("opd eval: --samples must be >= 1 and --temperature >= 0 (0: greedy decoding)")
+    if args.temperature == 0 and args.samples > 1:
+        raise ValueError(f"opd eval: --temperature 0 decodes greedily, one completion per problem; --samples "
+                         f"{args.samples} would be copies of it (pass@{args.samples} = pass@1): drop --samples, "
+                         "or sample at a temperature > 0")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"opd eval: --limit must be a positive number of problems, got {args.limit}")
     if args.partial and args.responses is None:

@@ -30,7 +30,7 @@ from opd.runtime.run_folder import write_text_atomically
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EvalSettings:
     samples: int = 1
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy decoding (then one sample per problem)
     top_p: float = 1.0
     max_new_tokens: int = 1024
     limit: int | None = None  # first M problems of each benchmark
@@ -41,6 +41,12 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ValueError(f"evaluation samples must be >= 1, got {self.samples}")
+        if not self.temperature >= 0:
+            raise ValueError(f"evaluation temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if self.temperature == 0 and self.samples > 1:
+            # Greedy decoding draws the same completion every time: K copies would report pass@K = pass@1.
+            raise ValueError(f"temperature 0 (greedy) gives one completion per problem; {self.samples} samples "
+                             "would be copies of it: use samples 1, or a temperature > 0 for avg@k and pass@k")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"evaluation limit must be a positive number of problems, got {self.limit}")
 

@@ -70,15 +70,16 @@ def generate_responses(
     prompt_ids, prompt_mask = left_pad([p + x for p, x in zip(prompts, prefixes, strict=True)], settings.pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(model.device), prompt_mask.to(model.device)
     recorder = _SampledLogprobRecorder()
-    processors = [TemperatureLogitsWarper(settings.temperature)]
+    greedy = settings.temperature == 0  # evaluation only (opd eval --temperature 0): rollouts sample at > 0
+    processors = [] if greedy else [TemperatureLogitsWarper(settings.temperature)]
     if kept_width is not None:
         processors.insert(0, _DropColumns(kept_width))
-    if settings.top_p < 1.0:
+    if settings.top_p < 1.0 and not greedy:  # the argmax is in every top-p set
         processors.append(TopPLogitsWarper(top_p=settings.top_p))
-    processors.append(recorder)
+    processors.append(recorder)  # greedy: the log-probs of the untempered distribution
     longest_prefix = max(len(x) for x in prefixes)
     generation_config = GenerationConfig(
-        do_sample=True,
+        do_sample=not greedy,
         temperature=1.0,  # ours are in `processors`, ahead of the recorder
         top_p=1.0,
         top_k=0,
