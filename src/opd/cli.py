@@ -85,8 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
                              default="gsm8k,math500,aime24,aime25,humaneval,mbpp,ifeval,mmlu_stem,arc_challenge",
                              help="comma-separated benchmarks to sample and grade (default: all of gsm8k, math500, "
                                   "aime24, aime25, humaneval, mbpp, ifeval, mmlu_stem, arc_challenge); each is read "
-                                  "offline from its installed carrier package")
-    eval_parser.add_argument("--benchmark", help="with --responses: the benchmark the responses answer")
+                                  "offline from its installed carrier package. A .jsonl or .parquet prompt file "
+                                  "(training's data format) is a benchmark of your own, graded by --grader")
+    eval_parser.add_argument("--benchmark", help="with --responses: the benchmark the responses answer (a name "
+                                                 "or a prompt file)")
+    eval_parser.add_argument("--grader", default=None, metavar="SPEC",
+                             help="grade the benchmark files with your own grader: module:function or a name "
+                                  "registered with opd.grading.custom.register_grader ((row, completion) -> "
+                                  "reward in [0, 1]; correct when 1)")
     eval_parser.add_argument("--responses", help="grade these JSONL responses instead of sampling a model")
     eval_parser.add_argument("--samples", type=int, default=1, help="K samples per problem (avg@K, pass@K)")
     eval_parser.add_argument("--temperature", type=float, default=1.0,
@@ -290,7 +296,7 @@ def run_eval(args) -> None:
         backend = EvalBackend(name="server" if args.server else args.backend, server=args.server,
                               kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len)
     results = evaluate(benchmarks, settings, args.output_dir, model_dir=args.model, responses_path=args.responses,
-                       partial=args.partial, backend=backend)
+                       partial=args.partial, backend=backend, grader=args.grader)
     print(format_table(results))
     print(f"opd: every sample with its grade and reason in {args.output_dir}/results.json")
 
