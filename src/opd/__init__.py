@@ -1,6 +1,6 @@
 """opd: on-policy distillation of language models (G-OPD / ExOPD, TrOPD and their baselines).
 
-The Python API (README "Python API"): `opd.load_config`, `opd.train` and `opd.functional`. They are looked
+The Python API (README "Python API"): `opd.load_config`, `opd.train`, `opd.evaluate` and `opd.functional`. They are looked
 up lazily, so `import opd` stays light (no torch) until one is used.
 """
 
@@ -15,6 +15,7 @@ _API = {
     "load_config": ("opd.config", "load_config"),
     "train": ("opd.train", None),  # the module is callable: opd.train(config) (see train.py's end)
     "functional": ("opd.functional", None),
+    "evaluate": ("opd.evaluate", None),  # the package is callable: opd.evaluate(model_dir, ...) (evaluate/api.py)
 }
 
 __all__ = ["__version__", *_API]

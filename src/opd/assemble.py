@@ -161,7 +161,7 @@ def _domain_scorer(config: Config, index: int, frozen: "_FrozenModels", student:
     if teacher.path is None:  # no teacher (grpo alone): no reward lT - lR to anchor, so no reference either
         return DomainScorer(domain=teacher.domain, teacher=None, reference=None)
     scorer, writer = frozen.get(teacher.path, teacher.dtype, f"{key}.path", teacher.shard, teacher.backend,
-                                server=teacher.server)
+                                server=teacher.server, drop_padded=teacher.drop_padded_logits)
     if is_server_url(teacher.reference):
         reference = ServedModel(served_settings(dataclasses.replace(teacher.server, urls=(teacher.reference,)),
                                                 f"{key}.reference"))
@@ -340,10 +340,10 @@ class _FrozenModels:
         self._loaded: dict[tuple, tuple[Scorer, Sampler]] = {}
 
     def get(self, path: str, dtype: str, key: str, shard: bool = False, backend: str = "hf",
-            server: ServerConfig | None = None) -> tuple[Scorer, Sampler]:
-        identity = (str(Path(path).resolve()), dtype, shard, backend, server.urls if server else ())
+            server: ServerConfig | None = None, drop_padded: bool = False) -> tuple[Scorer, Sampler]:
+        identity = (str(Path(path).resolve()), dtype, shard, backend, server.urls if server else (), drop_padded)
         if identity not in self._loaded:
-            self._loaded[identity] = FROZEN_BACKENDS[backend](self, path, dtype, key, shard, server)
+            self._loaded[identity] = FROZEN_BACKENDS[backend](self, path, dtype, key, shard, server, drop_padded)
         return self._loaded[identity]
 
     def reference(self, reference: str | None, dtype: str, key: str, student: nn.Module, shard: bool) -> Scorer | None:
@@ -358,22 +358,30 @@ class _FrozenModels:
             return self.get(self._student_path, self._student_dtype, key, shard)[0]
         return self.get(reference, dtype, key, shard)[0]  # a teacher-side base: the teacher's dtype
 
-    def load_hf(self, path: str, dtype: str, key: str, shard: bool, server=None) -> tuple[Scorer, Sampler]:
+    def load_hf(self, path: str, dtype: str, key: str, shard: bool, server=None,
+                drop_padded: bool = False) -> tuple[Scorer, Sampler]:
         model = load_model(path, dtype, key=key)
-        check_output_width(self._student_width, output_width(model), self._vocabulary_size, key, self._needs_topk)
+        check_output_width(self._student_width, output_width(model), self._vocabulary_size, key, self._needs_topk,
+                           drop_padded)
         model = distributed.shard_frozen(model) if shard else model
-        scorer = HfScorer(model, temperature=self._temperature, chunk_size=self._chunk_size, packed=self._packed)
-        return scorer, HfSampler(model)
+        kept_width = self._student_width if drop_padded else None  # the ids the student can score
+        scorer = HfScorer(model, temperature=self._temperature, chunk_size=self._chunk_size, packed=self._packed,
+                          kept_width=kept_width)
+        return scorer, HfSampler(model, kept_width)
 
-    def load_vllm(self, path: str, dtype: str, key: str, shard: bool, server=None) -> tuple[Scorer, Sampler]:
+    def load_vllm(self, path: str, dtype: str, key: str, shard: bool, server=None,
+                  drop_padded: bool = False) -> tuple[Scorer, Sampler]:
         check_finite_weight_files(path, key)  # the engine loads the weights itself
-        check_output_width(self._student_width, _configured_width(path), self._vocabulary_size, key, self._needs_topk)
+        check_output_width(self._student_width, _configured_width(path), self._vocabulary_size, key, self._needs_topk,
+                           drop_padded)  # drop_padded with vllm: refused by config.py
         engine = VllmEngine(self._engine_settings(path, dtype))
         return engine, engine
 
-    def load_served(self, path: str, dtype: str, key: str, shard: bool, server: ServerConfig) -> tuple[Scorer, Sampler]:
+    def load_served(self, path: str, dtype: str, key: str, shard: bool, server: ServerConfig,
+                    drop_padded: bool = False) -> tuple[Scorer, Sampler]:
         """Servers checked at start-up (_check_servers); the folder's configured width checked here."""
-        check_output_width(self._student_width, _configured_width(path), self._vocabulary_size, key, self._needs_topk)
+        check_output_width(self._student_width, _configured_width(path), self._vocabulary_size, key, self._needs_topk,
+                           drop_padded)  # drop_padded with a server: refused by config.py
         model = ServedModel(served_settings(server, key.removesuffix(".path") + ".server"))
         return model, model
 

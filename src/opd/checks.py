@@ -168,14 +168,22 @@ def check_same_end_of_sequence(student_ids: tuple[int, ...], other_ids: tuple[in
             "and generation_config.json)")
 
 
-def check_output_width(student_width: int, other_width: int, vocabulary_size: int, key: str, needs_topk: bool) -> None:
-    """Output heads may be padded past the tokenizer, but every real token needs a logit in both."""
+def check_output_width(student_width: int, other_width: int, vocabulary_size: int, key: str, needs_topk: bool,
+                       drop_padded: bool = False) -> None:
+    """Output heads may be padded past the tokenizer, but every real token needs a logit in both.
+    `drop_padded`: teachers.N.drop_padded_logits, the teacher's logits past the student's width dropped."""
     if other_width < vocabulary_size:
         raise StartupError(f"{key}: the model has {other_width} output logits for {vocabulary_size} tokens")
-    if needs_topk and other_width > student_width:
+    option = f"{key.removesuffix('.path')}.drop_padded_logits"
+    if drop_padded and other_width <= student_width:
+        raise StartupError(f"{option}: set, but the model has {other_width} output logits, no more than the "
+                           f"student's {student_width}: there is nothing to drop; remove the option")
+    if needs_topk and other_width > student_width and not drop_padded:
         raise StartupError(
             f"{key}: the model has {other_width} output logits but the student only {student_width}; its top-k "
-            "could name ids the student cannot score"
+            f"could name ids the student cannot score. If both share one tokenizer (the ids past "
+            f"{student_width} are padding no model here emits), set {option}: true to drop them and "
+            "renormalise the teacher over the rest (exact; the mass dropped is logged)"
         )
 
 

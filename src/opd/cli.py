@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                               help="processes on this machine (re-launches under torchrun; FSDP2 data parallel)")
 
     lab_parser = commands.add_parser("lab", help="reproduce the papers' findings with tiny models on the CPU")
-    lab_parser.add_argument("--quick", action="store_true", help="the whole pipeline shrunk to ~3 minutes (CI)")
+    lab_parser.add_argument("--quick", action="store_true",
+                            help="the whole pipeline shrunk to about a minute on 2 idle cores (CI: checks the "
+                                 "plumbing, not the findings)")
     lab_parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3; quick 2)")
     lab_parser.add_argument("--only", action="append", default=None, metavar="EXPERIMENT",
                             help="run only this experiment (repeatable): lam_sweep, distillation, strong_to_weak, "
@@ -86,11 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
                              default="gsm8k,math500,aime24,aime25,humaneval,mbpp,ifeval,mmlu_stem,arc_challenge",
                              help="comma-separated benchmarks to sample and grade (default: all of gsm8k, math500, "
                                   "aime24, aime25, humaneval, mbpp, ifeval, mmlu_stem, arc_challenge); each is read "
-                                  "offline from its installed carrier package")
-    eval_parser.add_argument("--benchmark", help="with --responses: the benchmark the responses answer")
+                                  "offline from its installed carrier package. A .jsonl or .parquet prompt file "
+                                  "(training's data format) is a benchmark of your own, graded by --grader")
+    eval_parser.add_argument("--benchmark", help="with --responses: the benchmark the responses answer (a name "
+                                                 "or a prompt file)")
+    eval_parser.add_argument("--grader", default=None, metavar="SPEC",
+                             help="grade the benchmark files with your own grader: module:function or a name "
+                                  "registered with opd.grading.custom.register_grader ((row, completion) -> "
+                                  "reward in [0, 1]; correct when 1)")
     eval_parser.add_argument("--responses", help="grade these JSONL responses instead of sampling a model")
     eval_parser.add_argument("--samples", type=int, default=1, help="K samples per problem (avg@K, pass@K)")
-    eval_parser.add_argument("--temperature", type=float, default=1.0)
+    eval_parser.add_argument("--temperature", type=float, default=1.0,
+                             help="sampling temperature; 0: greedy decoding (one sample per problem)")
     eval_parser.add_argument("--top-p", type=float, default=1.0)
     eval_parser.add_argument("--max-new-tokens", type=int, default=1024)
     eval_parser.add_argument("--chat-template-kwargs", default="{}", metavar="JSON",
@@ -275,8 +284,12 @@ def run_eval(args) -> None:
         raise ValueError("opd eval: give a MODEL folder or --responses FILE --benchmark NAME (one of the two)")
     if args.responses is not None and not args.benchmark:
         raise ValueError("opd eval --responses needs --benchmark NAME")
-    if args.samples < 1 or not args.temperature > 0:
-        raise ValueError("opd eval: --samples must be >= 1 and --temperature > 0 (sampled evaluation, avg@k)")
+    if args.samples < 1 or not args.temperature >= 0:
+        raise ValueError("opd eval: --samples must be >= 1 and --temperature >= 0 (0: greedy decoding)")
+    if args.temperature == 0 and args.samples > 1:
+        raise ValueError(f"opd eval: --temperature 0 decodes greedily, one completion per problem; --samples "
+                         f"{args.samples} would be copies of it (pass@{args.samples} = pass@1): drop --samples, "
+                         "or sample at a temperature > 0")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"opd eval: --limit must be a positive number of problems, got {args.limit}")
     if args.partial and args.responses is None:
@@ -299,7 +312,7 @@ def run_eval(args) -> None:
         backend = EvalBackend(name="server" if args.server else args.backend, server=args.server,
                               kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len)
     results = evaluate(benchmarks, settings, args.output_dir, model_dir=args.model, responses_path=args.responses,
-                       partial=args.partial, backend=backend)
+                       partial=args.partial, backend=backend, grader=args.grader)
     print(format_table(results))
     print(f"opd: every sample with its grade and reason in {args.output_dir}/results.json")
 

@@ -121,6 +121,11 @@ class TeacherConfig:
     # folder for its tokenizer, chat template and config only: its weights are not read here).
     backend: Literal["hf", "vllm", "vllm-server"] = "hf"
     server: ServerConfig = field(default_factory=ServerConfig)
+    # A teacher whose output head is wider than the student's (Qwen2.5-7B's 152,064 logits against
+    # Qwen2.5-1.5B's 151,936, one tokenizer): true drops its logits past the student's width, ids no model
+    # here can emit, and renormalises over the rest (exact: log_softmax over the kept ids); the mass
+    # dropped is logged as teacher/<domain>/padded_mass. backend hf only.
+    drop_padded_logits: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -353,6 +358,12 @@ def validate(config: Config) -> None:
     _validate_objective_settings(config, require)
     _validate_vllm(config, require)
     _validate_servers(config, require)
+    for index, teacher in enumerate(config.teachers):
+        # vLLM returns top-k log-probs normalised over its whole head: the kept ids' normaliser is unknown.
+        require(not teacher.drop_padded_logits or teacher.backend == "hf",
+                f"teachers.{index}.drop_padded_logits: needs backend hf; a vLLM engine or server normalises "
+                "its log-probs over the whole head and its top-k cannot tell the mass on the padded ids, so "
+                "they cannot be renormalised exactly")
     require(rollout.prompts_per_step >= 1, "rollout.prompts_per_step: must be >= 1")
     require(rollout.samples_per_prompt >= 1, "rollout.samples_per_prompt: must be >= 1")
     require(rollout.temperature > 0, "rollout.temperature: must be > 0 (greedy rollouts have no log-probs to learn from)")

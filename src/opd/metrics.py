@@ -104,6 +104,7 @@ def rollout_metrics(
                 weight=count),
         })
     metrics.update(domain_kl_metrics(batch, teacher, student_logprobs, sampled))
+    metrics.update(padded_mass_metrics(batch, teacher))
     if batch.rewards is not None:
         metrics.update(accuracy_metrics(batch))
     if teacher.ref_logprobs is not None:
@@ -169,6 +170,23 @@ def domain_kl_metrics(batch: RolloutBatch, teacher: TeacherScores, student_logpr
         for estimator in ("k1", "k3"):
             value = masked_mean(kl_estimate(student_logprobs, teacher.logprobs, estimator), in_domain)
             metrics[f"teacher/{domain}/kl_{estimator}"] = Metric(value=value, weight=count)
+    return metrics
+
+
+def padded_mass_metrics(batch: RolloutBatch, teacher: TeacherScores) -> dict[str, Metric]:
+    """teacher/<domain>/padded_mass_mean and _max: the probability a padded teacher head put on the ids
+    teachers.N.drop_padded_logits dropped, over the response tokens it scored (large: not padding)."""
+    if teacher.padded_mass is None:
+        return {}
+    metrics: dict[str, Metric] = {}
+    for domain in sorted(set(batch.domain)):
+        mask = batch.response_mask & (_rows_of(batch, domain) & teacher.drops_padded)[:, None]
+        if not mask.any():
+            continue
+        metrics[f"teacher/{domain}/padded_mass_mean"] = Metric(value=masked_mean(teacher.padded_mass, mask),
+                                                               weight=float(mask.sum()))
+        metrics[f"teacher/{domain}/padded_mass_max"] = Metric(value=float(teacher.padded_mass[mask].max()),
+                                                              reduce=Reduce.MAX)
     return metrics
 
 

@@ -255,6 +255,31 @@ def teacher_token_scores(
     return logprobs, topk_ids, topk_logprobs, entropy
 
 
+@torch.no_grad()
+def padded_mass(
+    hidden: Tensor,  # [M, H]
+    weight: Tensor,  # [V, H], the whole head
+    bias: Tensor | None,  # [V]
+    target_ids: Tensor,  # [M] long, ids below kept_width
+    kept_logprobs: Tensor,  # [M] log-probs of target_ids renormalised over ids < kept_width
+    *,
+    kept_width: int,
+    temperature: float = 1.0,
+) -> Tensor:  # [M]: the probability the whole head puts on ids >= kept_width
+    """What dropping a padded head's columns removed, without a second pass over the kept columns: the kept
+    ids' log-normaliser is z_target - kept_logprob, so only the few padded columns need a matmul."""
+    dtype = score_dtype(hidden.dtype)
+    target_rows = weight[target_ids.long()]  # [M, H]
+    target_logits = (hidden.to(dtype) * target_rows.to(dtype)).sum(dim=-1)
+    if bias is not None:
+        target_logits += bias[target_ids.long()].to(dtype)
+    kept_normaliser = target_logits / temperature - kept_logprobs.to(dtype)
+    padded_bias = bias[kept_width:] if bias is not None else None
+    padded_normaliser = torch.logsumexp(head_logits(hidden, weight[kept_width:], padded_bias, temperature), dim=-1)
+    # exp(padded) / (exp(kept) + exp(padded)), stable for either side dominating.
+    return torch.sigmoid(padded_normaliser.to(dtype) - kept_normaliser)
+
+
 def _check_chunk(chunk_size: int, temperature: float) -> None:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

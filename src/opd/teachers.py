@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from opd.rollout.batch import Sampler, left_pad
 from opd.runtime import distributed
 from opd.runtime.lora import causal_lm, scoring_context
-from opd.scoring import output_head, response_hidden_states, scatter_tokens, teacher_token_scores
+from opd.scoring import output_head, padded_mass, response_hidden_states, scatter_tokens, teacher_token_scores
 from opd.types import RolloutBatch, ScoreRequest, TeacherScores, TokenScores
 
 
@@ -43,10 +43,14 @@ class Scorer(Protocol):
 class HfScorer:
     """A `Scorer` that runs the model's forward in this process, chunked over the output head."""
 
-    def __init__(self, model: nn.Module, *, temperature: float, chunk_size: int, packed: bool = False):
+    def __init__(self, model: nn.Module, *, temperature: float, chunk_size: int, packed: bool = False,
+                 kept_width: int | None = None):
         self.model = model  # an HF causal LM, an FSDP-sharded one, or a LoRA student with adapters disabled
         self.temperature, self.chunk_size = temperature, chunk_size
         self.packed = packed  # padding-free forwards (optim.pack_sequences)
+        # teachers.N.drop_padded_logits: score over the head's first kept_width ids only (the student's
+        # width), renormalised; None: the whole head
+        self.kept_width = kept_width
         self.sharded = distributed.is_sharded_model(model)
 
     @torch.no_grad()
@@ -56,11 +60,19 @@ class HfScorer:
         with scoring_context(self.model):  # a LoRA student's reference: the same model with adapters disabled
             hidden = response_hidden_states(self.model, request.prompt_ids.to(device), request.prompt_mask.to(device),
                                             request.response_ids.to(device), mask, packed=self.packed)
-        weight, bias = output_head(self.model)
+        whole_weight, whole_bias = output_head(self.model)
+        weight, bias = whole_weight, whole_bias
+        if self.kept_width is not None:  # log_softmax over the kept columns is the renormalised distribution
+            weight = whole_weight[: self.kept_width]
+            bias = whole_bias[: self.kept_width] if whole_bias is not None else None
+        targets = request.response_ids.to(device)[mask]
         logprobs, topk_ids, topk_logprobs, entropy = teacher_token_scores(
-            hidden[mask], weight, bias, request.response_ids.to(device)[mask], topk=request.topk,
+            hidden[mask], weight, bias, targets, topk=request.topk,
             temperature=self.temperature, chunk_size=self.chunk_size, with_entropy=request.with_entropy,
         )
+        dropped = None if self.kept_width is None else padded_mass(
+            hidden[mask], whole_weight, whole_bias, targets, logprobs, kept_width=self.kept_width,
+            temperature=self.temperature)
         return TokenScores(
             logprobs=logprobs.cpu(),
             topk_ids=topk_ids.cpu() if topk_ids is not None else None,
@@ -68,6 +80,7 @@ class HfScorer:
             entropy=entropy.cpu() if entropy is not None else None,
             hidden=hidden.cpu() if request.with_hidden else None,
             head=(weight, bias) if request.with_hidden else None,
+            padded_mass=dropped.cpu() if dropped is not None else None,
         )
 
     @torch.no_grad()
@@ -157,6 +170,8 @@ class _BatchScores:
         self.heads: dict | None = {} if settings.need_hidden else None
         self.has_reference = torch.zeros(num_rows, dtype=torch.bool)
         self.has_teacher = torch.zeros(num_rows, dtype=torch.bool)
+        self.padded_mass: Tensor | None = None  # [N, T], allocated at the first teacher that drops any
+        self.drops_padded = torch.zeros(num_rows, dtype=torch.bool)
 
     def floored(self) -> TeacherScores:
         floor, mask = self.settings.logprob_floor, self.batch.response_mask
@@ -172,6 +187,8 @@ class _BatchScores:
             entropy=self.entropy,
             hidden=self.hidden,
             heads=self.heads,
+            padded_mass=self.padded_mass,
+            drops_padded=self.drops_padded if self.padded_mass is not None else None,
         )
 
 
@@ -191,6 +208,11 @@ def _score_chunk(scores: _BatchScores, scorer: DomainScorer, chunk: Tensor, sett
         scores.topk_logprobs[chunk] = scatter_tokens(teacher.topk_logprobs, mask, fill=settings.logprob_floor)
     if scores.entropy is not None:
         scores.entropy[chunk] = scatter_tokens(teacher.entropy, mask)
+    if teacher.padded_mass is not None:
+        if scores.padded_mass is None:
+            scores.padded_mass = torch.zeros(batch.response_ids.shape)
+        scores.padded_mass[chunk] = scatter_tokens(teacher.padded_mass.float(), mask)
+        scores.drops_padded[chunk] = True
     if settings.need_hidden:
         scores.heads[scorer.domain] = teacher.head
         if scores.hidden is None:

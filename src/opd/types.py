@@ -109,6 +109,10 @@ class TeacherScores:
     # Full-vocabulary losses (gkd) recompute teacher logits chunk by chunk from these:
     hidden: Tensor | None = None  # [N, T, H_teacher]
     heads: dict[str, tuple[Tensor, Tensor | None]] | None = None  # domain -> (weight [V, H], bias [V] | None)
+    # [N, T] teacher probability on the padded ids dropped (teachers.N.drop_padded_logits), valid in rows
+    # `drops_padded` [N] bool; None when no teacher drops any
+    padded_mass: Tensor | None = None
+    drops_padded: Tensor | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -165,6 +169,8 @@ class TokenScores:
     entropy: Tensor | None = None  # [M] float32
     hidden: Tensor | None = None  # [n, T, H] hidden states at the response positions
     head: tuple[Tensor, Tensor | None] | None = None  # (weight [V, H], bias [V] | None), with `hidden`
+    # [M] probability on the padded ids a teacher's scores dropped (teachers.N.drop_padded_logits), else None
+    padded_mass: Tensor | None = None
 
 
 def to_device(data, device):

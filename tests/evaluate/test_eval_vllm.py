@@ -80,6 +80,20 @@ def test_eval_samplers_record_the_logprobs_of_an_hf_forward(backend, engine, fol
     assert compared >= 12
 
 
+def test_vllm_at_temperature_0_decodes_the_argmax(engine, folder, problems):
+    """vLLM's temperature 0 is greedy: every row is the argmax decoding by hand of the HF model."""
+    from support import argmax_decode
+
+    model = load_model(folder)
+    settings = SamplingSettings(samples_per_prompt=1, temperature=0.0, top_p=1.0, max_new_tokens=8, batch_size=8,
+                                end_of_sequence_ids=engine.end_of_sequence_ids, pad_id=engine.tokenizer.pad_token_id)
+    prompts = [engine.prompts[p.problem_id] for p in problems[:3]]
+    responses = engine.sampler.sample(prompts, settings)
+    for row, prompt in enumerate(prompts):
+        expected = argmax_decode(model, prompt, 8, engine.end_of_sequence_ids)
+        assert responses.ids[row][responses.mask[row]].tolist() == expected
+
+
 def two_proportion_z(correct_a: int, correct_b: int, total: int) -> float:
     """z of the difference of two proportions of `total` trials each, under the pooled null p_a = p_b."""
     pooled = (correct_a + correct_b) / (2 * total)

@@ -170,3 +170,7 @@ def load_benchmark(name: str) -> list[Problem]:
         raise BenchmarkDataError(f"{name}: found {len(problems)} records in '{spec.carrier}', expected {spec.count}; "
                                  f"the carrier's data changed: reinstall requirements/carriers.txt")
     return problems
+
+# What `opd eval` and `opd.evaluate` run when no benchmarks are named: every built-in one.
+DEFAULT_BENCHMARKS: tuple[str, ...] = ("gsm8k", "math500", "aime24", "aime25", "humaneval", "mbpp", "ifeval",
+                                       "mmlu_stem", "arc_challenge")

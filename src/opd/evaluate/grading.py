@@ -7,6 +7,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 from opd.evaluate import ifeval
+from opd.evaluate.custom import grade_with_custom
 from opd.evaluate.problem import Grade, Problem
 from opd.grading.graders import IsolatedWorker, answer_window, check_math_answer, extract_code, extract_in_worker
 from opd.grading.sandbox import SandboxLimits, check_program
@@ -51,6 +52,8 @@ def humaneval_program(problem: Problem, completion: str) -> str:
 
 
 def grade(problem: Problem, completion: str) -> Grade:
+    if "grader" in problem.payload:  # a benchmark file's row, graded by the user's grader (evaluate/custom.py)
+        return grade_with_custom(problem, completion)
     if problem.domain == "math":
         verdict = check_math_answer(problem.answer, completion)
         if verdict.failure is not None:

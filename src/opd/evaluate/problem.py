@@ -17,7 +17,7 @@ class Problem:
     benchmark: str
     problem_id: str
     domain: str  # math | code | stem
-    prompt: str  # the user message
+    prompt: str | list[dict[str, str]]  # the user message (a benchmark file row: also chat messages)
     answer: str  # gold answer (math, MC letter), or the reference solution (code)
     payload: dict[str, Any] = field(default_factory=dict)  # tests, entry point, choices
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from opd.evaluate.benchmarks import BENCHMARKS, load_benchmark
+from opd.evaluate.custom import check_graders, file_digest, file_domain, is_benchmark_file, load_benchmark_file
 from opd.evaluate.grading import average_at_k, grade_all, pass_at_k
 from opd.evaluate.problem import Problem
 from opd.runtime.hub import local_model_folder
@@ -30,7 +31,7 @@ from opd.runtime.run_folder import write_text_atomically
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EvalSettings:
     samples: int = 1
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy decoding (then one sample per problem)
     top_p: float = 1.0
     max_new_tokens: int = 1024
     limit: int | None = None  # first M problems of each benchmark
@@ -41,6 +42,12 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ValueError(f"evaluation samples must be >= 1, got {self.samples}")
+        if not self.temperature >= 0:
+            raise ValueError(f"evaluation temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if self.temperature == 0 and self.samples > 1:
+            # Greedy decoding draws the same completion every time: K copies would report pass@K = pass@1.
+            raise ValueError(f"temperature 0 (greedy) gives one completion per problem; {self.samples} samples "
+                             "would be copies of it: use samples 1, or a temperature > 0 for avg@k and pass@k")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"evaluation limit must be a positive number of problems, got {self.limit}")
 
@@ -48,8 +55,10 @@ class EvalSettings:
 def _model_key(model_dir: Path, benchmark: str, settings: EvalSettings, backend: str) -> str:
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.glob("*.safetensors"))
     sampling = {k: v for k, v in asdict(settings).items() if k not in ("limit", "batch_size")}
+    # A benchmark file by its content: an edited file is sampled afresh.
+    identity = [benchmark, file_digest(benchmark)] if is_benchmark_file(benchmark) else benchmark
     # The backend is in the key: samplers draw from the same distribution but not the same samples.
-    raw = json.dumps([str(model_dir.resolve()), weights, benchmark, sampling, backend], sort_keys=True)
+    raw = json.dumps([str(model_dir.resolve()), weights, identity, sampling, backend], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -77,7 +86,8 @@ def _read_cache(cache: Path) -> dict[str, list[str]]:
 def _pending(model_dir: str, problems: list[Problem], settings: EvalSettings, backend: str, cache_dir: Path) -> _Pending:
     cache_dir.mkdir(parents=True, exist_ok=True)
     benchmark = problems[0].benchmark
-    cache = cache_dir / f"{benchmark}-{_model_key(Path(model_dir), benchmark, settings, backend)}.jsonl"
+    name = Path(benchmark).stem if is_benchmark_file(benchmark) else benchmark  # a path is no file name
+    cache = cache_dir / f"{name}-{_model_key(Path(model_dir), benchmark, settings, backend)}.jsonl"
     done = _read_cache(cache)
     todo = [p for p in problems if len(done.get(p.problem_id, [])) < settings.samples]
     return _Pending(cache=cache, done=done, todo=todo)
@@ -224,13 +234,18 @@ def score(problems: list[Problem], completions: dict[str, list[str]], on_grade=N
 
 
 def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, model_dir: str | None = None,
-             responses_path: str | None = None, partial: bool = False, backend=None) -> dict:
+             responses_path: str | None = None, partial: bool = False, backend=None,
+             grader: str | None = None) -> dict:
     """Run (or grade given responses for) each benchmark; writes results.json; returns the results.
+
+    A benchmark may be a prompt file (.jsonl, .parquet) graded by `grader`, a custom grader's spec
+    (evaluate/custom.py); the built-in benchmarks keep their own graders.
 
     `backend` (an evaluate.sampling.EvalBackend; needed unless `responses_path`) samples; it is built once, for
     every benchmark, and only when some problem is not cached. Given responses are checked before anything
     is graded (`read_responses`, `check_coverage`); with `partial`, problems without a response count as
     wrong and the coverage is reported."""
+    check_graders(benchmarks, grader)
     if model_dir is not None:
         model_dir = local_model_folder(model_dir, "MODEL_DIR")  # a cached hub id: its snapshot folder
     if model_dir is not None and (Path(model_dir) / "adapter_config.json").is_file():
@@ -240,7 +255,8 @@ def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, mod
     out.mkdir(parents=True, exist_ok=True)
     backend_name = backend.name if responses_path is None else None  # given responses: sampled elsewhere
     results = {"settings": {**asdict(settings), "backend": backend_name}, "model": model_dir, "benchmarks": {}}
-    problem_sets = {name: load_benchmark(name) for name in benchmarks}
+    problem_sets = {name: load_benchmark_file(name, grader) if is_benchmark_file(name) else load_benchmark(name)
+                    for name in benchmarks}
     if responses_path is None:
         pending = {name: _pending(model_dir, every[: settings.limit], settings, backend_name, out / "cache")
                    for name, every in problem_sets.items()}
@@ -262,7 +278,8 @@ def evaluate(benchmarks: list[str], settings: EvalSettings, output_dir: str, mod
                     _sample_pending(sampler, work, settings,
                                     progress.sampling(name, len(problems) * settings.samples, cached))
                 completions = {p.problem_id: work.done[p.problem_id][: settings.samples] for p in problems}
-            results["benchmarks"][name] = {"domain": BENCHMARKS[name].domain,
+            domain = BENCHMARKS[name].domain if name in BENCHMARKS else file_domain(every_problem)
+            results["benchmarks"][name] = {"domain": domain,
                                            **score(problems, completions, on_grade=progress.grading(name, completions))}
     domains: dict[str, list[float]] = defaultdict(list)
     for name, result in results["benchmarks"].items():

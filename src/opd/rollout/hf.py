@@ -44,11 +44,24 @@ class _SampledLogprobRecorder:
         return torch.stack(self.recorded, dim=1), torch.stack(self.entropies, dim=1)
 
 
+class _DropColumns:
+    """Logits processor: ids >= kept_width cannot be drawn (the distribution the teacher is scored by)."""
+
+    def __init__(self, kept_width: int):
+        self.kept_width = kept_width
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        scores[:, self.kept_width :] = float("-inf")
+        return scores
+
+
 @torch.no_grad()
 def generate_responses(
-    model: nn.Module, prompts: list[list[int]], settings: SamplingSettings, prefixes: list[list[int]] | None = None
+    model: nn.Module, prompts: list[list[int]], settings: SamplingSettings, prefixes: list[list[int]] | None = None,
+    kept_width: int | None = None,
 ) -> Responses:
-    """One sampled response per prompt row, continuing `prefixes[i]` (teacher tokens) when given.
+    """One sampled response per prompt row, continuing `prefixes[i]` (teacher tokens) when given; with
+    `kept_width`, from the head's first kept_width ids only (a teacher's dropped padded logits).
 
     A prefix is part of the response (flagged in `from_teacher`), the model continues after it, and the
     whole response is cut at max_new_tokens.
@@ -57,13 +70,16 @@ def generate_responses(
     prompt_ids, prompt_mask = left_pad([p + x for p, x in zip(prompts, prefixes, strict=True)], settings.pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(model.device), prompt_mask.to(model.device)
     recorder = _SampledLogprobRecorder()
-    processors = [TemperatureLogitsWarper(settings.temperature)]
-    if settings.top_p < 1.0:
+    greedy = settings.temperature == 0  # evaluation only (opd eval --temperature 0): rollouts sample at > 0
+    processors = [] if greedy else [TemperatureLogitsWarper(settings.temperature)]
+    if kept_width is not None:
+        processors.insert(0, _DropColumns(kept_width))
+    if settings.top_p < 1.0 and not greedy:  # the argmax is in every top-p set
         processors.append(TopPLogitsWarper(top_p=settings.top_p))
-    processors.append(recorder)
+    processors.append(recorder)  # greedy: the log-probs of the untempered distribution
     longest_prefix = max(len(x) for x in prefixes)
     generation_config = GenerationConfig(
-        do_sample=True,
+        do_sample=not greedy,
         temperature=1.0,  # ours are in `processors`, ahead of the recorder
         top_p=1.0,
         top_k=0,
@@ -101,13 +117,13 @@ def generate_responses(
 
 
 def sample_in_batches(model: nn.Module, prompts: list[list[int]], settings: SamplingSettings,
-                      prefixes: list[list[int]] | None = None) -> Responses:
+                      prefixes: list[list[int]] | None = None, kept_width: int | None = None) -> Responses:
     """`generate_responses` over `settings.batch_size` rows at a time."""
     parts = []
     for start in range(0, len(prompts), settings.batch_size):
         stop = start + settings.batch_size
         parts.append(generate_responses(model, prompts[start:stop], settings,
-                                        prefixes[start:stop] if prefixes is not None else None))
+                                        prefixes[start:stop] if prefixes is not None else None, kept_width))
     return concatenate(parts, settings.pad_id)
 
 
@@ -115,12 +131,13 @@ class HfSampler:
     """The `Sampler` that is the model itself: `generate` on the training (or a frozen) model, so its
     weights are always current and `sync` has nothing to do."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, kept_width: int | None = None):
         self.model = model
+        self.kept_width = kept_width  # a teacher's drop_padded_logits: sample from its scored distribution
 
     def sample(self, prompts: list[list[int]], settings: SamplingSettings,
                prefixes: list[list[int]] | None = None) -> Responses:
-        return sample_in_batches(self.model, prompts, settings, prefixes)
+        return sample_in_batches(self.model, prompts, settings, prefixes, self.kept_width)
 
     def sync(self, model: nn.Module) -> None:
         pass
