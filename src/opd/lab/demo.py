@@ -1,9 +1,11 @@
 """`opd demo`: build two tiny models on the CPU and distill one into the other, in about a minute.
 
-A base model learns sums of two numbers below 20 from demonstrations that drop the carry (`7 + 5 = 2`),
-so it is confidently wrong on every sum with a carry. The teacher is that base trained further on correct
-answers (as a paper's teacher is its base after RL). The student starts from the base and learns from the
-teacher by on-policy distillation alone: it samples its own answers and the teacher scores every token.
+A base model learns the 100 sums of two digits from demonstrations that mostly drop the carry (`7+5=2`),
+so its greedy answer is wrong on most sums with a carry while its samples still hold the right one. The
+teacher is that base trained further on correct answers (as a paper's teacher is its base after RL). The
+student starts from the base and learns from the teacher by on-policy distillation alone: it samples its
+own answers and the teacher scores every token. Both models saw every sum in pretraining; one sum in five is
+never a distillation prompt, and the student's accuracy on those asks whether the fix generalises.
 Everything is built on the fly as real Hugging Face folders under the output directory, so the run
 exercises exactly the path a user's checkpoint takes.
 
