@@ -438,7 +438,9 @@ def write_report(root: Path, results: list[dict], scale: Scale, *, seconds: floa
         f"machine: {platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}", "",
         f"Entries are `mean ± half-width of the 95% CI` over {scale.seeds} seeds unless a row says otherwise; "
         f"each run is measured on {scale.test_problems} held-out problems × {scale.test_samples} samples per domain.",
-        "", "## Verdicts", "",
+        "", "Verdicts: two methods are compared by their paired per-seed differences (a t-interval over the seeds "
+        "both ran); a method against a single model (a teacher, an ExPO merge) adds that model's binomial "
+        "sampling error.", "", "## Verdicts", "",
     ]
     header += _table(["published finding", "source", "verdict", "evidence"],
                      [[f["claim"], f["source"], f"**{f['verdict']}**", f["evidence"]] for f in findings])
