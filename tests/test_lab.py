@@ -134,20 +134,32 @@ def test_t_interval_matches_the_formula():
 def test_difference_against_a_single_model_adds_its_binomial_error():
     runs = [0.80, 0.83, 0.78]
     alone = stats.difference(runs, 0.6, 400)
-    assert alone.mean == pytest.approx(sum(runs) / 3 - 0.6)
-    seeds = stats._sample_variance(runs) / 3
-    binomial = 0.6 * 0.4 / 400
-    degrees = (seeds + binomial) ** 2 / (seeds ** 2 / 2)  # Welch-Satterthwaite; the binomial part is exact
-    assert alone.high - alone.mean == pytest.approx(stats.t_quantile(degrees) * math.sqrt(seeds + binomial))
-    assert alone.high - alone.mean > stats.interval([v - 0.6 for v in runs]).high - (sum(runs) / 3 - 0.6) - 1.0
-    other = [0.70, 0.72, 0.75]
-    welch = stats.difference(runs, other)
-    va, vb = stats._sample_variance(runs) / 3, stats._sample_variance(other) / 3
-    degrees = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)
-    assert welch.mean == pytest.approx(sum(runs) / 3 - sum(other) / 3)
-    assert welch.high - welch.mean == pytest.approx(stats.t_quantile(degrees) * math.sqrt(va + vb))
-    identical = stats.difference([0.5, 0.5], [0.5, 0.5])
-    assert identical.low == identical.high == 0.0
+    # By hand: seeds' variance of the mean 0.000211, binomial 0.6 * 0.4 / 400 = 0.0006, Welch-Satterthwaite
+    # df (0.000811)^2 / (0.000211^2 / 2) = 29.5 -> the table's t at 20 df, 2.086; half-width 2.086 * 0.02848.
+    assert alone.mean == pytest.approx(0.20333, abs=1e-5)
+    assert (alone.low, alone.high) == pytest.approx((0.20333 - 0.05941, 0.20333 + 0.05941), abs=1e-4)
+    # A mean of two domains of one merged model: the variance is given outright.
+    given = stats.difference(runs, 0.6, other_variance=0.0)
+    seeds_only = stats.interval([v - 0.6 for v in runs])
+    assert (given.low, given.high) == pytest.approx((seeds_only.low, seeds_only.high))
+
+
+def test_paired_difference_pairs_by_seed_with_the_t_quantile_of_n_minus_one():
+    # Per-seed differences 0.04, 0.05, 0.03 (seeds listed in another order on one side): mean 0.04, sd 0.01,
+    # half-width t(2) = 4.303 times 0.01 / sqrt(3) = 0.02484.
+    paired = stats.paired_difference({0: 0.70, 1: 0.75, 2: 0.72}, {2: 0.69, 0: 0.66, 1: 0.70})
+    assert (paired.mean, paired.low, paired.high, paired.n) == pytest.approx((0.04, 0.01516, 0.06484, 3), abs=1e-5)
+    assert stats.verdict_greater(paired) == "reproduced"
+    # The same numbers compared as independent groups (what the seeds share does not cancel) decide nothing.
+    unpaired = stats.interval([0.70, 0.75, 0.72])
+    assert unpaired.high - unpaired.mean > 0.04
+    # Five seeds: t(4) = 2.776; differences 0.01, 0.03, 0.02, 0.04, 0.00 have sd sqrt(0.001 / 4).
+    five = stats.paired_difference(dict(enumerate([0.51, 0.53, 0.52, 0.54, 0.50])), dict.fromkeys(range(5), 0.5))
+    assert (five.low, five.high) == pytest.approx((0.02 - 0.019629, 0.02 + 0.019629), abs=1e-5)
+    # Only seeds both sides ran are paired; no common seed at all is an error, never a silent mean.
+    assert stats.paired_difference({0: 0.7, 1: 0.8, 7: 0.1}, {0: 0.6, 1: 0.7}).n == 2
+    with pytest.raises(ValueError, match="no common seeds"):
+        stats.paired_difference({0: 0.7}, {1: 0.6})
 
 
 @pytest.mark.parametrize("low,high,greater,equal", [
@@ -196,6 +208,20 @@ def test_report_reproduces_a_clear_gain_and_rejects_a_clear_loss():
     assert _verdict(findings, "ExOPD (λ = 1.25) beats the teacher (sums)")["verdict"] == "not reproduced"
     _, findings, _ = build_report(_synthetic(0.70, exopd=[0.60, 0.85, 0.75], opd=[0.70, 0.71, 0.69]), FULL)
     assert _verdict(findings, "ExOPD beats OPD (sums)")["verdict"] == "inconclusive"  # noisy seeds
+
+
+def test_report_pairs_methods_by_seed_so_a_shared_seed_effect_cancels():
+    # Seeds move both methods alike (0.65 / 0.70 / 0.75); ExOPD is 2.5-3 points above OPD on each seed. The
+    # ExOPD runs are listed in reverse seed order: pairing by position would give +12.5, +3, -7.5.
+    results = _synthetic(0.70, exopd=[], opd=[0.65, 0.70, 0.75])
+    for seed, value in reversed(list(enumerate([0.675, 0.73, 0.775]))):
+        results.append(_result(f"lam_sweep/lam1.25/seed{seed}", "lam_sweep", {"sums@1": value},
+                               labels={"lam": 1.25, "seed": seed}, seed=seed))
+    _, findings, _ = build_report(results, FULL)
+    row = _verdict(findings, "ExOPD beats OPD (sums)")
+    # Differences 0.025, 0.03, 0.025: mean 0.02667, sd 0.002887, half-width 4.303 * 0.002887 / sqrt(3).
+    assert row["difference"] == pytest.approx([0.026667, 0.026667 - 0.007172, 0.026667 + 0.007172], abs=1e-5)
+    assert row["verdict"] == "reproduced"
 
 
 def test_report_calls_nothing_reproduced_when_the_teacher_has_not_learned():

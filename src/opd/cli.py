@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab_parser.add_argument("--workers", type=int, default=None, help="worker processes (default: 2)")
     demo_parser = commands.add_parser("demo", help="build two tiny models and distill one into the other (CPU)")
     demo_parser.add_argument("--output-dir", default="runs/demo")
-    demo_parser.add_argument("--steps", type=int, default=150)
+    demo_parser.add_argument("--steps", type=int, default=None, help="OPD steps (default 40)")
 
     merge_parser = commands.add_parser("merge", help="merge model weights without training (ExPO)")
     merge_parser.add_argument("--expo", action="store_true", required=True,
@@ -200,9 +200,12 @@ def run_command(args) -> None:
                          workers=args.workers)
         print(f"opd: lab finished; report at {report} (results.json and plots beside it)")
     elif args.command == "demo":
-        from opd.lab.demo import run_demo
+        import dataclasses
 
-        run_demo(args.output_dir, steps=args.steps)
+        from opd.lab.demo import DemoScale, run_demo
+
+        scale = DemoScale() if args.steps is None else dataclasses.replace(DemoScale(), distill_steps=args.steps)
+        run_demo(args.output_dir, scale=scale)
         print(f"opd: demo finished; runs (metrics.jsonl, final/ student folders) under {args.output_dir}")
 
 

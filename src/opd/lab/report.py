@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opd.lab.plan import EXOPD_LAM, LAMS, MISMATCH_VARIANTS, Scale
-from opd.lab.stats import Interval, difference, interval, verdict_equal, verdict_greater
+from opd.lab.stats import (Interval, binomial_variance, difference, interval, paired_difference, verdict_equal,
+                           verdict_greater)
 
 EQUAL_MARGIN = 0.05  # "matches the teacher": within 5 accuracy points
 MINIMUM_GAP = 0.15  # a teacher must beat its base by this much for a comparison against it to mean anything
@@ -31,6 +32,11 @@ class Results:
     def values(self, runs: list[dict], domain: str, temperature: float = 1.0, field: str = "accuracy") -> list[float]:
         key = f"{domain}@{temperature:g}"
         return [r["measurements"][key][field] for r in runs if key in r["measurements"]]
+
+    def by_seed(self, runs: list[dict], domain: str, temperature: float = 1.0, field: str = "accuracy") -> dict[int, float]:
+        """The runs' values keyed by seed: what paired comparisons match up."""
+        key = f"{domain}@{temperature:g}"
+        return {r["seed"]: r["measurements"][key][field] for r in runs if key in r["measurements"]}
 
     def single(self, name: str, domain: str, temperature: float = 1.0) -> tuple[float, int] | None:
         result = self.by_name.get(name)
@@ -168,13 +174,14 @@ def lam_sweep_section(data: Results, anchors: Anchors, sweep: dict[float, list[d
     lines += _table(["λ", "accuracy (%)", "response tokens", "entropy (nats/token)"], rows)
     numbers = {"lam_sweep": {f"{lam:g}": data.values(runs, "sums") for lam, runs in sweep.items()}}
     acc = {lam: data.values(runs, "sums") for lam, runs in sweep.items()}
+    paired = {lam: data.by_seed(runs, "sums") for lam, runs in sweep.items()}
     if acc.get(1.0) and teacher["sums"]:
         diff = difference(acc[1.0], *teacher["sums"])
         findings.add("OPD (λ = 1) matches the teacher", "G-OPD Table 2 / Fig. 2", diff,
                      verdict_equal(diff, EQUAL_MARGIN), f"OPD − teacher on sums (equal within ±{EQUAL_MARGIN * 100:.0f})",
                      room=("sums",))
     if acc.get(0.5) and acc.get(1.0) and base["sums"]:
-        low, high = difference(acc[0.5], *base["sums"]), difference(acc[1.0], acc[0.5])
+        low, high = difference(acc[0.5], *base["sums"]), paired_difference(paired[1.0], paired[0.5])
         findings.add("0 < λ < 1 interpolates between the base and the teacher", "G-OPD Fig. 2",
                      Interval(mean=min(low.mean, high.mean), low=min(low.low, high.low), high=min(low.high, high.high),
                               n=low.n), _all_greater({verdict_greater(low), verdict_greater(high)}),
@@ -184,15 +191,15 @@ def lam_sweep_section(data: Results, anchors: Anchors, sweep: dict[float, list[d
         findings.add("ExOPD (λ = 1.25) beats the teacher (sums)", "G-OPD Table 2", diff, verdict_greater(diff),
                      "ExOPD − teacher", room=("sums",))
     if acc.get(EXOPD_LAM) and acc.get(1.0):
-        diff = difference(acc[EXOPD_LAM], acc[1.0])
+        diff = paired_difference(paired[EXOPD_LAM], paired[1.0])
         findings.add("ExOPD beats OPD (sums)", "G-OPD Table 2", diff, verdict_greater(diff), "ExOPD − OPD",
                      room=("sums",))
-        lengths = difference(data.values(sweep[EXOPD_LAM], "sums", field="length"),
-                             data.values(sweep[1.0], "sums", field="length"))
+        lengths = paired_difference(data.by_seed(sweep[EXOPD_LAM], "sums", field="length"),
+                                    data.by_seed(sweep[1.0], "sums", field="length"))
         findings.add("ExOPD's responses are longer than OPD's", "G-OPD §2.7 (length growth)", lengths,
                      verdict_greater(lengths), "ExOPD − OPD mean response length", room=("sums",), unit="tokens")
     if acc.get(1.5) and acc.get(EXOPD_LAM):
-        diff = difference(acc[EXOPD_LAM], acc[1.5])
+        diff = paired_difference(paired[EXOPD_LAM], paired[1.5])
         findings.add("λ = 1.5 degrades against λ = 1.25", "G-OPD Fig. 2-4", diff, verdict_greater(diff), "λ1.25 − λ1.5",
                      room=("sums",))
     return lines, numbers
@@ -208,11 +215,12 @@ def distillation_section(data: Results, anchors: Anchors, sweep: dict[float, lis
              "Single-teacher OPD / ExOPD on sums are the λ sweep's λ = 1 and λ = 1.25 runs.", ""]
     rows = [["Teacher (domain teacher)", _single_cell(teacher["sums"]), _single_cell(teacher["programs"])],
             ["Student (init)", _single_cell(base["sums"]), _single_cell(base["programs"])]]
-    table = {}
+    table, seeded = {}, {}
     for setting in ("single", "multi"):
         for method in ("SFT", "ExPO", "OPD", "ExOPD"):
-            table[(setting, method)] = {d: _distillation_values(data, sweep, setting, method, d)
-                                        for d in ("sums", "programs")}
+            runs = {d: _distillation_runs(data, sweep, setting, method, d) for d in ("sums", "programs")}
+            table[(setting, method)] = {d: data.values(r, d) for d, r in runs.items()}
+            seeded[(setting, method)] = {d: data.by_seed(r, d) for d, r in runs.items()}
             rows.append([f"{setting}-teacher {method}", _cell(table[(setting, method)]["sums"]),
                          _cell(table[(setting, method)]["programs"])])
     lines += _table(["method", "sums", "programs"], rows)
@@ -224,24 +232,23 @@ def distillation_section(data: Results, anchors: Anchors, sweep: dict[float, lis
         diff = difference(values, *teacher["programs"])
         findings.add("ExOPD (λ = 1.25) beats the teacher (programs)", "G-OPD Table 2", diff,
                      verdict_greater(diff), "ExOPD − teacher", room=("programs",))
-        diff = difference(values, table[("single", "OPD")]["programs"])
+        diff = paired_difference(seeded[("single", "ExOPD")]["programs"], seeded[("single", "OPD")]["programs"])
         findings.add("ExOPD beats OPD (programs)", "G-OPD Table 2", diff, verdict_greater(diff), "ExOPD − OPD",
                      room=("programs",))
-    _multi_teacher_findings(data, anchors, table, findings)
+    _multi_teacher_findings(data, anchors, table, seeded, findings)
     return lines, numbers
 
 
-def _distillation_values(data: Results, sweep: dict[float, list[dict]], setting: str, method: str,
-                         domain: str) -> list[float]:
+def _distillation_runs(data: Results, sweep: dict[float, list[dict]], setting: str, method: str,
+                       domain: str) -> list[dict]:
     if setting == "single" and domain == "sums" and method in ("OPD", "ExOPD"):
-        return data.values(sweep.get(1.0 if method == "OPD" else EXOPD_LAM, []), "sums")
-    runs = [r for r in data.runs("distillation", method=method, setting=setting)
+        return sweep.get(1.0 if method == "OPD" else EXOPD_LAM, [])
+    return [r for r in data.runs("distillation", method=method, setting=setting)
             if r["labels"]["domain"] in (domain, "both")]
-    return data.values(runs, domain)
 
 
 def _multi_teacher_findings(data: Results, anchors: Anchors, table: dict[tuple[str, str], dict[str, list[float]]],
-                            findings: Findings) -> None:
+                            seeded: dict[tuple[str, str], dict[str, dict[int, float]]], findings: Findings) -> None:
     teacher, multi = anchors.teacher, table[("multi", "ExOPD")]
     if not (all(multi.values()) and all(teacher.values())):
         return
@@ -250,18 +257,25 @@ def _multi_teacher_findings(data: Results, anchors: Anchors, table: dict[tuple[s
     findings.add("Multi-teacher ExOPD beats both domain teachers", "G-OPD Table 2", worst,
                  _all_greater({verdict_greater(d) for d in diffs}), "the weaker domain's ExOPD − teacher",
                  room=("sums", "programs"))
-    pooled = [sum(p) / 2 for p in zip(multi["sums"], multi["programs"])]
+    pooled = _both_domains(seeded[("multi", "ExOPD")])
     for other in ("OPD", "SFT", "ExPO"):
         if not all(table[("multi", other)].values()):
             continue
-        rival = [sum(p) / 2 for p in zip(table[("multi", other)]["sums"], table[("multi", other)]["programs"])]
-        if other == "ExPO":  # one merged model: its error is binomial over both domains' graded samples
-            counts = [data.single("distillation/expo-multi", d) for d in ("sums", "programs")]
-            diff = difference(pooled, rival[0], sum(c[1] for c in counts))
+        if other == "ExPO":  # one merged model: the binomial error of its mean over the two domains
+            measured = [data.single("distillation/expo-multi", d) for d in ("sums", "programs")]
+            rival = sum(accuracy for accuracy, _ in measured) / 2
+            variance = sum(binomial_variance(accuracy, count) for accuracy, count in measured) / 4
+            diff = difference(list(pooled.values()), rival, other_variance=variance)
         else:
-            diff = difference(pooled, rival)
+            diff = paired_difference(pooled, _both_domains(seeded[("multi", other)]))
         findings.add(f"Multi-teacher ExOPD beats multi-teacher {other}", "G-OPD Table 2", diff,
                      verdict_greater(diff), f"ExOPD − {other}, mean of both domains", room=("sums", "programs"))
+
+
+def _both_domains(by_domain: dict[str, dict[int, float]]) -> dict[int, float]:
+    """Per seed, the mean accuracy over sums and programs (seeds measured on both)."""
+    sums, programs = by_domain["sums"], by_domain["programs"]
+    return {seed: (sums[seed] + programs[seed]) / 2 for seed in sorted(set(sums) & set(programs))}
 
 
 def strong_to_weak_section(data: Results, anchors: Anchors, findings: Findings) -> tuple[list[str], dict] | None:
@@ -271,15 +285,16 @@ def strong_to_weak_section(data: Results, anchors: Anchors, findings: Findings) 
     lines = ["", "## Strong-to-weak (G-OPD Table 3 / Fig. 6 layout; sums)", ""]
     methods = ("OPD", "ExOPD", "ExOPD + reward correction")
     values = {m: data.values(data.runs("strong_to_weak", method=m), "sums") for m in methods}
+    paired = {m: data.by_seed(data.runs("strong_to_weak", method=m), "sums") for m in methods}
     lines += _table(["student (small base)", "large teacher", *methods],
                     [[_single_cell(anchors.base["sums"]), _single_cell(anchors.large_teacher),
                       *(_cell(values[m]) for m in methods)]])
     if values["ExOPD"] and values["OPD"]:
-        diff = difference(values["ExOPD"], values["OPD"])
+        diff = paired_difference(paired["ExOPD"], paired["OPD"])
         findings.add("Strong-to-weak: ExOPD beats OPD", "G-OPD Table 3", diff, verdict_greater(diff), "ExOPD − OPD",
                      room=("large_sums",))
     if values["ExOPD + reward correction"] and values["ExOPD"]:
-        diff = difference(values["ExOPD + reward correction"], values["ExOPD"])
+        diff = paired_difference(paired["ExOPD + reward correction"], paired["ExOPD"])
         findings.add("Reward correction (reference = teacher's base) beats plain ExOPD", "G-OPD Fig. 6", diff,
                      verdict_greater(diff), "ExOPD+RC − ExOPD", room=("large_sums",))
     return lines, {"strong_to_weak": values}
@@ -295,11 +310,12 @@ def mismatch_section(data: Results, scale: Scale, findings: Findings) -> tuple[l
              "spaced (`7 + 5 = 1 2`), so many of its tokens are outliers under the teacher; answers are graded "
              f"blind to spacing. The student starts at {_single_cell(mismatched)}% "
              f"({scale.mismatch_steps} steps per run; untrusted = mean 1 − min(π_T/π_S, 1) over sampled tokens).", ""]
-    rows, accuracy, grad = [], {}, {}
+    rows, accuracy, grad, paired, paired_grad = [], {}, {}, {}, {}
     for variant in MISMATCH_VARIANTS:
         runs = data.runs("mismatch", method=variant)
-        accuracy[variant] = data.values(runs, "sums")
-        grad[variant] = [g for g in (_run_mean(r, "optim/grad_norm") for r in runs) if g is not None]
+        accuracy[variant], paired[variant] = data.values(runs, "sums"), data.by_seed(runs, "sums")
+        paired_grad[variant] = {r["seed"]: g for r in runs if (g := _run_mean(r, "optim/grad_norm")) is not None}
+        grad[variant] = list(paired_grad[variant].values())
         peaks = [g for g in (_run_mean(r, "optim/grad_norm", max) for r in runs) if g is not None]
         untrusted = [u for u in (_run_mean(r, "teacher/untrusted_fraction") for r in runs) if u is not None]
         rows.append([variant, _cell(accuracy[variant]), interval(grad[variant]).format(False) if grad[variant] else "—",
@@ -307,15 +323,15 @@ def mismatch_section(data: Results, scale: Scale, findings: Findings) -> tuple[l
                      interval(untrusted).format() if untrusted else "—"])
     lines += _table(["objective", "accuracy (%)", "mean grad norm", "max grad norm", "untrusted tokens (%)"], rows)
     if accuracy.get("tropd-fkl") and accuracy.get("opd"):
-        diff = difference(accuracy["tropd-fkl"], accuracy["opd"])
+        diff = paired_difference(paired["tropd-fkl"], paired["opd"])
         findings.add("TrOPD (FKL outliers) beats OPD under mismatch", "TrOPD main table", diff, verdict_greater(diff),
                      "TrOPD-FKL − OPD", room=("sums",))
     if accuracy.get("tropd-fkl+guidance") and accuracy.get("tropd-fkl"):
-        diff = difference(accuracy["tropd-fkl+guidance"], accuracy["tropd-fkl"])
+        diff = paired_difference(paired["tropd-fkl+guidance"], paired["tropd-fkl"])
         findings.add("Teacher-prefix guidance helps TrOPD", "TrOPD ablation (d)", diff, verdict_greater(diff),
                      "FKL+guidance − FKL", room=("sums",))
     if grad.get("opd") and grad.get("tropd-fkl"):
-        diff = difference(grad["opd"], grad["tropd-fkl"])
+        diff = paired_difference(paired_grad["opd"], paired_grad["tropd-fkl"])
         findings.add("TrOPD trains with smaller gradients than OPD (stability)", "TrOPD §3", diff, verdict_greater(diff),
                      "OPD − TrOPD-FKL mean grad norm", unit="")
     return lines, {"mismatch": {"accuracy": accuracy, "grad_norm": grad}}
@@ -422,7 +438,9 @@ def write_report(root: Path, results: list[dict], scale: Scale, *, seconds: floa
         f"machine: {platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}", "",
         f"Entries are `mean ± half-width of the 95% CI` over {scale.seeds} seeds unless a row says otherwise; "
         f"each run is measured on {scale.test_problems} held-out problems × {scale.test_samples} samples per domain.",
-        "", "## Verdicts", "",
+        "", "Verdicts: two methods are compared by their paired per-seed differences (a t-interval over the seeds "
+        "both ran); a method against a single model (a teacher, an ExPO merge) adds that model's binomial "
+        "sampling error.", "", "## Verdicts", "",
     ]
     header += _table(["published finding", "source", "verdict", "evidence"],
                      [[f["claim"], f["source"], f"**{f['verdict']}**", f["evidence"]] for f in findings])

@@ -1,7 +1,10 @@
 """Means with 95% confidence intervals, and verdicts decided by them (never by reading the means alone).
 
-Runs of one configuration over seeds give a t-interval. A comparison against a single model (a teacher
-has one checkpoint) adds that model's binomial sampling error to the runs' spread.
+Runs of one configuration over seeds give a t-interval. Two methods run on common seeds are compared by
+their per-seed differences (a paired t-interval): a seed fixes the prompt order, the held-out problems and
+the evaluation's sampling seed for every method, so what the seeds share cancels in the difference. A
+comparison against a single model (a teacher, an ExPO merge: one checkpoint) adds that model's binomial
+sampling error to the runs' spread (Welch-Satterthwaite degrees of freedom).
 """
 
 from __future__ import annotations
@@ -63,15 +66,26 @@ def interval(values: list[float], extra_variance: float = 0.0) -> Interval:
     return _welch(sum(values) / n, parts, n)
 
 
-def difference(values: list[float], other: list[float] | float, other_count: int = 0) -> Interval:
-    """Interval of mean(values) - other: another group of seeds (Welch), or a single model's accuracy
-    measured on `other_count` graded samples (its binomial variance)."""
-    if isinstance(other, (int, float)):
-        binomial = other * (1 - other) / other_count if other_count else 0.0
-        return interval([v - other for v in values], extra_variance=binomial)
-    na, nb = len(values), len(other)
-    parts = [(_sample_variance(values) / na, na - 1), (_sample_variance(other) / nb, nb - 1)]
-    return _welch(sum(values) / na - sum(other) / nb, parts, min(na, nb))
+def binomial_variance(accuracy: float, count: int) -> float:
+    """Variance of an accuracy measured on `count` graded samples."""
+    return accuracy * (1 - accuracy) / count
+
+
+def difference(values: list[float], other: float, other_count: int = 0, *, other_variance: float | None = None) -> Interval:
+    """Interval of mean(values) - other, `other` a single model's accuracy measured on `other_count` graded
+    samples (its binomial variance), or with `other_variance` given outright (e.g. a mean of two domains)."""
+    if other_variance is None:
+        other_variance = binomial_variance(other, other_count) if other_count else 0.0
+    return interval([v - other for v in values], extra_variance=other_variance)
+
+
+def paired_difference(values: dict[int, float], other: dict[int, float]) -> Interval:
+    """Interval of the mean per-seed difference values[seed] - other[seed] over the seeds both have (a
+    paired t-interval, n - 1 degrees of freedom); `n` of the result is the number of pairs."""
+    seeds = sorted(set(values) & set(other))
+    if not seeds:
+        raise ValueError(f"no common seeds to pair: {sorted(values)} vs {sorted(other)}")
+    return interval([values[seed] - other[seed] for seed in seeds])
 
 
 def verdict_greater(diff: Interval) -> str:
