@@ -143,7 +143,8 @@ class RolloutPipeline:
         with self._condition:
             self._condition.wait_for(lambda: self._produced_through >= needed or self._error is not None)
             waited = time.perf_counter() - started
-            if self._generating_since is not None:  # the wait above makes this impossible; a reload now would mix weights
+            # The wait above makes this impossible (a bug guard): a reload during requests would mix weights.
+            if self._generating_since is not None:
                 raise RuntimeError(f"sync of version {version} while the rollout thread generates")
             take_weights()  # under the lock: the rollout thread cannot start a batch while servers reload
             self._synced = version
