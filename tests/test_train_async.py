@@ -1,6 +1,6 @@
 """`rollout.async` end to end against real vLLM servers (tests/served_support.py): a run with max_staleness 1
 trains on batches one step stale and logs it; max_staleness 0 trains the same weights as the synchronous
-step, bit for bit."""
+step, bit for bit; a resumed run samples the batches that were in flight again."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ pytest.importorskip("vllm")
 STEPS = 3
 
 
-def served_run(models: Path, prompts_file: Path, folder: Path, servers: dict, **rollout) -> Path:
+def served_run(models: Path, prompts_file: Path, folder: Path, servers: dict, *, steps: int = STEPS,
+               resume: bool = False, **rollout) -> Path:
     config = make_config(
         models, prompts_file, folder, data={"path": str(prompts_file), "max_prompt_tokens": 200},
         rollout={"max_new_tokens": 8, "backend": "vllm-server",
@@ -29,9 +30,9 @@ def served_run(models: Path, prompts_file: Path, folder: Path, servers: dict, **
         teachers=[{"domain": domain, "path": str(models / "teacher"), "backend": "vllm-server",
                    "server": {"urls": [servers["teacher"]]}} for domain in ("math", "code")],
         optim={"lr": 1e-2, "micro_batch_size": 2},
-        train={"steps": STEPS, "output_dir": str(folder), "save_every": 0, "tensorboard": False, "progress": False},
+        train={"steps": steps, "output_dir": str(folder), "save_every": 1, "tensorboard": False, "progress": False},
     )
-    return train(config)
+    return train(config, resume=resume)
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +80,15 @@ def test_max_staleness_1_trains_on_batches_one_step_stale_and_logs_it(runs):
     assert all(abs(line["gopd/is_weight_max"] - 1.0) < 1e-3 for line in records(runs["sync"]))
     synchronous, stale = weights(runs["sync"]), weights(runs["k1"])
     assert any(not torch.equal(synchronous[name], stale[name]) for name in synchronous)
+
+
+def test_a_resumed_async_run_regenerates_the_batches_in_flight_from_the_checkpoint(servers, served_models,
+                                                                                    prompts_file, tmp_path):
+    folder = tmp_path / "run"
+    pipelined = {"async": True, "max_staleness": 1}
+    served_run(served_models, prompts_file, folder, servers, steps=2, **pipelined)
+    final = served_run(served_models, prompts_file, folder, servers, steps=3, resume=True, **pipelined)
+    lines = records(final)
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    # Step 3's batch, in flight when the first segment ended, was sampled again from step 2's checkpoint.
+    assert [line["async/staleness_max"] for line in lines] == [0.0, 1.0, 0.0]
