@@ -218,6 +218,7 @@ def consume(run: Run, state: TrainState, scored: ScoredBatch, samples: SampleReq
         "perf/rollout_seconds": scored.rollout_seconds,
         "perf/score_seconds": scored.score_seconds,
         "perf/train_seconds": finished - trained_from - sync_wait,  # the sampler's weight sync included
+        "perf/step_seconds": finished - started,
         "perf/tokens_per_second": distributed.all_reduce_sum(float(batch.response_mask.sum())) / (finished - started),
     })
     return values
