@@ -4,6 +4,10 @@
     collect (student samples, teacher prefixes, ...)  ->  grade (if graders)  ->  score (teachers,
     references)  ->  train_step (forward, loss, backward, finite check, optimizer step)  ->  sync the sampler
 
+run_one_step is `consume(produce(...))`: produce is the rollout half (collect, grade, score), consume the
+training half (train_step, sync). With rollout.async a rollout thread runs produce for the steps ahead
+(pipelined.py) and the loop runs run_pipelined_step, which consumes the thread's batches.
+
 Reduction happens once, in `aggregate`, with a denominator counted over the whole optimizer batch before
 the micro-batch loop: the gradient does not depend on micro_batch_size. A step reads only the `Run` that
 assemble.py built and the `TrainState`; the loop reads the config for what happens between steps.

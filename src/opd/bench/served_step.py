@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from opd.bench import run_in_subprocess
@@ -24,19 +25,18 @@ VARIANTS = ("opd-served", "opd-async")
 SERVER_CORE, TRAINER_CORE = 0, 1
 
 
-def run(quick: bool) -> list[dict]:
-    """Both variants against one pair of servers started here; an error row for each when it cannot run."""
-    from opd.bench.step import FULL, QUICK, _build
+def run(size: dict, build: Callable[[Path, dict], list[str]]) -> list[dict]:
+    """Both variants against one pair of servers started here, on the models and prompts `build` writes
+    (bench/step.py's); an error row for each when it cannot run."""
     from opd.served.launch import Server, ServeSettings
 
     if not {SERVER_CORE, TRAINER_CORE} <= os.sched_getaffinity(0):
         return [{"variant": v, "error": f"needs cores {SERVER_CORE} and {TRAINER_CORE}"} for v in VARIANTS]
-    size = QUICK if quick else FULL
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        prompts = _build(root, size)
+        prompts = build(root, size)
         (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-        servers = [Server(ServeSettings(model=str(root / name), port=_free_port(), max_model_len=1024,
+        servers = [Server(ServeSettings(model=str(root / name), port=_free_port(), max_model_len=512,
                                         kv_cache_gib=0.25, max_logprobs=1, dtype="float32"),
                           log=root / f"{name}.log", cpus=frozenset({SERVER_CORE}))
                    for name in ("student", "teacher")]
@@ -44,30 +44,28 @@ def run(quick: bool) -> list[dict]:
             for server in servers:
                 server.wait_ready(900)
             urls = [server.url for server in servers]
-            return [run_in_subprocess("opd.bench.served_step", variant, str(root), *urls,
-                                      *(["--quick"] if quick else []), timeout=1800) for variant in VARIANTS]
+            return [run_in_subprocess("opd.bench.served_step", variant, str(root), *urls, json.dumps(size),
+                                      timeout=1800) for variant in VARIANTS]
         finally:
             for server in servers:
                 server.stop()
 
 
-def run_variant(variant: str, root: Path, student_url: str, teacher_url: str, quick: bool) -> dict:
+def run_variant(variant: str, root: Path, student_url: str, teacher_url: str, size: dict) -> dict:
     import torch
 
-    from opd.bench.step import FULL, QUICK
     from opd.config import load_config
     from opd.runtime.monitor import read_metrics
     from opd.train import train
 
     os.sched_setaffinity(0, {TRAINER_CORE})
     torch.set_num_threads(1)
-    size = QUICK if quick else FULL
     output = root / variant
     config = load_config(base={
         "student": {"path": str(root / "student")},
         "teachers": [{"domain": "default", "path": str(root / "teacher"), "reference": None,
                       "backend": "vllm-server", "server": {"urls": [teacher_url]}}],
-        "data": {"path": str(root / "prompts.jsonl"), "shuffle": False},
+        "data": {"path": str(root / "prompts.jsonl"), "shuffle": False, "max_prompt_tokens": 64},
         "rollout": {"prompts_per_step": size["prompts"], "samples_per_prompt": 1, "max_new_tokens": size["new_tokens"],
                     "backend": "vllm-server", "async": variant == "opd-async", "max_staleness": 1,
                     "server": {"urls": [student_url], "sync": "folder", "sync_folder": str(output / "sync")}},
@@ -114,4 +112,4 @@ def _free_port() -> int:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_variant(sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4], "--quick" in sys.argv)))
+    print(json.dumps(run_variant(sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4], json.loads(sys.argv[5]))))

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from opd.bench import run_in_subprocess
+from opd.bench import run_in_subprocess, served_step
 
 # torch, trl and the opd trainer are imported inside the functions that run them: each variant's process
 # loads only its own side, so the peak RSS it reports is its own (and trl is not a dependency of opd).
@@ -120,21 +120,17 @@ def run_variant(variant: str, quick: bool) -> dict:
 
 
 def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS + SERVED_VARIANTS) -> list[dict]:
-    from opd.bench import served_step
-
     unknown = sorted(set(variants) - set(VARIANTS + SERVED_VARIANTS))
     if unknown:
         raise ValueError(f"opd bench step --variants: unknown {unknown}; choose from {VARIANTS + SERVED_VARIANTS}")
     results = [run_in_subprocess("opd.bench.step", variant, *(["--quick"] if quick else []))
                for variant in VARIANTS if variant in variants]
     if any(variant in variants for variant in SERVED_VARIANTS):  # both: they are judged against each other
-        results += served_step.run(quick)
+        results += served_step.run(QUICK if quick else FULL, _build)
     return results
 
 
 def format_table(results: list[dict]) -> str:
-    from opd.bench import served_step
-
     served = [r for r in results if r["variant"] in SERVED_VARIANTS]
     results = [r for r in results if r["variant"] not in SERVED_VARIANTS]
     tables = [_trl_table(results)] if results else []
