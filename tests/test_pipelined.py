@@ -9,7 +9,11 @@ import time
 import pytest
 import torch
 
+from opd.collect import rollout_seed
 from opd.pipelined import RolloutPipeline, ScoredBatch, StaleBatch, check_staleness
+from opd.rollout.batch import SamplingSettings, build_batch, fixed_responses
+from opd.rollout.batch import draws as generator_of
+from opd.served.engine import sampling_body
 from opd.types import RolloutBatch, TeacherScores
 
 STEPS = 6
@@ -132,3 +136,23 @@ def test_busy_fraction_is_the_share_of_the_window_spent_producing():
     assert pipeline.busy_fraction(1.5, 3.5) == pytest.approx(0.5)
     pipeline._generating_since = 5.0  # a batch still being produced counts up to the window's end
     assert pipeline.busy_fraction(4.0, 6.0) == pytest.approx(0.5)
+
+
+def test_a_steps_draws_come_from_its_own_seed_not_from_other_threads():
+    """The rollout thread shares torch's global generator with the trainer: a step's request seeds and
+    noise must not depend on it, or the threads' timing would decide the samples."""
+    def draws(step: int, global_seed: int) -> tuple[int, torch.Tensor]:
+        torch.manual_seed(global_seed)  # whatever the other thread has drawn
+        settings = SamplingSettings(samples_per_prompt=1, temperature=1.0, top_p=1.0, max_new_tokens=4,
+                                    batch_size=2, end_of_sequence_ids=(0,), pad_id=0,
+                                    seed=rollout_seed(seed=7, rank=0, step=step))
+        seed = sampling_body([1, 2], 1, 4, settings, generator_of(settings, stream=0))["seed"]
+        batch = build_batch([[1, 2], [3]], [0, 1], ["math", "math"],
+                            fixed_responses([[4, 5], [6]], settings, from_teacher=False), settings, step=step)
+        return seed, batch.noise
+
+    seed, noise = draws(step=3, global_seed=0)
+    same_seed, same_noise = draws(step=3, global_seed=1)
+    assert seed == same_seed and torch.equal(noise, same_noise)
+    other_seed, other_noise = draws(step=4, global_seed=0)
+    assert other_seed != seed and not torch.equal(other_noise, noise)
