@@ -29,6 +29,8 @@ class SamplingSettings:
     # A training step's own rollout seed (collect.rollout_seed: train seed, rank, step): the servers' request
     # seeds and the batch's noise are drawn from generators seeded with it, so a step's rollouts depend on no
     # other thread's draws (pipelined.py) and a resumed step draws the same. None: torch's global generator.
+    # HF generate and an in-process vLLM engine keep their own streams; of those only an hf teacher writing
+    # guidance prefixes runs on the rollout thread (its draws then interleave with the trainer's, if any).
     seed: int | None = None
 
 
