@@ -14,10 +14,10 @@ import pytest
 from opd.bench import run_in_subprocess
 
 
-def run_bench(name, tmp_path):
+def run_bench(name, tmp_path, *arguments, timeout=600):
     output = tmp_path / f"{name}.json"
-    result = subprocess.run([sys.executable, "-m", "opd", "bench", name, "--quick", "--output", str(output)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "opd", "bench", name, "--quick", "--output", str(output),
+                             *arguments], capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr
     return result.stdout, json.loads(output.read_text())
 
@@ -46,10 +46,25 @@ def test_bench_overhead_quick(tmp_path):
 
 
 def test_bench_step_quick(tmp_path):
-    table, raw = run_bench("step", tmp_path)
+    table, raw = run_bench("step", tmp_path, "--variants", "trl,opd,opd-vllm")
     assert [r["variant"] for r in raw["results"]] == ["trl", "opd", "opd-vllm"]
     assert all("error" not in r for r in raw["results"]), raw["results"]
     assert "throughput / TRL" in table
+
+
+@pytest.mark.slow  # starts two vLLM servers on one core (minutes)
+def test_bench_step_served_variants_quick(tmp_path):
+    pytest.importorskip("vllm")
+    table, raw = run_bench("step", tmp_path, "--variants", "opd-served,opd-async", timeout=1800)
+    rows = {r["variant"]: r for r in raw["results"]}
+    assert list(rows) == ["opd-served", "opd-async"]
+    assert all("error" not in r for r in rows.values()), raw["results"]
+    served, pipelined = rows["opd-served"], rows["opd-async"]
+    assert all(r["step_seconds"] > 0 and r["generation_seconds"] > 0 and r["training_seconds"] > 0
+               for r in rows.values())
+    bound = max(pipelined["generation_seconds"], pipelined["training_seconds"])
+    assert f"| opd-async | {pipelined['step_seconds']:.3f} |" in table and f"{pipelined['step_seconds'] / bound:.2f}" in table
+    assert f"async / sync step time: {pipelined['step_seconds'] / served['step_seconds']:.2f}" in table
 
 
 def test_bench_rollout_quick(tmp_path):

@@ -376,3 +376,14 @@ def test_drop_long_prompts_leaves_long_rows_out_and_says_how_many(model_dir, tmp
     assert all(len(ids) <= 24 for ids in run.prompt_ids) and len(run.prompt_ids) == 2
     assert "dropped 1 of 3 rows" in capsys.readouterr().err
     run.close()
+
+
+def test_async_rollouts_are_refused_with_more_than_one_process(model_dir, prompts_file, tmp_path):
+    from opd.checks import check_process_count
+
+    served = {"backend": "vllm-server", "server": {"urls": ["http://127.0.0.1:1"], "sync": "folder"}}
+    config = make_config(model_dir, prompts_file, tmp_path, rollout={**served, "async": True},
+                         objective={"score_temperature": 1.0})
+    check_process_count(config, 1)
+    with pytest.raises(StartupError, match="rollout.async with more than one process is not supported"):
+        check_process_count(config, 2)

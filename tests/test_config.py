@@ -343,3 +343,29 @@ def test_seeds_past_numpys_range_are_refused_for_the_last_process(tmp_path):
     with pytest.raises(StartupError, match=r"train.seed=4294967295: process r seeds with train.seed \+ r, and "
                                            r"4294967296 is past numpy's largest seed"):
         check_launch(config, world_size=2, cuda=False, resume=False, checkpoint=None)
+
+
+# --------------------------------------------------------------------------- rollout.async
+
+SERVED = {"backend": "vllm-server", "server": {"urls": ["http://127.0.0.1:8000"], "sync": "folder"}}
+
+
+def test_rollout_async_is_the_yaml_key_async_and_round_trips(tmp_path):
+    config = load_config(write(tmp_path, {**MINIMAL, "rollout": {**SERVED, "async": True, "max_staleness": 2}}))
+    assert config.rollout.async_ is True and config.rollout.max_staleness == 2
+    recorded = to_dict(config)
+    assert recorded["rollout"]["async"] is True and "async_" not in recorded["rollout"]
+    assert load_config(base=recorded) == config
+    assert load_config(write(tmp_path, MINIMAL)).rollout.async_ is False
+
+
+@pytest.mark.parametrize("rollout, message", [
+    ({"async": True}, "rollout.async: needs rollout.backend: vllm-server, but it is hf"),
+    ({"async": True, "backend": "vllm"}, "rollout.async: needs rollout.backend: vllm-server, but it is vllm"),
+    ({**SERVED, "async": True, "max_staleness": -1}, "rollout.max_staleness: must be >= 0, got -1"),
+    ({**SERVED, "async_": True}, r"unknown key\(s\) \['rollout.async_'\]"),
+    ({**SERVED, "async": "yes"}, "rollout.async"),
+])
+def test_rollout_async_refusals_name_the_key(tmp_path, rollout, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, {**MINIMAL, "rollout": rollout}))

@@ -27,8 +27,10 @@ def bandit_batch(tokens: torch.Tensor, sampler_logprobs: torch.Tensor) -> Rollou
     )
 
 
-@pytest.mark.parametrize("lam", [0.5, 1.0, 1.25])
-def test_gopd_converges_to_the_closed_form_optimum(lam):
+@pytest.mark.parametrize(("lam", "staleness"), [(0.5, 0), (1.0, 0), (1.25, 0), (1.25, 1), (0.5, 1)])
+def test_gopd_converges_to_the_closed_form_optimum(lam, staleness):
+    """With staleness 1 (rollout.async) each batch is sampled from the policy of one step before; the
+    truncated IS weight exp(lS - lOld) corrects for it and the optimum is the same."""
     generator = torch.Generator().manual_seed(0)
     teacher_logits = torch.randn(VOCAB, generator=generator, dtype=torch.float64)
     # A reference far from the teacher, so that lam moves the optimum visibly (checked below).
@@ -39,10 +41,13 @@ def test_gopd_converges_to_the_closed_form_optimum(lam):
     optimizer = torch.optim.Adam([logits], lr=0.05)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, STEPS)
     objective = build_objective(ObjectiveConfig(name="gopd", lam=lam), lam_by_domain={"bandit": lam})
+    samplers = [torch.log_softmax(logits.detach(), 0)] * (staleness + 1)  # the policies of the last steps
     for _ in range(STEPS):
         log_student = torch.log_softmax(logits, 0)
-        tokens = torch.multinomial(log_student.exp().detach(), SAMPLES, replacement=True, generator=generator)
-        batch = bandit_batch(tokens, log_student.detach()[tokens])
+        samplers = [*samplers[1:], log_student.detach()]
+        log_sampler = samplers[0]  # `staleness` optimizer steps old
+        tokens = torch.multinomial(log_sampler.exp(), SAMPLES, replacement=True, generator=generator)
+        batch = bandit_batch(tokens, log_sampler[tokens])
         teacher = TeacherScores(
             logprobs=log_teacher[tokens][:, None], topk_ids=None, topk_logprobs=None,
             ref_logprobs=log_reference[tokens][:, None], has_reference=torch.ones(SAMPLES, dtype=torch.bool),

@@ -227,6 +227,7 @@ def reference_objective(name: str, c: Case, rows) -> dict[str, float]:
         return {f"{area}/advantage_mean": mean(advantage(*x) for x in on),
                 f"{area}/advantage_std": std(advantage(*x) for x in on),
                 f"{area}/is_weight_mean": mean(min(ratio(*x), IS_CAP) for x in on),
+                f"{area}/is_weight_max": max(min(ratio(*x), IS_CAP) for x in on),
                 f"{area}/is_truncated_fraction": mean(float(ratio(*x) >= IS_CAP) for x in on),
                 f"{area}/tokens": len(on)}
 

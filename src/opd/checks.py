@@ -101,6 +101,11 @@ def check_process_count(config: Config, world_size: int) -> None:
     if config.student.lora is not None and world_size > 1:
         raise StartupError("student.lora with more than one process is not supported yet (FSDP2 over peft "
                            "adapters is untested); run LoRA on one process")
+    if config.rollout.async_ and world_size > 1:
+        # The rollout thread's teacher scoring issues collectives (domain gathers, chunk counts, sharded
+        # teachers) that would race the training thread's on the same process group.
+        raise StartupError("rollout.async with more than one process is not supported yet (the rollout "
+                           "thread's collectives would race the trainer's); run async on one process")
     in_process_teachers = [i for i, t in enumerate(config.teachers) if t.backend == "vllm"]
     if in_process_teachers and world_size > 1:
         # Shutting a colocated engine down tears down the default process group (vLLM's cleanup), which a

@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--quick", action="store_true", help="reduced sizes (what CI runs)")
     bench_parser.add_argument("--output", help="also write the raw results as JSON to this file")
     bench_parser.add_argument("--tokens", type=int, nargs="+", help="memory: only these response-token counts")
+    bench_parser.add_argument("--variants", help="step: only these comma-separated variants (default: all of trl, "
+                                                 "opd, opd-vllm, opd-served, opd-async)")
 
     return parser
 
@@ -190,7 +192,7 @@ def run_command(args) -> None:
 
         print(f"opd: report written to {write_report(args.run_dir, args.output)}")
     elif args.command == "bench":
-        run_bench(args.name, args.quick, args.output, args.tokens)
+        run_bench(args.name, args.quick, args.output, args.tokens, args.variants)
     elif args.command == "lab":
         from opd.lab.plan import EXPERIMENTS
         from opd.lab.pipeline import run_lab
@@ -210,7 +212,8 @@ def run_command(args) -> None:
 
 
 
-def run_bench(name: str, quick: bool, output: str | None, tokens: list[int] | None = None) -> None:
+def run_bench(name: str, quick: bool, output: str | None, tokens: list[int] | None = None,
+              variants: str | None = None) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", str(min(os.cpu_count() or 1, 16)))))
@@ -237,7 +240,8 @@ def run_bench(name: str, quick: bool, output: str | None, tokens: list[int] | No
     else:
         from opd.bench import step
 
-        raw = step.run(quick=quick)
+        chosen = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None
+        raw = step.run(quick=quick, **({"variants": chosen} if chosen else {}))
         table = step.format_table(raw)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}"
     print(f"opd bench {name}{' --quick' if quick else ''} ({machine})\n\n{table}")

@@ -15,7 +15,8 @@ import torch
 
 from opd.functional import grpo_advantages
 from opd.grading.graders import Grader, failure_count
-from opd.rollout.batch import Responses, build_batch, concatenate, fixed_responses, sample_batch
+from opd.rollout.batch import Responses, SamplingSettings, build_batch, concatenate, fixed_responses, sample_batch
+from opd.runtime import distributed
 from opd.types import RolloutBatch
 
 
@@ -48,37 +49,44 @@ def draw_prefix(teacher_response: list[int], limit: int, end_ids: tuple[int, ...
     return usable[:length]
 
 
+def rollout_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a step's served and noise draws on one rank (even: the student's; + 1: a teacher writer's)."""
+    return (((seed * 1_000_003 + step) * 1024 + rank) * 2) % 2**62
+
+
 def collect(run, step: int, indices: list[int], teacher_responses: dict[int, list[list[int]]]) -> RolloutBatch:
     """The step's RolloutBatch for dataset rows `indices` (each repeated samples_per_prompt times).
 
     `teacher_responses` is sft's cache (row -> its samples' teacher responses), filled on first visit; it is
     training state (TrainState), so a resumed run reuses it.
     """
-    sampling, settings = run.sampling, run.collect
+    settings = run.collect
+    sampling = dataclasses.replace(run.sampling, seed=rollout_seed(settings.seed, distributed.rank(), step))
     n = sampling.samples_per_prompt
     prompts = [run.prompt_ids[i] for i in indices for _ in range(n)]
     rows = [i for i in indices for _ in range(n)]
     domains = [run.rows[i].domain for i in rows]
     rng = random.Random(settings.seed * 1_000_003 + step)
     if settings.teacher_written:
-        _fill_teacher_cache(run, indices, teacher_responses)
+        _fill_teacher_cache(run, indices, teacher_responses, sampling)
         responses = fixed_responses([teacher_responses[i][k] for i in indices for k in range(n)], sampling,
                                     from_teacher=True)
         return build_batch(prompts, rows, domains, responses, sampling, step=step)
     if settings.onpolicy_fraction < 1.0:
-        return _mixed_with_dataset(run, prompts, rows, domains, step, settings, rng)
+        return _mixed_with_dataset(run, prompts, rows, domains, step, settings, rng, sampling)
     prefixes = None
     if settings.guidance:
         limit = max_prefix_length(step, settings.total_steps, settings.max_prefix_tokens)
         guided = [k < round(settings.guidance_fraction * n) for _ in indices for k in range(n)]
-        written = _teacher_responses(run, [r for r, g in zip(rows, guided) if g], [d for d, g in zip(domains, guided) if g])
+        written = _teacher_responses(run, [r for r, g in zip(rows, guided) if g],
+                                     [d for d, g in zip(domains, guided) if g], sampling)
         written_iter = iter(written)
         prefixes = [draw_prefix(next(written_iter), limit, sampling.end_of_sequence_ids, rng) if g else []
                     for g in guided]
     return sample_batch(run.sampler, prompts, rows, domains, sampling, step=step, prefixes=prefixes)
 
 
-def _teacher_responses(run, rows: list[int], domains: list[str]) -> list[list[int]]:
+def _teacher_responses(run, rows: list[int], domains: list[str], sampling: SamplingSettings) -> list[list[int]]:
     """One full teacher sample per row, each from its domain's teacher reading its own prompt rendering."""
     out: dict[int, list[int]] = {}
     for domain in sorted(set(domains)):
@@ -86,13 +94,14 @@ def _teacher_responses(run, rows: list[int], domains: list[str]) -> list[list[in
         scorer = run.scorers[domain]
         own = scorer.teacher_prompts
         prompts = [own[rows[p]] if own is not None else run.prompt_ids[rows[p]] for p in positions]
-        responses = scorer.writer.sample(prompts, run.sampling)
+        # A teacher's writer draws its own seeds, not the student's (rollout_seed's odd seeds).
+        responses = scorer.writer.sample(prompts, dataclasses.replace(sampling, seed=sampling.seed + 1))
         for p, ids, mask in zip(positions, responses.ids, responses.mask, strict=True):
             out[p] = ids[mask].tolist()
     return [out[p] for p in range(len(rows))]
 
 
-def _fill_teacher_cache(run, indices: list[int], cache: dict) -> None:
+def _fill_teacher_cache(run, indices: list[int], cache: dict, sampling: SamplingSettings) -> None:
     """sft's teacher trajectories: generated the first time a prompt is visited, then reused. All of a
     step's new prompts are generated in one batch (one prompt at a time made sft 3x slower than OPD)."""
     n = run.sampling.samples_per_prompt
@@ -100,15 +109,16 @@ def _fill_teacher_cache(run, indices: list[int], cache: dict) -> None:
     if not new:
         return
     rows = [i for i in new for _ in range(n)]
-    written = _teacher_responses(run, rows, [run.rows[i].domain for i in rows])
+    written = _teacher_responses(run, rows, [run.rows[i].domain for i in rows], sampling)
     for position, row in enumerate(new):
         cache[row] = written[position * n:(position + 1) * n]
 
 
-def _mixed_with_dataset(run, prompts, rows, domains, step, settings: CollectSettings, rng) -> RolloutBatch:
+def _mixed_with_dataset(run, prompts, rows, domains, step, settings: CollectSettings, rng,
+                        sampling: SamplingSettings) -> RolloutBatch:
     """GKD's lambda: each prompt is answered by the student with probability onpolicy_fraction, else by the
     dataset's `response` (its samples all use that one response)."""
-    n = run.sampling.samples_per_prompt
+    n = sampling.samples_per_prompt
     from_dataset = []
     for start in range(0, len(rows), n):
         choice = rng.random() >= settings.onpolicy_fraction
@@ -117,18 +127,18 @@ def _mixed_with_dataset(run, prompts, rows, domains, step, settings: CollectSett
     student_rows = [p for p, d in enumerate(from_dataset) if not d]
     dataset_rows = [p for p, d in enumerate(from_dataset) if d]
     if student_rows:
-        parts.append(run.sampler.sample([prompts[p] for p in student_rows], run.sampling))
+        parts.append(run.sampler.sample([prompts[p] for p in student_rows], sampling))
         order.extend(student_rows)
     if dataset_rows:
         answers = [run.dataset_responses[rows[p]] for p in dataset_rows]
-        parts.append(fixed_responses(answers, run.sampling, from_teacher=False))
+        parts.append(fixed_responses(answers, sampling, from_teacher=False))
         order.extend(dataset_rows)
-    merged = concatenate(parts, run.sampling.pad_id)
+    merged = concatenate(parts, sampling.pad_id)
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     responses = Responses(**{f.name: None if getattr(merged, f.name) is None else getattr(merged, f.name)[inverse]
                              for f in dataclasses.fields(Responses)})
-    return build_batch(prompts, rows, domains, responses, run.sampling, step=step,
+    return build_batch(prompts, rows, domains, responses, sampling, step=step,
                        from_dataset=torch.tensor(from_dataset))
 
 

@@ -164,6 +164,12 @@ class RolloutConfig:
     batch_size: int = 32  # rows per generate call (hf); vLLM schedules its own batches
     vllm: VllmConfig = field(default_factory=VllmConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    # async: the servers generate (and the teachers score) the next steps' rollouts while this step trains
+    # (pipelined.py); each batch is sampled with the weights of exactly max_staleness steps before the one it
+    # trains (fewer at the start of a run or segment), the IS weights of the objective correcting for it.
+    # max_staleness 0 is the synchronous step on two threads. The YAML key is `async` (a Python keyword).
+    async_: bool = field(default=False, metadata={"key": "async"})
+    max_staleness: int = 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -524,6 +530,10 @@ def _validate_servers(config: Config, require) -> None:
     else:
         require(rollout.server.sync is None and rollout.server.sync_folder is None,
                 f"rollout.server.sync: set, but rollout.backend is {rollout.backend} (only vllm-server syncs servers)")
+    require(rollout.max_staleness >= 0, f"rollout.max_staleness: must be >= 0, got {rollout.max_staleness}")
+    require(not rollout.async_ or served_rollout,
+            f"rollout.async: needs rollout.backend: vllm-server, but it is {rollout.backend} (the hf and vllm "
+            "samplers share the trained model's process and weights, so they cannot generate while it trains)")
     for index, teacher in enumerate(config.teachers):
         key = f"teachers.{index}"
         served_reference = is_server_url(teacher.reference)

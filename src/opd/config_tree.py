@@ -84,7 +84,7 @@ def build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'top level'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    names = {yaml_key(f) for f in dataclasses.fields(cls) if f.init}
     moved = [f"{_join(where, key)}: moved to {new}" for key, new in getattr(cls, "MOVED", {}).items() if key in data]
     if moved:
         raise ConfigError("; ".join(moved))
@@ -93,17 +93,24 @@ def build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"unknown key(s) {[_join(where, k) for k in unknown]}; valid keys here: {sorted(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
-        if f.name not in data:
+        key = yaml_key(f)
+        if key not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"missing required key '{_join(where, f.name)}'")
+                raise ConfigError(f"missing required key '{_join(where, key)}'")
             continue
-        kwargs[f.name] = _convert(hints[f.name], data[f.name], _join(where, f.name))
+        kwargs[f.name] = _convert(hints[f.name], data[key], _join(where, key))
     try:
         return cls(**kwargs)
     except ConfigError as error:
         if where:
             raise
         raise ConfigError(str(error)) from None
+
+
+def yaml_key(f: dataclasses.Field) -> str:
+    """The key a field has in YAML: its name, or `metadata["key"]` where the name is a Python keyword
+    (`rollout.async` is the field `async_`)."""
+    return f.metadata.get("key", f.name)
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:
@@ -188,7 +195,7 @@ def nonfinite_floats(tree: Any, where: str = "") -> list[str]:
     not through `build`)."""
     if dataclasses.is_dataclass(tree):
         return [problem for f in dataclasses.fields(tree)
-                for problem in nonfinite_floats(getattr(tree, f.name), _join(where, f.name))]
+                for problem in nonfinite_floats(getattr(tree, f.name), _join(where, yaml_key(f)))]
     if isinstance(tree, tuple):
         return [problem for i, item in enumerate(tree) for problem in nonfinite_floats(item, _join(where, str(i)))]
     if isinstance(tree, float) and not math.isfinite(tree):
@@ -199,7 +206,7 @@ def nonfinite_floats(tree: Any, where: str = "") -> list[str]:
 def to_dict(config: Any) -> Any:
     """Plain data (for YAML) from a config tree."""
     if dataclasses.is_dataclass(config):
-        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+        return {yaml_key(f): to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
     if isinstance(config, tuple):
         return [to_dict(item) for item in config]
     if isinstance(config, dict):

@@ -4,6 +4,10 @@
     collect (student samples, teacher prefixes, ...)  ->  grade (if graders)  ->  score (teachers,
     references)  ->  train_step (forward, loss, backward, finite check, optimizer step)  ->  sync the sampler
 
+run_one_step is `consume(produce(...))`: produce is the rollout half (collect, grade, score), consume the
+training half (train_step, sync). With rollout.async a rollout thread runs produce for the steps ahead
+(pipelined.py) and the loop runs run_pipelined_step, which consumes the thread's batches.
+
 Reduction happens once, in `aggregate`, with a denominator counted over the whole optimizer batch before
 the micro-batch loop: the gradient does not depend on micro_batch_size. A step reads only the `Run` that
 assemble.py built and the `TrainState`; the loop reads the config for what happens between steps.
@@ -16,6 +20,7 @@ import math
 import sys
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from opd.evaluate.sampling import EvalBackend
 from opd.metrics import as_floats, combine, rollout_metrics, topk_metrics
 from opd.objectives import Objective
 from opd.packing import forward_tokens, token_budget_slices
+from opd.pipelined import RolloutPipeline, ScoredBatch, check_staleness
 from opd.runtime import distributed
 from opd.runtime.checkpoint import (
     CheckpointRecord,
@@ -108,25 +114,46 @@ def _train(run: Run, config: Config, checkpoint: Path | None) -> Path:
                                tensorboard=config.train.tensorboard, progress=config.train.progress,
                                log_every=config.train.log_every, wandb=_wandb_sink(config, run_dir))
     try:
-        while state.step < config.train.steps:
-            set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)
-            with _autocast(config.train.mixed_precision), _naming_the_step(state.step + 1):
-                values = run_one_step(run, state, _sample_request(logger, config, state.step + 1))
-            if config.eval.every and state.step % config.eval.every == 0:
-                values.update(evaluate_during_training(state.student, run.tokenizer, config, run_dir, state.step))
-            if logger is not None:
-                logger.log(state.step, values)
-            if _should_save(state.step, config):
-                save_checkpoint(run_dir, state.student, run.tokenizer, state.optimizer,
-                                CheckpointRecord(step=state.step, skipped_steps=state.skipped_steps,
-                                                 data_position=state.step * config.rollout.prompts_per_step),
-                                keep=config.train.keep_checkpoints,
-                                rank_state={"teacher_responses": state.teacher_responses})
+        with _rollout_thread(run, config, state) as pipeline:
+            while state.step < config.train.steps:
+                set_learning_rate(state.optimizer, config.optim, state.step, config.train.steps)
+                samples = _sample_request(logger, config, state.step + 1)
+                with _autocast(config.train.mixed_precision), _naming_the_step(state.step + 1):
+                    if pipeline is None:
+                        values = run_one_step(run, state, samples)
+                    else:
+                        values = run_pipelined_step(run, state, pipeline, samples)
+                if config.eval.every and state.step % config.eval.every == 0:
+                    values.update(evaluate_during_training(state.student, run.tokenizer, config, run_dir,
+                                                           state.step))
+                if logger is not None:
+                    logger.log(state.step, values)
+                if _should_save(state.step, config):
+                    save_checkpoint(run_dir, state.student, run.tokenizer, state.optimizer,
+                                    CheckpointRecord(
+                                        step=state.step, skipped_steps=state.skipped_steps,
+                                        data_position=state.step * config.rollout.prompts_per_step),
+                                    keep=config.train.keep_checkpoints,
+                                    # a copy: the rollout thread may add sft's responses for the steps ahead
+                                    rank_state={"teacher_responses": dict(state.teacher_responses)})
     finally:
         if logger is not None:
             logger.close()
     refuse_if_every_step_skipped(state, first_step, skipped_before)
     return save_final(run_dir, state.student, run.tokenizer, state.step)
+
+
+def _rollout_thread(run: Run, config: Config, state: TrainState):
+    """With rollout.async, the rollout thread producing the steps ahead (pipelined.py); else nothing."""
+    if not config.rollout.async_:
+        return contextlib.nullcontext(None)
+
+    def produce_on_thread(step: int, weight_version: int) -> ScoredBatch:
+        with _autocast(config.train.mixed_precision):  # autocast is per thread
+            return produce(run, step, state.teacher_responses, weight_version=weight_version)
+
+    return RolloutPipeline(produce_on_thread, first_version=state.step, last_step=config.train.steps,
+                           max_staleness=config.rollout.max_staleness)
 
 
 @contextlib.contextmanager
@@ -143,37 +170,86 @@ def _naming_the_step(step: int):
 
 
 def run_one_step(run: Run, state: TrainState, samples: SampleRequest | None = None) -> dict[str, float]:
-    """Collect, grade, score and train on this rank's share of the step's prompts; the metrics as floats.
+    """The synchronous step: produce this rank's scored batch, then consume it (train, sync); the metrics as
+    floats. With `samples` (a sample step, on the main process) a few of this rank's rollouts go to
+    samples.write token by token."""
+    started = time.perf_counter()
+    scored = produce(run, state.step + 1, state.teacher_responses, weight_version=state.step)
 
-    With `samples` (a sample step, on the main process) a few of this rank's rollouts go to samples.write
-    token by token."""
+    def sync() -> float:
+        run.sampler.sync(state.student)  # the next step samples from the updated policy
+        return 0.0
+
+    return consume(run, state, scored, samples, started=started, sync=sync)
+
+
+def produce(run: Run, step: int, teacher_responses: dict[int, list[list[int]]], *,
+            weight_version: int) -> ScoredBatch:
+    """The rollout half of step `step` (1-based): collect, grade and score this rank's share of its prompts,
+    sampled with the weights of `weight_version` optimizer steps. On the rollout thread when async."""
     started = time.perf_counter()
     settings = run.collect
-    indices = prompts_for_step(len(run.rows), state.step, settings.prompts_per_step, settings.seed, settings.shuffle)
+    indices = prompts_for_step(len(run.rows), step - 1, settings.prompts_per_step, settings.seed, settings.shuffle)
     share = len(indices) // distributed.world_size()  # this rank's contiguous share of the step's prompts
     indices = indices[distributed.rank() * share : (distributed.rank() + 1) * share]
-    batch = collect(run, state.step, indices, state.teacher_responses)
+    batch = collect(run, step - 1, indices, teacher_responses)
     if run.graders:
         batch = grade(batch, run.graders, run.rows, run.tokenizer, run.sampling.samples_per_prompt)
     rolled = time.perf_counter()
     teacher = score_batch(batch, run.scorers, run.scoring)
-    scored = time.perf_counter()
+    return ScoredBatch(step=step, weight_version=weight_version, batch=batch, teacher=teacher,
+                       rollout_seconds=rolled - started, score_seconds=time.perf_counter() - rolled)
+
+
+def consume(run: Run, state: TrainState, scored: ScoredBatch, samples: SampleRequest | None = None, *,
+            started: float, sync: Callable[[], float]) -> dict[str, float]:
+    """The training half: train on `scored`, then `sync` the sampler (it returns the seconds it waited for
+    the rollout thread before syncing); `started` is when the step began, for the throughput."""
+    trained_from = time.perf_counter()
+    batch, teacher = scored.batch, scored.teacher
     record = TokenRecord() if samples is not None else None
     metrics = train_step(state, batch, teacher, run.objective, run.step, record=record)
-    run.sampler.sync(state.student)  # the next step samples from the updated policy
+    sync_wait = sync()
     finished = time.perf_counter()
     if samples is not None:
         samples.write(state.step, sample_records(state.step, batch, teacher, record, run.tokenizer,
                                                  samples.per_domain))
     values = as_floats(metrics)
-    if settings.guidance:
+    if run.collect.guidance:
         values["guidance/max_prefix_length"] = float(
-            max_prefix_length(state.step - 1, settings.total_steps, settings.max_prefix_tokens))
+            max_prefix_length(scored.step - 1, run.collect.total_steps, run.collect.max_prefix_tokens))
     values.update({
-        "perf/rollout_seconds": rolled - started,
-        "perf/score_seconds": scored - rolled,
-        "perf/train_seconds": finished - scored,  # the sampler's weight sync included
+        "perf/rollout_seconds": scored.rollout_seconds,
+        "perf/score_seconds": scored.score_seconds,
+        "perf/train_seconds": finished - trained_from - sync_wait,  # the sampler's weight sync included
+        "perf/step_seconds": finished - started,
         "perf/tokens_per_second": distributed.all_reduce_sum(float(batch.response_mask.sum())) / (finished - started),
+    })
+    return values
+
+
+def run_pipelined_step(run: Run, state: TrainState, pipeline: RolloutPipeline,
+                       samples: SampleRequest | None = None) -> dict[str, float]:
+    """The asynchronous step: take the rollout thread's batch (refused if staler than allowed), consume it,
+    and hand the servers the new weights when the schedule allows (pipelined.py)."""
+    started = time.perf_counter()
+    scored, waited = pipeline.next_batch(state.step + 1)
+    staleness = float(check_staleness(scored, state.step, pipeline.max_staleness))
+    sync_waits: list[float] = []
+
+    def sync() -> float:
+        sync_waits.append(pipeline.sync(state.step, lambda: run.sampler.sync(state.student)))
+        return sync_waits[-1]
+
+    values = consume(run, state, scored, samples, started=started, sync=sync)
+    finished = time.perf_counter()
+    values.update({
+        "async/staleness_mean": staleness,  # one weight version per batch: every row's staleness is the same
+        "async/staleness_max": staleness,
+        # waited for its batch, and before syncing for the rollouts the schedule has sampled with the old weights
+        "perf/trainer_wait_seconds": waited + sync_waits[0],
+        "perf/generation_wait_seconds": scored.generation_wait_seconds,
+        "perf/engine_busy_fraction": pipeline.busy_fraction(started, finished),
     })
     return values
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from opd.bench import run_in_subprocess
+from opd.bench import run_in_subprocess, served_step
 
 # torch, trl and the opd trainer are imported inside the functions that run them: each variant's process
 # loads only its own side, so the peak RSS it reports is its own (and trl is not a dependency of opd).
@@ -28,6 +28,8 @@ from opd.bench import run_in_subprocess
 QUICK = {"hidden": 64, "layers": 2, "heads": 2, "vocab": 512, "prompts": 8, "new_tokens": 16, "steps": 4}
 FULL = {"hidden": 256, "layers": 4, "heads": 4, "vocab": 16384, "prompts": 16, "new_tokens": 128, "steps": 6}
 VARIANTS = ("trl", "opd", "opd-vllm")  # opd-vllm: opd with rollout.backend vllm
+# On vLLM servers, synchronous and asynchronous (bench/served_step.py: one server core, one trainer core).
+SERVED_VARIANTS = ("opd-served", "opd-async")
 
 
 def _build(root: Path, size: dict) -> list[str]:
@@ -117,15 +119,31 @@ def run_variant(variant: str, quick: bool) -> dict:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "size": size}
 
 
-def run(quick: bool = False) -> list[dict]:
-    return [run_in_subprocess("opd.bench.step", variant, *(["--quick"] if quick else [])) for variant in VARIANTS]
+def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS + SERVED_VARIANTS) -> list[dict]:
+    unknown = sorted(set(variants) - set(VARIANTS + SERVED_VARIANTS))
+    if unknown:
+        raise ValueError(f"opd bench step --variants: unknown {unknown}; choose from {VARIANTS + SERVED_VARIANTS}")
+    results = [run_in_subprocess("opd.bench.step", variant, *(["--quick"] if quick else []))
+               for variant in VARIANTS if variant in variants]
+    if any(variant in variants for variant in SERVED_VARIANTS):  # both: they are judged against each other
+        results += served_step.run(QUICK if quick else FULL, _build)
+    return results
 
 
 def format_table(results: list[dict]) -> str:
+    served = [r for r in results if r["variant"] in SERVED_VARIANTS]
+    results = [r for r in results if r["variant"] not in SERVED_VARIANTS]
+    tables = [_trl_table(results)] if results else []
+    if served:
+        tables.append(served_step.format_table(served))
+    return "\n\n".join(tables)
+
+
+def _trl_table(results: list[dict]) -> str:
     by_name = {r["variant"]: r for r in results}
     trl = by_name.get("trl")
     lines = ["| trainer | tokens/s | peak RSS MiB | throughput / TRL | memory / TRL |", "|---|---:|---:|---:|---:|"]
-    for name in VARIANTS:
+    for name in [name for name in VARIANTS if name in by_name]:
         row = by_name.get(name)
         if row is None or "error" in row:
             lines.append(f"| {name} | not measured: {row['error'] if row else 'missing'} | | | |")

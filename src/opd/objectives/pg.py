@@ -70,6 +70,9 @@ def policy_gradient_metrics(area: str, advantages: Tensor, weight: Tensor, mask:
         f"{area}/advantage_mean": Metric(value=mean, weight=count),
         f"{area}/advantage_std": Metric(value=std, reduce=Reduce.STD, weight=count, mean=mean),
         f"{area}/is_weight_mean": Metric(value=masked_mean(weight, mask), weight=count),
+        # the largest weight is how far the sampler (a stale one with rollout.async) is from the student
+        f"{area}/is_weight_max": Metric(value=float(weight.detach()[mask].max()) if count else 0.0,
+                                        reduce=Reduce.MAX),
         f"{area}/is_truncated_fraction": Metric(value=masked_mean((weight >= settings.is_cap).float(), mask),
                                                 weight=count),
         f"{area}/tokens": Metric(value=count, reduce=Reduce.SUM),

@@ -26,6 +26,12 @@ class SamplingSettings:
     end_of_sequence_ids: tuple[int, ...]
     pad_id: int
     synced: bool = False  # more than one process shares the student (FSDP)
+    # A training step's own rollout seed (collect.rollout_seed: train seed, rank, step): the servers' request
+    # seeds and the batch's noise are drawn from generators seeded with it, so a step's rollouts depend on no
+    # other thread's draws (pipelined.py) and a resumed step draws the same. None: torch's global generator.
+    # HF generate and an in-process vLLM engine keep their own streams; of those only an hf teacher writing
+    # guidance prefixes runs on the rollout thread (its draws then interleave with the trainer's, if any).
+    seed: int | None = None
 
 
 class Sampler(Protocol):
@@ -44,6 +50,14 @@ class Sampler(Protocol):
     def close(self) -> None:
         """Free what the sampler holds (an engine's KV cache); a no-op when it holds nothing of its own."""
         ...
+
+
+def draws(settings: SamplingSettings, *, stream: int) -> torch.Generator | None:
+    """The generator of one stream of a step's draws (0: request seeds, 1: the batch's noise), or None for
+    torch's global one (checkpointed, so resume redraws the same) when the settings carry no step seed."""
+    if settings.seed is None:
+        return None
+    return torch.Generator().manual_seed(settings.seed * 2 + stream)
 
 
 def place_prefixes(prefixes: list[list[int]], width: int, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -167,7 +181,7 @@ def build_batch(prompts: list[list[int]], prompt_indices: list[int], domains: li
         domain=tuple(domains),
         prompt_index=tuple(prompt_indices),
         step=step,
-        noise=torch.rand(responses.ids.shape),  # global RNG: saved in checkpoints, so resume redraws the same
+        noise=torch.rand(responses.ids.shape, generator=draws(settings, stream=1)),
         sampler_entropy=responses.entropy,
         entropy_rank=rank_in_batch(responses.entropy, sampled) if responses.entropy is not None else None,
         from_dataset=from_dataset if from_dataset is not None else torch.zeros(len(prompts), dtype=torch.bool),

@@ -8,7 +8,7 @@ per process. What the servers must be started with is in `served/launch.py` (`op
 
 - **Sampling** sends each prompt's token ids (a teacher prefix appended) with `n` samples, the stop ids of
   the student and `ignore_eos` (so that only the student's end-of-sequence ids end a response), and a seed
-  drawn from torch's generator (checkpointed: a resumed run draws the same seeds). The sampled tokens'
+  drawn from the step's own generator (rollout/batch.py `draws`: a resumed step draws the same seeds). The sampled tokens'
   log-probs are those of the distribution sampled from (temperature and top-p applied), which needs the
   server's `--logprobs-mode processed_logprobs`; `check_sampler_logprobs` verifies it after the first sync.
 - **Scoring** asks for `prompt_logprobs` (with the top-k where the objective needs it) of prompt + response:
@@ -30,7 +30,14 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from opd.rollout.batch import Responses, SamplingSettings, consecutive_groups, finish_responses, place_prefixes
+from opd.rollout.batch import (
+    Responses,
+    SamplingSettings,
+    consecutive_groups,
+    draws,
+    finish_responses,
+    place_prefixes,
+)
 from opd.rollout.vllm import policy_weights
 from opd.runtime import distributed
 from opd.served.checks import check_serves_student
@@ -87,11 +94,13 @@ class ServedModel:
         width = settings.max_new_tokens
         groups = consecutive_groups([p + x for p, x in zip(prompts, prefixes, strict=True)])
         bodies, sampled_groups = [], []
+        generator = draws(settings, stream=0)
         for start, count in groups:
             remaining = width - len(prefixes[start])
             if remaining <= 0:
                 continue  # the prefix fills the whole response: nothing left to sample
-            bodies.append(sampling_body(prompts[start] + prefixes[start], count, remaining, settings))
+            bodies.append(sampling_body(prompts[start] + prefixes[start], count, remaining, settings,
+                                        generator))
             sampled_groups.append((start, count))
         answers = self._spread(bodies)
         ids, from_teacher = place_prefixes(prefixes, width, settings.pad_id)
@@ -160,12 +169,13 @@ class ServedModel:
 # --------------------------------------------------------------------------- request bodies and answers
 
 
-def sampling_body(prompt: list[int], count: int, max_tokens: int, settings: SamplingSettings) -> dict:
+def sampling_body(prompt: list[int], count: int, max_tokens: int, settings: SamplingSettings,
+                  generator: torch.Generator | None = None) -> dict:
     return {
         "prompt": prompt, "n": count, "max_tokens": max_tokens, "temperature": settings.temperature,
         "top_p": settings.top_p, "logprobs": 0, "return_token_ids": True,
         "stop_token_ids": list(settings.end_of_sequence_ids), "ignore_eos": True,
-        "seed": int(torch.randint(0, 2**31 - 1, ())),  # torch's generator: checkpointed, so resume redraws it
+        "seed": int(torch.randint(0, 2**31 - 1, (), generator=generator)),
     }
 
 

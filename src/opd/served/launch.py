@@ -66,7 +66,8 @@ def server_environment() -> dict[str, str]:
 class Server:
     """A started server process (its output to `log`, or to ours); `stop` ends it and what it started."""
 
-    def __init__(self, settings: ServeSettings, log: Path | None = None):
+    def __init__(self, settings: ServeSettings, log: Path | None = None, cpus: frozenset[int] | None = None):
+        """`cpus`: the cores the server (and the engine process it spawns) may run on (a benchmark pins it)."""
         if not (Path(settings.model) / "config.json").is_file():
             raise ValueError(f"opd serve: {settings.model} is not a model folder (no config.json)")
         self.settings = settings
@@ -74,7 +75,8 @@ class Server:
         self._log = open(log, "ab") if log is not None else None
         self.process = subprocess.Popen(server_command(settings), env=server_environment(),
                                         stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
-                                        start_new_session=True)  # its own group: stop ends its children too
+                                        start_new_session=True,  # its own group: stop ends its children too
+                                        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
 
     def wait_ready(self, timeout_seconds: float = 600.0) -> None:
         """Until `/health` answers; the process ending first is an error naming its exit status."""
