@@ -274,14 +274,19 @@ def test_every_key_lands_in_exactly_one_group_with_a_safe_slug():
     from opd.report.groups import group_metrics
 
     keys = ["loss", "teacher/kl_k1", 'teacher/"x<y"/kl_k1', 'reward/"x<y"/implicit_mean', "reward/math/implicit_p99",
-            "tropd/is_weight_mean", "grpo/is_truncated_fraction", "perf/score_seconds", "brand_new/thing"]
+            "tropd/is_weight_mean", "grpo/is_truncated_fraction", "opd/is_weight_max", "perf/score_seconds",
+            "async/staleness_mean", "async/staleness_max", "perf/engine_busy_fraction", "perf/trainer_wait_seconds",
+            "brand_new/thing"]
     groups = group_metrics(keys)
     assert sorted(key for group in groups for key in group.keys) == sorted(keys)
     slugs = {group.slug: group.keys for group in groups}
     assert slugs["implicit-reward-math"] == ("reward/math/implicit_p99",)
     assert slugs["implicit-reward-_x_y_"] == ('reward/"x<y"/implicit_mean',)
     assert slugs["teacher-kl-k1"] == ('teacher/"x<y"/kl_k1', "teacher/kl_k1")
-    assert slugs["is-weights"] == ("grpo/is_truncated_fraction", "tropd/is_weight_mean")
+    assert slugs["is-weights"] == ("grpo/is_truncated_fraction", "opd/is_weight_max", "tropd/is_weight_mean")
+    assert slugs["staleness"] == ("async/staleness_max", "async/staleness_mean")
+    assert slugs["engine-busy"] == ("perf/engine_busy_fraction",)
+    assert slugs["perf-seconds"] == ("perf/score_seconds", "perf/trainer_wait_seconds")
     assert slugs["other-brand_new"] == ("brand_new/thing",) and slugs["other-loss"] == ("loss",)
 
 

@@ -1,8 +1,9 @@
 """metrics.jsonl's keys sorted into the report's plots: one `MetricGroup` per plot, by key prefix.
 
 The rules below name the groups a reader looks for first (teacher KL, implicit reward per domain, length,
-truncation, entropy, grad norm, IS weights, trust/outliers, guidance, evaluation, perf); every key no rule
-takes falls into a group named after its first path segment, so every logged metric is drawn somewhere.
+truncation, entropy, grad norm, IS weights, async staleness, trust/outliers, guidance, evaluation, perf);
+every key no rule takes falls into a group named after its first path segment, so every logged metric is
+drawn somewhere.
 Keys whose values differ in scale (token counts beside fractions) are kept in different groups, since one
 y axis cannot show both.
 """
@@ -65,7 +66,10 @@ RULES: tuple[Rule, ...] = (
     ("learning-rate", "learning rate", "lr", _pattern(r"optim/lr")),
     ("skipped-steps", "skipped optimizer steps (non-finite)", "steps", _pattern(r"optim/skipped_steps")),
     ("is-weights", "importance-sampling weights", "ratio / fraction",
-     _pattern(r"[^/]+/is_(?:weight_mean|truncated_fraction)")),
+     _pattern(r"[^/]+/is_(?:weight_mean|weight_max|truncated_fraction)")),
+    ("staleness", "rollout staleness (async)", "weight versions", _pattern(r"async/staleness_(?:mean|max)")),
+    ("engine-busy", "fraction of the step the engines were busy (async)", "fraction",
+     _pattern(r"perf/engine_busy_fraction")),
     ("trust", "trust and outlier fractions (TrOPD)", "fraction",
      _pattern(r"teacher/untrusted_fraction|[^/]+/outlier_fraction|[^/]+/p_trust_mean")),
     ("guidance", "guidance prefix length", "tokens", _pattern(r"guidance/(?:max_prefix_length|prefix_tokens)")),
