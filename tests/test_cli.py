@@ -238,3 +238,18 @@ def test_a_user_error_inside_torchrun_workers_is_one_opd_line(model_dir, tmp_pat
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = _single_opd_line(result)
     assert line == f"opd: data.path: '{tmp_path / 'missing.jsonl'}' is not a file", result.stderr
+
+
+@pytest.mark.parametrize("raised, shown", [
+    ("opd eval --server http://127.0.0.1:1: the server serves a/, not b/", "opd: eval --server http://127.0.0.1:1: "
+                                                                            "the server serves a/, not b/"),
+    ("eval: --samples must be >= 1", "opd: eval: --samples must be >= 1"),
+    ("student.path: not a folder", "opd: student.path: not a folder"),
+])
+def test_a_user_error_is_one_line_with_one_opd_prefix(raised, shown, monkeypatch):
+    from opd.cli import report_user_error
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_error(ValueError(raised))
+    assert exit_info.value.code == shown

@@ -275,7 +275,9 @@ def launch_torchrun(args) -> None:
 
 def report_user_error(error: Exception) -> None:
     """Exit with the one `opd:` line; in a worker of `opd train --nproc N`, hand the line to the launcher."""
-    message = f"opd: {error}"
+    text = str(error)
+    # Messages that name their command ("opd eval --server URL: ...") would read "opd: opd eval ...".
+    message = f"opd: {text[len('opd '):] if text.startswith('opd ') else text}"
     folder = os.environ.get(ERROR_DIR_VARIABLE)
     if folder and "LOCAL_RANK" in os.environ:
         rank = os.environ.get("RANK", os.environ["LOCAL_RANK"])
@@ -288,25 +290,25 @@ def run_eval(args) -> None:
     from opd.evaluate.run import EvalSettings, evaluate, format_table
 
     if (args.model is None) == (args.responses is None):
-        raise ValueError("opd eval: give a MODEL folder or --responses FILE --benchmark NAME (one of the two)")
+        raise ValueError("eval: give a MODEL folder or --responses FILE --benchmark NAME (one of the two)")
     if args.responses is not None and not args.benchmark:
         raise ValueError("opd eval --responses needs --benchmark NAME")
     if args.samples < 1 or not args.temperature >= 0:
-        raise ValueError("opd eval: --samples must be >= 1 and --temperature >= 0 (0: greedy decoding)")
+        raise ValueError("eval: --samples must be >= 1 and --temperature >= 0 (0: greedy decoding)")
     if args.temperature == 0 and args.samples > 1:
-        raise ValueError(f"opd eval: --temperature 0 decodes greedily, one completion per problem; --samples "
+        raise ValueError(f"eval: --temperature 0 decodes greedily, one completion per problem; --samples "
                          f"{args.samples} would be copies of it (pass@{args.samples} = pass@1): drop --samples, "
                          "or sample at a temperature > 0")
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"opd eval: --limit must be a positive number of problems, got {args.limit}")
+        raise ValueError(f"eval: --limit must be a positive number of problems, got {args.limit}")
     if args.partial and args.responses is None:
-        raise ValueError("opd eval: --partial applies only to --responses (a sampled evaluation answers every problem)")
+        raise ValueError("eval: --partial applies only to --responses (a sampled evaluation answers every problem)")
     try:
         template_kwargs = json.loads(args.chat_template_kwargs)
     except json.JSONDecodeError as error:
-        raise ValueError(f"opd eval: --chat-template-kwargs is not JSON ({error})") from None
+        raise ValueError(f"eval: --chat-template-kwargs is not JSON ({error})") from None
     if not isinstance(template_kwargs, dict):
-        raise ValueError(f"opd eval: --chat-template-kwargs must be a JSON object, got {args.chat_template_kwargs}")
+        raise ValueError(f"eval: --chat-template-kwargs must be a JSON object, got {args.chat_template_kwargs}")
     benchmarks = [args.benchmark] if args.responses else [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     settings = EvalSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, limit=args.limit, chat_template_kwargs=template_kwargs)
@@ -315,7 +317,7 @@ def run_eval(args) -> None:
         from opd.evaluate.sampling import EvalBackend
 
         if args.server is not None and args.backend != "hf":
-            raise ValueError("opd eval: --server URL and --backend vllm exclude each other (the server samples)")
+            raise ValueError("eval: --server URL and --backend vllm exclude each other (the server samples)")
         backend = EvalBackend(name="server" if args.server else args.backend, server=args.server,
                               kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len)
     results = evaluate(benchmarks, settings, args.output_dir, model_dir=args.model, responses_path=args.responses,

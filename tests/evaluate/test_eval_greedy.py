@@ -50,7 +50,7 @@ def test_more_than_one_greedy_sample_is_refused(folder, tmp_path):
         main(["eval", folder, "--benchmarks", BENCHMARK, "--limit", "1", "--temperature", "0", "--samples", "4",
               "--output-dir", str(tmp_path / "eval")])
     message = str(exited.value.code)
-    assert message.startswith("opd: opd eval: --temperature 0") and "--samples 4" in message, message
+    assert message.startswith("opd: eval: --temperature 0") and "--samples 4" in message, message
     assert not (tmp_path / "eval").exists()  # refused before anything ran
     with pytest.raises(ValueError, match="temperature 0 .*greedy"):  # the Python API refuses it too
         EvalSettings(temperature=0, samples=2)

@@ -400,7 +400,7 @@ def test_a_limit_that_is_not_positive_is_refused_by_the_cli(limit, arc, tmp_path
                "--limit", limit, "--output-dir", str(tmp_path / "eval")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert result.stderr.strip() == f"opd: opd eval: --limit must be a positive number of problems, got {limit}"
+    assert result.stderr.strip() == f"opd: eval: --limit must be a positive number of problems, got {limit}"
     assert not (tmp_path / "eval" / "results.json").exists()
 
 

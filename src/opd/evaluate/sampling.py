@@ -49,7 +49,7 @@ class EvalBackend:
         if not self.kv_cache_gib > 0:
             raise ValueError(f"opd eval --kv-cache-gib {self.kv_cache_gib}: must be > 0")
         if (self.name == "server") != (self.server is not None):
-            raise ValueError("opd eval: --server URL samples from a vLLM server serving MODEL (and only it does)")
+            raise ValueError("eval: --server URL samples from a vLLM server serving MODEL (and only it does)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"opd eval --max-model-len {self.max_model_len}: must be at least 2 tokens")
 
