@@ -338,3 +338,26 @@ def test_opd_lab_command_reports_a_bad_experiment_name(tmp_path):
                              str(tmp_path / "lab")], capture_output=True, text=True)
     assert result.returncode != 0
     assert "nonsense" in result.stderr and "lam_sweep" in result.stderr
+
+
+def test_the_control_compares_exopd_with_the_teacher_at_one_over_lam():
+    # ExOPD's uniform-reference target is the teacher at T = 1/lam = 0.8. A teacher that reaches 0.85 there
+    # makes ExOPD at 0.80 "not reproduced" although it beats the teacher at T = 1 (0.70); at 0.72 there, it is
+    # reproduced. The best lower temperature (0.5, 0.95 below) stays its own finding.
+    claim = "ExOPD's gain exceeds its uniform-reference target, the teacher at T = 1/λ = 0.8"
+    for at_target, expected in ((0.85, "not reproduced"), (0.72, "reproduced")):
+        results = _synthetic(0.70, exopd=[0.80, 0.81, 0.79], opd=[0.70, 0.71, 0.69])
+        results[1]["measurements"]["sums@0.8"] = {"accuracy": at_target, "length": 20.0, "entropy": 0.5, "count": 400}
+        results[1]["measurements"]["sums@0.5"]["accuracy"] = 0.95
+        _, findings, _ = build_report(results, FULL)
+        row = _verdict(findings, claim)
+        assert row["verdict"] == expected, row
+        assert row["difference"][0] == pytest.approx(0.80 - at_target, abs=1e-9)
+        assert _verdict(findings, "ExOPD's gain exceeds what sampling the teacher at a lower temperature gives")[
+            "verdict"] == "not reproduced"
+
+
+def test_the_sharpening_control_samples_at_one_over_lam():
+    from opd.lab.plan import EXOPD_LAM, teacher_jobs
+
+    assert all(1 / EXOPD_LAM in job.temperatures for job in teacher_jobs(FULL))

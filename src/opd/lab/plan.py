@@ -16,6 +16,9 @@ from opd.lab.tasks import Demonstrations
 EXPERIMENTS = ("lam_sweep", "distillation", "strong_to_weak", "mismatch", "temperature")
 LAMS = (0.0, 0.5, 1.0, 1.25, 1.5)
 EXOPD_LAM = 1.25
+# ExOPD's target with a uniform reference is pi_T^lam, renormalised: the teacher sampled at T = 1 / lam. The
+# sharpening control samples the teacher there as well as at lower temperatures.
+SHARPENING_TEMPERATURE = 1 / EXOPD_LAM
 MISMATCH_VARIANTS = ("opd", "tropd-mask", "tropd-clip", "tropd-fkl",
                      "tropd-mask+guidance", "tropd-clip+guidance", "tropd-fkl+guidance")
 
@@ -42,7 +45,7 @@ class Scale:
     test_samples: int  # samples per held-out problem (avg@k)
     seeds: int
     expo_alpha: float = 0.25  # ExPO's extrapolation, matching lam 1.25 in spirit
-    control_temperatures: tuple[float, ...] = (1.0, 0.7, 0.5)
+    control_temperatures: tuple[float, ...] = (1.0, SHARPENING_TEMPERATURE, 0.7, 0.5)
 
 
 FULL = Scale(small=ModelShape(hidden_size=128, num_layers=4), large=ModelShape(hidden_size=192, num_layers=6),

@@ -12,7 +12,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from opd.lab.plan import EXOPD_LAM, LAMS, MISMATCH_VARIANTS, Scale
+from opd.lab.plan import EXOPD_LAM, LAMS, MISMATCH_VARIANTS, SHARPENING_TEMPERATURE, Scale
 from opd.lab.stats import (Interval, binomial_variance, difference, interval, paired_difference, verdict_equal,
                            verdict_greater)
 
@@ -364,6 +364,12 @@ def temperature_section(data: Results, sweep: dict[float, list[dict]], scale: Sc
         diff = difference(exopd, *sharpest)
         findings.add("ExOPD's gain exceeds what sampling the teacher at a lower temperature gives", "control (ours)",
                      diff, verdict_greater(diff), "ExOPD@T1 − best teacher@T<1", room=("sums",))
+    target = data.single("teachers/sums", "sums", SHARPENING_TEMPERATURE)
+    if exopd and target and target[1]:
+        diff = difference(exopd, *target)
+        findings.add(f"ExOPD's gain exceeds its uniform-reference target, the teacher at T = 1/λ = "
+                     f"{SHARPENING_TEMPERATURE:g}", "control (ours)", diff, verdict_greater(diff),
+                     f"ExOPD@T1 − teacher@T{SHARPENING_TEMPERATURE:g}", room=("sums",))
     return lines
 
 
@@ -427,6 +433,13 @@ def write_plots(root: Path, results: list[dict]) -> list[str]:
     return written
 
 
+def _versions() -> str:
+    """The packages a run's numbers depend on: the lab is bit-reproducible on one machine and these versions."""
+    from importlib.metadata import version
+
+    return ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "numpy"))
+
+
 def write_report(root: Path, results: list[dict], scale: Scale, *, seconds: float, quick: bool) -> Path:
     lines, findings, numbers = build_report(results, scale)
     plots = write_plots(root, results)
@@ -435,7 +448,8 @@ def write_report(root: Path, results: list[dict], scale: Scale, *, seconds: floa
         f"Command: `opd lab{' --quick' if quick else ''}` · {len(results)} jobs · "
         f"{sum(r.get('seconds', 0.0) for r in results) / 60:.1f} min of job time · "
         f"{seconds / 60:.1f} min wall in the last invocation (finished jobs are reused) · "
-        f"machine: {platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}", "",
+        f"machine: {platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}, "
+        f"{_versions()}", "",
         f"Entries are `mean ± half-width of the 95% CI` over {scale.seeds} seeds unless a row says otherwise; "
         f"each run is measured on {scale.test_problems} held-out problems × {scale.test_samples} samples per domain.",
         "", "Verdicts: two methods are compared by their paired per-seed differences (a t-interval over the seeds "
