@@ -66,6 +66,8 @@ RULES: tuple[Rule, ...] = (
     ("skipped-steps", "skipped optimizer steps (non-finite)", "steps", _pattern(r"optim/skipped_steps")),
     ("is-weights", "importance-sampling weights", "ratio / fraction",
      _pattern(r"[^/]+/is_(?:weight_mean|truncated_fraction)")),
+    ("sampler-gap", "sampler vs trainer: max |lS - lOld| on sampled tokens", "nats",
+     _pattern(r"rollout/sampler_gap_max")),
     ("trust", "trust and outlier fractions (TrOPD)", "fraction",
      _pattern(r"teacher/untrusted_fraction|[^/]+/outlier_fraction|[^/]+/p_trust_mean")),
     ("guidance", "guidance prefix length", "tokens", _pattern(r"guidance/(?:max_prefix_length|prefix_tokens)")),
