@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import AutoModelForCausalLM
 
 
@@ -24,3 +26,23 @@ def argmax_decode(model, prompt: list[int], max_new_tokens: int, end_ids) -> lis
             if tokens[-1] in end_ids:
                 break
     return tokens
+
+
+def two_proportion_z(correct_a: int, correct_b: int, total: int) -> float:
+    """z of the difference of two proportions of `total` trials each, under the pooled null p_a = p_b."""
+    pooled = (correct_a + correct_b) / (2 * total)
+    spread = math.sqrt(2 * pooled * (1 - pooled) / total)
+    return (correct_a - correct_b) / total / spread
+
+
+def holds_a_vowel(pairs, on_grade=None):
+    """A stand-in grader with a rate well inside (0, 1) on a tiny random model (it answers no benchmark
+    question, so the real grader's 0 = 0 would prove nothing): 'correct' when the sample holds a vowel.
+    Stands in for `opd.evaluate.run.grade_all`."""
+    from opd.evaluate.problem import Grade
+
+    grades = [Grade(correct=any(v in completion for v in "aeiou"), reason="a vowel") for _, completion in pairs]
+    for graded in grades:
+        if on_grade is not None:
+            on_grade(graded)
+    return grades

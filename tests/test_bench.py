@@ -67,6 +67,23 @@ def test_bench_step_served_variants_quick(tmp_path):
     assert f"async / sync step time: {pipelined['step_seconds'] / served['step_seconds']:.2f}" in table
 
 
+@pytest.mark.slow  # two training processes per variant, an engine in each (minutes on the CPU)
+def test_bench_step_colocated_variants_quick(tmp_path):
+    pytest.importorskip("vllm")
+    table, raw = run_bench("step", tmp_path, "--variants", "opd-2proc,opd-colocated", timeout=1800)
+    rows = {r["variant"]: r for r in raw["results"]}
+    assert list(rows) == ["opd-2proc", "opd-colocated"]
+    assert all("error" not in r for r in rows.values()), raw["results"]
+    assert all(r["processes"] == 2 and r["tokens_per_second"] > 0 and r["measured_tokens"] > 0 for r in rows.values())
+    assert [r["backend"] for r in rows.values()] == ["hf", "vllm"]  # as each run recorded it
+    baseline, colocated = rows["opd-2proc"], rows["opd-colocated"]
+    # the ratios printed are the colocated run's figures over the baseline's of the same run
+    throughput = colocated["tokens_per_second"] / baseline["tokens_per_second"]
+    memory = colocated["peak_rss_bytes"] / baseline["peak_rss_bytes"]
+    assert f"| {throughput:.2f} | {memory:.2f} |" in table.split("opd-colocated: a vLLM engine per rank")[1]
+    assert "| 1.00 | 1.00 |" in table.split("opd-2proc: HF generate")[1].splitlines()[0]
+
+
 def test_bench_rollout_quick(tmp_path):
     table, raw = run_bench("rollout", tmp_path)
     assert [r["variant"] for r in raw["results"]] == ["hf", "vllm"]

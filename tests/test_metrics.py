@@ -187,6 +187,7 @@ def reference_rollout(c: Case, rows) -> dict[str, float]:
         "rollout/teacher_token_fraction": mean(float(c.from_teacher[i, t]) for i, t in tokens),
         "student/entropy": mean(c.entropy[i, t] for i, t in by_student),
         "student/entropy_given_tokens": mean(c.entropy[i, t] for i, t in given),
+        "rollout/sampler_gap_max": max(abs(c.lS[i, t] - c.lOld[i, t]) for i, t in by_student),
         "teacher/kl_k1": mean(c.lS[i, t] - c.lT[i, t] for i, t in kl),
         "teacher/kl_k3": mean(ratio[i, t] - 1.0 - (c.lT[i, t] - c.lS[i, t]) for i, t in kl),
         "teacher/floored_fraction": mean(float(c.floored[i, t]) for i, t in kl),
@@ -356,6 +357,26 @@ def test_metrics_of_a_batch_without_student_tokens_or_reference():
     assert metrics["rollout/teacher_token_fraction"] == 1.0
     assert metrics["student/entropy_given_tokens"] == approx(
         mean(c.entropy[i, t] for i in range(N) for t in range(c.lengths[i])))
+
+
+def test_sampler_gap_max_is_over_student_tokens_and_the_max_across_ranks(monkeypatch):
+    """rollout/sampler_gap_max by hand: every response token's |lS - lOld| is 0.25 except one student token
+    of row 2 (1.5); larger gaps on a teacher-prefix token, a dataset row and padding must not count. Two
+    ranks: the 1.5 is on the first, so the second rank's own max is 0.25 and the combined one 1.5."""
+    c = make_case(dataset_row=True)
+    c.lOld = c.lS + 0.25
+    c.lOld[2, 3] = c.lS[2, 3] - 1.5  # row 2 has 4 response tokens, none from a teacher
+    c.lOld[1, 0] = c.lS[1, 0] - 9.0  # a teacher-prefix token
+    c.lOld[4, 1] = c.lS[4, 1] - 9.0  # row 4 is a dataset answer (gkd)
+    c.lOld[3, 2] = c.lS[3, 2] - 9.0  # row 3 has 1 response token: padding
+    assert c.from_teacher[1, 0] and c.from_dataset[4] and not c.from_teacher[2].any() and c.lengths[3] == 1
+    batch, teacher, (logprobs, entropy, _) = tensors(c)
+    whole = rollout_metrics(batch, teacher, logprobs, entropy)["rollout/sampler_gap_max"]
+    assert whole.reduce is Reduce.MAX and whole.value == pytest.approx(1.5, abs=1e-5)
+    combined, per_rank = rank_metrics("opd", c, [(0, 3), (3, N)], 2, monkeypatch)
+    ranks = [m["rollout/sampler_gap_max"].value for m in per_rank]
+    assert ranks == [pytest.approx(1.5, abs=1e-5), pytest.approx(0.25, abs=1e-5)]
+    assert combined["rollout/sampler_gap_max"].value == pytest.approx(1.5, abs=1e-5)
 
 
 @pytest.mark.parametrize("name", OBJECTIVES)

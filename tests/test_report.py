@@ -122,7 +122,7 @@ def check_page(run_dir: Path, tmp_path: Path, expected_groups: set[str], domains
 
 
 COMMON_GROUPS = {"teacher-kl-k1", "teacher-kl-k3", "response-length", "truncation", "entropy", "grad-norm",
-                 "is-weights", "perf-seconds", "perf-throughput"}
+                 "is-weights", "sampler-gap", "perf-seconds", "perf-throughput"}
 
 
 def test_single_teacher_run_report_renders_in_chromium(single_run, tmp_path):
@@ -274,8 +274,9 @@ def test_every_key_lands_in_exactly_one_group_with_a_safe_slug():
     from opd.report.groups import group_metrics
 
     keys = ["loss", "teacher/kl_k1", 'teacher/"x<y"/kl_k1', 'reward/"x<y"/implicit_mean', "reward/math/implicit_p99",
-            "tropd/is_weight_mean", "grpo/is_truncated_fraction", "opd/is_weight_max", "perf/score_seconds",
-            "async/staleness_mean", "async/staleness_max", "perf/engine_busy_fraction", "perf/trainer_wait_seconds",
+            "tropd/is_weight_mean", "grpo/is_truncated_fraction", "opd/is_weight_max", "rollout/sampler_gap_max",
+            "perf/score_seconds", "async/staleness_mean", "async/staleness_max", "perf/engine_busy_fraction",
+            "perf/trainer_wait_seconds",
             "brand_new/thing"]
     groups = group_metrics(keys)
     assert sorted(key for group in groups for key in group.keys) == sorted(keys)
@@ -284,6 +285,9 @@ def test_every_key_lands_in_exactly_one_group_with_a_safe_slug():
     assert slugs["implicit-reward-_x_y_"] == ('reward/"x<y"/implicit_mean',)
     assert slugs["teacher-kl-k1"] == ('teacher/"x<y"/kl_k1', "teacher/kl_k1")
     assert slugs["is-weights"] == ("grpo/is_truncated_fraction", "opd/is_weight_max", "tropd/is_weight_mean")
+    assert slugs["sampler-gap"] == ("rollout/sampler_gap_max",)
+    order = [group.slug for group in groups]
+    assert order.index("sampler-gap") == order.index("is-weights") + 1  # read beside the IS weights
     assert slugs["staleness"] == ("async/staleness_max", "async/staleness_mean")
     assert slugs["engine-busy"] == ("perf/engine_busy_fraction",)
     assert slugs["perf-seconds"] == ("perf/score_seconds", "perf/trainer_wait_seconds")

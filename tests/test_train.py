@@ -20,7 +20,7 @@ REQUIRED_METRICS = [
     "teacher/kl_k1", "teacher/kl_k3", "rollout/response_length", "student/entropy",
     "optim/grad_norm", "gopd/is_weight_mean", "gopd/is_truncated_fraction", "gopd/advantage_mean",
     "gopd/advantage_std", "optim/skipped_steps", "rollout/truncated_fraction",
-    "perf/tokens_per_second", "loss", "optim/lr",
+    "perf/tokens_per_second", "loss", "optim/lr", "rollout/sampler_gap_max",
 ]
 
 

@@ -64,6 +64,9 @@ def test_three_vllm_steps_give_the_hf_backends_metrics(models, prompts_file, tmp
     assert weights
     for key in weights:
         assert all(abs(record[key] - 1.0) < 1e-3 for record in vllm), key
+    # ... and token by token: no sampled token's lOld is far from the trainer's lS.
+    gaps = [record["rollout/sampler_gap_max"] for record in vllm + hf]
+    assert max(gaps) < 1e-2, gaps
     before = load_file(str(models / "student" / "model.safetensors"))
     after = load_file(str(tmp_path / "vllm" / "run" / "final" / "model.safetensors"))
     assert any(not torch.equal(before[name], after[name]) for name in before)

@@ -87,6 +87,7 @@ def rollout_metrics(
     if sampled_by_student.any():
         metrics["student/entropy"] = Metric(value=masked_mean(student_entropy, sampled_by_student),
                                             weight=float(sampled_by_student.sum()))
+        metrics["rollout/sampler_gap_max"] = sampler_gap_max(batch, student_logprobs)
     if given.any():
         metrics["student/entropy_given_tokens"] = Metric(value=masked_mean(student_entropy, given),
                                                          weight=float(given.sum()))
@@ -110,6 +111,15 @@ def rollout_metrics(
     if teacher.ref_logprobs is not None:
         metrics.update(implicit_reward_metrics(batch, teacher))
     return metrics
+
+
+def sampler_gap_max(batch: RolloutBatch, student_logprobs: Tensor) -> Metric:
+    """max |lS - lOld| over the tokens the student sampled (MAX: the largest on any rank): how far the
+    engine that sampled them (lOld: vLLM, a server, a stale copy under rollout.async) is from the trainer's
+    model at the start of the step (lS). With HF rollouts it is float error; a large one means the engine
+    samples from another distribution than the one trained (unsynced weights, another dtype or kernel)."""
+    gap = (student_logprobs.float() - batch.sampler_logprobs.float()).abs()
+    return Metric(value=float(gap[batch.sampled_by_student].max()), reduce=Reduce.MAX)
 
 
 def topk_metrics(student: StudentOutputs, batch: RolloutBatch, teacher: TeacherScores) -> dict[str, Metric]:

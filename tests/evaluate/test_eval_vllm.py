@@ -9,7 +9,6 @@ and initializer_range 0.2, so that distributions are peaked enough for a wrong l
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -94,31 +93,13 @@ def test_vllm_at_temperature_0_decodes_the_argmax(engine, folder, problems):
         assert responses.ids[row][responses.mask[row]].tolist() == expected
 
 
-def two_proportion_z(correct_a: int, correct_b: int, total: int) -> float:
-    """z of the difference of two proportions of `total` trials each, under the pooled null p_a = p_b."""
-    pooled = (correct_a + correct_b) / (2 * total)
-    spread = math.sqrt(2 * pooled * (1 - pooled) / total)
-    return (correct_a - correct_b) / total / spread
-
-
-def holds_a_vowel(pairs, on_grade=None):
-    """A stand-in grader with a rate well inside (0, 1) on this model (a random tiny model answers no ARC
-    question, so the real grader's 0 = 0 would prove nothing): 'correct' when the sample holds a vowel."""
-    from opd.evaluate.problem import Grade
-
-    grades = [Grade(correct=any(v in completion for v in "aeiou"), reason="a vowel") for _, completion in pairs]
-    for graded in grades:
-        if on_grade is not None:
-            on_grade(graded)
-    return grades
-
-
 def test_vllm_and_hf_evaluations_agree_within_binomial_noise(folder, tmp_path, monkeypatch, capfd):
     """avg@k of both backends on the same 30 problems x 8 samples: a two-proportion z-test at |z| < 3.3 (a
     false alarm once in ~1000 runs; a sampler off by 0.1 in its rate fails it), with the pooled rate away
     from 0 and 1 so that the test can fail; the same results format, the backend recorded, one cache file
     per backend, and progress lines on stderr without a terminal."""
     import opd.evaluate.run as run
+    from support import holds_a_vowel, two_proportion_z
 
     monkeypatch.setattr(run, "grade_all", holds_a_vowel)
     settings = EvalSettings(samples=8, temperature=1.0, max_new_tokens=3, limit=30, batch_size=64)

@@ -67,6 +67,8 @@ RULES: tuple[Rule, ...] = (
     ("skipped-steps", "skipped optimizer steps (non-finite)", "steps", _pattern(r"optim/skipped_steps")),
     ("is-weights", "importance-sampling weights", "ratio / fraction",
      _pattern(r"[^/]+/is_(?:weight_mean|weight_max|truncated_fraction)")),
+    ("sampler-gap", "sampler vs trainer: max |lS - lOld| on sampled tokens", "nats",
+     _pattern(r"rollout/sampler_gap_max")),
     ("staleness", "rollout staleness (async)", "weight versions", _pattern(r"async/staleness_(?:mean|max)")),
     ("engine-busy", "fraction of the step the engines were busy (async)", "fraction",
      _pattern(r"perf/engine_busy_fraction")),

