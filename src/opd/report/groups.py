@@ -1,9 +1,9 @@
 """metrics.jsonl's keys sorted into the report's plots: one `MetricGroup` per plot, by key prefix.
 
 The rules below name the groups a reader looks for first (teacher KL, implicit reward per domain, length,
-truncation, entropy, grad norm, IS weights, async staleness, trust/outliers, guidance, evaluation, perf);
-every key no rule takes falls into a group named after its first path segment, so every logged metric is
-drawn somewhere.
+truncation, entropy, grad norm, IS weights, sampler gap, async staleness, trust/outliers, guidance,
+evaluation, perf); every key no rule takes falls into a group named after its first path segment, so every
+logged metric is drawn somewhere.
 Keys whose values differ in scale (token counts beside fractions) are kept in different groups, since one
 y axis cannot show both.
 """
