@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from opd.bench import run_in_subprocess, served_step
+from opd.bench import packed_step, run_in_subprocess, served_step
 
 # torch, trl and the opd trainer are imported inside the functions that run them: each variant's process
 # loads only its own side, so the peak RSS it reports is its own (and trl is not a dependency of opd).
@@ -30,6 +30,9 @@ FULL = {"hidden": 256, "layers": 4, "heads": 4, "vocab": 16384, "prompts": 16, "
 VARIANTS = ("trl", "opd", "opd-vllm")  # opd-vllm: opd with rollout.backend vllm
 # On vLLM servers, synchronous and asynchronous (bench/served_step.py: one server core, one trainer core).
 SERVED_VARIANTS = ("opd-served", "opd-async")
+# The training step padded against packed, on a batch of widely varying response lengths (bench/packed_step.py).
+PACKED_VARIANTS = packed_step.VARIANTS
+ALL_VARIANTS = VARIANTS + SERVED_VARIANTS + PACKED_VARIANTS
 
 
 def _build(root: Path, size: dict) -> list[str]:
@@ -119,23 +122,29 @@ def run_variant(variant: str, quick: bool) -> dict:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "size": size}
 
 
-def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS + SERVED_VARIANTS) -> list[dict]:
-    unknown = sorted(set(variants) - set(VARIANTS + SERVED_VARIANTS))
+def run(quick: bool = False, variants: tuple[str, ...] = ALL_VARIANTS) -> list[dict]:
+    unknown = sorted(set(variants) - set(ALL_VARIANTS))
     if unknown:
-        raise ValueError(f"opd bench step --variants: unknown {unknown}; choose from {VARIANTS + SERVED_VARIANTS}")
+        raise ValueError(f"opd bench step --variants: unknown {unknown}; choose from {ALL_VARIANTS}")
     results = [run_in_subprocess("opd.bench.step", variant, *(["--quick"] if quick else []))
                for variant in VARIANTS if variant in variants]
-    if any(variant in variants for variant in SERVED_VARIANTS):  # both: they are judged against each other
+    # Each pair runs whole when either is asked for: its two variants are judged against each other.
+    if any(variant in variants for variant in SERVED_VARIANTS):
         results += served_step.run(QUICK if quick else FULL, _build)
+    if any(variant in variants for variant in PACKED_VARIANTS):
+        results += packed_step.run(QUICK if quick else FULL, _build, rounds=2 if quick else 3)
     return results
 
 
 def format_table(results: list[dict]) -> str:
     served = [r for r in results if r["variant"] in SERVED_VARIANTS]
-    results = [r for r in results if r["variant"] not in SERVED_VARIANTS]
+    packed = [r for r in results if r["variant"] in PACKED_VARIANTS]
+    results = [r for r in results if r["variant"] in VARIANTS]
     tables = [_trl_table(results)] if results else []
     if served:
         tables.append(served_step.format_table(served))
+    if packed:
+        tables.append(packed_step.format_table(packed))
     return "\n\n".join(tables)
 
 
