@@ -85,6 +85,8 @@ def combine_rounds(rows: list[dict]) -> dict:
 
 
 def run_variant(variant: str, root: Path, size: dict) -> dict:
+    """In the variant's own process: assemble the run, cut one sampled batch, then score and train on it
+    steps + 1 times; the per-step seconds, the peak, the first step's loss and the token counts."""
     import torch
 
     from opd.assemble import assemble, seed_everything
