@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from opd.bench import run_in_subprocess
+from opd.bench.packed_step import MIN_RESPONSE_TOKENS, response_lengths
 
 
 def run_bench(name, tmp_path, *arguments, timeout=600):
@@ -82,6 +83,31 @@ def test_bench_step_colocated_variants_quick(tmp_path):
     memory = colocated["peak_rss_bytes"] / baseline["peak_rss_bytes"]
     assert f"| {throughput:.2f} | {memory:.2f} |" in table.split("opd-colocated: a vLLM engine per rank")[1]
     assert "| 1.00 | 1.00 |" in table.split("opd-2proc: HF generate")[1].splitlines()[0]
+
+
+def test_bench_step_packed_variants_quick(tmp_path):
+    table, raw = run_bench("step", tmp_path, "--variants", "opd-packed")  # one of the pair runs both
+    rows = {r["variant"]: r for r in raw["results"]}
+    assert list(rows) == ["opd-padded", "opd-packed"]
+    assert all("error" not in r for r in rows.values()), raw["results"]
+    padded, packed = rows["opd-padded"], rows["opd-packed"]
+    assert padded["rounds"] == packed["rounds"] == 2
+    # The same batch, lengths spread from 2 tokens to the cap: the packed forward runs on fewer tokens,
+    # and the step computes the same loss.
+    assert packed["response_tokens"] == padded["response_tokens"] < packed["forward_tokens"] < padded["forward_tokens"]
+    assert packed["first_loss"] == pytest.approx(padded["first_loss"], rel=1e-4)
+    assert all(r["training_seconds"] > 0 and r["scoring_seconds"] > 0 and r["peak_extra_bytes"] > 0
+               for r in rows.values())
+    assert (f"padded / packed: training time {padded['training_seconds'] / packed['training_seconds']:.2f}, "
+            f"scoring time {padded['scoring_seconds'] / packed['scoring_seconds']:.2f}, "
+            f"peak extra memory {padded['peak_extra_bytes'] / packed['peak_extra_bytes']:.2f}") in table
+    assert "first-step loss the same" in table
+
+
+def test_response_lengths_spread_from_a_few_tokens_to_the_cap():
+    lengths = response_lengths(16, 128)
+    assert lengths[0] == MIN_RESPONSE_TOKENS and lengths[-1] == 128 and lengths == sorted(lengths)
+    assert sum(lengths) / len(lengths) < 128 / 3  # mostly short: padding to the longest costs most
 
 
 def test_bench_rollout_quick(tmp_path):

@@ -378,12 +378,25 @@ def test_drop_long_prompts_leaves_long_rows_out_and_says_how_many(model_dir, tmp
     run.close()
 
 
-def test_async_rollouts_are_refused_with_more_than_one_process(model_dir, prompts_file, tmp_path):
+def test_async_with_more_than_one_process_needs_every_teacher_and_reference_served(model_dir, prompts_file,
+                                                                                    tmp_path):
     from opd.checks import check_process_count
 
     served = {"backend": "vllm-server", "server": {"urls": ["http://127.0.0.1:1"], "sync": "folder"}}
-    config = make_config(model_dir, prompts_file, tmp_path, rollout={**served, "async": True},
-                         objective={"score_temperature": 1.0})
-    check_process_count(config, 1)
-    with pytest.raises(StartupError, match="rollout.async with more than one process is not supported"):
-        check_process_count(config, 2)
+
+    def config(lam=1.25, **teacher):
+        return make_config(model_dir, prompts_file, tmp_path, rollout={**served, "async": True},
+                           objective={"score_temperature": 1.0, "lam": lam},
+                           teachers=[{"domain": domain, "path": str(model_dir / "teacher"), **teacher}
+                                     for domain in ("math", "code")])
+
+    in_process = config()  # hf teachers, student_init references
+    check_process_count(in_process, 1)
+    with pytest.raises(StartupError, match="rollout.async with more than one process needs every teacher and "
+                                           "reference served: teachers.0.backend is hf"):
+        check_process_count(in_process, 2)
+    teacher_server = {"backend": "vllm-server", "server": {"urls": ["http://127.0.0.1:2"]}}
+    with pytest.raises(StartupError, match="teachers.0.reference is student_init runs in the training process"):
+        check_process_count(config(**teacher_server), 2)
+    check_process_count(config(**teacher_server, reference="http://127.0.0.1:3"), 2)  # all served: allowed
+    check_process_count(config(lam=1.0, **teacher_server, reference=None), 2)

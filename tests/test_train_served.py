@@ -78,6 +78,41 @@ def test_two_fsdp_processes_train_with_served_rollouts_and_a_served_teacher(serv
     assert any(not torch.equal(before[name], after[name]) for name in before)
 
 
+@pytest.mark.slow  # two training processes against the shared servers (minutes)
+def test_two_processes_train_async_with_staleness_1(servers, served_models, prompts_file, tmp_path):
+    served = {"backend": "vllm-server", "server": {"urls": [servers["teacher"]]}}
+    config = make_config(
+        served_models, prompts_file, tmp_path / "run", data={"path": str(prompts_file), "max_prompt_tokens": 200},
+        rollout={"max_new_tokens": 8, "backend": "vllm-server", "async": True, "max_staleness": 1,
+                 "server": {"urls": [servers["student"]], "sync": "folder"}},
+        # Every model served, as async on more than one process needs (lam 1: no reference).
+        objective={"name": "gopd", "lam": 1.0, "score_temperature": 1.0},
+        teachers=[{"domain": domain, "path": str(served_models / "teacher"), "reference": None, **served}
+                  for domain in ("math", "code")],
+        optim={"lr": 1e-2, "micro_batch_size": 2},
+        train={"steps": 3, "output_dir": str(tmp_path / "run"), "save_every": 0, "tensorboard": False,
+               "progress": False},
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    opd_train(path, "--nproc", "2")
+    lines = records(tmp_path)
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    # The schedule on both processes (the staleness is reduced over them): batch s sampled with the
+    # weights of step max(0, s - 2), trained at step s - 1.
+    assert [line["async/staleness_max"] for line in lines] == [0.0, 1.0, 1.0]
+    assert [line["async/staleness_mean"] for line in lines] == [0.0, 1.0, 1.0]
+    for line in lines:
+        assert all(math.isfinite(v) for v in line.values() if isinstance(v, float)), line
+        assert 0.0 <= line["perf/engine_busy_fraction"] <= 1.0
+    # The first batch was sampled by the current weights; the stale ones' IS weights move away from 1.
+    assert abs(lines[0]["gopd/is_weight_max"] - 1.0) < 1e-3
+    assert max(abs(line["gopd/is_weight_max"] - 1.0) for line in lines[1:]) > 1e-3
+    before = load_file(str(served_models / "student" / "model.safetensors"))
+    after = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
 class Proxy:
     """A TCP forwarder on 127.0.0.1 in front of a server: `close` takes the address down (connections refused),
     as a server that died would be; a new Proxy on the same port brings it back."""

@@ -12,7 +12,7 @@ import importlib.util
 from collections import Counter
 from pathlib import Path
 
-from opd.config import SEED_LIMIT, Config, load_config, to_dict
+from opd.config import SEED_LIMIT, Config, is_server_url, load_config, to_dict
 from opd.data import DataError, PromptRow
 from opd.runtime.checkpoint import checkpoint_step
 from opd.runtime.models import render_prompt
@@ -89,6 +89,17 @@ def _differing_keys(before, after, prefix: str = "") -> list[str]:
     return [] if before == after else [prefix.rstrip(".")]
 
 
+def _in_process_models(config: Config) -> list[str]:
+    """The teachers and references that run in the training process, as 'key is value' phrases."""
+    found = []
+    for index, teacher in enumerate(config.teachers):
+        if teacher.path is not None and teacher.backend != "vllm-server":
+            found.append(f"teachers.{index}.backend is {teacher.backend}")
+        if teacher.path is not None and teacher.reference is not None and not is_server_url(teacher.reference):
+            found.append(f"teachers.{index}.reference is {teacher.reference}")
+    return found
+
+
 def check_process_count(config: Config, world_size: int) -> None:
     """What the config cannot do on `world_size` processes; needs nothing but the config, so `opd train
     --nproc N` asks it before launching torchrun (one `opd:` line, not a traceback per process)."""
@@ -101,11 +112,16 @@ def check_process_count(config: Config, world_size: int) -> None:
     if config.student.lora is not None and world_size > 1:
         raise StartupError("student.lora with more than one process is not supported yet (FSDP2 over peft "
                            "adapters is untested); run LoRA on one process")
-    if config.rollout.async_ and world_size > 1:
-        # The rollout thread's teacher scoring issues collectives (domain gathers, chunk counts, sharded
-        # teachers) that would race the training thread's on the same process group.
-        raise StartupError("rollout.async with more than one process is not supported yet (the rollout "
-                           "thread's collectives would race the trainer's); run async on one process")
+    in_process = _in_process_models(config)
+    if config.rollout.async_ and world_size > 1 and in_process:
+        # The rollout thread scores with the teachers and references and writes teacher responses. Served
+        # ones are HTTP requests only; an in-process model may issue collectives there (a sharded one's
+        # domain gathers and paired idle forwards, HF generate's synced_gpus) that would race the training
+        # thread's on the same process group. The rollouts themselves are served (config.py).
+        raise StartupError(f"rollout.async with more than one process needs every teacher and reference served: "
+                           f"{in_process[0]} runs in the training process, where its collectives would race the "
+                           "trainer's; serve it (backend: vllm-server; a reference as a server URL, or null when "
+                           "lam = 1) or run async on one process")
     in_process_teachers = [i for i, t in enumerate(config.teachers) if t.backend == "vllm"]
     if in_process_teachers and world_size > 1:
         # Shutting a colocated engine down tears down the default process group (vLLM's cleanup), which a

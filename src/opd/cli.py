@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--output", help="also write the raw results as JSON to this file")
     bench_parser.add_argument("--tokens", type=int, nargs="+", help="memory: only these response-token counts")
     bench_parser.add_argument("--variants", help="step: only these comma-separated variants (default: all of trl, "
-                                                 "opd, opd-vllm, opd-served, opd-async, opd-2proc, opd-colocated)")
+                                                 "opd, opd-vllm, opd-served, opd-async, opd-2proc, opd-colocated, "
+                                                 "opd-padded, opd-packed)")
 
     return parser
 

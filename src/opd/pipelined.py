@@ -17,7 +17,11 @@ against a broken schedule). In-flight batches are not checkpointed: a resumed ru
 checkpoint's weights (their staleness then starts again from 0).
 
 The rollout thread runs only `produce` (collect, grade, score); every collective stays in the training
-thread (checks.py refuses async with more than one process, whose teacher scoring issues collectives).
+thread. With more than one process each runs its own rollout thread on its share of the prompts, and the
+schedule above holds per process. That needs every teacher and reference served (checks.py): served models
+are HTTP requests, while an in-process one may issue collectives on the rollout thread (a sharded teacher's
+gathers, HF generate's synced_gpus) that would race the trainer's. A sync's reload waits for every process
+(served/engine.py), so no process's requests are in flight while the servers take new weights.
 """
 
 from __future__ import annotations

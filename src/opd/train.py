@@ -234,7 +234,7 @@ def run_pipelined_step(run: Run, state: TrainState, pipeline: RolloutPipeline,
     and hand the servers the new weights when the schedule allows (pipelined.py)."""
     started = time.perf_counter()
     scored, waited = pipeline.next_batch(state.step + 1)
-    staleness = float(check_staleness(scored, state.step, pipeline.max_staleness))
+    staleness = check_staleness(scored, state.step, pipeline.max_staleness)
     sync_waits: list[float] = []
 
     def sync() -> float:
@@ -244,8 +244,10 @@ def run_pipelined_step(run: Run, state: TrainState, pipeline: RolloutPipeline,
     values = consume(run, state, scored, samples, started=started, sync=sync)
     finished = time.perf_counter()
     values.update({
-        "async/staleness_mean": staleness,  # one weight version per batch: every row's staleness is the same
-        "async/staleness_max": staleness,
+        # One weight version per batch: a rank's rows share its staleness. Every rank's batch counts (each
+        # process has its own rollout thread).
+        "async/staleness_mean": distributed.all_reduce_sum(float(staleness)) / distributed.world_size(),
+        "async/staleness_max": float(distributed.all_reduce_max(staleness)),
         # waited for its batch, and before syncing for the rollouts the schedule has sampled with the old weights
         "perf/trainer_wait_seconds": waited + sync_waits[0],
         "perf/generation_wait_seconds": scored.generation_wait_seconds,

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from opd.bench import colocated_step, run_in_subprocess, served_step
+from opd.bench import colocated_step, packed_step, run_in_subprocess, served_step
 
 # torch, trl and the opd trainer are imported inside the functions that run them: each variant's process
 # loads only its own side, so the peak RSS it reports is its own (and trl is not a dependency of opd).
@@ -32,7 +32,9 @@ VARIANTS = ("trl", "opd", "opd-vllm")  # opd-vllm: opd with rollout.backend vllm
 SERVED_VARIANTS = ("opd-served", "opd-async")
 # Two FSDP2 processes, a vLLM engine in each against HF generate in each (bench/colocated_step.py).
 COLOCATED_VARIANTS = colocated_step.VARIANTS
-ALL_VARIANTS = VARIANTS + SERVED_VARIANTS + COLOCATED_VARIANTS
+# The training step padded against packed, on a batch of widely varying response lengths (bench/packed_step.py).
+PACKED_VARIANTS = packed_step.VARIANTS
+ALL_VARIANTS = VARIANTS + SERVED_VARIANTS + COLOCATED_VARIANTS + PACKED_VARIANTS
 
 
 def _build(root: Path, size: dict) -> list[str]:
@@ -128,23 +130,29 @@ def run(quick: bool = False, variants: tuple[str, ...] = ALL_VARIANTS) -> list[d
         raise ValueError(f"opd bench step --variants: unknown {unknown}; choose from {ALL_VARIANTS}")
     results = [run_in_subprocess("opd.bench.step", variant, *(["--quick"] if quick else []))
                for variant in VARIANTS if variant in variants]
-    if any(variant in variants for variant in SERVED_VARIANTS):  # both: they are judged against each other
+    # Each pair runs whole when either is asked for: its two variants are judged against each other.
+    if any(variant in variants for variant in SERVED_VARIANTS):
         results += served_step.run(QUICK if quick else FULL, _build)
     if any(variant in variants for variant in COLOCATED_VARIANTS):
         results += colocated_step.run(QUICK if quick else FULL, _build,
                                       tuple(v for v in COLOCATED_VARIANTS if v in variants))
+    if any(variant in variants for variant in PACKED_VARIANTS):
+        results += packed_step.run(QUICK if quick else FULL, _build, rounds=2 if quick else 3)
     return results
 
 
 def format_table(results: list[dict]) -> str:
     served = [r for r in results if r["variant"] in SERVED_VARIANTS]
     colocated = [r for r in results if r["variant"] in COLOCATED_VARIANTS]
+    packed = [r for r in results if r["variant"] in PACKED_VARIANTS]
     results = [r for r in results if r["variant"] in VARIANTS]
     tables = [_trl_table(results)] if results else []
     if served:
         tables.append(served_step.format_table(served))
     if colocated:
         tables.append(colocated_step.format_table(colocated))
+    if packed:
+        tables.append(packed_step.format_table(packed))
     return "\n\n".join(tables)
 
 

@@ -148,6 +148,9 @@ class ServedModel:
         if self.settings.sync_folder is None:
             raise ValueError(f"{self.settings.key}: a frozen served model (a teacher) takes no weights")
         weights = served_weights(model)
+        # No rank's requests are in flight when the servers reload: with rollout.async a rank syncs only
+        # once its own rollout thread is idle (pipelined.py), and the reload waits here for every rank.
+        distributed.barrier()
         if distributed.is_main():
             folder = Path(self.settings.sync_folder)
             write_weights(weights, folder)
