@@ -83,11 +83,11 @@ def test_a_lora_student_samples_from_its_merged_weights(models, prompts_file, tm
     assert all(abs(record[key] - 1.0) < 1e-3 for record in records for key in weights), records
 
 
-# Keys only one backend logs, with the reason (none today: both samplers record the same rollout facts, and
-# the perf/ timings are logged by the loop for every backend). A key appearing here needs its reason.
 # The comparison runs: 2 prompts x 16 samples per rank, enough rows for the step-1 comparison to have power.
 PROMPTS_PER_STEP, SAMPLES_PER_PROMPT, MAX_NEW_TOKENS = 4, 16, 16
 ROWS = PROMPTS_PER_STEP * SAMPLES_PER_PROMPT  # over both ranks
+# Keys only one backend logs, with the reason (none today: both samplers record the same rollout facts, and
+# the perf/ timings are logged by the loop for every backend). A key appearing here needs its reason.
 BACKEND_SPECIFIC_KEYS: dict[str, frozenset[str]] = {"hf": frozenset(), "vllm": frozenset()}
 
 
@@ -161,14 +161,14 @@ def compare_to_sampling_noise(hf: list[dict], vllm: list[dict], hf_samples: list
     """Step 1: the same weights and prompts on both sides (prompts follow the seed, not the backend), only the
     random tokens differ, so the difference of the means is within 4 standard errors of it (a 1-in-15,000
     miss per metric under normality). Later steps: each run has trained on its own tokens, so the policies
-    themselves differ by a noisy update (lr 0.05 moves every weight by up to 0.05 per step); the bound there
-    is twice as wide, which still catches a sampler off by a systematic amount."""
+    themselves differ by a noisy update (Adam at lr 0.05 moves every weight by about 0.05 a step; step 3's
+    KL was 2.6 standard errors apart in a clean run); the bound there is twice as wide, which still catches
+    a sampler off by a systematic amount (an engine never synced: 8.6 and 14 standard errors at steps 2, 3)."""
     for step, (hf_record, vllm_record) in enumerate(zip(hf, vllm, strict=True), start=1):
         widths = 4.0 if step == 1 else 8.0
         errors = {
             "teacher/kl_k1": (kl_standard_error(hf_samples, step), kl_standard_error(vllm_samples, step)),
-            "rollout/response_length": (length_standard_error(hf_record),
-                                        length_standard_error(vllm_record)),
+            "rollout/response_length": (length_standard_error(hf_record), length_standard_error(vllm_record)),
         }
         for key, (hf_error, vllm_error) in errors.items():
             bound = widths * math.hypot(hf_error, vllm_error)
