@@ -26,3 +26,28 @@ def run_in_subprocess(module: str, variant: str, *args: str, timeout: float | No
         last = (process.stderr.strip().splitlines() or [f"exited with status {process.returncode}"])[-1]
         return {"variant": variant, "error": last[:200]}
     return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def unmeasured_row(name: str, row: dict | None, columns: int) -> str | None:
+    """The table row saying why `name` has no figures (`columns` cells after its name), or None if it has."""
+    if row is not None and "error" not in row:
+        return None
+    return f"| {name} | not measured: {row['error'] if row else 'missing'} |" + " |" * (columns - 1)
+
+
+def ratio_rows(by_name: dict[str, dict], names: list[str], baseline: str, labels: dict[str, str]) -> list[str]:
+    """Rows of tokens/s and peak RSS, each also as a ratio to `baseline`'s of the same run (n/a without it)."""
+    base, lines = by_name.get(baseline), []
+    for name in names:
+        row = by_name.get(name)
+        missing = unmeasured_row(name, row, 4)
+        if missing:
+            lines.append(missing)
+            continue
+        throughput = memory = "n/a"
+        if base and "error" not in base:
+            throughput = f"{row['tokens_per_second'] / base['tokens_per_second']:.2f}"
+            memory = f"{row['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}"
+        lines.append(f"| {labels[name]} | {row['tokens_per_second']:.0f} | {row['peak_rss_bytes'] / 2**20:.0f} | "
+                     f"{throughput} | {memory} |")
+    return lines

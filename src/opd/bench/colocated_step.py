@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from opd.bench import run_in_subprocess
+from opd.bench import ratio_rows, run_in_subprocess
 
 VARIANTS = ("opd-2proc", "opd-colocated")  # the baseline first
 PROCESSES = 2
@@ -77,21 +77,10 @@ def run_variant(variant: str, root: Path, size: dict) -> dict:
 
 def format_table(results: list[dict]) -> str:
     by_name = {r["variant"]: r for r in results}
-    baseline = by_name.get("opd-2proc")
     lines = ["| variant (2 processes, FSDP2) | tokens/s | peak RSS MiB (largest process) | throughput / HF | "
              "memory / HF |", "|---|---:|---:|---:|---:|"]
-    for name in [name for name in VARIANTS if name in by_name]:
-        row = by_name[name]
-        if "error" in row:
-            lines.append(f"| {name} | not measured: {row['error']} | | | |")
-            continue
-        throughput = memory = "n/a"
-        if baseline and "error" not in baseline:
-            throughput = f"{row['tokens_per_second'] / baseline['tokens_per_second']:.2f}"
-            memory = f"{row['peak_rss_bytes'] / baseline['peak_rss_bytes']:.2f}"
-        label = {"opd-2proc": "opd-2proc: HF generate", "opd-colocated": "opd-colocated: a vLLM engine per rank"}[name]
-        lines.append(f"| {label} | {row['tokens_per_second']:.0f} | {row['peak_rss_bytes'] / 2**20:.0f} | "
-                     f"{throughput} | {memory} |")
+    lines += ratio_rows(by_name, [name for name in VARIANTS if name in by_name], "opd-2proc",
+                        {"opd-2proc": "opd-2proc: HF generate", "opd-colocated": "opd-colocated: a vLLM engine per rank"})
     for name in [name for name in VARIANTS if name in by_name and "error" not in by_name[name]]:
         size = by_name[name]["size"]
         lines.append(f"\n{name} generated {by_name[name]['measured_tokens']:.0f} of the "

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from opd.bench import run_in_subprocess
+from opd.bench import run_in_subprocess, unmeasured_row
 
 # torch and the opd trainer are imported inside `run_variant`, in the variant's own process, so that the
 # parent (which only builds the models) stays small and each variant's memory is its own.
@@ -181,8 +181,9 @@ def format_table(results: list[dict]) -> str:
              "|---|---:|---:|---:|---:|"]
     for name in VARIANTS:
         row = by_name.get(name)
-        if row is None or "error" in row:
-            lines.append(f"| {name} | not measured: {row['error'] if row else 'missing'} | | | |")
+        missing = unmeasured_row(name, row, 4)
+        if missing:
+            lines.append(missing)
             continue
         lines.append(f"| {name} | {row['forward_tokens']} | {row['training_seconds']:.3f}, "
                      f"{row['training_seconds_median']:.3f} | {row['scoring_seconds']:.3f}, "

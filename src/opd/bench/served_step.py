@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from opd.bench import run_in_subprocess
+from opd.bench import run_in_subprocess, unmeasured_row
 
 VARIANTS = ("opd-served", "opd-async")
 SERVER_CORE, TRAINER_CORE = 0, 1
@@ -92,8 +92,9 @@ def format_table(results: list[dict]) -> str:
              "|---|---:|---:|---:|---:|"]
     for name in VARIANTS:
         row = by_name.get(name)
-        if row is None or "error" in row:
-            lines.append(f"| {name} | not measured: {row['error'] if row else 'missing'} | | | |")
+        missing = unmeasured_row(name, row, 4)
+        if missing:
+            lines.append(missing)
             continue
         bound = max(row["generation_seconds"], row["training_seconds"])
         lines.append(f"| {name} | {row['step_seconds']:.3f} | {row['generation_seconds']:.3f} | "

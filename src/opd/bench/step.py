@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from opd.bench import colocated_step, packed_step, run_in_subprocess, served_step
+from opd.bench import colocated_step, packed_step, ratio_rows, run_in_subprocess, served_step
 
 # torch, trl and the opd trainer are imported inside the functions that run them: each variant's process
 # loads only its own side, so the peak RSS it reports is its own (and trl is not a dependency of opd).
@@ -158,20 +158,9 @@ def format_table(results: list[dict]) -> str:
 
 def _trl_table(results: list[dict]) -> str:
     by_name = {r["variant"]: r for r in results}
-    trl = by_name.get("trl")
     lines = ["| trainer | tokens/s | peak RSS MiB | throughput / TRL | memory / TRL |", "|---|---:|---:|---:|---:|"]
-    for name in [name for name in VARIANTS if name in by_name]:
-        row = by_name.get(name)
-        if row is None or "error" in row:
-            lines.append(f"| {name} | not measured: {row['error'] if row else 'missing'} | | | |")
-            continue
-        throughput = memory = "n/a"
-        if trl and "error" not in trl:
-            throughput = f"{row['tokens_per_second'] / trl['tokens_per_second']:.2f}"
-            memory = f"{row['peak_rss_bytes'] / trl['peak_rss_bytes']:.2f}"
-        label = {"trl": "TRL DistillationTrainer", "opd": "opd", "opd-vllm": "opd, vLLM rollouts"}[name]
-        lines.append(f"| {label} | {row['tokens_per_second']:.0f} | {row['peak_rss_bytes'] / 2**20:.0f} | "
-                     f"{throughput} | {memory} |")
+    lines += ratio_rows(by_name, [name for name in VARIANTS if name in by_name], "trl",
+                        {"trl": "TRL DistillationTrainer", "opd": "opd", "opd-vllm": "opd, vLLM rollouts"})
     for name in ("opd", "opd-vllm"):
         row = by_name.get(name)
         if row and "error" not in row:
