@@ -111,8 +111,11 @@ class Server:
 
 def serve(settings: ServeSettings) -> int:
     """Start, print the URL when ready, wait; Ctrl-C (or SIGTERM) stops the server cleanly."""
-    server = Server(settings)
+    # Ctrl-C must stop it even when SIGINT came in ignored, as a non-interactive shell starts `opd serve ... &`
+    # (Python then installs no handler of its own, and an ignored Ctrl-C would leave the server running).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
+    server = Server(settings)
     try:
         server.wait_ready()
         print(f"opd serve: {settings.model} at {server.url} (Ctrl-C stops it)", flush=True)
