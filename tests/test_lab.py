@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from opd.lab import stats
-from opd.lab.plan import EXPERIMENTS, FULL, QUICK, experiment_jobs, model_jobs, teacher_jobs
+from opd.lab.plan import EXPERIMENTS, FULL, QUICK, SINGLE_MODELS, experiment_jobs, merge_jobs, model_jobs, teacher_jobs
 from opd.lab.report import build_report
 from opd.lab.tasks import (
     TEST_INPUTS,
@@ -131,17 +131,18 @@ def test_t_interval_matches_the_formula():
     assert stats.interval([0.5]).high == math.inf  # one seed says nothing about the spread
 
 
-def test_difference_against_a_single_model_adds_its_binomial_error():
-    runs = [0.80, 0.83, 0.78]
-    alone = stats.difference(runs, 0.6, 400)
-    # By hand: seeds' variance of the mean 0.000211, binomial 0.6 * 0.4 / 400 = 0.0006, Welch-Satterthwaite
-    # df (0.000811)^2 / (0.000211^2 / 2) = 29.5 -> the table's t at 20 df, 2.086; half-width 2.086 * 0.02848.
-    assert alone.mean == pytest.approx(0.20333, abs=1e-5)
-    assert (alone.low, alone.high) == pytest.approx((0.20333 - 0.05941, 0.20333 + 0.05941), abs=1e-4)
-    # A mean of two domains of one merged model: the variance is given outright.
-    given = stats.difference(runs, 0.6, other_variance=0.0)
-    seeds_only = stats.interval([v - 0.6 for v in runs])
-    assert (given.low, given.high) == pytest.approx((seeds_only.low, seeds_only.high))
+def test_a_single_model_sampled_at_every_seed_pairs_like_a_method():
+    # A teacher sampled with each seed's evaluation seed: 0.70, 0.66, 0.72 (its sampling error). Students that
+    # share each seed's draws land 0.10, 0.11, 0.09 above it: mean 0.10, sd 0.01, half-width 4.303 * 0.01 / sqrt(3).
+    teacher = {0: 0.70, 1: 0.66, 2: 0.72}
+    students = {0: 0.80, 1: 0.77, 2: 0.81}
+    paired = stats.paired_difference(students, teacher)
+    assert (paired.mean, paired.low, paired.high) == pytest.approx((0.10, 0.10 - 0.024843, 0.10 + 0.024843), abs=1e-5)
+    # The teacher's spread over evaluation seeds is not dropped: a teacher that moves against the students
+    # widens the interval (differences 0.14, 0.05, 0.11: sd 0.04583, half-width 0.11385) and decides nothing.
+    against = stats.paired_difference(students, {0: 0.66, 1: 0.72, 2: 0.70})
+    assert against.high - against.mean == pytest.approx(0.11385, abs=1e-5)
+    assert stats.verdict_greater(against) == "inconclusive" and stats.verdict_greater(paired) == "reproduced"
 
 
 def test_paired_difference_pairs_by_seed_with_the_t_quantile_of_n_minus_one():
@@ -183,11 +184,15 @@ def _result(name, experiment, measurements, labels=None, seed=0, curves=None):
                                                      for key, a in measurements.items()}}
 
 
+def _single(name, measurements, seeds=3):
+    """A single model sampled with every seed's evaluation seed (plan.SINGLE_MODELS)."""
+    return [_result(f"temperature/{name}/seed{seed}", "temperature", measurements, labels={"model": name, "seed": seed},
+                    seed=seed) for seed in range(seeds)]
+
+
 def _synthetic(teacher_sums: float, exopd: list[float], opd: list[float]) -> list[dict]:
-    results = [
-        _result("temperature/base-sums", "temperature", {"sums@1": 0.30}),
-        _result("teachers/sums", "models", {"sums@1": teacher_sums, "sums@0.7": teacher_sums, "sums@0.5": teacher_sums}),
-    ]
+    results = [*_single("base-sums", {"sums@1": 0.30}),
+               *_single("sums-teacher", {"sums@1": teacher_sums, "sums@0.7": teacher_sums, "sums@0.5": teacher_sums})]
     for lam, values in ((1.0, opd), (1.25, exopd)):
         for seed, value in enumerate(values):
             results.append(_result(f"lam_sweep/lam{lam}/seed{seed}", "lam_sweep", {"sums@1": value},
@@ -234,8 +239,8 @@ def test_report_calls_nothing_reproduced_when_the_teacher_has_not_learned():
 # ---------------------------------------------------------------- the plan
 
 
-def test_the_full_plan_covers_every_experiment_with_three_seeds():
-    jobs = model_jobs(FULL) + teacher_jobs(FULL) + experiment_jobs(FULL)
+def test_the_full_plan_covers_every_experiment_with_five_seeds():
+    jobs = model_jobs(FULL) + teacher_jobs(FULL) + merge_jobs(FULL) + experiment_jobs(FULL)
     names = [job.name for job in jobs]
     assert len(names) == len(set(names))
     by_experiment = {e: [j for j in jobs if j.experiment == e] for e in EXPERIMENTS}
@@ -243,12 +248,25 @@ def test_the_full_plan_covers_every_experiment_with_three_seeds():
     lams = {j.labels["lam"] for j in by_experiment["lam_sweep"]}
     assert lams == {0.0, 0.5, 1.0, 1.25, 1.5}
     for job in jobs:
-        if job.kind == "train" and job.experiment != "models":
+        if job.experiment != "models":  # every student, and every single model's measurement, at five seeds
             same = [j for j in jobs if j.name.rsplit("/", 1)[0] == job.name.rsplit("/", 1)[0]]
-            assert len(same) >= 3, job.name
+            assert sorted(j.seed for j in same) == [0, 1, 2, 3, 4], job.name
+    # Single models (teachers, bases, ExPO merges) are measured by their own jobs, one per evaluation seed,
+    # never by the job that made them; the sums teacher at every control temperature for every seed.
+    assert not any(j.measure_domains for j in jobs if j.experiment == "models")
+    for name in SINGLE_MODELS:
+        measured = [j for j in by_experiment["temperature"] if j.labels["model"] == name]
+        assert [j.seed for j in measured] == [0, 1, 2, 3, 4]
+        assert all(FULL.control_temperatures == j.temperatures for j in measured if j.seed == 0 or name == "sums-teacher")
+    expo = [j for j in by_experiment["distillation"] if j.labels["method"] == "ExPO"]
+    assert {j.model for j in expo} == {f"models/expo-{s}/final" for s in ("single-sums", "single-programs", "multi")}
     # Strong-to-weak with reward correction: the reference is the large teacher's own base.
     corrected = [j for j in by_experiment["strong_to_weak"] if "correction" in j.labels["method"]]
     assert corrected and all(j.config["teachers"][0]["reference"] == "models/large_base/final" for j in corrected)
+    # --only still measures the single models its tables and verdicts compare with.
+    only = experiment_jobs(FULL, only=("lam_sweep",))
+    assert {j.labels["model"] for j in only if j.experiment == "temperature"} == set(SINGLE_MODELS)
+    assert merge_jobs(FULL, only=("lam_sweep",)) == []
 
 
 # ---------------------------------------------------------------- the whole pipeline, shrunk
@@ -272,7 +290,7 @@ def test_quick_lab_runs_every_stage_and_writes_the_report(quick_lab):
     summary = json.loads((root / "results.json").read_text())
     assert len(summary["findings"]) >= 15
     assert {f["verdict"] for f in summary["findings"]} <= {"reproduced", "not reproduced", "inconclusive"}
-    jobs = model_jobs(QUICK) + teacher_jobs(QUICK) + experiment_jobs(QUICK)
+    jobs = model_jobs(QUICK) + teacher_jobs(QUICK) + merge_jobs(QUICK) + experiment_jobs(QUICK)
     assert len(summary["runs"]) == len(jobs)
     for job in jobs:
         result = json.loads((root / job.name / "result.json").read_text())
@@ -318,15 +336,15 @@ def test_a_second_run_reuses_finished_jobs_and_bad_arguments_fail(quick_lab, cap
     root, _ = quick_lab
     result = root / "lam_sweep" / "lam1.0" / "seed1" / "result.json"
     before = result.stat().st_mtime_ns
-    (root / "temperature" / "base-sums" / "result.json").unlink()  # as if the lab had stopped in that job
+    (root / "temperature" / "base-sums" / "seed0" / "result.json").unlink()  # as if the lab had stopped in that job
     capsys.readouterr()
     run_lab(str(root), quick=True)  # progress on; pytest's stdout is no terminal, so one line per job
     assert result.stat().st_mtime_ns == before
-    assert (root / "temperature" / "base-sums" / "result.json").exists()
+    assert (root / "temperature" / "base-sums" / "seed0" / "result.json").exists()
     lines = capsys.readouterr().out.splitlines()
     total = len(experiment_jobs(QUICK))
     assert f"opd lab: experiments: {total} jobs ({total - 1} reused from an earlier run)" in lines
-    assert any(line.startswith(f"opd lab: experiments {total}/{total}: temperature/base-sums in ") for line in lines)
+    assert any(line.startswith(f"opd lab: experiments {total}/{total}: temperature/base-sums/seed0 in ") for line in lines)
     with pytest.raises(ValueError, match="unknown experiment"):
         run_lab(str(root), quick=True, only=("lam_swep",), progress=False)
     with pytest.raises(ValueError, match="holds a quick lab"):
@@ -347,8 +365,9 @@ def test_the_control_compares_exopd_with_the_teacher_at_one_over_lam():
     claim = "ExOPD's gain exceeds its uniform-reference target, the teacher at T = 1/λ = 0.8"
     for at_target, expected in ((0.85, "not reproduced"), (0.72, "reproduced")):
         results = _synthetic(0.70, exopd=[0.80, 0.81, 0.79], opd=[0.70, 0.71, 0.69])
-        results[1]["measurements"]["sums@0.8"] = {"accuracy": at_target, "length": 20.0, "entropy": 0.5, "count": 400}
-        results[1]["measurements"]["sums@0.5"]["accuracy"] = 0.95
+        for teacher in (r for r in results if r["labels"].get("model") == "sums-teacher"):
+            teacher["measurements"]["sums@0.8"] = {"accuracy": at_target, "length": 20.0, "entropy": 0.5, "count": 400}
+            teacher["measurements"]["sums@0.5"]["accuracy"] = 0.95
         _, findings, _ = build_report(results, FULL)
         row = _verdict(findings, claim)
         assert row["verdict"] == expected, row
@@ -358,6 +377,7 @@ def test_the_control_compares_exopd_with_the_teacher_at_one_over_lam():
 
 
 def test_the_sharpening_control_samples_at_one_over_lam():
-    from opd.lab.plan import EXOPD_LAM, teacher_jobs
+    from opd.lab.plan import EXOPD_LAM
 
-    assert all(1 / EXOPD_LAM in job.temperatures for job in teacher_jobs(FULL))
+    teachers = [j for j in experiment_jobs(FULL) if j.labels.get("model", "").endswith("teacher") and j.seed == 0]
+    assert len(teachers) == 3 and all(1 / EXOPD_LAM in job.temperatures for job in teachers)

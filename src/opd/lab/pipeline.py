@@ -1,7 +1,7 @@
 """Running the lab: stages of independent jobs on a pool of single-threaded worker processes.
 
-    data + tokenizer -> pretrain (base, large base, mismatched base) -> grpo teachers -> experiments
-    -> report
+    data + tokenizer -> pretrain (base, large base, mismatched base) -> grpo teachers -> ExPO merges
+    -> experiments (and every single model measured at each seed's evaluation seed) -> report
 
 Two single-threaded processes side by side beat one process with two threads on this kind of machine
 (research/lab-feasibility.md), so each worker pins torch to one thread and the pool has one worker per
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from opd.lab.plan import EXPERIMENTS, FULL, QUICK, Job, Scale, experiment_jobs, model_jobs, teacher_jobs
+from opd.lab.plan import EXPERIMENTS, FULL, QUICK, Job, Scale, experiment_jobs, merge_jobs, model_jobs, teacher_jobs
 from opd.lab.tasks import DOMAINS, problems
 
 RESULT = "result.json"
@@ -153,7 +153,7 @@ def run_lab(output_dir: str, *, quick: bool = False, seeds: int | None = None, o
     started = time.perf_counter()
     write_data(root, scale)
     stages = [("pretraining", model_jobs(scale)), ("grpo teachers", teacher_jobs(scale)),
-              ("experiments", experiment_jobs(scale, seeds, only))]
+              ("ExPO merges", merge_jobs(scale, only)), ("experiments", experiment_jobs(scale, seeds, only))]
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     # concurrent.futures' workers may start processes of their own (the math grader's verifier); the
     # daemonic workers of multiprocessing.Pool may not.
@@ -161,6 +161,8 @@ def run_lab(output_dir: str, *, quick: bool = False, seeds: int | None = None, o
                                                   initializer=_initialize_worker)
     with pool, _progress(progress) as shown:
         for stage, jobs in stages:
+            if not jobs:  # e.g. no ExPO merges when --only leaves out distillation
+                continue
             pending = [job for job in jobs if not (root / job.name / RESULT).exists()]
             shown.start_stage(stage, total=len(jobs), done=len(jobs) - len(pending))
             # Longest jobs first keeps both workers busy until the end of the stage.

@@ -19,8 +19,24 @@ EXOPD_LAM = 1.25
 # ExOPD's target with a uniform reference is pi_T^lam, renormalised: the teacher sampled at T = 1 / lam. The
 # sharpening control samples the teacher there as well as at lower temperatures.
 SHARPENING_TEMPERATURE = 1 / EXOPD_LAM
-MISMATCH_VARIANTS = ("opd", "tropd-mask", "tropd-clip", "tropd-fkl",
-                     "tropd-mask+guidance", "tropd-clip+guidance", "tropd-fkl+guidance")
+# TrOPD's three outlier treatments, and guidance on the one its ablation (d) tests. Guidance on mask and clip
+# fed a table and no verdict; their runs went to the seeds the verdicts need (docs/lab.md).
+MISMATCH_VARIANTS = ("opd", "tropd-mask", "tropd-clip", "tropd-fkl", "tropd-fkl+guidance")
+# The single models every comparison is measured against, measured at each seed's evaluation seed so that a
+# student and its teacher are compared seed by seed (stats.paired_difference): name -> (folder, domains).
+SINGLE_MODELS = {
+    "base-sums": ("models/base/final", ("sums",)), "base-programs": ("models/base/final", ("programs",)),
+    "large-base-sums": ("models/large_base/final", ("sums",)),
+    "mismatched-base-sums": ("models/mismatched_base/final", ("sums",)),
+    "sums-teacher": ("teachers/sums/final", ("sums",)), "programs-teacher": ("teachers/programs/final", ("programs",)),
+    "large-sums-teacher": ("teachers/large_sums/final", ("sums",)),
+}
+# The control's findings need the sums teacher at every temperature and seed; the other models fill the
+# control's table at the lower temperatures from one evaluation seed.
+CONTROL_EVERY_SEED = ("sums-teacher",)
+EXPO_SETTINGS = {"single-sums": (["teachers/sums/final"], ("sums",)),
+                 "single-programs": (["teachers/programs/final"], ("programs",)),
+                 "multi": (["teachers/sums/final", "teachers/programs/final"], ("sums", "programs"))}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -51,7 +67,7 @@ class Scale:
 FULL = Scale(small=ModelShape(hidden_size=128, num_layers=4), large=ModelShape(hidden_size=192, num_layers=6),
              pretrain_steps=300, large_pretrain_steps=300, mismatch_pretrain_steps=300, pretrain_batch=128,
              teacher_steps=20, teacher_prompts=16, distill_steps=60, mismatch_steps=40, prompts_per_step=32,
-             samples_per_prompt=2, lr=1e-4, train_problems=1500, test_problems=200, test_samples=2, seeds=3)
+             samples_per_prompt=2, lr=1e-4, train_problems=1500, test_problems=200, test_samples=2, seeds=5)
 QUICK = Scale(small=ModelShape(hidden_size=32, num_layers=1, num_heads=2),
               large=ModelShape(hidden_size=48, num_layers=1, num_heads=2),
               pretrain_steps=12, large_pretrain_steps=12, mismatch_pretrain_steps=8, pretrain_batch=16,
@@ -120,9 +136,19 @@ def teacher_jobs(scale: Scale) -> list[Job]:
         config = _config(scale, student=base, data=f"data/{domain}.jsonl", objective={"name": "grpo"},
                          teachers=[{"domain": domain, "path": None, "reference": None, "grader": GRADER[domain]}],
                          steps=scale.teacher_steps, seed=0, prompts_per_step=scale.teacher_prompts, samples=8)
-        jobs.append(Job(name=name, kind="train", experiment="models", config=config, measure_domains=(domain,),
-                        temperatures=scale.control_temperatures, labels={"role": "teacher", "domain": domain}))
+        # Measured by the single-model jobs, at every seed's evaluation seed.
+        jobs.append(Job(name=name, kind="train", experiment="models", config=config,
+                        labels={"role": "teacher", "domain": domain}))
     return jobs
+
+
+def merge_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[Job]:
+    """ExPO weight merges of the teachers (no training randomness), measured per seed like the teachers."""
+    if "distillation" not in only:
+        return []
+    return [Job(name=f"models/expo-{setting}", kind="merge", experiment="models",
+                merge={"teachers": teachers, "student": "models/base/final", "alpha": scale.expo_alpha})
+            for setting, (teachers, _) in EXPO_SETTINGS.items()]
 
 
 def _teacher(domain: str, path: str, lam: float | None = None, reference: str | None = "student_init") -> dict:
@@ -172,13 +198,12 @@ def experiment_jobs(scale: Scale, seeds: int | None = None, only: tuple[str, ...
                         teachers=[_teacher(d, f"teachers/{d}/final", reference=reference) for d in ("sums", "programs")],
                         data="data/mixed.jsonl", objective=objective, domains=("sums", "programs"),
                         labels={"method": method, "setting": "multi", "domain": "both"})
-        for setting, teachers in (("single-sums", ["teachers/sums/final"]), ("single-programs", ["teachers/programs/final"]),
-                                  ("multi", ["teachers/sums/final", "teachers/programs/final"])):
-            domains = {"single-sums": ("sums",), "single-programs": ("programs",)}.get(setting, ("sums", "programs"))
-            jobs.append(Job(name=f"distillation/expo-{setting}", kind="merge", experiment="distillation",
-                            merge={"teachers": teachers, "student": "models/base/final", "alpha": scale.expo_alpha},
-                            measure_domains=domains, labels={"method": "ExPO", "setting": setting.split("-")[0],
-                                                             "domain": domains[0] if len(domains) == 1 else "both"}))
+        for setting, (_, domains) in EXPO_SETTINGS.items():
+            for seed in seed_range:  # one merged model, sampled with every seed's evaluation seed
+                jobs.append(Job(name=f"distillation/expo-{setting}/seed{seed}", kind="measure", experiment="distillation",
+                                seed=seed, model=f"models/expo-{setting}/final", measure_domains=domains,
+                                labels={"method": "ExPO", "setting": setting.split("-")[0], "seed": seed,
+                                        "domain": domains[0] if len(domains) == 1 else "both"}))
     if "strong_to_weak" in only:  # the large teacher (its own base + grpo) into the small base
         for seed in seed_range:
             for method, lam, reference in (("OPD", 1.0, "student_init"), ("ExOPD", EXOPD_LAM, "student_init"),
@@ -201,11 +226,13 @@ def experiment_jobs(scale: Scale, seeds: int | None = None, only: tuple[str, ...
                                            reference="student_init" if name == "opd" else None)],
                         data="data/sums.jsonl", objective=objective, domains=("sums",), steps=scale.mismatch_steps,
                         labels={"method": variant, "domain": "sums"})
-    if "temperature" in only:  # the control no paper ran: sharpening by temperature alone
-        for name, model, domain in (("base-sums", "models/base/final", "sums"), ("base-programs", "models/base/final", "programs"),
-                                    ("large-base-sums", "models/large_base/final", "sums"),
-                                    ("mismatched-base-sums", "models/mismatched_base/final", "sums")):
-            jobs.append(Job(name=f"temperature/{name}", kind="measure", experiment="temperature", model=model,
-                            measure_domains=(domain,), temperatures=scale.control_temperatures,
-                            labels={"model": name}))
+    # The single models every table and verdict is measured against, whatever `only` names; with the lower
+    # temperatures they are also the control no paper ran (sharpening by temperature alone).
+    for name, (model, domains) in SINGLE_MODELS.items():
+        for seed in seed_range:
+            every = seed == 0 or name in CONTROL_EVERY_SEED
+            jobs.append(Job(name=f"temperature/{name}/seed{seed}", kind="measure", experiment="temperature",
+                                seed=seed, model=model, measure_domains=domains,
+                                temperatures=scale.control_temperatures if every else (1.0,),
+                                labels={"model": name, "seed": seed}))
     return jobs

@@ -1,7 +1,9 @@
 """The lab's report: tables in the papers' layout, a verdict per published finding, plots, results.json.
 
 A verdict is decided by a 95% confidence interval (stats.py): "reproduced" only when the interval is on
-the finding's side, "not reproduced" when it is on the other side, "inconclusive" otherwise.
+the finding's side, "not reproduced" when it is on the other side, "inconclusive" otherwise. Every interval
+is a paired one over seeds: single models (teachers, bases, ExPO merges) are measured at each seed's
+evaluation seed (plan.SINGLE_MODELS), so they pair with the trained students like a method.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opd.lab.plan import EXOPD_LAM, LAMS, MISMATCH_VARIANTS, SHARPENING_TEMPERATURE, Scale
-from opd.lab.stats import (Interval, binomial_variance, difference, interval, paired_difference, verdict_equal,
-                           verdict_greater)
+from opd.lab.stats import Interval, interval, paired_difference, verdict_equal, verdict_greater
 
 EQUAL_MARGIN = 0.05  # "matches the teacher": within 5 accuracy points
 MINIMUM_GAP = 0.15  # a teacher must beat its base by this much for a comparison against it to mean anything
@@ -38,18 +39,19 @@ class Results:
         key = f"{domain}@{temperature:g}"
         return {r["seed"]: r["measurements"][key][field] for r in runs if key in r["measurements"]}
 
-    def single(self, name: str, domain: str, temperature: float = 1.0) -> tuple[float, int] | None:
-        result = self.by_name.get(name)
-        measurement = result and result["measurements"].get(f"{domain}@{temperature:g}")
-        return (measurement["accuracy"], measurement["count"]) if measurement else None
+    def model(self, name: str, domain: str, temperature: float = 1.0) -> dict[int, float]:
+        """A single model's accuracy by evaluation seed (plan.SINGLE_MODELS: sampled with each seed's
+        evaluation seed, so that a student is compared with it seed by seed)."""
+        return self.by_seed(self.runs("temperature", model=name), domain, temperature)
 
 
-def _cell(values: list[float], percent: bool = True) -> str:
+def _cell(values: list[float] | dict[int, float], percent: bool = True) -> str:
+    values = list(values.values()) if isinstance(values, dict) else values
     return interval(values).format(percent) if values else "—"
 
 
-def _single_cell(value: tuple[float, int] | None) -> str:
-    return f"{value[0] * 100:.1f}" if value else "—"
+def _mean(by_seed: dict[int, float]) -> float:
+    return sum(by_seed.values()) / len(by_seed)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -72,22 +74,23 @@ def _run_mean(run: dict, key: str, reduce=lambda v: sum(v) / len(v)) -> float | 
 
 @dataclass(frozen=True)
 class Anchors:
-    """The single-model accuracies (accuracy, graded samples) every comparison is measured against."""
+    """The single models every comparison is measured against: accuracy by evaluation seed (empty when not
+    measured)."""
 
-    teacher: dict[str, tuple[float, int] | None]  # by domain: the grpo teacher
-    base: dict[str, tuple[float, int] | None]  # by domain: the pretrained base the students start from
-    large_teacher: tuple[float, int] | None
-    large_base: tuple[float, int] | None
-    gaps: dict[str, float]  # teacher − base accuracy: "sums", "programs", "large_sums" where both are measured
+    teacher: dict[str, dict[int, float]]  # by domain: the grpo teacher
+    base: dict[str, dict[int, float]]  # by domain: the pretrained base the students start from
+    large_teacher: dict[int, float]
+    large_base: dict[int, float]
+    gaps: dict[str, float]  # mean teacher − mean base: "sums", "programs", "large_sums" where both are measured
 
 
 def measure_anchors(data: Results) -> Anchors:
-    teacher = {d: data.single(f"teachers/{d}", d) for d in ("sums", "programs")}
-    base = {d: data.single(f"temperature/base-{d}", d) for d in ("sums", "programs")}
-    large_teacher, large_base = data.single("teachers/large_sums", "sums"), data.single("temperature/large-base-sums", "sums")
-    gaps = {d: (teacher[d][0] - base[d][0]) for d in teacher if teacher[d] and base[d]}
+    teacher = {d: data.model(f"{d}-teacher", d) for d in ("sums", "programs")}
+    base = {d: data.model(f"base-{d}", d) for d in ("sums", "programs")}
+    large_teacher, large_base = data.model("large-sums-teacher", "sums"), data.model("large-base-sums", "sums")
+    gaps = {d: _mean(teacher[d]) - _mean(base[d]) for d in teacher if teacher[d] and base[d]}
     if large_teacher and large_base:
-        gaps["large_sums"] = large_teacher[0] - large_base[0]
+        gaps["large_sums"] = _mean(large_teacher) - _mean(large_base)
     return Anchors(teacher=teacher, base=base, large_teacher=large_teacher, large_base=large_base, gaps=gaps)
 
 
@@ -142,13 +145,14 @@ def build_report(results: list[dict], scale: Scale) -> tuple[list[str], list[dic
 
 def models_section(anchors: Anchors) -> list[str]:
     teacher, base, gaps = anchors.teacher, anchors.base, anchors.gaps
-    lines = ["## Models", "", "Accuracy (%) on the held-out problems, sampled at temperature 1.", ""]
+    lines = ["## Models", "", "Accuracy (%) on the held-out problems, sampled at temperature 1; one model each, "
+             "sampled with every seed's evaluation seed (the ± is its sampling error).", ""]
     lines += _table(["model", "sums", "programs"], [
-        ["base (pretrained on demonstrations with systematic errors)", _single_cell(base["sums"]), _single_cell(base["programs"])],
-        ["sums teacher (grpo from the base)", _single_cell(teacher["sums"]), "—"],
-        ["programs teacher (grpo from the base)", "—", _single_cell(teacher["programs"])],
-        ["large base", _single_cell(anchors.large_base), "—"],
-        ["large sums teacher (grpo from the large base)", _single_cell(anchors.large_teacher), "—"],
+        ["base (pretrained on demonstrations with systematic errors)", _cell(base["sums"]), _cell(base["programs"])],
+        ["sums teacher (grpo from the base)", _cell(teacher["sums"]), "—"],
+        ["programs teacher (grpo from the base)", "—", _cell(teacher["programs"])],
+        ["large base", _cell(anchors.large_base), "—"],
+        ["large sums teacher (grpo from the large base)", _cell(anchors.large_teacher), "—"],
     ])
     if gaps:
         lines += ["", "Teacher − base gap: " + ", ".join(f"{d} {g * 100:+.1f} points" for d, g in gaps.items())
@@ -176,18 +180,18 @@ def lam_sweep_section(data: Results, anchors: Anchors, sweep: dict[float, list[d
     acc = {lam: data.values(runs, "sums") for lam, runs in sweep.items()}
     paired = {lam: data.by_seed(runs, "sums") for lam, runs in sweep.items()}
     if acc.get(1.0) and teacher["sums"]:
-        diff = difference(acc[1.0], *teacher["sums"])
+        diff = paired_difference(paired[1.0], teacher["sums"])
         findings.add("OPD (λ = 1) matches the teacher", "G-OPD Table 2 / Fig. 2", diff,
                      verdict_equal(diff, EQUAL_MARGIN), f"OPD − teacher on sums (equal within ±{EQUAL_MARGIN * 100:.0f})",
                      room=("sums",))
     if acc.get(0.5) and acc.get(1.0) and base["sums"]:
-        low, high = difference(acc[0.5], *base["sums"]), paired_difference(paired[1.0], paired[0.5])
+        low, high = paired_difference(paired[0.5], base["sums"]), paired_difference(paired[1.0], paired[0.5])
         findings.add("0 < λ < 1 interpolates between the base and the teacher", "G-OPD Fig. 2",
                      Interval(mean=min(low.mean, high.mean), low=min(low.low, high.low), high=min(low.high, high.high),
                               n=low.n), _all_greater({verdict_greater(low), verdict_greater(high)}),
                      "the smaller of (λ=0.5 − base) and (λ=1 − λ=0.5)", room=("sums",))
     if acc.get(EXOPD_LAM) and teacher["sums"]:
-        diff = difference(acc[EXOPD_LAM], *teacher["sums"])
+        diff = paired_difference(paired[EXOPD_LAM], teacher["sums"])
         findings.add("ExOPD (λ = 1.25) beats the teacher (sums)", "G-OPD Table 2", diff, verdict_greater(diff),
                      "ExOPD − teacher", room=("sums",))
     if acc.get(EXOPD_LAM) and acc.get(1.0):
@@ -213,8 +217,8 @@ def distillation_section(data: Results, anchors: Anchors, sweep: dict[float, lis
     teacher, base = anchors.teacher, anchors.base
     lines = ["", "## Single- and multi-teacher distillation (G-OPD Table 2 layout)", "",
              "Single-teacher OPD / ExOPD on sums are the λ sweep's λ = 1 and λ = 1.25 runs.", ""]
-    rows = [["Teacher (domain teacher)", _single_cell(teacher["sums"]), _single_cell(teacher["programs"])],
-            ["Student (init)", _single_cell(base["sums"]), _single_cell(base["programs"])]]
+    rows = [["Teacher (domain teacher)", _cell(teacher["sums"]), _cell(teacher["programs"])],
+            ["Student (init)", _cell(base["sums"]), _cell(base["programs"])]]
     table, seeded = {}, {}
     for setting in ("single", "multi"):
         for method in ("SFT", "ExPO", "OPD", "ExOPD"):
@@ -224,12 +228,12 @@ def distillation_section(data: Results, anchors: Anchors, sweep: dict[float, lis
             rows.append([f"{setting}-teacher {method}", _cell(table[(setting, method)]["sums"]),
                          _cell(table[(setting, method)]["programs"])])
     lines += _table(["method", "sums", "programs"], rows)
-    lines += ["", "ExPO (α = {:g}) is a weight merge with no training randomness: one model per setting, "
-              "compared through its binomial sampling error.".format(scale.expo_alpha)]
+    lines += ["", "ExPO (α = {:g}) is a weight merge with no training randomness: one model per setting, sampled "
+              "with every seed's evaluation seed (its ± is sampling error alone).".format(scale.expo_alpha)]
     numbers = {"distillation": {f"{s}/{m}": v for (s, m), v in table.items()}}
     values = table[("single", "ExOPD")]["programs"]
     if values and teacher["programs"]:
-        diff = difference(values, *teacher["programs"])
+        diff = paired_difference(seeded[("single", "ExOPD")]["programs"], teacher["programs"])
         findings.add("ExOPD (λ = 1.25) beats the teacher (programs)", "G-OPD Table 2", diff,
                      verdict_greater(diff), "ExOPD − teacher", room=("programs",))
         diff = paired_difference(seeded[("single", "ExOPD")]["programs"], seeded[("single", "OPD")]["programs"])
@@ -252,7 +256,7 @@ def _multi_teacher_findings(data: Results, anchors: Anchors, table: dict[tuple[s
     teacher, multi = anchors.teacher, table[("multi", "ExOPD")]
     if not (all(multi.values()) and all(teacher.values())):
         return
-    diffs = [difference(multi[d], *teacher[d]) for d in ("sums", "programs")]
+    diffs = [paired_difference(seeded[("multi", "ExOPD")][d], teacher[d]) for d in ("sums", "programs")]
     worst = min(diffs, key=lambda d: d.low)
     findings.add("Multi-teacher ExOPD beats both domain teachers", "G-OPD Table 2", worst,
                  _all_greater({verdict_greater(d) for d in diffs}), "the weaker domain's ExOPD − teacher",
@@ -261,13 +265,8 @@ def _multi_teacher_findings(data: Results, anchors: Anchors, table: dict[tuple[s
     for other in ("OPD", "SFT", "ExPO"):
         if not all(table[("multi", other)].values()):
             continue
-        if other == "ExPO":  # one merged model: the binomial error of its mean over the two domains
-            measured = [data.single("distillation/expo-multi", d) for d in ("sums", "programs")]
-            rival = sum(accuracy for accuracy, _ in measured) / 2
-            variance = sum(binomial_variance(accuracy, count) for accuracy, count in measured) / 4
-            diff = difference(list(pooled.values()), rival, other_variance=variance)
-        else:
-            diff = paired_difference(pooled, _both_domains(seeded[("multi", other)]))
+        # ExPO's merged model was sampled with each seed's evaluation seed: paired like a trained method.
+        diff = paired_difference(pooled, _both_domains(seeded[("multi", other)]))
         findings.add(f"Multi-teacher ExOPD beats multi-teacher {other}", "G-OPD Table 2", diff,
                      verdict_greater(diff), f"ExOPD − {other}, mean of both domains", room=("sums", "programs"))
 
@@ -287,7 +286,7 @@ def strong_to_weak_section(data: Results, anchors: Anchors, findings: Findings) 
     values = {m: data.values(data.runs("strong_to_weak", method=m), "sums") for m in methods}
     paired = {m: data.by_seed(data.runs("strong_to_weak", method=m), "sums") for m in methods}
     lines += _table(["student (small base)", "large teacher", *methods],
-                    [[_single_cell(anchors.base["sums"]), _single_cell(anchors.large_teacher),
+                    [[_cell(anchors.base["sums"]), _cell(anchors.large_teacher),
                       *(_cell(values[m]) for m in methods)]])
     if values["ExOPD"] and values["OPD"]:
         diff = paired_difference(paired["ExOPD"], paired["OPD"])
@@ -304,11 +303,11 @@ def mismatch_section(data: Results, scale: Scale, findings: Findings) -> tuple[l
     """TrOPD under a strong distribution mismatch: accuracy, gradient norms, untrusted tokens."""
     if not data.runs("mismatch"):
         return None
-    mismatched = data.single("temperature/mismatched-base-sums", "sums")
+    mismatched = data.model("mismatched-base-sums", "sums")
     lines = ["", "## Stability under mismatch (TrOPD; the sums teacher)", "",
              "The student was pretrained on the same demonstrations, half of them written with every symbol "
              "spaced (`7 + 5 = 1 2`), so many of its tokens are outliers under the teacher; answers are graded "
-             f"blind to spacing. The student starts at {_single_cell(mismatched)}% "
+             f"blind to spacing. The student starts at {_cell(mismatched)}% "
              f"({scale.mismatch_steps} steps per run; untrusted = mean 1 − min(π_T/π_S, 1) over sampled tokens).", ""]
     rows, accuracy, grad, paired, paired_grad = [], {}, {}, {}, {}
     for variant in MISMATCH_VARIANTS:
@@ -337,36 +336,40 @@ def mismatch_section(data: Results, scale: Scale, findings: Findings) -> tuple[l
     return lines, {"mismatch": {"accuracy": accuracy, "grad_norm": grad}}
 
 
-_CONTROL_MODELS = (("base", "temperature/base-sums", "sums"), ("base", "temperature/base-programs", "programs"),
-                   ("sums teacher", "teachers/sums", "sums"), ("programs teacher", "teachers/programs", "programs"),
-                   ("large base", "temperature/large-base-sums", "sums"),
-                   ("mismatched base", "temperature/mismatched-base-sums", "sums"),
-                   ("large sums teacher", "teachers/large_sums", "sums"))
+_CONTROL_MODELS = (("base", "base-sums", "sums"), ("base", "base-programs", "programs"),
+                   ("sums teacher", "sums-teacher", "sums"), ("programs teacher", "programs-teacher", "programs"),
+                   ("large base", "large-base-sums", "sums"), ("mismatched base", "mismatched-base-sums", "sums"),
+                   ("large sums teacher", "large-sums-teacher", "sums"))
 
 
 def temperature_section(data: Results, sweep: dict[float, list[dict]], scale: Scale, findings: Findings) -> list[str]:
     """The control no paper ran: is ExOPD's gain more than temperature sharpening?"""
     temperatures = scale.control_temperatures
-    if not (data.runs("temperature") or data.runs("models")):
+    if not data.runs("temperature"):
         return []
-    lines = ["", "## Control: sharpening by temperature alone (accuracy %, by sampling temperature)", ""]
+    lines = ["", "## Control: sharpening by temperature alone (accuracy %, by sampling temperature)", "",
+             "A cell without ± is one evaluation seed; the sums teacher, which the control's verdicts compare "
+             "with, is sampled with every seed's.", ""]
     rows = []
     for label, name, domain in _CONTROL_MODELS:
-        rows.append([f"{label} ({domain})", *(_single_cell(data.single(name, domain, t)) for t in temperatures)])
+        rows.append([f"{label} ({domain})", *(_cell(data.model(name, domain, t)) for t in temperatures)])
     opd_runs = data.runs("lam_sweep", lam=1.0)
     if opd_runs:
         rows.append([f"OPD student (sums; {len(opd_runs)} seeds)",
                      *(_cell(data.values(opd_runs, "sums", t)) for t in temperatures)])
     lines += _table(["model", *(f"T = {t:g}" for t in temperatures)], rows)
-    sharpest = max((data.single("teachers/sums", "sums", t) or (0.0, 0) for t in temperatures[1:]), default=None)
-    exopd = data.values(sweep.get(EXOPD_LAM, []), "sums") if data.runs("lam_sweep") else []
-    if exopd and sharpest and sharpest[1]:
-        diff = difference(exopd, *sharpest)
+    exopd = data.by_seed(sweep.get(EXOPD_LAM, []), "sums")
+    lower = [data.model("sums-teacher", "sums", t) for t in temperatures[1:]]
+    # The temperature at which the teacher is best on average: choosing it from the same samples favours
+    # the teacher, so this finding can only err towards "not reproduced".
+    sharpest = max((m for m in lower if m), key=_mean, default=None)
+    if exopd and sharpest:
+        diff = paired_difference(exopd, sharpest)
         findings.add("ExOPD's gain exceeds what sampling the teacher at a lower temperature gives", "control (ours)",
                      diff, verdict_greater(diff), "ExOPD@T1 − best teacher@T<1", room=("sums",))
-    target = data.single("teachers/sums", "sums", SHARPENING_TEMPERATURE)
-    if exopd and target and target[1]:
-        diff = difference(exopd, *target)
+    target = data.model("sums-teacher", "sums", SHARPENING_TEMPERATURE)
+    if exopd and target:
+        diff = paired_difference(exopd, target)
         findings.add(f"ExOPD's gain exceeds its uniform-reference target, the teacher at T = 1/λ = "
                      f"{SHARPENING_TEMPERATURE:g}", "control (ours)", diff, verdict_greater(diff),
                      f"ExOPD@T1 − teacher@T{SHARPENING_TEMPERATURE:g}", room=("sums",))
@@ -389,10 +392,10 @@ def write_plots(root: Path, results: list[dict]) -> list[str]:
                       yerr=[[(p[1].mean - p[1].low) * 100 if math.isfinite(p[1].low) else 0 for p in points],
                             [(p[1].high - p[1].mean) * 100 if math.isfinite(p[1].high) else 0 for p in points]],
                       marker="o", capsize=3, label="G-OPD student")
-        for name, style, label in (("teachers/sums", "--", "sums teacher"), ("temperature/base-sums", ":", "base")):
-            value = data.single(name, "sums")
+        for name, style, label in (("sums-teacher", "--", "sums teacher"), ("base-sums", ":", "base")):
+            value = data.model(name, "sums")
             if value:
-                axis.axhline(value[0] * 100, linestyle=style, color="gray", label=label)
+                axis.axhline(_mean(value) * 100, linestyle=style, color="gray", label=label)
         axis.set_xlabel("λ (reward scale)")
         axis.set_ylabel("sums accuracy (%), T = 1")
         axis.legend(fontsize=8)
@@ -452,9 +455,10 @@ def write_report(root: Path, results: list[dict], scale: Scale, *, seconds: floa
         f"{_versions()}", "",
         f"Entries are `mean ± half-width of the 95% CI` over {scale.seeds} seeds unless a row says otherwise; "
         f"each run is measured on {scale.test_problems} held-out problems × {scale.test_samples} samples per domain.",
-        "", "Verdicts: two methods are compared by their paired per-seed differences (a t-interval over the seeds "
-        "both ran); a method against a single model (a teacher, an ExPO merge) adds that model's binomial "
-        "sampling error.", "", "## Verdicts", "",
+        "", "Verdicts: every comparison is a paired per-seed difference (a t-interval over the seeds both sides "
+        "ran). A seed fixes a run's prompt order, training draws and evaluation sampling seed; a single model (a "
+        "teacher, a base, an ExPO merge) is sampled with every seed's evaluation seed, so its sampling error "
+        "enters each difference.", "", "## Verdicts", "",
     ]
     header += _table(["published finding", "source", "verdict", "evidence"],
                      [[f["claim"], f["source"], f"**{f['verdict']}**", f["evidence"]] for f in findings])

@@ -1,10 +1,11 @@
 """Means with 95% confidence intervals, and verdicts decided by them (never by reading the means alone).
 
-Runs of one configuration over seeds give a t-interval. Two methods run on common seeds are compared by
-their per-seed differences (a paired t-interval): a seed fixes the prompt order, the held-out problems and
-the evaluation's sampling seed for every method, so what the seeds share cancels in the difference. A
-comparison against a single model (a teacher, an ExPO merge: one checkpoint) adds that model's binomial
-sampling error to the runs' spread (Welch-Satterthwaite degrees of freedom).
+Runs of one configuration over seeds give a t-interval. Every comparison is paired: two methods run on
+common seeds are compared by their per-seed differences (a paired t-interval), since a seed fixes the
+prompt order, the training draws and the evaluation's sampling seed for every method, so what the seeds
+share cancels in the difference. A single model (a teacher, a base, an ExPO merge: one checkpoint) is
+sampled with every seed's evaluation seed, so it pairs the same way and its sampling error is part of the
+differences' spread.
 """
 
 from __future__ import annotations
@@ -46,37 +47,15 @@ def _sample_variance(values: list[float]) -> float:
     return sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else math.inf
 
 
-def _welch(mean: float, parts: list[tuple[float, float]], n: int) -> Interval:
-    """Interval of `mean` whose variance is a sum of parts (variance of the mean, its degrees of freedom);
-    Welch-Satterthwaite gives the degrees of freedom of the sum (a part known exactly has infinite df)."""
-    total = sum(v for v, _ in parts)
-    if not math.isfinite(total):
-        return Interval(mean=mean, low=-math.inf, high=math.inf, n=n)
-    spread = sum(v * v / df for v, df in parts if math.isfinite(df) and df > 0)
-    degrees = total * total / spread if spread > 0 else math.inf
-    half = t_quantile(degrees) * math.sqrt(total)
-    return Interval(mean=mean, low=mean - half, high=mean + half, n=n)
-
-
-def interval(values: list[float], extra_variance: float = 0.0) -> Interval:
-    """95% t-interval of the mean of `values` (one per seed), widened by `extra_variance` (a variance of the
-    mean known without estimation, e.g. binomial sampling error)."""
+def interval(values: list[float]) -> Interval:
+    """95% t-interval of the mean of `values` (one per seed), n - 1 degrees of freedom."""
     n = len(values)
-    parts = [(_sample_variance(values) / n, n - 1), (extra_variance, math.inf)]
-    return _welch(sum(values) / n, parts, n)
-
-
-def binomial_variance(accuracy: float, count: int) -> float:
-    """Variance of an accuracy measured on `count` graded samples."""
-    return accuracy * (1 - accuracy) / count
-
-
-def difference(values: list[float], other: float, other_count: int = 0, *, other_variance: float | None = None) -> Interval:
-    """Interval of mean(values) - other, `other` a single model's accuracy measured on `other_count` graded
-    samples (its binomial variance), or with `other_variance` given outright (e.g. a mean of two domains)."""
-    if other_variance is None:
-        other_variance = binomial_variance(other, other_count) if other_count else 0.0
-    return interval([v - other for v in values], extra_variance=other_variance)
+    mean = sum(values) / n
+    variance = _sample_variance(values) / n
+    if not math.isfinite(variance):
+        return Interval(mean=mean, low=-math.inf, high=math.inf, n=n)
+    half = t_quantile(n - 1) * math.sqrt(variance)
+    return Interval(mean=mean, low=mean - half, high=mean + half, n=n)
 
 
 def paired_difference(values: dict[int, float], other: dict[int, float]) -> Interval:
