@@ -369,3 +369,31 @@ def test_rollout_async_is_the_yaml_key_async_and_round_trips(tmp_path):
 def test_rollout_async_refusals_name_the_key(tmp_path, rollout, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, {**MINIMAL, "rollout": rollout}))
+
+
+# --------------------------------------------------------------------------- rollout.server.sync: nccl
+
+NCCL = {"backend": "vllm-server", "server": {"urls": ["http://10.0.0.2:8000"], "sync": "nccl",
+                                            "nccl_address": "10.0.0.1:29600"}}
+
+
+def test_the_nccl_sync_loads_with_the_address_of_rank_zero(tmp_path):
+    server = load_config(write(tmp_path, {**MINIMAL, "rollout": NCCL})).rollout.server
+    assert (server.sync, server.nccl_address, server.sync_folder) == ("nccl", "10.0.0.1:29600", None)
+
+
+@pytest.mark.parametrize("server, message", [
+    ({"nccl_address": None}, r"rollout.server.nccl_address: sync nccl needs host:port of training rank 0.*None"),
+    ({"nccl_address": "10.0.0.1"}, "rollout.server.nccl_address: sync nccl needs host:port"),
+    ({"nccl_address": ":29600"}, "rollout.server.nccl_address: sync nccl needs host:port"),
+    ({"nccl_address": "10.0.0.1:http"}, "rollout.server.nccl_address: sync nccl needs host:port"),
+    ({"sync_folder": "/shared/w"}, "rollout.server.sync_folder: set, but sync is nccl"),
+    ({"sync": "folder"}, "rollout.server.nccl_address: set, but sync is folder"),
+    ({"sync": "gloo"}, "rollout.server.sync"),
+])
+def test_the_nccl_sync_refuses_what_it_would_ignore_or_cannot_use(tmp_path, server, message):
+    rollout = {**NCCL, "server": {**NCCL["server"], **server}}
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, {**MINIMAL, "rollout": rollout}))
+    with pytest.raises(ConfigError, match="rollout.server.sync: set, but rollout.backend is hf"):
+        load_config(write(tmp_path, {**MINIMAL, "rollout": {"server": {"nccl_address": "10.0.0.1:29600"}}}))

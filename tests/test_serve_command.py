@@ -23,3 +23,11 @@ def test_the_readme_own_server_line_has_every_flag_opd_serve_needs():
     assert own, "README: the command line of a user's own vLLM server"
     needed = {flag for flag in server_command(ServeSettings(model="MODEL")) if flag.startswith("--")}
     assert needed - USER_CHOSEN <= set(own.group(0).strip("`").split()), needed - USER_CHOSEN
+
+
+def test_opd_serve_starts_vllm_weight_transfer_engine_only_when_asked():
+    """`opd serve --weight-transfer nccl`: the server side of rollout.server.sync: nccl."""
+    plain = server_command(ServeSettings(model="MODEL"))
+    assert "--weight-transfer-config" not in plain
+    command = server_command(ServeSettings(model="MODEL", weight_transfer="nccl"))
+    assert command[command.index("--weight-transfer-config") + 1] == '{"backend": "nccl"}'

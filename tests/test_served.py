@@ -26,6 +26,7 @@ TOLERANCE = 1e-3
 
 def served(url: str, sync_folder=None) -> ServedModel:
     return ServedModel(ServedSettings(urls=(url,), max_concurrency=4, retry=RetrySettings(timeout_seconds=60),
+                                      sync="folder" if sync_folder else None,
                                       sync_folder=str(sync_folder) if sync_folder else None))
 
 

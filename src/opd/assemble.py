@@ -46,6 +46,7 @@ from opd.rollout.vllm import EngineSettings, VllmEngine
 from opd.runtime import distributed
 from opd.runtime.hub import local_model_folder
 from opd.served.checks import PROBE_TEXT, ServedExpectation, check_served_model
+from opd.served.nccl import NcclUnavailable, require_nccl
 from opd.served.client import RetrySettings, ServerClient
 from opd.served.engine import ServedModel, ServedSettings
 from opd.runtime.lora import AdaptersDisabled, attach_adapters, causal_lm, is_adapted
@@ -229,6 +230,7 @@ def served_settings(server: ServerConfig, key: str, *, sync_folder: str | None =
                     probe: tuple[int, ...] = (), temperature: float = 1.0) -> ServedSettings:
     return ServedSettings(
         urls=server.urls, max_concurrency=server.max_concurrency, key=key, sync_folder=sync_folder,
+        sync=server.sync, nccl_address=server.nccl_address,
         retry=RetrySettings(timeout_seconds=server.timeout_seconds, attempts=server.attempts,
                             backoff_seconds=server.backoff_seconds),
         probe_prompt=probe, probe_temperature=temperature, probe_tolerance=server.probe_tolerance,
@@ -237,7 +239,7 @@ def served_settings(server: ServerConfig, key: str, *, sync_folder: str | None =
 
 def _served_student(config: Config, tokenizer) -> ServedModel:
     server = config.rollout.server
-    folder = server.sync_folder or str(Path(config.train.output_dir) / "served_weights")
+    folder = (server.sync_folder or str(Path(config.train.output_dir) / "served_weights")) if server.sync == "folder" else None
     probe = tuple(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])
     return ServedModel(served_settings(server, "rollout.server", sync_folder=folder, probe=probe,
                                        temperature=config.rollout.temperature))
@@ -406,8 +408,14 @@ def _check_servers(config: Config, tokenizer, rows, prompt_ids: list[list[int]],
         renderings = tuple((row.messages, tuple(ids_of(row))) for row in chosen)
         return ServedExpectation(key=key, tokenizer=model_tokenizer, width=width, renderings=renderings,
                                  prompt_format=format_, required_length=required, topk=depth, reloads=reloads,
+                                 weight_transfer=reloads and config.rollout.server.sync == "nccl",
                                  chat_template_kwargs=dict(config.student.chat_template_kwargs if kwargs is None else kwargs))
 
+    if config.rollout.backend == "vllm-server" and config.rollout.server.sync == "nccl":
+        try:
+            require_nccl("rollout.server")
+        except NcclUnavailable as error:
+            raise StartupError(str(error)) from None
     student_ids = {row.index: ids for row, ids in zip(rows, prompt_ids, strict=True)}
     student_width = _configured_width(config.student.path)
     checks: list[tuple[tuple[str, ...], ServedExpectation]] = []

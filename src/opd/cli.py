@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     serve_parser.add_argument("--chat-template", default=None, help="a chat template file (a teacher with its own)")
     serve_parser.add_argument("--cuda-graphs", action="store_true", help="capture CUDA graphs (GPU; slower start)")
+    serve_parser.add_argument("--weight-transfer", choices=("nccl",), default=None,
+                              help="take the student's weights over NCCL (rollout.server.sync: nccl; GPUs only)")
 
     report_parser = commands.add_parser(
         "report", help="write RUN_DIR/report.html: every metric's curve and the logged samples token by token",
@@ -187,7 +189,8 @@ def run_command(args) -> None:
         sys.exit(serve(ServeSettings(model=args.model, host=args.host, port=args.port,
                                      max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
                                      max_logprobs=args.max_logprobs, dtype=args.dtype,
-                                     enforce_eager=not args.cuda_graphs, chat_template=args.chat_template)))
+                                     enforce_eager=not args.cuda_graphs, chat_template=args.chat_template,
+                                     weight_transfer=args.weight_transfer)))
     elif args.command == "report":
         from opd.report import write_report
 

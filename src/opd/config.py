@@ -75,9 +75,13 @@ class ServerConfig:
 
     urls: tuple[str, ...] = ()  # http://host:port of each server, all serving the same model
     # How the student's servers take new weights after every optimizer step (rollout.server only; no
-    # default, never a fallback): folder: a safetensors file in sync_folder that each server reloads.
-    sync: Literal["folder"] | None = None
-    sync_folder: str | None = None  # readable by every server; null: <train.output_dir>/served_weights
+    # default, never a fallback): folder: a safetensors file in sync_folder that each server reloads (any
+    # machine); nccl: broadcast from GPU memory by vLLM's weight-transfer API (served/nccl.py; GPUs only).
+    sync: Literal["folder", "nccl"] | None = None
+    sync_folder: str | None = None  # folder sync: readable by every server; null: <train.output_dir>/served_weights
+    # nccl sync: host:port where training rank 0 opens the NCCL rendezvous, reachable from every server
+    # (server i uses port + i). No default: on more than one host only you know rank 0's address.
+    nccl_address: str | None = None
     max_concurrency: int = 8  # requests in flight per training process
     timeout_seconds: float = 300.0  # per request
     attempts: int = 4  # tries per request (retries with backoff on no answer or HTTP 5xx)
@@ -518,6 +522,19 @@ def is_server_url(value: str | None) -> bool:
     return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
+def _validate_sync(server: ServerConfig, require) -> None:
+    """The chosen sync's own settings, and none of the other's (it would be ignored)."""
+    if server.sync == "nccl":
+        require(server.sync_folder is None, "rollout.server.sync_folder: set, but sync is nccl (no folder is written)")
+        host, _, port = (server.nccl_address or "").rpartition(":")
+        require(bool(host) and port.isdigit() and 0 < int(port) < 65536 - len(server.urls),
+                f"rollout.server.nccl_address: sync nccl needs host:port of training rank 0, reachable from the "
+                f"servers (server i uses port + i), got {server.nccl_address!r}")
+    else:
+        require(server.nccl_address is None,
+                f"rollout.server.nccl_address: set, but sync is {server.sync} (only the nccl sync opens a rendezvous)")
+
+
 def _validate_servers(config: Config, require) -> None:
     """Served backends: servers named where used, nothing set that would be ignored, temperature 1 scoring."""
     rollout = config.rollout
@@ -526,9 +543,12 @@ def _validate_servers(config: Config, require) -> None:
     if served_rollout:
         require(rollout.server.sync is not None,
                 "rollout.server.sync: how the servers take the student's new weights after every step must be "
-                "chosen (folder: a safetensors file the servers reload from rollout.server.sync_folder)")
+                "chosen (folder: a safetensors file the servers reload from rollout.server.sync_folder; nccl: "
+                "broadcast from the GPUs, with rollout.server.nccl_address)")
+        _validate_sync(rollout.server, require)
     else:
-        require(rollout.server.sync is None and rollout.server.sync_folder is None,
+        require(rollout.server.sync is None and rollout.server.sync_folder is None
+                and rollout.server.nccl_address is None,
                 f"rollout.server.sync: set, but rollout.backend is {rollout.backend} (only vllm-server syncs servers)")
     require(rollout.max_staleness >= 0, f"rollout.max_staleness: must be >= 0, got {rollout.max_staleness}")
     require(not rollout.async_ or served_rollout,
@@ -539,7 +559,7 @@ def _validate_servers(config: Config, require) -> None:
         served_reference = is_server_url(teacher.reference)
         served = teacher.backend == "vllm-server"
         _validate_server_block(teacher.server, f"{key}.server", served, require, allow_unused=served_reference)
-        require(teacher.server.sync is None and teacher.server.sync_folder is None,
+        require(teacher.server.sync is None and teacher.server.sync_folder is None and teacher.server.nccl_address is None,
                 f"{key}.server.sync: a teacher is frozen; only rollout.server syncs weights")
         if served:
             require(teacher.path is not None, f"{key}.path: a served teacher still needs its folder (tokenizer, "

@@ -237,6 +237,24 @@ def policy_weights(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
     base layers (computed aside: the training model is not touched). An FSDP2 shard is gathered whole
     (`full_tensor`, collective: every rank iterates in the same order) only when vLLM asks for it, so a
     sync holds one gathered tensor at a time, never a second state dict."""
+    for name, tensor, module in _named_weights(model):
+        with torch.no_grad():
+            if module is not None:
+                delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
+                yield name, module.base_layer.weight.detach() + delta
+            else:
+                yield name, _whole(tensor.detach())
+
+
+def policy_weight_metadata(model: nn.Module) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, whole shape) of each tensor `policy_weights` yields, in its order, gathering nothing (an
+    FSDP2 DTensor's shape is the whole tensor's): what a receiver sizes its buffers by (served/nccl.py)."""
+    return [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor, _ in _named_weights(model)]
+
+
+def _named_weights(model: nn.Module) -> Iterable[tuple[str, Tensor, nn.Module | None]]:
+    """The model's state-dict tensors by Hugging Face name (peft's `.base_layer.` dropped, LoRA factors
+    skipped), each with its LoRA layer when a delta must be merged into it."""
     base = causal_lm(model)
     merged = {f"{name}.weight": module for name, module in base.named_modules()
               if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")}
@@ -244,13 +262,7 @@ def policy_weights(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
         if ".lora_" in name:
             continue
         name = name.replace(".base_layer.", ".")
-        with torch.no_grad():
-            if name in merged:
-                module = merged[name]
-                delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
-                yield name, module.base_layer.weight.detach() + delta
-            else:
-                yield name, _whole(tensor.detach())
+        yield name, tensor, merged.get(name)
 
 
 def _whole(tensor: Tensor) -> Tensor:

