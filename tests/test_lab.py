@@ -381,3 +381,13 @@ def test_the_sharpening_control_samples_at_one_over_lam():
 
     teachers = [j for j in experiment_jobs(FULL) if j.labels.get("model", "").endswith("teacher") and j.seed == 0]
     assert len(teachers) == 3 and all(1 / EXOPD_LAM in job.temperatures for job in teachers)
+
+
+def test_the_sharpening_check_compares_the_base_at_lower_temperatures_with_its_teacher():
+    results = _synthetic(0.70, exopd=[0.80, 0.81, 0.79], opd=[0.70, 0.71, 0.69])
+    for base in (r for r in results if r["labels"].get("model") == "base-sums"):
+        base["measurements"].update({f"sums@{t:g}": {"accuracy": a, "length": 20.0, "entropy": 0.5, "count": 400}
+                                     for t, a in ((0.8, 0.31), (0.7, 0.34), (0.5, 0.32))})
+    lines, _, _ = build_report(results, FULL)
+    line = next(line for line in lines if line.startswith("Sharpening check"))
+    assert "sums: the base gains +4.0 points at its best lower temperature (T = 0.7), its teacher +40.0 at T = 1" in line

@@ -130,7 +130,7 @@ def build_report(results: list[dict], scale: Scale) -> tuple[list[str], list[dic
     anchors = measure_anchors(data)
     findings = Findings(anchors.gaps)
     sweep = {lam: data.runs("lam_sweep", lam=lam) for lam in LAMS}
-    lines = models_section(anchors)
+    lines = models_section(anchors) + sharpening_check(data, scale)
     numbers: dict = {"teacher_minus_base": anchors.gaps}
     for section in (lam_sweep_section(data, anchors, sweep, findings),
                     distillation_section(data, anchors, sweep, scale, findings),
@@ -161,6 +161,25 @@ def models_section(anchors: Anchors) -> list[str]:
                      else f" — **below the {MINIMUM_GAP * 100:.0f} points the comparisons need**: the verdicts "
                           "that rest on such a teacher are inconclusive.")]
     return lines
+
+
+def sharpening_check(data: Results, scale: Scale) -> list[str]:
+    """Is a teacher's gain over its base more than sampling the base at a lower temperature? (ExOPD needs a
+    teacher whose direction from its base is more than sharpening to extrapolate along.)"""
+    parts = []
+    for domain, base, teacher in (("sums", "base-sums", "sums-teacher"), ("programs", "base-programs", "programs-teacher"),
+                                  ("large sums", "large-base-sums", "large-sums-teacher")):
+        plain = {t: data.model(base, domain.split()[-1], t).get(0) for t in scale.control_temperatures}
+        trained = data.model(teacher, domain.split()[-1]).get(0)
+        if None in plain.values() or trained is None:
+            continue
+        best = max(scale.control_temperatures[1:], key=lambda t: plain[t])
+        parts.append(f"{domain}: the base gains {(plain[best] - plain[1.0]) * 100:+.1f} points at its best lower "
+                     f"temperature (T = {best:g}), its teacher {(trained - plain[1.0]) * 100:+.1f} at T = 1")
+    if not parts:
+        return []
+    return ["", "Sharpening check (evaluation seed 0): " + "; ".join(parts) + ". A teacher's gain that lowering "
+            "the base's temperature does not give is not temperature sharpening of the base."]
 
 
 def lam_sweep_section(data: Results, anchors: Anchors, sweep: dict[float, list[dict]],
