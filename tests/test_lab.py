@@ -345,6 +345,11 @@ def test_a_second_run_reuses_finished_jobs_and_bad_arguments_fail(quick_lab, cap
     total = len(experiment_jobs(QUICK))
     assert f"opd lab: experiments: {total} jobs ({total - 1} reused from an earlier run)" in lines
     assert any(line.startswith(f"opd lab: experiments {total}/{total}: temperature/base-sums/seed0 in ") for line in lines)
+    # --seeds: the jobs and the report's header agree (a subset of the finished seeds: every job is reused).
+    report = run_lab(str(root), quick=True, seeds=1, progress=False)
+    assert "over 1 seeds" in report.read_text()
+    assert {r["seed"] for r in json.loads((root / "results.json").read_text())["runs"]
+            if r["experiment"] != "models"} == {0}
     with pytest.raises(ValueError, match="unknown experiment"):
         run_lab(str(root), quick=True, only=("lam_swep",), progress=False)
     with pytest.raises(ValueError, match="holds a quick lab"):

@@ -142,6 +142,8 @@ def run_lab(output_dir: str, *, quick: bool = False, seeds: int | None = None, o
     if seeds is not None and seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     scale = QUICK if quick else FULL
+    if seeds is not None:  # one scale for the jobs and for the report, whose header names the seeds
+        scale = dataclasses.replace(scale, seeds=seeds)
     root = Path(output_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     marker = root / "lab.json"
@@ -153,7 +155,7 @@ def run_lab(output_dir: str, *, quick: bool = False, seeds: int | None = None, o
     started = time.perf_counter()
     write_data(root, scale)
     stages = [("pretraining", model_jobs(scale)), ("grpo teachers", teacher_jobs(scale)),
-              ("ExPO merges", merge_jobs(scale, only)), ("experiments", experiment_jobs(scale, seeds, only))]
+              ("ExPO merges", merge_jobs(scale, only)), ("experiments", experiment_jobs(scale, only=only))]
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     # concurrent.futures' workers may start processes of their own (the math grader's verifier); the
     # daemonic workers of multiprocessing.Pool may not.
