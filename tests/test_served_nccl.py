@@ -17,8 +17,7 @@ pytest.importorskip("vllm")
 
 from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine  # noqa: E402
 
-from opd.assemble import assemble  # noqa: E402
-from opd.checks import StartupError  # noqa: E402
+from opd.checks import StartupError, check_launch  # noqa: E402
 from opd.rollout.vllm import policy_weights  # noqa: E402
 from opd.runtime.lora import attach_adapters  # noqa: E402
 from opd.runtime.models import load_model  # noqa: E402
@@ -64,18 +63,20 @@ def _nccl_config(model_dir, prompts_file, tmp_path):
                                              "nccl_address": "127.0.0.1:29600"}})
 
 
-def test_sync_nccl_stops_at_start_up_without_cuda(model_dir, prompts_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+def _launch(config, *, cuda: bool) -> None:
+    check_launch(config, world_size=1, cuda=cuda, resume=False, checkpoint=None)
+
+
+def test_sync_nccl_stops_at_start_up_without_cuda(model_dir, prompts_file, tmp_path):
     with pytest.raises(StartupError, match=r"rollout.server.sync: nccl .* no CUDA device .* use sync: folder"):
-        assemble(_nccl_config(model_dir, prompts_file, tmp_path))
+        _launch(_nccl_config(model_dir, prompts_file, tmp_path), cuda=False)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing written
 
 
 def test_sync_nccl_stops_at_start_up_without_vllm_here(model_dir, prompts_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "vllm.distributed.weight_transfer.nccl_engine", None)  # import fails
     with pytest.raises(StartupError, match=r"rollout.server.sync: nccl .* cannot import it .* install vllm"):
-        assemble(_nccl_config(model_dir, prompts_file, tmp_path))
+        _launch(_nccl_config(model_dir, prompts_file, tmp_path), cuda=True)
 
 
 def test_a_server_started_by_opd_serve_has_the_weight_transfer_endpoints(servers):

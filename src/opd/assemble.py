@@ -46,7 +46,6 @@ from opd.rollout.vllm import EngineSettings, VllmEngine
 from opd.runtime import distributed
 from opd.runtime.hub import local_model_folder
 from opd.served.checks import PROBE_TEXT, ServedExpectation, check_served_model
-from opd.served.nccl import NcclUnavailable, require_nccl
 from opd.served.client import RetrySettings, ServerClient
 from opd.served.engine import ServedModel, ServedSettings
 from opd.runtime.lora import AdaptersDisabled, attach_adapters, causal_lm, is_adapted
@@ -411,11 +410,6 @@ def _check_servers(config: Config, tokenizer, rows, prompt_ids: list[list[int]],
                                  weight_transfer=reloads and config.rollout.server.sync == "nccl",
                                  chat_template_kwargs=dict(config.student.chat_template_kwargs if kwargs is None else kwargs))
 
-    if config.rollout.backend == "vllm-server" and config.rollout.server.sync == "nccl":
-        try:
-            require_nccl("rollout.server")
-        except NcclUnavailable as error:
-            raise StartupError(str(error)) from None
     student_ids = {row.index: ids for row, ids in zip(rows, prompt_ids, strict=True)}
     student_width = _configured_width(config.student.path)
     checks: list[tuple[tuple[str, ...], ServedExpectation]] = []

@@ -54,7 +54,22 @@ def check_launch(config: Config, *, world_size: int, cuda: bool, resume: bool, c
     if config.train.mixed_precision == "bf16" and not cuda:
         raise StartupError("train.mixed_precision=bf16 autocasts on a GPU; on the CPU training stays float32 "
                            "(set train.mixed_precision=none)")
+    if config.rollout.backend == "vllm-server" and config.rollout.server.sync == "nccl":
+        check_nccl_sync(cuda)
     return changed
+
+
+def check_nccl_sync(cuda: bool) -> None:
+    """rollout.server.sync: nccl sends from GPU memory and drives vLLM's weight-transfer engine from here."""
+    if not cuda:
+        raise StartupError("rollout.server.sync: nccl sends weights from GPU memory over NCCL, and this training "
+                           "process has no CUDA device (torch.cuda.is_available() is False); use sync: folder")
+    try:
+        import vllm.distributed.weight_transfer.nccl_engine  # noqa: F401
+    except ImportError as error:
+        raise StartupError(f"rollout.server.sync: nccl drives vLLM's weight-transfer engine from the training "
+                           f"process, which cannot import it ({error}); install vllm here too, or use sync: "
+                           "folder") from None
 
 
 def check_resume(config: Config, checkpoint: Path, allow_config_change: bool) -> list[str]:

@@ -232,7 +232,7 @@ def experiment_jobs(scale: Scale, seeds: int | None = None, only: tuple[str, ...
         for seed in seed_range:
             every = seed == 0 or name in CONTROL_EVERY_SEED
             jobs.append(Job(name=f"temperature/{name}/seed{seed}", kind="measure", experiment="temperature",
-                                seed=seed, model=model, measure_domains=domains,
-                                temperatures=scale.control_temperatures if every else (1.0,),
-                                labels={"model": name, "seed": seed}))
+                            seed=seed, model=model, measure_domains=domains,
+                            temperatures=scale.control_temperatures if every else (1.0,),
+                            labels={"model": name, "seed": seed}))
     return jobs

@@ -25,24 +25,10 @@ from opd.runtime import distributed
 from opd.served.client import ServerClient
 
 
-class NcclUnavailable(RuntimeError):
-    """What `sync: nccl` needs is missing on this machine (named, before any step)."""
-
-
-def require_nccl(key: str) -> None:
-    """Refuse `sync: nccl` where it cannot run: no CUDA here, or no vLLM weight-transfer code to drive it."""
-    if not torch.cuda.is_available():
-        raise NcclUnavailable(f"{key}.sync: nccl sends weights from GPU memory over NCCL, and this training process "
-                              "has no CUDA device (torch.cuda.is_available() is False); use sync: folder")
-    try:
-        import vllm.distributed.weight_transfer.nccl_engine  # noqa: F401
-    except ImportError as error:
-        raise NcclUnavailable(f"{key}.sync: nccl drives vLLM's weight-transfer engine from the training process, "
-                              f"which cannot import it ({error}); install vllm here too, or use sync: folder") from None
-
-
 def weight_source(model: nn.Module, device: torch.device):
-    """The training model as a vLLM `WeightSource`: its metadata without gathering, its tensors one by one."""
+    """The training model as a vLLM `WeightSource`: its metadata without gathering, its tensors one by one.
+    (The class is made here because vLLM is optional: imported only once sync nccl was chosen and checked,
+    checks.check_nccl_sync.)"""
     from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
     class PolicySource(WeightSource):
