@@ -47,10 +47,17 @@ def measure(folder: str, problems: list[Problem], *, temperature: float = 1.0, s
     torch.manual_seed(seed)
     responses = sample_in_batches(model, prompts, settings)
     torch.random.set_rng_state(generator_state)
+    # A low-entropy model writes the same answer to a problem many times over; the graders are functions of
+    # the text, so each distinct (problem, completion) is graded once (the grader's process call, not the
+    # sampling, was most of a measurement's time).
+    grades: dict[tuple[int, str], float] = {}
     rewards = []
-    for row, problem in enumerate(p for p in problems for _ in range(samples)):
+    for row, (index, problem) in enumerate((i, p) for i, p in enumerate(problems) for _ in range(samples)):
         completion = tokenizer.decode(responses.ids[row][responses.mask[row]], skip_special_tokens=True)
-        rewards.append(_grade(problem.domain, problem.prompt, problem.answer, problem.tests, completion))
+        if (index, completion) not in grades:
+            grades[index, completion] = _grade(problem.domain, problem.prompt, problem.answer, problem.tests,
+                                               completion)
+        rewards.append(grades[index, completion])
     tokens = responses.mask.sum().item()
     return Measurement(accuracy=sum(rewards) / len(rewards), length=tokens / len(rewards),
                        entropy=(responses.entropy * responses.mask).sum().item() / max(tokens, 1), count=len(rewards))

@@ -14,7 +14,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from opd.lab.plan import EXOPD_LAM, LAMS, MISMATCH_VARIANTS, SHARPENING_TEMPERATURE, Scale
+from opd.lab.plan import EXOPD_LAM, MISMATCH_VARIANTS, SHARPENING_TEMPERATURE, TRAINED_LAMS, Scale
 from opd.lab.stats import Interval, interval, paired_difference, verdict_equal, verdict_greater
 
 EQUAL_MARGIN = 0.05  # "matches the teacher": within 5 accuracy points
@@ -129,7 +129,7 @@ def build_report(results: list[dict], scale: Scale) -> tuple[list[str], list[dic
     data = Results(results)
     anchors = measure_anchors(data)
     findings = Findings(anchors.gaps)
-    sweep = {lam: data.runs("lam_sweep", lam=lam) for lam in LAMS}
+    sweep = lam_sweep_runs(data)
     lines = models_section(anchors) + sharpening_check(data, scale)
     numbers: dict = {"teacher_minus_base": anchors.gaps}
     for section in (lam_sweep_section(data, anchors, sweep, findings),
@@ -182,6 +182,14 @@ def sharpening_check(data: Results, scale: Scale) -> list[str]:
             "the base's temperature does not give is not temperature sharpening of the base."]
 
 
+def lam_sweep_runs(data: Results) -> dict[float, list[dict]]:
+    """The sweep's runs by λ; λ = 0 is the base itself (plan.TRAINED_LAMS says why), measured per seed."""
+    sweep = {lam: data.runs("lam_sweep", lam=lam) for lam in TRAINED_LAMS}
+    if not any(sweep.values()):
+        return sweep
+    return {0.0: data.runs("temperature", model="base-sums"), **sweep}
+
+
 def lam_sweep_section(data: Results, anchors: Anchors, sweep: dict[float, list[dict]],
                       findings: Findings) -> tuple[list[str], dict] | None:
     """G-OPD Figures 2-4: accuracy, length and entropy against the reward scale λ."""
@@ -191,7 +199,7 @@ def lam_sweep_section(data: Results, anchors: Anchors, sweep: dict[float, list[d
     lines = ["", "## G-OPD reward scale λ (sums, one teacher, reference = the base)", ""]
     rows = []
     for lam, runs in sweep.items():
-        rows.append([f"{lam:g}", _cell(data.values(runs, "sums")),
+        rows.append([f"{lam:g}" + (" (the base)" if lam == 0 else ""), _cell(data.values(runs, "sums")),
                      _cell(data.values(runs, "sums", field="length"), False),
                      _cell(data.values(runs, "sums", field="entropy"), False)])
     lines += _table(["λ", "accuracy (%)", "response tokens", "entropy (nats/token)"], rows)
@@ -403,7 +411,7 @@ def write_plots(root: Path, results: list[dict]) -> list[str]:
     import matplotlib.pyplot as plt
 
     data, written = Results(results), []
-    sweep = {lam: data.values(data.runs("lam_sweep", lam=lam), "sums") for lam in LAMS}
+    sweep = {lam: data.values(runs, "sums") for lam, runs in lam_sweep_runs(data).items()}
     if any(sweep.values()):
         figure, axis = plt.subplots(figsize=(5, 3.5))
         points = [(lam, interval(v)) for lam, v in sweep.items() if v]

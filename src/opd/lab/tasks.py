@@ -6,7 +6,11 @@ with random digit noise the RL gain was pure temperature sharpening, which left 
 
 - `sums` (graded like math, by the math grader): a running sum of three or four digits written as a chain,
   `7+5+9` -> `7+5=12;12+9=21;#21`. The demonstrations drop the carry (`7+5=2`) in `carry_error` of the steps
-  that have one, and continue consistently from the wrong value.
+  that have one, and continue consistently from the wrong value. A `shortcut` share of them skips the working
+  and writes only the answer the chain would have reached (`#21`, carry errors included), so the length of the
+  reasoning is the model's choice: a model can answer in four tokens or in twenty, and the working is what
+  a policy can learn to get right (G-OPD's length finding
+  needs a domain where the length can change).
 - `programs` (graded like code, unit tests in the sandbox): a chain of operations in words,
   `add 3, times 2, minus 1` -> `def f(x):return (x+3)*2-1`, checked by asserts on five inputs. The
   demonstrations forget the parentheses that precedence needs (`x+3*2-1`) in `parenthesis_error` of the
@@ -111,6 +115,7 @@ class Demonstrations:
     carry_error: float = 0.6
     parenthesis_error: float = 0.6
     spaced: float = 0.0  # share written in the mismatched student's style: every symbol separated by a space
+    shortcut: float = 0.25  # share of sums answered without the working (the same answer, errors included)
 
 
 def demonstration(domain: str, rng: random.Random, style: Demonstrations) -> tuple[str, str]:
@@ -120,7 +125,9 @@ def demonstration(domain: str, rng: random.Random, style: Demonstrations) -> tup
         if not is_test_prompt(problem.prompt):
             break
     if domain == "sums":
-        response = sums_response(raw, rng, style.carry_error)
+        # The shortcut's draw comes after the chain's, so the chain's carry errors are the same either way.
+        chain = sums_response(raw, rng, style.carry_error)
+        response = chain.rpartition(";")[2] if style.shortcut and rng.random() < style.shortcut else chain
     else:
         response = programs_response(raw, rng, style.parenthesis_error)
     if style.spaced and rng.random() < style.spaced:  # no draw at 0: the plain corpus stays as it was
