@@ -7,6 +7,7 @@ import math
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +83,57 @@ def test_spaced_demonstrations_differ_in_style_only():
     spaced = demonstration("sums", random.Random(3), Demonstrations(carry_error=0.0, spaced=1.0))
     assert spaced[0] == plain[0] and spaced[1] != plain[1]
     assert spaced[1].replace(" ", "") == plain[1].replace(" ", "")
+
+
+def test_shortcut_demonstrations_give_the_chains_answer_without_the_working():
+    for k in range(200):
+        plain = demonstration("sums", random.Random(k), Demonstrations(shortcut=0.0))
+        short = demonstration("sums", random.Random(k), Demonstrations(shortcut=1.0))
+        # The same problem and the same carry errors: only the working is gone.
+        assert short[0] == plain[0] and short[1] == "#" + plain[1].rpartition("#")[2]
+    rng = random.Random(0)
+    responses = [demonstration("sums", rng, Demonstrations())[1] for _ in range(2000)]
+    shortcuts = sum(";" not in r for r in responses) / len(responses)
+    assert abs(shortcuts - Demonstrations().shortcut) < 0.03  # the default corpus mixes both lengths
+    rng = random.Random(0)
+    assert all("return" in demonstration("programs", rng, Demonstrations(shortcut=1.0))[1] for _ in range(50))
+
+
+def test_measure_grades_each_distinct_completion_once(model_dir, monkeypatch):
+    import opd.lab.measure
+
+    calls = []
+
+    def counting(domain, prompt, answer, tests, completion):
+        calls.append((prompt, completion))
+        return float(len(completion) % 2)  # any function of the text: the cached grade must be its value
+
+    monkeypatch.setattr(opd.lab.measure, "_grade", counting)
+    test = problems("sums", 5, seed=0, test=True)
+    # Nearly greedy: the six samples of a problem repeat a few completions, each graded once.
+    measured = opd.lab.measure.measure(str(model_dir / "student"), test, temperature=0.01, samples=6, seed=0,
+                                       max_new_tokens=2)
+    assert measured.count == 30 and len(calls) == len(set(calls)) < 30
+    calls.clear()
+    again = opd.lab.measure.measure(str(model_dir / "student"), test, temperature=0.01, samples=6, seed=0,
+                                    max_new_tokens=2)
+    assert again == measured  # the same draws grade the same
+
+
+def test_gopd_at_lam_zero_leaves_the_student_at_its_reference(model_dir, prompts_file, tmp_path):
+    # Why the lab does not train λ = 0 (plan.TRAINED_LAMS): the student starts at its reference, so every
+    # advantage -(lS - lR) is exactly 0 and the optimizer's steps are exactly 0.
+    from safetensors.torch import load_file
+
+    from opd.train import train
+    from conftest import make_config
+
+    teachers = [{"domain": d, "path": str(model_dir / "teacher"), "reference": "student_init"} for d in ("math", "code")]
+    final = train(make_config(model_dir, prompts_file, tmp_path / "run", teachers=teachers,
+                              objective={"name": "gopd", "lam": 0.0}, train={"steps": 2}))
+    before = load_file(str(model_dir / "student" / "model.safetensors"))
+    after = load_file(str(Path(final) / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_graded_rows_match_the_domain_graders():
@@ -227,6 +279,17 @@ def test_report_pairs_methods_by_seed_so_a_shared_seed_effect_cancels():
     # Differences 0.025, 0.03, 0.025: mean 0.02667, sd 0.002887, half-width 4.303 * 0.002887 / sqrt(3).
     assert row["difference"] == pytest.approx([0.026667, 0.026667 - 0.007172, 0.026667 + 0.007172], abs=1e-5)
     assert row["verdict"] == "reproduced"
+
+
+def test_the_lam_sweeps_zero_is_the_base_measured_per_seed():
+    results = _synthetic(0.70, exopd=[0.72, 0.73, 0.71], opd=[0.70, 0.71, 0.69])
+    for r in results:  # the base moves with its evaluation seed; the λ = 0 row must follow it seed by seed
+        if r["labels"].get("model") == "base-sums":
+            r["measurements"]["sums@1"]["accuracy"] = 0.30 + 0.01 * r["seed"]
+    lines, _, numbers = build_report(results, FULL)
+    assert numbers["lam_sweep"]["0"] == [0.30, 0.31, 0.32]
+    assert any(line.startswith("| 0 (the base) | 31.0 ± ") for line in lines)
+    assert not any(r["experiment"] == "lam_sweep" and r["labels"]["lam"] == 0.0 for r in results)
 
 
 def test_report_calls_nothing_reproduced_when_the_teacher_has_not_learned():
