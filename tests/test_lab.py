@@ -99,7 +99,7 @@ def test_shortcut_demonstrations_give_the_chains_answer_without_the_working():
     assert all("return" in demonstration("programs", rng, Demonstrations(shortcut=1.0))[1] for _ in range(50))
 
 
-def test_measure_grades_each_distinct_completion_once(model_dir, monkeypatch):
+def test_measure_grades_each_distinct_completion_once(model_dir, monkeypatch, tmp_path):
     import opd.lab.measure
 
     calls = []
@@ -118,6 +118,15 @@ def test_measure_grades_each_distinct_completion_once(model_dir, monkeypatch):
     again = opd.lab.measure.measure(str(model_dir / "student"), test, temperature=0.01, samples=6, seed=0,
                                     max_new_tokens=2)
     assert again == measured  # the same draws grade the same
+    # A store shared by the lab's workers: what one job graded, a later job (another process) reuses.
+    store_path = tmp_path / "grades.sqlite"
+    calls.clear()
+    first = opd.lab.measure.measure(str(model_dir / "student"), test, temperature=0.01, samples=6, seed=0,
+                                    max_new_tokens=2, store=opd.lab.measure.GradeStore(store_path))
+    graded = len(calls)
+    later = opd.lab.measure.measure(str(model_dir / "student"), test, temperature=0.01, samples=6, seed=0,
+                                    max_new_tokens=2, store=opd.lab.measure.GradeStore(store_path))
+    assert first == later == measured and graded == len(set(calls)) > 0 and len(calls) == graded
 
 
 def test_gopd_at_lam_zero_leaves_the_student_at_its_reference(model_dir, prompts_file, tmp_path):

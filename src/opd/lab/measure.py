@@ -6,7 +6,9 @@ never a checkpoint's), grading through `opd.grading.graders` (math-verify for su
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -35,9 +37,55 @@ def _grade(domain: str, prompt: str, answer: str, tests: str, completion: str) -
     return GRADERS[domain](row, completion)
 
 
+def _key(problem: Problem, completion: str) -> tuple[str, str, str, str, str]:
+    return (problem.domain, problem.prompt, problem.answer, problem.tests, completion)
+
+
+class GradeStore:
+    """Grades of held-out answers, shared by the lab's worker processes and kept for its later jobs (sqlite
+    in the lab folder). The graders are functions of the problem and the text, and every job answers the same
+    held-out problems: the lab's models write the same programs again and again, and a sandbox run (~70 ms)
+    was most of a measurement's time."""
+
+    def __init__(self, path: Path):
+        self.connection = sqlite3.connect(path, timeout=120)
+        with self.connection:
+            self.connection.execute("CREATE TABLE IF NOT EXISTS grades (domain TEXT, prompt TEXT, answer TEXT, "
+                                    "tests TEXT, completion TEXT, grade REAL, PRIMARY KEY (domain, prompt, "
+                                    "answer, tests, completion))")
+
+    def get(self, key: tuple) -> float | None:
+        row = self.connection.execute("SELECT grade FROM grades WHERE domain = ? AND prompt = ? AND answer = ? "
+                                      "AND tests = ? AND completion = ?", key).fetchone()
+        return None if row is None else row[0]
+
+    def put(self, graded: dict[tuple, float]) -> None:
+        with self.connection:
+            self.connection.executemany("INSERT OR IGNORE INTO grades VALUES (?, ?, ?, ?, ?, ?)",
+                                        [(*key, grade) for key, grade in graded.items()])
+
+
+def grade_distinct(answered: list[tuple[Problem, str]], store: GradeStore | None = None) -> dict[tuple, float]:
+    """The grade of every distinct (problem, completion), each graded once: a low-entropy model writes the
+    same answer to a problem many times over. With a store, answers graded by an earlier job are reused."""
+    grades: dict[tuple, float] = {}
+    new: dict[tuple, float] = {}
+    for problem, completion in answered:
+        key = _key(problem, completion)
+        if key in grades:
+            continue
+        known = store.get(key) if store is not None else None
+        if known is None:
+            known = new[key] = _grade(problem.domain, problem.prompt, problem.answer, problem.tests, completion)
+        grades[key] = known
+    if store is not None and new:
+        store.put(new)
+    return grades
+
+
 @torch.no_grad()
 def measure(folder: str, problems: list[Problem], *, temperature: float = 1.0, samples: int = 1, seed: int = 0,
-            max_new_tokens: int = 48) -> Measurement:
+            max_new_tokens: int = 48, store: GradeStore | None = None) -> Measurement:
     model, tokenizer = load_model(folder), load_tokenizer(folder)
     settings = SamplingSettings(samples_per_prompt=samples, temperature=temperature, top_p=1.0,
                                 max_new_tokens=max_new_tokens, batch_size=256,
@@ -47,17 +95,11 @@ def measure(folder: str, problems: list[Problem], *, temperature: float = 1.0, s
     torch.manual_seed(seed)
     responses = sample_in_batches(model, prompts, settings)
     torch.random.set_rng_state(generator_state)
-    # A low-entropy model writes the same answer to a problem many times over; the graders are functions of
-    # the text, so each distinct (problem, completion) is graded once (the grader's process call, not the
-    # sampling, was most of a measurement's time).
-    grades: dict[tuple[int, str], float] = {}
-    rewards = []
-    for row, (index, problem) in enumerate((i, p) for i, p in enumerate(problems) for _ in range(samples)):
-        completion = tokenizer.decode(responses.ids[row][responses.mask[row]], skip_special_tokens=True)
-        if (index, completion) not in grades:
-            grades[index, completion] = _grade(problem.domain, problem.prompt, problem.answer, problem.tests,
-                                               completion)
-        rewards.append(grades[index, completion])
+    completions = [tokenizer.decode(responses.ids[row][responses.mask[row]], skip_special_tokens=True)
+                   for row in range(len(prompts))]
+    answered = list(zip((p for p in problems for _ in range(samples)), completions))
+    grades = grade_distinct(answered, store)
+    rewards = [grades[_key(problem, completion)] for problem, completion in answered]
     tokens = responses.mask.sum().item()
     return Measurement(accuracy=sum(rewards) / len(rewards), length=tokens / len(rewards),
                        entropy=(responses.entropy * responses.mask).sum().item() / max(tokens, 1), count=len(rewards))

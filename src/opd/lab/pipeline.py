@@ -25,6 +25,7 @@ from opd.lab.plan import EXPERIMENTS, FULL, QUICK, Job, Scale, experiment_jobs, 
 from opd.lab.tasks import DOMAINS, problems
 
 RESULT = "result.json"
+GRADES = "grades.sqlite"  # every held-out answer's grade, shared by the workers (lab/measure.py)
 
 
 # The parent process only schedules jobs and never imports torch or the training stack; each job imports
@@ -64,7 +65,7 @@ def _curves(run_dir: Path) -> dict[str, list[float]]:
 def execute(job: Job, root: Path, scale: Scale) -> dict:
     """Run one job in this process; returns (and saves) its result."""
     from opd.config import load_config
-    from opd.lab.measure import measure
+    from opd.lab.measure import GradeStore, measure
     from opd.lab.pretrain import pretrain
     from opd.merge import expo_merge
     from opd.train import train
@@ -93,11 +94,13 @@ def execute(job: Job, root: Path, scale: Scale) -> dict:
     else:
         model = root / job.model
     measurements = {}
+    store = GradeStore(root / GRADES) if job.measure_domains else None
     for domain in job.measure_domains:
         test = problems(domain, scale.test_problems, seed=0, test=True)
         for temperature in job.temperatures:
             # The sampling seed is the run's seed: seeds of deterministic jobs (ExPO) differ only in sampling.
-            m = measure(str(model), test, temperature=temperature, samples=scale.test_samples, seed=1000 + job.seed)
+            m = measure(str(model), test, temperature=temperature, samples=scale.test_samples, seed=1000 + job.seed,
+                        store=store)
             measurements[f"{domain}@{temperature:g}"] = dataclasses.asdict(m)
     result["measurements"] = measurements
     result["seconds"] = time.perf_counter() - started
