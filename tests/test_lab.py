@@ -470,3 +470,9 @@ def test_the_sharpening_check_compares_the_base_at_lower_temperatures_with_its_t
     lines, _, _ = build_report(results, FULL)
     line = next(line for line in lines if line.startswith("Sharpening check"))
     assert "sums: the base gains +4.0 points at its best lower temperature (T = 0.7), its teacher +40.0 at T = 1" in line
+
+
+def test_the_lab_help_names_the_scales_seeds():
+    help_text = subprocess.run([sys.executable, "-m", "opd", "lab", "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    assert f"(default {FULL.seeds}; quick {QUICK.seeds})" in " ".join(help_text.split())
