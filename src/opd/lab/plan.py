@@ -163,13 +163,10 @@ def _teacher(domain: str, path: str, lam: float | None = None, reference: str | 
     return entry
 
 
-def _seeded(scale: Scale, seeds: int | None) -> range:
-    return range(seeds if seeds is not None else scale.seeds)
-
-
-def experiment_jobs(scale: Scale, seeds: int | None = None, only: tuple[str, ...] = EXPERIMENTS) -> list[Job]:
+def experiment_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[Job]:
+    """Every experiment's jobs at `scale.seeds` seeds (`opd lab --seeds` replaces the scale's count)."""
     jobs: list[Job] = []
-    seed_range = _seeded(scale, seeds)
+    seed_range = range(scale.seeds)
 
     def distill(name, experiment, seed, *, student="models/base/final", teachers, data, objective, labels, domains,
                 steps=None, temperatures=(1.0,)):

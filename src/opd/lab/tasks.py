@@ -9,8 +9,7 @@ with random digit noise the RL gain was pure temperature sharpening, which left 
   that have one, and continue consistently from the wrong value. A `shortcut` share of them skips the working
   and writes only the answer the chain would have reached (`#21`, carry errors included), so the length of the
   reasoning is the model's choice: a model can answer in four tokens or in twenty, and the working is what
-  a policy can learn to get right (G-OPD's length finding
-  needs a domain where the length can change).
+  a policy can learn to get right (G-OPD's length finding needs a domain where the length can change).
 - `programs` (graded like code, unit tests in the sandbox): a chain of operations in words,
   `add 3, times 2, minus 1` -> `def f(x):return (x+3)*2-1`, checked by asserts on five inputs. The
   demonstrations forget the parentheses that precedence needs (`x+3*2-1`) in `parenthesis_error` of the
