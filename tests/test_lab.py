@@ -311,6 +311,43 @@ def test_report_calls_nothing_reproduced_when_the_teacher_has_not_learned():
 # ---------------------------------------------------------------- the plan
 
 
+def test_bucketed_pretraining_step_has_the_one_batch_loss_and_gradient(model_dir):
+    """Pretraining runs a batch as forwards of similar-length examples; token-weighted, the loss and the
+    gradient are the single padded forward's (the independent reference: HF's own mean loss)."""
+    from opd.lab.pretrain import accumulate_gradients
+    from opd.runtime.models import load_model
+    from opd.runtime.tiny import sft_batch
+
+    model = load_model(str(model_dir / "student"), trainable=True).double()
+    rng = random.Random(0)
+    examples = [([rng.randrange(3, 60) for _ in range(rng.randrange(2, 6))],
+                 [rng.randrange(3, 60) for _ in range(rng.randrange(1, 12))]) for _ in range(9)]
+    ids, mask, targets = sft_batch(examples, 0)
+    reference_loss = model(input_ids=ids, attention_mask=mask, labels=targets).loss
+    reference_loss.backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(model, examples, 0, buckets=4)
+    # (HF's loss takes the logits to float32 whatever the model's dtype: float32 rounding.)
+    assert loss == pytest.approx(reference_loss.item(), rel=1e-6)
+    for parameter, expected in zip(model.parameters(), reference, strict=True):
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_opd_runs_score_no_reference_and_the_other_lams_score_the_base():
+    """At lam = 1 G-OPD's advantage lT - lS has no lR: the lab's OPD runs skip the reference forward."""
+    jobs = [j for j in experiment_jobs(FULL) if j.kind == "train"]
+    for job in jobs:
+        objective, teachers = job.config["objective"], job.config["teachers"]
+        if objective["name"] == "gopd":
+            corrected = "correction" in job.labels.get("method", "")
+            expected = (None if objective["lam"] == 1.0 else
+                        "models/large_base/final" if corrected else "student_init")
+            assert {t["reference"] for t in teachers} == {expected}, job.name
+    assert any(j.config["objective"].get("lam") == 1.0 for j in jobs)
+    assert any(j.config["objective"].get("lam") == 1.25 for j in jobs)
+
+
 def test_the_full_plan_covers_every_experiment_with_every_seed():
     jobs = model_jobs(FULL) + teacher_jobs(FULL) + merge_jobs(FULL) + experiment_jobs(FULL)
     names = [job.name for job in jobs]

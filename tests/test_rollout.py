@@ -78,6 +78,31 @@ def test_checkpoint_generation_defaults_do_not_leak_into_sampling(model_dir, tmp
                                                    pad_token_id=tokenizer.pad_token_id)
 
 
+def test_rollouts_are_the_tokens_of_plain_generate_and_ordinary_tensors(student):
+    """generate runs in inference mode (faster): the same tokens as HF generate under no_grad, returned as
+    tensors that training may modify in place and save for backward."""
+    from opd.rollout.hf import generate_responses
+
+    model, tokenizer = student
+    settings = settings_for(model, tokenizer, temperature=1.0)
+    ids, mask = left_pad(prompts(tokenizer), tokenizer.pad_token_id)
+    torch.manual_seed(3)
+    responses = generate_responses(model, prompts(tokenizer), settings)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        plain = model.generate(input_ids=ids, attention_mask=mask.long(), generation_config=GenerationConfig(
+            do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=settings.max_new_tokens,
+            eos_token_id=list(settings.end_of_sequence_ids), pad_token_id=settings.pad_id))
+    generated = plain[:, ids.shape[1]:]
+    assert torch.equal(responses.ids[:, :generated.shape[1]][responses.mask], generated[responses.mask])
+    fields = (responses.ids, responses.mask, responses.logprobs, responses.entropy, responses.truncated,
+              responses.from_teacher)
+    assert not any(field.is_inference() for field in fields)
+    weight = torch.ones((), requires_grad=True)
+    (responses.logprobs.exp() * weight).sum().backward()  # an inference tensor cannot be saved for backward
+    responses.ids[0, 0] = 0  # nor modified in place outside inference mode
+
+
 def test_response_mask_stops_after_the_first_end_token():
     ids = torch.tensor([[5, 6, 1, 7, 1], [5, 5, 5, 5, 5], [2, 9, 9, 9, 9]])
     mask, truncated = response_mask_until_end(ids, (1, 2))

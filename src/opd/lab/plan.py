@@ -156,6 +156,12 @@ def merge_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[Job]:
             for setting, (teachers, _) in EXPO_SETTINGS.items()]
 
 
+def _reference(lam: float | None) -> str | None:
+    """G-OPD's reference for a student distilled at `lam` (None: SFT): the student's initial weights, except
+    at lam = 1 (OPD), whose advantage lam * (lT - lR) - (lS - lR) = lT - lS has no lR: no reference forward."""
+    return None if lam in (None, 1.0) else "student_init"
+
+
 def _teacher(domain: str, path: str, lam: float | None = None, reference: str | None = "student_init") -> dict:
     entry = {"domain": domain, "path": path, "reference": reference}
     if lam is not None:
@@ -179,11 +185,13 @@ def experiment_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[J
     if "lam_sweep" in only:  # gopd from the base with the sums teacher; reference = the base (student_init)
         for lam in TRAINED_LAMS:
             for seed in seed_range:
-                distill(f"lam{lam}", "lam_sweep", seed, teachers=[_teacher("sums", "teachers/sums/final")],
+                distill(f"lam{lam}", "lam_sweep", seed,
+                        teachers=[_teacher("sums", "teachers/sums/final", reference=_reference(lam))],
                         data="data/sums.jsonl", objective={"name": "gopd", "lam": lam}, domains=("sums",),
                         labels={"lam": lam, "method": "OPD" if lam == 1 else f"G-OPD lam={lam}", "domain": "sums"},
-                        # The OPD student at lower temperatures too: the sharpening control.
-                        temperatures=scale.control_temperatures if lam == 1 else (1.0,))
+                        # The OPD student at lower temperatures too, for the control's table (no verdict uses
+                        # it, so one evaluation seed, like the table's other models).
+                        temperatures=scale.control_temperatures if lam == 1 and seed == 0 else (1.0,))
     if "distillation" in only:
         for seed in seed_range:
             distill("sft-sums", "distillation", seed, teachers=[_teacher("sums", "teachers/sums/final", reference=None)],
@@ -191,7 +199,7 @@ def experiment_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[J
                     labels={"method": "SFT", "setting": "single", "domain": "sums"})
             for method, lam in (("SFT", None), ("OPD", 1.0), ("ExOPD", EXOPD_LAM)):
                 objective = {"name": "sft"} if lam is None else {"name": "gopd", "lam": lam}
-                reference = None if lam is None else "student_init"
+                reference = _reference(lam)
                 distill(f"{method.lower()}-programs", "distillation", seed,
                         teachers=[_teacher("programs", "teachers/programs/final", reference=reference)],
                         data="data/programs.jsonl", objective=objective, domains=("programs",),
@@ -208,7 +216,7 @@ def experiment_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[J
                                         "domain": domains[0] if len(domains) == 1 else "both"}))
     if "strong_to_weak" in only:  # the large teacher (its own base + grpo) into the small base
         for seed in seed_range:
-            for method, lam, reference in (("OPD", 1.0, "student_init"), ("ExOPD", EXOPD_LAM, "student_init"),
+            for method, lam, reference in (("OPD", 1.0, _reference(1.0)), ("ExOPD", EXOPD_LAM, _reference(EXOPD_LAM)),
                                            ("ExOPD + reward correction", EXOPD_LAM, "models/large_base/final")):
                 slug = method.lower().replace(" + ", "-").replace(" ", "-")
                 distill(slug, "strong_to_weak", seed,
@@ -224,8 +232,7 @@ def experiment_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[J
                 objective["guidance"] = {"enabled": True}
             for seed in seed_range:
                 distill(variant, "mismatch", seed, student="models/mismatched_base/final",
-                        teachers=[_teacher("sums", "teachers/sums/final",
-                                           reference="student_init" if name == "opd" else None)],
+                        teachers=[_teacher("sums", "teachers/sums/final", reference=None)],  # OPD and TrOPD: no lR
                         data="data/sums.jsonl", objective=objective, domains=("sums",), steps=scale.mismatch_steps,
                         labels={"method": variant, "domain": "sums"})
     # The single models every table and verdict is measured against, whatever `only` names; with the lower

@@ -382,7 +382,7 @@ def temperature_section(data: Results, sweep: dict[float, list[dict]], scale: Sc
         rows.append([f"{label} ({domain})", *(_cell(data.model(name, domain, t)) for t in temperatures)])
     opd_runs = data.runs("lam_sweep", lam=1.0)
     if opd_runs:
-        rows.append([f"OPD student (sums; {len(opd_runs)} seeds)",
+        rows.append([f"OPD student (sums; {len(opd_runs)} seeds at T = 1)",
                      *(_cell(data.values(opd_runs, "sums", t)) for t in temperatures)])
     lines += _table(["model", *(f"T = {t:g}" for t in temperatures)], rows)
     exopd = data.by_seed(sweep.get(EXOPD_LAM, []), "sums")
