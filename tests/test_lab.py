@@ -348,6 +348,59 @@ def test_opd_runs_score_no_reference_and_the_other_lams_score_the_base():
     assert any(j.config["objective"].get("lam") == 1.25 for j in jobs)
 
 
+def test_every_job_depends_on_the_jobs_that_make_the_models_it_reads():
+    from opd.lab.plan import Job, dependencies
+
+    jobs = model_jobs(FULL) + teacher_jobs(FULL) + merge_jobs(FULL) + experiment_jobs(FULL)
+    needs = dependencies(jobs)
+    assert needs["models/base"] == () and needs["teachers/large_sums"] == ("models/large_base",)
+    assert set(needs["strong_to_weak/exopd-reward-correction/seed1"]) == {
+        "models/base", "teachers/large_sums", "models/large_base"}
+    assert set(needs["distillation/opd-multi/seed0"]) == {"models/base", "teachers/sums", "teachers/programs"}
+    assert needs["distillation/expo-multi/seed2"] == ("models/expo-multi",)
+    assert set(needs["mismatch/tropd-fkl/seed0"]) == {"models/mismatched_base", "teachers/sums"}
+    assert needs["temperature/large-sums-teacher/seed3"] == ("teachers/large_sums",)
+    orphan = Job(name="x/seed0", kind="measure", experiment="temperature", model="teachers/nobody/final")
+    with pytest.raises(ValueError, match="teachers/nobody/final"):
+        dependencies(jobs + [orphan])
+
+
+def test_the_scheduler_starts_a_job_when_its_models_exist_not_when_its_stage_does(tmp_path, monkeypatch):
+    """No stage barrier: a sums-teacher student starts while the large base still pretrains (the fake large
+    base waits for it, so a barrier would hang), and no job starts before the jobs it needs have finished."""
+    import concurrent.futures
+    import threading
+
+    from opd.lab import pipeline
+    from opd.lab.plan import dependencies
+
+    stages = [("pretraining", model_jobs(QUICK)), ("grpo teachers", teacher_jobs(QUICK)),
+              ("ExPO merges", merge_jobs(QUICK)), ("experiments", experiment_jobs(QUICK))]
+    needs = dependencies([job for _, group in stages for job in group])
+    started, finished, lock = [], set(), threading.Lock()
+    student_started = threading.Event()
+
+    def fake_execute(arguments):
+        job, root, _ = arguments
+        with lock:
+            assert all(need in finished for need in needs[job.name]), job.name
+            started.append(job.name)
+        if job.name.startswith("lam_sweep/"):
+            student_started.set()
+        if job.name == "models/large_base":
+            assert student_started.wait(timeout=30), "the large base's pretraining held back the sums students"
+        (root / job.name).mkdir(parents=True, exist_ok=True)
+        (root / job.name / pipeline.RESULT).write_text("{}")
+        with lock:
+            finished.add(job.name)
+        return {"name": job.name, "seconds": 0.0}
+
+    monkeypatch.setattr(pipeline, "_execute_in_worker", fake_execute)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        pipeline._run_jobs(pool, 2, stages, tmp_path, QUICK, pipeline._Quiet())
+    assert sorted(started) == sorted(needs) and len(started) == len(set(started))
+
+
 def test_the_full_plan_covers_every_experiment_with_every_seed():
     jobs = model_jobs(FULL) + teacher_jobs(FULL) + merge_jobs(FULL) + experiment_jobs(FULL)
     names = [job.name for job in jobs]

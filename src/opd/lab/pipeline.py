@@ -1,7 +1,10 @@
-"""Running the lab: stages of independent jobs on a pool of single-threaded worker processes.
+"""Running the lab: its jobs on a pool of single-threaded worker processes, each job as soon as the jobs that
+make its models have finished.
 
     data + tokenizer -> pretrain (base, large base, mismatched base) -> grpo teachers -> ExPO merges
     -> experiments (and every single model measured at each seed's evaluation seed) -> report
+
+The arrows are dependencies, not barriers: a stage only groups jobs in the progress display.
 
 Two single-threaded processes side by side beat one process with two threads on this kind of machine
 (research/lab-feasibility.md), so each worker pins torch to one thread and the pool has one worker per
@@ -21,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from opd.lab.plan import EXPERIMENTS, FULL, QUICK, Job, Scale, experiment_jobs, merge_jobs, model_jobs, teacher_jobs
+from opd.lab.plan import (EXPERIMENTS, FULL, QUICK, Job, Scale, dependencies, experiment_jobs, merge_jobs, model_jobs,
+                          teacher_jobs)
 from opd.lab.tasks import DOMAINS, problems
 
 RESULT = "result.json"
@@ -165,23 +169,61 @@ def run_lab(output_dir: str, *, quick: bool = False, seeds: int | None = None, o
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                   initializer=_initialize_worker)
     with pool, _progress(progress) as shown:
-        for stage, jobs in stages:
-            if not jobs:  # e.g. no ExPO merges when --only leaves out distillation
-                continue
-            pending = [job for job in jobs if not (root / job.name / RESULT).exists()]
-            shown.start_stage(stage, total=len(jobs), done=len(jobs) - len(pending))
-            # Longest jobs first keeps both workers busy until the end of the stage.
-            pending.sort(key=lambda job: -job.config.get("train", {}).get("steps", 0))
-            futures = [pool.submit(_execute_in_worker, (job, root, scale)) for job in pending]
-            try:
-                for future in concurrent.futures.as_completed(futures):
-                    shown.job_done(future.result())
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        _run_jobs(pool, workers, stages, root, scale, shown)
     results = [json.loads((root / job.name / RESULT).read_text()) for _, jobs in stages for job in jobs]
     return write_report(root, results, scale, seconds=time.perf_counter() - started, quick=quick)
+
+
+def _run_jobs(pool, workers: int, stages: list[tuple[str, list[Job]]], root: Path, scale: Scale, shown) -> None:
+    """Every job once the jobs that make its models have finished (plan.dependencies), at most one per
+    worker at a time, so that the free worker takes the most urgent ready job: the one most other jobs wait
+    for, then the longest. A stage is a group for the progress display, not a barrier: the sums teacher's
+    students train while the large base still pretrains."""
+    jobs = [job for _, group in stages for job in group]
+    stage_of = {job.name: stage for stage, group in stages for job in group}
+    needs = dependencies(jobs)
+    waiting_on_it = _dependents(needs)
+    finished = {job.name for job in jobs if (root / job.name / RESULT).exists()}
+    for stage, group in stages:
+        if group:  # e.g. no ExPO merges when --only leaves out distillation
+            shown.start_stage(stage, total=len(group), done=sum(job.name in finished for job in group))
+    pending = [job for job in jobs if job.name not in finished]
+    pending.sort(key=lambda job: (-waiting_on_it[job.name], -job.config.get("train", {}).get("steps", 0)))
+    running: dict[concurrent.futures.Future, Job] = {}
+    try:
+        while pending or running:
+            ready = [job for job in pending if all(need in finished for need in needs[job.name])]
+            if not ready and not running:  # cannot happen for an acyclic plan; never wait forever
+                raise RuntimeError(f"lab jobs {[job.name for job in pending]} wait on jobs that never run")
+            for job in ready[:workers - len(running)]:
+                pending.remove(job)
+                running[pool.submit(_execute_in_worker, (job, root, scale))] = job
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                result = future.result()
+                finished.add(job.name)
+                shown.job_done(stage_of[job.name], result)
+    except BaseException:
+        for future in running:
+            future.cancel()
+        raise
+
+
+def _dependents(needs: dict[str, tuple[str, ...]]) -> dict[str, int]:
+    """How many jobs wait, directly or not, on each job."""
+    direct: dict[str, set[str]] = {name: set() for name in needs}
+    for name, required in needs.items():
+        for need in required:
+            direct[need].add(name)
+
+    def below(name: str, seen: set[str]) -> set[str]:
+        for child in direct[name] - seen:
+            seen.add(child)
+            below(child, seen)
+        return seen
+
+    return {name: len(below(name, set())) for name in needs}
 
 
 def _progress(enabled: bool):
@@ -202,21 +244,25 @@ class _Quiet:
     def start_stage(self, stage: str, total: int, done: int) -> None:
         pass
 
-    def job_done(self, result: dict) -> None:
+    def job_done(self, stage: str, result: dict) -> None:
         pass
 
 
 class _Lines(_Quiet):
+    def __enter__(self):
+        self.started, self.total, self.done = time.perf_counter(), {}, {}
+        return self
+
     def start_stage(self, stage: str, total: int, done: int) -> None:
-        self.stage, self.total, self.done, self.started = stage, total, done, time.perf_counter()
+        self.total[stage], self.done[stage] = total, done
         reused = f" ({done} reused from an earlier run)" if done else ""
         print(f"opd lab: {stage}: {total} jobs{reused}", flush=True)
 
-    def job_done(self, result: dict) -> None:
-        self.done += 1
+    def job_done(self, stage: str, result: dict) -> None:
+        self.done[stage] += 1
         elapsed = time.perf_counter() - self.started
-        print(f"opd lab: {self.stage} {self.done}/{self.total}: {result['name']} in {result['seconds']:.1f} s "
-              f"(stage {elapsed / 60:.1f} min)", flush=True)
+        print(f"opd lab: {stage} {self.done[stage]}/{self.total[stage]}: {result['name']} in "
+              f"{result['seconds']:.1f} s (lab {elapsed / 60:.1f} min)", flush=True)
 
 
 class _Bars(_Quiet):
@@ -226,6 +272,7 @@ class _Bars(_Quiet):
         self.bars = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
                              TimeElapsedColumn())
         self.bars.__enter__()
+        self.tasks = {}
         return self
 
     def __exit__(self, *exc):
@@ -233,7 +280,7 @@ class _Bars(_Quiet):
         return False
 
     def start_stage(self, stage: str, total: int, done: int) -> None:
-        self.task = self.bars.add_task(stage, total=total, completed=done)
+        self.tasks[stage] = self.bars.add_task(stage, total=total, completed=done)
 
-    def job_done(self, result: dict) -> None:
-        self.bars.advance(self.task)
+    def job_done(self, stage: str, result: dict) -> None:
+        self.bars.advance(self.tasks[stage])

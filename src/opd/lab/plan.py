@@ -245,3 +245,29 @@ def experiment_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[J
                             temperatures=scale.control_temperatures if every else (1.0,),
                             labels={"model": name, "seed": seed}))
     return jobs
+
+
+def _reads(job: Job) -> list[str]:
+    """The lab-relative model folders a job loads."""
+    if job.kind == "train":
+        paths = [job.config["student"]["path"]]
+        for teacher in job.config["teachers"]:
+            paths += [teacher.get(key) for key in ("path", "reference")]
+        return [path for path in paths if path not in (None, "student_init")]
+    if job.kind == "merge":
+        return [job.merge["student"], *job.merge["teachers"]]
+    return [job.model] if job.model else []
+
+
+def dependencies(jobs: list[Job]) -> dict[str, tuple[str, ...]]:
+    """For each job, the jobs that make the models it reads (a job's model is `<its name>/final`): a job may
+    start once these have finished. Read from the configs, so a new experiment cannot forget one."""
+    makers = {f"{job.name}/final": job.name for job in jobs}
+    needs = {}
+    for job in jobs:
+        unknown = [path for path in _reads(job) if path not in makers]
+        if unknown:
+            raise ValueError(f"lab job {job.name} reads {unknown}, which no job of the lab makes")
+        needs[job.name] = tuple(dict.fromkeys(makers[path] for path in _reads(job)))
+    return needs
+
