@@ -270,4 +270,3 @@ def dependencies(jobs: list[Job]) -> dict[str, tuple[str, ...]]:
             raise ValueError(f"lab job {job.name} reads {unknown}, which no job of the lab makes")
         needs[job.name] = tuple(dict.fromkeys(makers[path] for path in _reads(job)))
     return needs
-
