@@ -162,11 +162,8 @@ def _reference(lam: float | None) -> str | None:
     return None if lam in (None, 1.0) else "student_init"
 
 
-def _teacher(domain: str, path: str, lam: float | None = None, reference: str | None = "student_init") -> dict:
-    entry = {"domain": domain, "path": path, "reference": reference}
-    if lam is not None:
-        entry["lam"] = lam
-    return entry
+def _teacher(domain: str, path: str, *, reference: str | None) -> dict:
+    return {"domain": domain, "path": path, "reference": reference}
 
 
 def experiment_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[Job]:
@@ -182,7 +179,7 @@ def experiment_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[J
                         config=config, measure_domains=domains, temperatures=temperatures,
                         labels={**labels, "seed": seed}))
 
-    if "lam_sweep" in only:  # gopd from the base with the sums teacher; reference = the base (student_init)
+    if "lam_sweep" in only:  # gopd from the base with the sums teacher; reference = the base, except at λ = 1
         for lam in TRAINED_LAMS:
             for seed in seed_range:
                 distill(f"lam{lam}", "lam_sweep", seed,
