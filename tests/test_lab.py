@@ -236,6 +236,17 @@ def test_verdicts_follow_the_interval(low, high, greater, equal):
     assert stats.verdict_equal(diff, 0.05) == equal
 
 
+@pytest.mark.parametrize("low,high,verdict", [
+    (0.001, 0.03, "reproduced"),  # above 0: a gain, though perhaps smaller than the paper's
+    (-0.02, 0.014, "not reproduced"),  # a gain as large as the paper's 0.015 is excluded
+    (-0.02, 0.016, "inconclusive"),  # the paper's gain is inside the interval
+    (-0.03, -0.01, "not reproduced"),
+])
+def test_a_gain_is_not_reproduced_when_its_interval_excludes_the_papers_gain(low, high, verdict):
+    diff = stats.Interval(mean=(low + high) / 2, low=low, high=high, n=4)
+    assert stats.verdict_greater(diff, 0.015) == verdict
+
+
 # ---------------------------------------------------------------- the report's verdicts on synthetic results
 
 
@@ -274,6 +285,17 @@ def test_report_reproduces_a_clear_gain_and_rejects_a_clear_loss():
     assert _verdict(findings, "ExOPD (λ = 1.25) beats the teacher (sums)")["verdict"] == "not reproduced"
     _, findings, _ = build_report(_synthetic(0.70, exopd=[0.60, 0.85, 0.75], opd=[0.70, 0.71, 0.69]), FULL)
     assert _verdict(findings, "ExOPD beats OPD (sums)")["verdict"] == "inconclusive"  # noisy seeds
+
+
+def test_report_rejects_a_gain_smaller_than_the_papers_and_says_which_gain():
+    # ExOPD − OPD per seed: +0.2, +0.4, +0.0 points (interval about [-0.3, +0.7]): not above 0, and a gain as
+    # large as G-OPD's +1.5 points is excluded. With the paper's gain ignored it would be inconclusive.
+    _, findings, _ = build_report(_synthetic(0.70, exopd=[0.702, 0.714, 0.690], opd=[0.700, 0.710, 0.690]), FULL)
+    row = _verdict(findings, "ExOPD beats OPD (sums)")
+    assert row["verdict"] == "not reproduced" and row["paper_gain"] == pytest.approx(0.015)
+    assert row["evidence"].endswith("the paper's gain +1.5")
+    assert stats.verdict_greater(stats.Interval(mean=row["difference"][0], low=row["difference"][1],
+                                                high=row["difference"][2], n=3)) == "inconclusive"
 
 
 def test_report_pairs_methods_by_seed_so_a_shared_seed_effect_cancels():

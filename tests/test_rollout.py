@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pytest
 import torch
@@ -180,3 +181,44 @@ def test_vllm_logging_is_quiet_unless_asked_for(monkeypatch):
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
     prepare_environment()
     assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"  # the user's own setting is kept
+
+
+def test_shared_noise_draws_each_token_from_the_tempered_distribution():
+    """Gumbel-max with the hashed uniforms: over many rows, the argmax lands on each token with its
+    probability under softmax(scores) (the processor adds noise to already tempered scores)."""
+    from opd.rollout.hf import _SharedGumbelNoise
+
+    scores = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]))[None, :].repeat(40_000, 1)
+    frequencies = []
+    for position in (0, 1):  # a second position draws afresh
+        noise = _SharedGumbelNoise(seed=11, first_row=0, prompt_width=3)
+        chosen = noise(torch.zeros(40_000, 3 + position, dtype=torch.long), scores.clone()).argmax(dim=-1)
+        frequencies.append(torch.bincount(chosen, minlength=5).double() / 40_000)
+    for observed in frequencies:
+        torch.testing.assert_close(observed, scores[0].double().exp(), atol=0.008, rtol=0)
+    # Different positions, rows and seeds draw differently (the noise is not one fixed vector).
+    assert not torch.equal(frequencies[0], frequencies[1])
+
+
+def test_shared_noise_gives_a_row_the_same_tokens_whatever_the_batch(student):
+    """A row's tokens depend on the seed, its index and the model only: split into other generate calls,
+    asked again after other sampling, they are the same; its recorded log-probs are the model's own."""
+    from opd.rollout.hf import sample_in_batches
+
+    model, tokenizer = student
+    rows = [p for p in prompts(tokenizer) for _ in range(4)]  # 12 rows
+    settings = settings_for(model, tokenizer, temperature=1.0, max_new_tokens=12)
+    whole = sample_in_batches(model, rows, dataclasses.replace(settings, batch_size=12), shared_noise_seed=5)
+    torch.manual_seed(123)  # the global generator plays no part
+    split = sample_in_batches(model, rows, dataclasses.replace(settings, batch_size=5), shared_noise_seed=5)
+    width = whole.ids.shape[1]
+    assert torch.equal(whole.mask, split.mask[:, :width]) and torch.equal(whole.ids[whole.mask], split.ids[split.mask])
+    other = sample_in_batches(model, rows, settings, shared_noise_seed=6)
+    assert not torch.equal(other.ids[:, :4], whole.ids[:, :4])
+    # Four samples of one prompt draw with different noise, so they are not copies of each other.
+    assert len({tuple(whole.ids[row][whole.mask[row]].tolist()) for row in range(4)}) > 1
+    prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id)
+    batch = type("Batch", (), dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=whole.ids,
+                                   response_mask=whole.mask, sampler_logprobs=whole.logprobs))
+    scored, recorded = rescore(model, batch, 1.0)
+    torch.testing.assert_close(recorded, scored, atol=1e-5, rtol=1e-5)

@@ -67,11 +67,14 @@ def paired_difference(values: dict[int, float], other: dict[int, float]) -> Inte
     return interval([values[seed] - other[seed] for seed in seeds])
 
 
-def verdict_greater(diff: Interval) -> str:
-    """The finding says 'greater': reproduced iff the whole interval is above 0."""
+def verdict_greater(diff: Interval, paper_gain: float = 0.0) -> str:
+    """The finding says 'greater': reproduced iff the whole interval is above 0; not reproduced iff the whole
+    interval is below `paper_gain`, the gain the paper reports for this comparison (a gain as large as the
+    paper's is excluded, though a smaller one may remain); inconclusive otherwise. A finding with no number
+    in the paper (0) is not reproduced only when its interval is wholly below 0."""
     if diff.low > 0:
         return "reproduced"
-    if diff.high < 0:
+    if diff.high < paper_gain:
         return "not reproduced"
     return "inconclusive"
 

@@ -44,6 +44,53 @@ class _SampledLogprobRecorder:
         return torch.stack(self.recorded, dim=1), torch.stack(self.entropies, dim=1)
 
 
+_LOW_32_BITS = 0xFFFFFFFF
+
+
+def _times_mod_2_32(values: Tensor, constant: int) -> Tensor:
+    """values * constant mod 2^32 for values < 2^32, in int64 without overflow (split in 16-bit halves)."""
+    high = (values * (constant >> 16)) & 0xFFFF
+    return (values * (constant & 0xFFFF) + (high << 16)) & _LOW_32_BITS
+
+
+def _mix(values: Tensor) -> Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32): every input bit moves about half the output bits."""
+    values = values & _LOW_32_BITS
+    values = _times_mod_2_32(values ^ (values >> 16), 0x7FEB352D)
+    values = _times_mod_2_32(values ^ (values >> 15), 0x846CA68B)
+    return values ^ (values >> 16)
+
+
+def shared_uniforms(seed: int, rows: Tensor, position: int, width: int) -> Tensor:
+    """[len(rows), width] float32 uniforms in (0, 1), a function of (seed, row, position, token id) only:
+    the same numbers whatever else is in the batch, however the rows are split into generate calls and
+    whichever model asks. 24 bits each (float32 holds them exactly, never 0 or 1): the Gumbel noise made
+    from them is cut at about 17.3, which a draw passes with probability 2^-25."""
+    seed_key = _mix(torch.full_like(rows, seed & _LOW_32_BITS)) ^ ((seed >> 32) & _LOW_32_BITS)  # seeds reach 2^62
+    key = _mix(_mix(_mix(seed_key) ^ rows) ^ position)  # [N]
+    tokens = torch.arange(width, dtype=torch.long) * 0x9E3779B9  # distinct per token, spread over the bits
+    bits = _mix(key[:, None] ^ tokens[None, :]) >> 8  # [N, width], 24 bits
+    return (bits.float() + 0.5) / 2.0**24
+
+
+class _SharedGumbelNoise:
+    """Logits processor for sampling with shared randomness: adds Gumbel noise made from
+    `shared_uniforms`, and generate takes the argmax. The argmax of (tempered scores + Gumbel noise) is an
+    exact draw from the tempered distribution (the Gumbel-max trick), so each model is sampled as usual;
+    two models asked the same rows draw with the same noise, so where their distributions agree they pick
+    the same tokens. That couples their measurements: the noise of the sampling mostly cancels in a paired
+    difference instead of adding the variance of two independent draws."""
+
+    def __init__(self, seed: int, first_row: int, prompt_width: int):
+        self.seed, self.first_row, self.prompt_width = seed, first_row, prompt_width
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        rows = torch.arange(self.first_row, self.first_row + scores.shape[0], dtype=torch.long)
+        uniforms = shared_uniforms(self.seed, rows, input_ids.shape[1] - self.prompt_width, scores.shape[1])
+        gumbel = -torch.log(-torch.log(uniforms))
+        return scores + gumbel.to(device=scores.device, dtype=scores.dtype)
+
+
 class _DropColumns:
     """Logits processor: ids >= kept_width cannot be drawn (the distribution the teacher is scored by)."""
 
@@ -58,10 +105,12 @@ class _DropColumns:
 @torch.no_grad()
 def generate_responses(
     model: nn.Module, prompts: list[list[int]], settings: SamplingSettings, prefixes: list[list[int]] | None = None,
-    kept_width: int | None = None,
+    kept_width: int | None = None, shared_noise: tuple[int, int] | None = None,
 ) -> Responses:
     """One sampled response per prompt row, continuing `prefixes[i]` (teacher tokens) when given; with
-    `kept_width`, from the head's first kept_width ids only (a teacher's dropped padded logits).
+    `kept_width`, from the head's first kept_width ids only (a teacher's dropped padded logits). With
+    `shared_noise` = (seed, index of the first row), rows draw with `_SharedGumbelNoise` (measurements that
+    pair models; a row is keyed by its index among all rows sampled).
 
     A prefix is part of the response (flagged in `from_teacher`), the model continues after it, and the
     whole response is cut at max_new_tokens.
@@ -77,9 +126,11 @@ def generate_responses(
     if settings.top_p < 1.0 and not greedy:  # the argmax is in every top-p set
         processors.append(TopPLogitsWarper(top_p=settings.top_p))
     processors.append(recorder)  # greedy: the log-probs of the untempered distribution
+    if shared_noise is not None and not greedy:  # after the recorder: it keeps the noiseless distribution
+        processors.append(_SharedGumbelNoise(shared_noise[0], shared_noise[1], prompt_ids.shape[1]))
     longest_prefix = max(len(x) for x in prefixes)
     generation_config = GenerationConfig(
-        do_sample=not greedy,
+        do_sample=not greedy and shared_noise is None,  # shared noise: the noise is added, generate takes the argmax
         temperature=1.0,  # ours are in `processors`, ahead of the recorder
         top_p=1.0,
         top_k=0,
@@ -124,13 +175,16 @@ def generate_responses(
 
 
 def sample_in_batches(model: nn.Module, prompts: list[list[int]], settings: SamplingSettings,
-                      prefixes: list[list[int]] | None = None, kept_width: int | None = None) -> Responses:
-    """`generate_responses` over `settings.batch_size` rows at a time."""
+                      prefixes: list[list[int]] | None = None, kept_width: int | None = None,
+                      shared_noise_seed: int | None = None) -> Responses:
+    """`generate_responses` over `settings.batch_size` rows at a time; with `shared_noise_seed`, every row
+    draws with noise that depends on the seed, its index in `prompts` and the position only."""
     parts = []
     for start in range(0, len(prompts), settings.batch_size):
         stop = start + settings.batch_size
+        noise = None if shared_noise_seed is None else (shared_noise_seed, start)
         parts.append(generate_responses(model, prompts[start:stop], settings,
-                                        prefixes[start:stop] if prefixes is not None else None, kept_width))
+                                        prefixes[start:stop] if prefixes is not None else None, kept_width, noise))
     return concatenate(parts, settings.pad_id)
 
 
