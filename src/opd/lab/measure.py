@@ -88,7 +88,7 @@ def measure(folder: str, problems: list[Problem], *, temperature: float = 1.0, s
             max_new_tokens: int = 48, store: GradeStore | None = None) -> Measurement:
     model, tokenizer = load_model(folder), load_tokenizer(folder)
     settings = SamplingSettings(samples_per_prompt=samples, temperature=temperature, top_p=1.0,
-                                max_new_tokens=max_new_tokens, batch_size=256,
+                                max_new_tokens=max_new_tokens, batch_size=128,
                                 end_of_sequence_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
     prompts = [render_prompt(tokenizer, p.prompt, "chat") for p in problems for _ in range(samples)]
     generator_state = torch.random.get_rng_state()
