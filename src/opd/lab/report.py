@@ -1,7 +1,8 @@
 """The lab's report: tables in the papers' layout, a verdict per published finding, plots, results.json.
 
 A verdict is decided by a 95% confidence interval (stats.py): "reproduced" only when the interval is on
-the finding's side, "not reproduced" when it is on the other side, "inconclusive" otherwise. Every interval
+the finding's side, "not reproduced" when it is on the other side (for a "beats" finding with a number in
+its paper: wholly below the paper's gain, PAPER_GAINS), "inconclusive" otherwise. Every interval
 is a paired one over seeds: single models (teachers, bases, ExPO merges) are measured at each seed's
 evaluation seed (plan.SINGLE_MODELS), so they pair with the trained students like a method.
 """
