@@ -91,12 +91,10 @@ def measure(folder: str, problems: list[Problem], *, temperature: float = 1.0, s
                                 max_new_tokens=max_new_tokens, batch_size=128,
                                 end_of_sequence_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
     prompts = [render_prompt(tokenizer, p.prompt, "chat") for p in problems for _ in range(samples)]
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     # Shared noise (rollout/hf.py): every model measured at this seed draws row r's tokens with the same
-    # noise, so the sampling noise mostly cancels in the paired differences the verdicts rest on.
+    # noise, so the sampling noise mostly cancels in the paired differences the verdicts rest on. It draws
+    # nothing from torch's generator, so a measurement neither needs nor moves the global seed.
     responses = sample_in_batches(model, prompts, settings, shared_noise_seed=seed)
-    torch.random.set_rng_state(generator_state)
     completions = [tokenizer.decode(responses.ids[row][responses.mask[row]], skip_special_tokens=True)
                    for row in range(len(prompts))]
     answered = list(zip((p for p in problems for _ in range(samples)), completions))

@@ -139,6 +139,11 @@ class Findings:
         self.rows.append({"claim": claim, "source": source, "verdict": verdict, "evidence": evidence,
                           "difference": [diff.mean, diff.low, diff.high], "unit": unit, "paper_gain": paper_gain})
 
+    def beats(self, claim: str, source: str, diff: Interval, what: str, *, gain: str, room: tuple[str, ...]) -> None:
+        """A "beats" row decided against the paper's own gain, PAPER_GAINS[gain] (stats.verdict_greater)."""
+        paper_gain = PAPER_GAINS[gain]
+        self.add(claim, source, diff, verdict_greater(diff, paper_gain), what, room=room, paper_gain=paper_gain)
+
 
 def _all_greater(verdicts: set[str]) -> str:
     """The verdict of a finding that needs every one of several differences to be positive."""
@@ -241,14 +246,12 @@ def lam_sweep_section(data: Results, anchors: Anchors, sweep: dict[float, list[d
                      "the smaller of (λ=0.5 − base) and (λ=1 − λ=0.5)", room=("sums",))
     if acc.get(EXOPD_LAM) and teacher["sums"]:
         diff = paired_difference(paired[EXOPD_LAM], teacher["sums"])
-        gain = PAPER_GAINS["ExOPD − teacher (sums)"]
-        findings.add("ExOPD (λ = 1.25) beats the teacher (sums)", "G-OPD Table 2", diff, verdict_greater(diff, gain),
-                     "ExOPD − teacher", room=("sums",), paper_gain=gain)
+        findings.beats("ExOPD (λ = 1.25) beats the teacher (sums)", "G-OPD Table 2", diff, "ExOPD − teacher",
+                       gain="ExOPD − teacher (sums)", room=("sums",))
     if acc.get(EXOPD_LAM) and acc.get(1.0):
         diff = paired_difference(paired[EXOPD_LAM], paired[1.0])
-        gain = PAPER_GAINS["ExOPD − OPD (sums)"]
-        findings.add("ExOPD beats OPD (sums)", "G-OPD Table 2", diff, verdict_greater(diff, gain), "ExOPD − OPD",
-                     room=("sums",), paper_gain=gain)
+        findings.beats("ExOPD beats OPD (sums)", "G-OPD Table 2", diff, "ExOPD − OPD",
+                       gain="ExOPD − OPD (sums)", room=("sums",))
         lengths = paired_difference(data.by_seed(sweep[EXOPD_LAM], "sums", field="length"),
                                     data.by_seed(sweep[1.0], "sums", field="length"))
         findings.add("ExOPD's responses are longer than OPD's", "G-OPD §2.7 (length growth)", lengths,
@@ -285,13 +288,11 @@ def distillation_section(data: Results, anchors: Anchors, sweep: dict[float, lis
     values = table[("single", "ExOPD")]["programs"]
     if values and teacher["programs"]:
         diff = paired_difference(seeded[("single", "ExOPD")]["programs"], teacher["programs"])
-        gain = PAPER_GAINS["ExOPD − teacher (programs)"]
-        findings.add("ExOPD (λ = 1.25) beats the teacher (programs)", "G-OPD Table 2", diff,
-                     verdict_greater(diff, gain), "ExOPD − teacher", room=("programs",), paper_gain=gain)
+        findings.beats("ExOPD (λ = 1.25) beats the teacher (programs)", "G-OPD Table 2", diff, "ExOPD − teacher",
+                       gain="ExOPD − teacher (programs)", room=("programs",))
         diff = paired_difference(seeded[("single", "ExOPD")]["programs"], seeded[("single", "OPD")]["programs"])
-        gain = PAPER_GAINS["ExOPD − OPD (programs)"]
-        findings.add("ExOPD beats OPD (programs)", "G-OPD Table 2", diff, verdict_greater(diff, gain), "ExOPD − OPD",
-                     room=("programs",), paper_gain=gain)
+        findings.beats("ExOPD beats OPD (programs)", "G-OPD Table 2", diff, "ExOPD − OPD",
+                       gain="ExOPD − OPD (programs)", room=("programs",))
     _multi_teacher_findings(data, anchors, table, seeded, findings)
     return lines, numbers
 
@@ -321,10 +322,9 @@ def _multi_teacher_findings(data: Results, anchors: Anchors, table: dict[tuple[s
             continue
         # ExPO's merged model was sampled with each seed's evaluation seed: paired like a trained method.
         diff = paired_difference(pooled, _both_domains(seeded[("multi", other)]))
-        gain = PAPER_GAINS[f"multi ExOPD − {other}"]
-        findings.add(f"Multi-teacher ExOPD beats multi-teacher {other}", "G-OPD Table 2", diff,
-                     verdict_greater(diff, gain), f"ExOPD − {other}, mean of both domains", room=("sums", "programs"),
-                     paper_gain=gain)
+        findings.beats(f"Multi-teacher ExOPD beats multi-teacher {other}", "G-OPD Table 2", diff,
+                       f"ExOPD − {other}, mean of both domains",
+                       gain=f"multi ExOPD − {other}", room=("sums", "programs"))
 
 
 def _both_domains(by_domain: dict[str, dict[int, float]]) -> dict[int, float]:
@@ -346,14 +346,13 @@ def strong_to_weak_section(data: Results, anchors: Anchors, findings: Findings) 
                       *(_cell(values[m]) for m in methods)]])
     if values["ExOPD"] and values["OPD"]:
         diff = paired_difference(paired["ExOPD"], paired["OPD"])
-        gain = PAPER_GAINS["strong-to-weak ExOPD − OPD"]
-        findings.add("Strong-to-weak: ExOPD beats OPD", "G-OPD Table 3", diff, verdict_greater(diff, gain),
-                     "ExOPD − OPD", room=("large_sums",), paper_gain=gain)
+        findings.beats("Strong-to-weak: ExOPD beats OPD", "G-OPD Table 3", diff, "ExOPD − OPD",
+                       gain="strong-to-weak ExOPD − OPD", room=("large_sums",))
     if values["ExOPD + reward correction"] and values["ExOPD"]:
         diff = paired_difference(paired["ExOPD + reward correction"], paired["ExOPD"])
-        gain = PAPER_GAINS["reward correction − ExOPD"]
-        findings.add("Reward correction (reference = teacher's base) beats plain ExOPD", "G-OPD Fig. 6", diff,
-                     verdict_greater(diff, gain), "ExOPD+RC − ExOPD", room=("large_sums",), paper_gain=gain)
+        findings.beats("Reward correction (reference = teacher's base) beats plain ExOPD", "G-OPD Fig. 6", diff,
+                       "ExOPD+RC − ExOPD",
+                       gain="reward correction − ExOPD", room=("large_sums",))
     return lines, {"strong_to_weak": values}
 
 
@@ -381,14 +380,12 @@ def mismatch_section(data: Results, scale: Scale, findings: Findings) -> tuple[l
     lines += _table(["objective", "accuracy (%)", "mean grad norm", "max grad norm", "untrusted tokens (%)"], rows)
     if accuracy.get("tropd-fkl") and accuracy.get("opd"):
         diff = paired_difference(paired["tropd-fkl"], paired["opd"])
-        gain = PAPER_GAINS["TrOPD-FKL − OPD"]
-        findings.add("TrOPD (FKL outliers) beats OPD under mismatch", "TrOPD main table", diff,
-                     verdict_greater(diff, gain), "TrOPD-FKL − OPD", room=("sums",), paper_gain=gain)
+        findings.beats("TrOPD (FKL outliers) beats OPD under mismatch", "TrOPD main table", diff, "TrOPD-FKL − OPD",
+                       gain="TrOPD-FKL − OPD", room=("sums",))
     if accuracy.get("tropd-fkl+guidance") and accuracy.get("tropd-fkl"):
         diff = paired_difference(paired["tropd-fkl+guidance"], paired["tropd-fkl"])
-        gain = PAPER_GAINS["guidance"]
-        findings.add("Teacher-prefix guidance helps TrOPD", "TrOPD ablation (d)", diff, verdict_greater(diff, gain),
-                     "FKL+guidance − FKL", room=("sums",), paper_gain=gain)
+        findings.beats("Teacher-prefix guidance helps TrOPD", "TrOPD ablation (d)", diff, "FKL+guidance − FKL",
+                       gain="guidance", room=("sums",))
     if grad.get("opd") and grad.get("tropd-fkl"):
         diff = paired_difference(paired_grad["opd"], paired_grad["tropd-fkl"])
         findings.add("TrOPD trains with smaller gradients than OPD (stability)", "TrOPD §3", diff, verdict_greater(diff),
