@@ -288,6 +288,27 @@ def test_report_reproduces_a_clear_gain_and_rejects_a_clear_loss():
     assert _verdict(findings, "ExOPD beats OPD (sums)")["verdict"] == "inconclusive"  # noisy seeds
 
 
+def test_the_summary_counts_every_verdict_and_says_why_each_open_finding_is_open():
+    from opd.lab.report import verdict_summary
+
+    def row(claim, verdict, difference, paper_gain=None, evidence="x"):
+        return {"claim": claim, "verdict": verdict, "difference": difference, "unit": "points",
+                "paper_gain": paper_gain, "evidence": evidence}
+
+    findings = [row("A", "reproduced", [0.05, 0.02, 0.08]), row("B", "not reproduced", [-0.05, -0.08, -0.02]),
+                row("C", "not reproduced", [-0.01, -0.02, 0.0]),
+                row("D", "inconclusive", [0.01, -0.012, 0.034], paper_gain=0.015),
+                row("E", "inconclusive", [-0.02, -0.06, 0.01], evidence="OPD − teacher (equal within ±5): ..."),
+                row("F", "inconclusive", [0.0, -0.01, 0.01], evidence="... (teacher not 15 points above its base: "
+                    "large_sums; nothing to distil)")]
+    text = "\n".join(verdict_summary(findings))
+    assert "Of 6 findings, 1 are reproduced, 2 not reproduced and 3 inconclusive." in text
+    assert "- Reproduced: A." in text and "- Not reproduced: B; C." in text
+    assert "D (its interval [-1.2, +3.4] holds both 0 and the paper's gain +1.5)" in text
+    assert "E (its interval [-6.0, +1.0] crosses the ±5-point band)" in text
+    assert "F (its teacher is too close to its base)" in text
+
+
 def test_report_rejects_a_gain_smaller_than_the_papers_and_says_which_gain():
     # ExOPD − OPD per seed: +0.2, +0.4, +0.0 points (interval about [-0.3, +0.7]): not above 0, and a gain as
     # large as G-OPD's +1.5 points is excluded. With the paper's gain ignored it would be inconclusive.
@@ -480,8 +501,8 @@ def quick_lab(tmp_path_factory):
 def test_quick_lab_runs_every_stage_and_writes_the_report(quick_lab):
     root, report = quick_lab
     text = report.read_text()
-    for section in ("## Verdicts", "## Models", "## G-OPD reward scale λ", "Table 2 layout", "## Strong-to-weak",
-                    "## Stability under mismatch", "## Control: sharpening"):
+    for section in ("## Verdicts", "**In short.**", "## Models", "## G-OPD reward scale λ", "Table 2 layout",
+                    "## Strong-to-weak", "## Stability under mismatch", "## Control: sharpening"):
         assert section in text, section
     summary = json.loads((root / "results.json").read_text())
     assert len(summary["findings"]) >= 15
@@ -496,6 +517,14 @@ def test_quick_lab_runs_every_stage_and_writes_the_report(quick_lab):
                 assert 0.0 <= measured["accuracy"] <= 1.0 and measured["count"] > 0 and measured["length"] > 0
         if job.kind == "train":
             assert len(result["curves"]["rollout/response_length"]) == job.config["train"]["steps"]
+            # Students decay from student_lr to 0 over their run; the grpo teachers keep their constant rate.
+            logged = (root / job.name / "metrics.jsonl").read_text().splitlines()
+            rates = [json.loads(line)["optim/lr"] for line in logged]
+            if job.experiment == "models":
+                assert rates == [QUICK.lr] * len(rates), job.name
+            else:
+                assert rates[0] == QUICK.student_lr and rates[-1] == 0.0, job.name
+                assert rates == sorted(rates, reverse=True), job.name
             if job.experiment != "models":  # sft's student samples nothing: its entropy is on the teacher's tokens
                 entropy = "student/entropy_given_tokens" if job.labels.get("method") == "SFT" else "student/entropy"
                 assert len(result["curves"][entropy]) == job.config["train"]["steps"], (job.name, entropy)

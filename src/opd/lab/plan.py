@@ -68,7 +68,8 @@ class Scale:
     mismatch_steps: int
     prompts_per_step: int
     samples_per_prompt: int
-    lr: float
+    lr: float  # the grpo teachers' (constant)
+    student_lr: float  # the distilled students' peak: cosine-decayed to 0 over the run (`_student_optim`)
     train_problems: int  # training prompts per domain
     test_problems: int  # held-out problems per domain
     test_samples: int  # samples per held-out problem (avg@k)
@@ -78,14 +79,16 @@ class Scale:
 
 
 FULL = Scale(small=ModelShape(hidden_size=128, num_layers=4), large=ModelShape(hidden_size=192, num_layers=6),
-             pretrain_steps=300, large_pretrain_steps=200, mismatch_pretrain_steps=300, pretrain_batch=128,
+             pretrain_steps=300, large_pretrain_steps=300, mismatch_pretrain_steps=300, pretrain_batch=128,
              teacher_steps=20, teacher_prompts=16, distill_steps=60, mismatch_steps=40, prompts_per_step=32,
-             samples_per_prompt=2, lr=1e-4, train_problems=1500, test_problems=200, test_samples=8, seeds=4)
+             samples_per_prompt=2, lr=1e-4, student_lr=2e-4, train_problems=1500, test_problems=200, test_samples=8,
+             seeds=4)
 QUICK = Scale(small=ModelShape(hidden_size=32, num_layers=1, num_heads=2),
               large=ModelShape(hidden_size=48, num_layers=1, num_heads=2),
               pretrain_steps=12, large_pretrain_steps=12, mismatch_pretrain_steps=8, pretrain_batch=16,
               teacher_steps=2, teacher_prompts=4, distill_steps=2, mismatch_steps=2, prompts_per_step=4,
-              samples_per_prompt=2, lr=1e-4, train_problems=64, test_problems=8, test_samples=1, seeds=2)
+              samples_per_prompt=2, lr=1e-4, student_lr=2e-4, train_problems=64, test_problems=8, test_samples=1,
+              seeds=2)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -123,8 +126,17 @@ def model_jobs(scale: Scale) -> list[Job]:
     ]
 
 
+def _student_optim(scale: Scale) -> dict:
+    """Every distilled student's optimizer: a cosine decay from twice the teachers' rate to 0. With the
+    teachers' constant rate OPD ended 1-2 points under its teacher and its seeds spread 1.7 points; decayed
+    to 0 the last steps stop moving the weights, and OPD reached its teacher (docs/lab.md, "Students that
+    settle": the pilot that chose it)."""
+    return {"lr": scale.student_lr, "schedule": "warmup-cosine", "warmup_steps": 0, "min_lr_ratio": 0.0}
+
+
 def _config(scale: Scale, *, student: str, teachers: list[dict], data: str, objective: dict, steps: int,
-            seed: int, prompts_per_step: int | None = None, samples: int | None = None) -> dict:
+            seed: int, prompts_per_step: int | None = None, samples: int | None = None,
+            optim: dict | None = None) -> dict:
     return {
         "student": {"path": student},
         "teachers": teachers,
@@ -133,7 +145,7 @@ def _config(scale: Scale, *, student: str, teachers: list[dict], data: str, obje
                     "samples_per_prompt": samples or scale.samples_per_prompt, "max_new_tokens": 48,
                     "batch_size": 256},
         "objective": objective,
-        "optim": {"lr": scale.lr, "micro_batch_size": 256},
+        "optim": {**(optim or {"lr": scale.lr}), "micro_batch_size": 256},
         "train": {"steps": steps, "seed": seed, "save_every": 0, "progress": False},
     }
 
@@ -182,7 +194,7 @@ def experiment_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[J
     def distill(name, experiment, seed, *, student="models/base/final", teachers, data, objective, labels, domains,
                 steps=None, temperatures=(1.0,)):
         config = _config(scale, student=student, teachers=teachers, data=data, objective=objective,
-                         steps=steps or scale.distill_steps, seed=seed)
+                         steps=steps or scale.distill_steps, seed=seed, optim=_student_optim(scale))
         jobs.append(Job(name=f"{experiment}/{name}/seed{seed}", kind="train", experiment=experiment, seed=seed,
                         config=config, measure_domains=domains, temperatures=temperatures,
                         labels={**labels, "seed": seed}))

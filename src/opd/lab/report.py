@@ -493,6 +493,33 @@ def write_plots(root: Path, results: list[dict]) -> list[str]:
     return written
 
 
+def verdict_summary(findings: list[dict]) -> list[str]:
+    """The verdict table in words: how many findings each verdict has and which, the findings that came out
+    "not reproduced" listed as prominently as the reproduced ones, and why each open one is open."""
+    def interval(row: dict) -> str:
+        factor = 100.0 if row["unit"] == "points" else 1.0
+        return f"[{row['difference'][1] * factor:+.1f}, {row['difference'][2] * factor:+.1f}]"
+
+    def why_open(row: dict) -> str:
+        if "nothing to distil" in row["evidence"]:
+            return "its teacher is too close to its base"
+        if row["paper_gain"]:
+            return f"its interval {interval(row)} holds both 0 and the paper's gain {row['paper_gain'] * 100:+.1f}"
+        if "equal within" in row["evidence"]:  # verdict_equal: decided only inside or wholly outside the band
+            return f"its interval {interval(row)} crosses the ±{EQUAL_MARGIN * 100:.0f}-point band"
+        return f"its interval {interval(row)} holds 0"
+
+    groups = {verdict: [row for row in findings if row["verdict"] == verdict]
+              for verdict in ("reproduced", "not reproduced", "inconclusive")}
+    lines = [f"**In short.** Of {len(findings)} findings, {len(groups['reproduced'])} are reproduced, "
+             f"{len(groups['not reproduced'])} not reproduced and {len(groups['inconclusive'])} inconclusive.", ""]
+    lines += [f"- Reproduced: {'; '.join(row['claim'] for row in groups['reproduced']) or 'none'}."]
+    lines += [f"- Not reproduced: {'; '.join(row['claim'] for row in groups['not reproduced']) or 'none'}."]
+    open_rows = "; ".join(f"{row['claim']} ({why_open(row)})" for row in groups["inconclusive"])
+    lines += [f"- Inconclusive: {open_rows or 'none'}."]
+    return lines
+
+
 def _versions() -> str:
     """The packages a run's numbers depend on: the lab is bit-reproducible on one machine and these versions."""
     from importlib.metadata import version
@@ -519,6 +546,7 @@ def write_report(root: Path, results: list[dict], scale: Scale, *, seconds: floa
     ]
     header += _table(["published finding", "source", "verdict", "evidence"],
                      [[f["claim"], f["source"], f"**{f['verdict']}**", f["evidence"]] for f in findings])
+    header += [""] + verdict_summary(findings)
     body = header + [""] + lines + ["", "## Plots", "", *(f"![{p}]({p})" for p in plots), ""]
     report = root / "results.md"
     report.write_text("\n".join(body))
