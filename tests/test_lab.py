@@ -291,16 +291,15 @@ def test_report_reproduces_a_clear_gain_and_rejects_a_clear_loss():
 def test_the_summary_counts_every_verdict_and_says_why_each_open_finding_is_open():
     from opd.lab.report import verdict_summary
 
-    def row(claim, verdict, difference, paper_gain=None, evidence="x"):
+    def row(claim, verdict, difference, paper_gain=None, margin=None, without_room=()):
         return {"claim": claim, "verdict": verdict, "difference": difference, "unit": "points",
-                "paper_gain": paper_gain, "evidence": evidence}
+                "paper_gain": paper_gain, "margin": margin, "teachers_without_room": list(without_room)}
 
     findings = [row("A", "reproduced", [0.05, 0.02, 0.08]), row("B", "not reproduced", [-0.05, -0.08, -0.02]),
                 row("C", "not reproduced", [-0.01, -0.02, 0.0]),
                 row("D", "inconclusive", [0.01, -0.012, 0.034], paper_gain=0.015),
-                row("E", "inconclusive", [-0.02, -0.06, 0.01], evidence="OPD − teacher (equal within ±5): ..."),
-                row("F", "inconclusive", [0.0, -0.01, 0.01], evidence="... (teacher not 15 points above its base: "
-                    "large_sums; nothing to distil)")]
+                row("E", "inconclusive", [-0.02, -0.06, 0.01], margin=0.05),
+                row("F", "inconclusive", [0.0, -0.01, 0.01], paper_gain=0.023, without_room=("large_sums",))]
     text = "\n".join(verdict_summary(findings))
     assert "Of 6 findings, 1 are reproduced, 2 not reproduced and 3 inconclusive." in text
     assert "- Reproduced: A." in text and "- Not reproduced: B; C." in text
@@ -350,6 +349,8 @@ def test_report_calls_nothing_reproduced_when_the_teacher_has_not_learned():
     _, findings, _ = build_report(_synthetic(0.35, exopd=[0.50, 0.51, 0.49], opd=[0.35, 0.36, 0.34]), FULL)
     row = _verdict(findings, "ExOPD (λ = 1.25) beats the teacher (sums)")
     assert row["verdict"] == "inconclusive" and "not 15 points above its base" in row["evidence"]
+    assert row["teachers_without_room"] == ["sums"]  # what the summary in words reads
+    assert _verdict(findings, "OPD (λ = 1) matches the teacher")["margin"] == 0.05
 
 
 # ---------------------------------------------------------------- the plan

@@ -122,11 +122,11 @@ class Findings:
         self.rows: list[dict] = []
 
     def add(self, claim: str, source: str, diff: Interval, verdict: str, what: str, *, room: tuple[str, ...] = (),
-            unit: str = "points", paper_gain: float | None = None) -> None:
+            unit: str = "points", paper_gain: float | None = None, margin: float | None = None) -> None:
         """One verdict row. `room`: the teachers ("sums", "programs", "large_sums") whose gain over their base the
         finding needs; a teacher that is not clearly better than its base leaves nothing to distil or to pass,
         so such a comparison is inconclusive whatever its interval says."""
-        factor, digits = {"points": (100.0, 1), "tokens": (1.0, 1)}.get(unit, (1.0, 3))
+        factor, digits = _unit_format(unit)
         evidence = (f"{what}: {diff.mean * factor:+.{digits}f}{' ' + unit if unit else ''}, "
                     f"95% CI [{diff.low * factor:+.{digits}f}, {diff.high * factor:+.{digits}f}]")
         if paper_gain is not None:
@@ -137,12 +137,23 @@ class Findings:
             evidence += (f" (teacher not {MINIMUM_GAP * 100:.0f} points above its base: {', '.join(short)}; "
                          "nothing to distil)")
         self.rows.append({"claim": claim, "source": source, "verdict": verdict, "evidence": evidence,
-                          "difference": [diff.mean, diff.low, diff.high], "unit": unit, "paper_gain": paper_gain})
+                          "difference": [diff.mean, diff.low, diff.high], "unit": unit, "paper_gain": paper_gain,
+                          "margin": margin, "teachers_without_room": short})
 
     def beats(self, claim: str, source: str, diff: Interval, what: str, *, gain: str, room: tuple[str, ...]) -> None:
         """A "beats" row decided against the paper's own gain, PAPER_GAINS[gain] (stats.verdict_greater)."""
         paper_gain = PAPER_GAINS[gain]
         self.add(claim, source, diff, verdict_greater(diff, paper_gain), what, room=room, paper_gain=paper_gain)
+
+    def equals(self, claim: str, source: str, diff: Interval, what: str, *, room: tuple[str, ...]) -> None:
+        """A "matches" row: reproduced inside ±EQUAL_MARGIN, not reproduced wholly outside (stats.verdict_equal)."""
+        self.add(claim, source, diff, verdict_equal(diff, EQUAL_MARGIN),
+                 f"{what} (equal within ±{EQUAL_MARGIN * 100:.0f})", room=room, margin=EQUAL_MARGIN)
+
+
+def _unit_format(unit: str) -> tuple[float, int]:
+    """How a difference in `unit` is printed: the factor from the stored fraction, and the decimals."""
+    return {"points": (100.0, 1), "tokens": (1.0, 1)}.get(unit, (1.0, 3))
 
 
 def _all_greater(verdicts: set[str]) -> str:
@@ -235,9 +246,8 @@ def lam_sweep_section(data: Results, anchors: Anchors, sweep: dict[float, list[d
     paired = {lam: data.by_seed(runs, "sums") for lam, runs in sweep.items()}
     if acc.get(1.0) and teacher["sums"]:
         diff = paired_difference(paired[1.0], teacher["sums"])
-        findings.add("OPD (λ = 1) matches the teacher", "G-OPD Table 2 / Fig. 2", diff,
-                     verdict_equal(diff, EQUAL_MARGIN), f"OPD − teacher on sums (equal within ±{EQUAL_MARGIN * 100:.0f})",
-                     room=("sums",))
+        findings.equals("OPD (λ = 1) matches the teacher", "G-OPD Table 2 / Fig. 2", diff, "OPD − teacher on sums",
+                        room=("sums",))
     if acc.get(0.5) and acc.get(1.0) and base["sums"]:
         low, high = paired_difference(paired[0.5], base["sums"]), paired_difference(paired[1.0], paired[0.5])
         findings.add("0 < λ < 1 interpolates between the base and the teacher", "G-OPD Fig. 2",
@@ -496,18 +506,16 @@ def write_plots(root: Path, results: list[dict]) -> list[str]:
 def verdict_summary(findings: list[dict]) -> list[str]:
     """The verdict table in words: how many findings each verdict has and which, the findings that came out
     "not reproduced" listed as prominently as the reproduced ones, and why each open one is open."""
-    def interval(row: dict) -> str:
-        factor = 100.0 if row["unit"] == "points" else 1.0
-        return f"[{row['difference'][1] * factor:+.1f}, {row['difference'][2] * factor:+.1f}]"
-
     def why_open(row: dict) -> str:
-        if "nothing to distil" in row["evidence"]:
+        factor, digits = _unit_format(row["unit"])
+        bounds = f"[{row['difference'][1] * factor:+.{digits}f}, {row['difference'][2] * factor:+.{digits}f}]"
+        if row["teachers_without_room"]:
             return "its teacher is too close to its base"
         if row["paper_gain"]:
-            return f"its interval {interval(row)} holds both 0 and the paper's gain {row['paper_gain'] * 100:+.1f}"
-        if "equal within" in row["evidence"]:  # verdict_equal: decided only inside or wholly outside the band
-            return f"its interval {interval(row)} crosses the ±{EQUAL_MARGIN * 100:.0f}-point band"
-        return f"its interval {interval(row)} holds 0"
+            return f"its interval {bounds} holds both 0 and the paper's gain {row['paper_gain'] * factor:+.{digits}f}"
+        if row["margin"]:  # verdict_equal: decided only inside the band or wholly outside it
+            return f"its interval {bounds} crosses the ±{row['margin'] * factor:.0f}-point band"
+        return f"its interval {bounds} holds 0"
 
     groups = {verdict: [row for row in findings if row["verdict"] == verdict]
               for verdict in ("reproduced", "not reproduced", "inconclusive")}
