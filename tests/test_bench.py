@@ -104,6 +104,33 @@ def test_bench_step_packed_variants_quick(tmp_path):
     assert "first-step loss the same" in table
 
 
+def test_bench_step_grouped_variants_quick(tmp_path):
+    table, raw = run_bench("step", tmp_path, "--variants", "opd-grouped")  # its pair alone, both of it
+    rows = {r["variant"]: r for r in raw["results"]}
+    assert list(rows) == ["opd-consecutive", "opd-grouped"]
+    assert all("error" not in r for r in rows.values()), raw["results"]
+    consecutive, grouped = rows["opd-consecutive"], rows["opd-grouped"]
+    assert consecutive["rounds"] == grouped["rounds"] == 2
+    assert grouped["first_loss"] == pytest.approx(consecutive["first_loss"], rel=1e-4)
+    # The same rows, each grouped forward at its own rows' width: fewer tokens through the model.
+    assert grouped["response_tokens"] == consecutive["response_tokens"] < grouped["forward_tokens"] \
+        < consecutive["forward_tokens"]
+    assert "opd-padded" not in table  # the other pair was not asked for
+    assert (f"consecutive / grouped (4 micro-batches): training time "
+            f"{consecutive['training_seconds'] / grouped['training_seconds']:.2f}, scoring time "
+            f"{consecutive['scoring_seconds'] / grouped['scoring_seconds']:.2f}, peak extra memory "
+            f"{consecutive['peak_extra_bytes'] / grouped['peak_extra_bytes']:.2f}") in table
+    assert "first-step loss the same" in table
+
+
+def test_batch_lengths_are_shuffled_so_consecutive_rows_mix_lengths():
+    from opd.bench.packed_step import batch_lengths
+
+    lengths = batch_lengths(16, 128)
+    assert sorted(lengths) == response_lengths(16, 128) and lengths != sorted(lengths)
+    assert lengths == batch_lengths(16, 128)  # a fixed order: every variant gets the same batch
+
+
 def test_response_lengths_spread_from_a_few_tokens_to_the_cap():
     lengths = response_lengths(16, 128)
     assert lengths[0] == MIN_RESPONSE_TOKENS and lengths[-1] == 128 and lengths == sorted(lengths)

@@ -14,6 +14,7 @@ from opd.runtime.monitor import read_metrics
 from opd.collect import collect
 from opd.teachers import score_batch
 from opd.assemble import StepSettings
+from opd.samples import TokenRecord
 from opd.train import accumulate_gradients, train
 
 REQUIRED_METRICS = [
@@ -98,15 +99,82 @@ def test_gradient_accumulation_does_not_change_the_gradient(model_dir, prompts_f
 
     batch = dataclasses.replace(batch, response_mask=torch.arange(8)[None, :] < lengths[:, None])
     scores = score_batch(batch, run.scorers, run.scoring)
-    gradients = []
-    for micro_batch_size in (8, 2):
+    # float64: each micro-batch runs at its own rows' width, so float32 rounding would differ by ~1e-6.
+    run.student.to(torch.float64)
+    gradients, logprobs = [], []
+    # One micro-batch; four of consecutive rows; four of rows grouped by length (rows 3, 6 / 1, 2 / ...).
+    for micro_batch_size, grouped in ((8, False), (2, False), (2, True)):
         run.student.zero_grad(set_to_none=True)
         settings = StepSettings(aggregation=mode, micro_batch_size=micro_batch_size, temperature=1.0,
-                                chunk_size=7, max_grad_norm=None)
-        accumulate_gradients(run.student, batch, scores, run.objective, settings)
+                                chunk_size=7, max_grad_norm=None, group_by_length=grouped)
+        record = TokenRecord()
+        _, step_logprobs, _ = accumulate_gradients(run.student, batch, scores, run.objective, settings, record=record)
         gradients.append({n: p.grad.clone() for n, p in run.student.named_parameters()})
-    for name in gradients[0]:
-        torch.testing.assert_close(gradients[1][name], gradients[0][name], rtol=1e-5, atol=1e-7)
+        logprobs.append(step_logprobs)
+        # The sample log's per-token values are in the batch's row order too.
+        torch.testing.assert_close(record.joined()[0], step_logprobs.float())
+    for other in (1, 2):
+        for name in gradients[0]:
+            torch.testing.assert_close(gradients[other][name], gradients[0][name], rtol=1e-9, atol=1e-12)
+        # The per-token log-probs come back in the batch's row order, whatever rows shared a micro-batch.
+        torch.testing.assert_close(logprobs[other], logprobs[0], rtol=1e-9, atol=1e-12)
+
+
+def _cut_batch(model_dir, prompts_file, tmp_path, lengths):
+    """A collected batch of len(lengths) rows whose responses are cut at `lengths`, and its run."""
+    import dataclasses
+
+    config = make_config(model_dir, prompts_file, tmp_path / "run", rollout={"prompts_per_step": len(lengths) // 2})
+    seed_everything(0)
+    run = assemble(config)
+    batch = collect(run, 0, list(range(len(lengths) // 2)), {})
+    lengths = torch.tensor(lengths)
+    mask = torch.arange(batch.response_mask.shape[1])[None, :] < lengths[:, None]
+    return run, dataclasses.replace(batch, response_mask=mask)
+
+
+def test_grouped_micro_batches_hold_rows_of_similar_length(model_dir, prompts_file, tmp_path):
+    from opd.train import micro_batch_rows
+
+    run, batch = _cut_batch(model_dir, prompts_file, tmp_path, [8, 3, 5, 1, 8, 6, 2, 7])
+    lengths = (batch.prompt_mask.sum(dim=1) + batch.response_mask.sum(dim=1)).tolist()
+
+    def rows(size, grouped, tokens=None):
+        settings = StepSettings(aggregation="token-mean", micro_batch_size=size, temperature=1.0, chunk_size=7,
+                                max_grad_norm=None, group_by_length=grouped, micro_batch_tokens=tokens)
+        return [part.tolist() for part in micro_batch_rows(batch, settings)]
+
+    assert rows(2, False) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert rows(8, True) == [list(range(8))]  # one micro-batch: the batch's own order, nothing to gain
+    for parts in (rows(2, True), rows(3, True), rows(8, True, tokens=2 * batch.response_mask.shape[1] + 40)):
+        assert sorted(row for part in parts for row in part) == list(range(8))  # every row once
+        assert len(parts) > 1
+        for first, second in zip(parts, parts[1:]):  # shortest first: no micro-batch reaches into the next
+            assert max(lengths[row] for row in first) <= min(lengths[row] for row in second)
+    assert rows(2, True)[0] == sorted(range(8), key=lengths.__getitem__)[:2]  # the two shortest rows
+
+
+def test_grouped_scoring_gives_the_same_scores(model_dir, prompts_file, tmp_path):
+    import dataclasses
+
+    run, batch = _cut_batch(model_dir, prompts_file, tmp_path, [8, 8, 7, 6, 5, 3, 2, 1])
+    whole = score_batch(batch, run.scorers, dataclasses.replace(run.scoring, rows_per_forward=8))
+    from opd.runtime.lora import causal_lm
+
+    teacher = causal_lm(next(iter(run.scorers.values())).teacher.model).base_model  # the body scoring runs
+    widths = []  # the teacher's forwards: [rows, prompt + response width]
+    hook = teacher.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape),
+                                             with_kwargs=True)
+    try:
+        grouped = score_batch(batch, run.scorers, dataclasses.replace(run.scoring, rows_per_forward=2,
+                                                                      group_by_length=True))
+    finally:
+        hook.remove()
+    # Longest rows first in the batch, shortest first in the forwards, each at its own rows' width.
+    assert len(widths) >= 2 and {rows for rows, _ in widths} == {2} and widths[0][1] < widths[-1][1]
+    mask = batch.response_mask
+    torch.testing.assert_close(grouped.logprobs[mask], whole.logprobs[mask])
+    torch.testing.assert_close(grouped.ref_logprobs[mask], whole.ref_logprobs[mask])
 
 
 def test_resume_gives_identical_weights(model_dir, prompts_file, tmp_path):

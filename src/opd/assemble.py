@@ -75,6 +75,7 @@ class StepSettings:
     max_grad_norm: float | None
     micro_batch_tokens: int | None = None  # None: micro_batch_size rows per micro-batch
     packed: bool = False  # the student's forward on packed rows (packing.py)
+    group_by_length: bool = False  # micro-batches of rows of similar length (optim.group_by_length)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -187,6 +188,7 @@ def scoring_settings(config: Config, objective: Objective, any_reference: bool) 
     return ScoringSettings(
         topk=config.objective.topk if needs_topk else 0,
         rows_per_forward=config.optim.micro_batch_size,
+        group_by_length=config.optim.group_by_length,
         logprob_floor=config.objective.logprob_floor,
         # References are scored whenever configured: the objective may use them and the implicit reward
         # lT - lR is always logged. Set reference: null (lam = 1 only) to skip that forward pass.
@@ -212,7 +214,7 @@ def step_settings(config: Config) -> StepSettings:
         aggregation=config.objective.aggregation, micro_batch_size=config.optim.micro_batch_size,
         temperature=config.rollout.temperature, chunk_size=config.train.logit_chunk,
         max_grad_norm=config.optim.max_grad_norm, micro_batch_tokens=config.optim.micro_batch_tokens,
-        packed=config.optim.pack_sequences,
+        packed=config.optim.pack_sequences, group_by_length=config.optim.group_by_length,
     )
 
 

@@ -262,6 +262,11 @@ class OptimConfig:
     # references' scoring: each forward's rows packed into one row of real tokens, positions restarting per
     # row, attention never crossing rows (docs/architecture.md "Packed sequences"). Same values and gradients.
     pack_sequences: bool = False
+    # Rows of similar length share a micro-batch (training and scoring forwards), each forward cut to its
+    # own rows' longest prompt and response: a batch of mostly short responses with a long tail pays for
+    # the tail once, not in every micro-batch. The same gradient up to float rounding; false keeps the
+    # batch's row order. Nothing changes when a batch fits in one micro-batch.
+    group_by_length: bool = True
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

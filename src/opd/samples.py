@@ -46,18 +46,22 @@ class TokenRecord:
 
     student_logprobs: list[Tensor] = field(default_factory=list)  # per micro-batch [n, T] float32
     diagnostics: list[Mapping[str, Tensor]] = field(default_factory=list)  # per micro-batch, name -> [n, T]
+    rows: list[Tensor] = field(default_factory=list)  # per micro-batch, its rows of the batch [n]
 
-    def add(self, student_logprobs: Tensor, diagnostics: Mapping[str, Tensor]) -> None:
+    def add(self, student_logprobs: Tensor, diagnostics: Mapping[str, Tensor], rows: Tensor) -> None:
         self.student_logprobs.append(student_logprobs.detach().float().cpu())
         self.diagnostics.append({name: values.detach().float().cpu() for name, values in diagnostics.items()})
+        self.rows.append(rows)
 
     def joined(self) -> tuple[Tensor, dict[str, Tensor]]:
-        """lS [N, T] and each diagnostic [N, T] over the whole batch (nan in a micro-batch that lacks it)."""
+        """lS [N, T] and each diagnostic [N, T] over the whole batch, in its row order (nan in a micro-batch
+        that lacks it)."""
+        restore = torch.argsort(torch.cat(self.rows))  # micro-batches may hold rows out of order
         names = sorted({name for part in self.diagnostics for name in part})
         joined = {name: torch.cat([part[name] if name in part else torch.full(logprobs.shape, math.nan)
-                                   for part, logprobs in zip(self.diagnostics, self.student_logprobs)])
+                                   for part, logprobs in zip(self.diagnostics, self.student_logprobs)])[restore]
                   for name in names}
-        return torch.cat(self.student_logprobs), joined
+        return torch.cat(self.student_logprobs)[restore], joined
 
 
 def sample_rows(domains: tuple[str, ...], per_domain: int) -> list[int]:

@@ -57,15 +57,30 @@ def response_hidden_states(
     if packed:
         return packed_hidden_states(body, pack_rows(prompt_ids, prompt_mask, response_ids, response_mask),
                                     response_mask)
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
+    # Only the columns these rows use: the prompts' common left padding and the responses' common right
+    # padding are masked out of attention and change nothing but the cost. A micro-batch of short rows
+    # (group_by_length) or responses padded to max_new_tokens (teacher prefixes) run at their own width.
+    start, width = used_columns(prompt_mask, response_mask)
+    prompt_ids, prompt_mask = prompt_ids[:, start:], prompt_mask[:, start:]
+    input_ids = torch.cat([prompt_ids, response_ids[:, :width]], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask[:, :width]], dim=1).long()
     # Left padding: positions count real tokens only, as generation did, so scores match the sampler.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     outputs = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    hidden = outputs.last_hidden_state
     prompt_width = prompt_ids.shape[1]
     # The state at position i predicts token i + 1, so response token t is predicted at P - 1 + t.
-    return hidden[:, prompt_width - 1 : prompt_width - 1 + response_ids.shape[1]]
+    hidden = outputs.last_hidden_state[:, prompt_width - 1 : prompt_width - 1 + width]
+    missing = response_ids.shape[1] - width
+    return hidden if missing == 0 else nn.functional.pad(hidden, (0, 0, 0, missing))  # cut columns: no token
+
+
+def used_columns(prompt_mask: Tensor, response_mask: Tensor) -> tuple[int, int]:
+    """(the first prompt column any row uses, the response width any row uses) of left-padded prompts
+    [N, P] and right-padded responses [N, T]."""
+    used_prompt = prompt_mask.any(dim=0).nonzero()
+    used_response = response_mask.any(dim=0).nonzero()
+    start = int(used_prompt[0]) if len(used_prompt) else 0
+    return start, int(used_response[-1]) + 1 if len(used_response) else 0
 
 
 def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float = 1.0) -> Tensor:

@@ -114,6 +114,7 @@ class ScoringSettings:
     need_reference: bool  # the objective or the metrics use lR
     need_entropy: bool = False  # H(pi_T) at each position
     need_hidden: bool = False  # teacher hidden states and heads for full-vocabulary losses
+    group_by_length: bool = False  # a domain's rows scored shortest first (optim.group_by_length)
 
 
 def score_batch(batch: RolloutBatch, scorers: dict[str, DomainScorer], settings: ScoringSettings) -> TeacherScores:
@@ -125,6 +126,9 @@ def score_batch(batch: RolloutBatch, scorers: dict[str, DomainScorer], settings:
             continue
         scores.has_teacher[rows] = True
         _pair_idle_forwards(scorer, len(rows), settings)
+        if settings.group_by_length and len(rows) > settings.rows_per_forward:  # each chunk at its own width
+            lengths = batch.prompt_mask[rows].sum(dim=1) + batch.response_mask[rows].sum(dim=1)
+            rows = rows[torch.sort(lengths, stable=True).indices]
         for start in range(0, len(rows), settings.rows_per_forward):
             _score_chunk(scores, scorer, rows[start : start + settings.rows_per_forward], settings)
     return scores.floored()

@@ -276,7 +276,8 @@ def accumulate_gradients(model: nn.Module, batch: RolloutBatch, teacher: Teacher
     # The whole optimizer batch: every micro-batch on every rank divides by the same number.
     denominator = distributed.all_reduce_sum(count_denominator(batch.response_mask, settings.aggregation))
     metric_sets, logprobs, entropies = [], [], []
-    for rows in micro_batch_slices(batch, settings):
+    parts = micro_batch_rows(batch, settings)
+    for rows in parts:
         micro_batch = to_device(select_rows(batch, rows), model.device)
         micro_teacher = to_device(select_rows(teacher, rows), model.device)
         student = student_forward(model, micro_batch, micro_teacher, objective, settings)
@@ -288,18 +289,29 @@ def accumulate_gradients(model: nn.Module, batch: RolloutBatch, teacher: Teacher
         logprobs.append(student.logprobs.detach().cpu())
         entropies.append(student.entropy.cpu())
         if record is not None:
-            record.add(student.logprobs, token_loss.diagnostics)
+            record.add(student.logprobs, token_loss.diagnostics, rows)
     distributed.synchronize_replicated_gradients(model)
-    return combine(metric_sets), torch.cat(logprobs), torch.cat(entropies)
+    restore = torch.argsort(torch.cat(parts))  # the batch's row order again
+    return combine(metric_sets), torch.cat(logprobs)[restore], torch.cat(entropies)[restore]
 
 
-def micro_batch_slices(batch: RolloutBatch, settings: StepSettings) -> list[slice]:
-    """Consecutive rows per micro-batch: micro_batch_size of them, or filled up to micro_batch_tokens."""
+def micro_batch_rows(batch: RolloutBatch, settings: StepSettings) -> list[Tensor]:
+    """Each micro-batch's row indices [n]: micro_batch_size rows, or filled up to micro_batch_tokens. With
+    group_by_length and more than one micro-batch, the rows are taken shortest first (prompt + response
+    tokens), so that each micro-batch holds rows of similar length and its forward runs at their width."""
+    order = torch.arange(batch.num_rows)
+    if settings.group_by_length and len(_consecutive(batch, settings, order)) > 1:
+        lengths = batch.prompt_mask.sum(dim=1) + batch.response_mask.sum(dim=1)
+        order = torch.sort(lengths, stable=True).indices
+    return _consecutive(batch, settings, order)
+
+
+def _consecutive(batch: RolloutBatch, settings: StepSettings, order: Tensor) -> list[Tensor]:
+    """Rows `order` cut in turn into micro-batches of micro_batch_size rows or micro_batch_tokens tokens."""
     if settings.micro_batch_tokens is None:
-        size = settings.micro_batch_size
-        return [slice(start, start + size) for start in range(0, batch.num_rows, size)]
-    row_tokens = forward_tokens(batch.prompt_mask, batch.response_mask, settings.packed)
-    return token_budget_slices(row_tokens, settings.micro_batch_tokens)
+        return list(order.split(settings.micro_batch_size))
+    row_tokens = forward_tokens(batch.prompt_mask[order], batch.response_mask[order], settings.packed)
+    return [order[part] for part in token_budget_slices(row_tokens, settings.micro_batch_tokens)]
 
 
 def student_forward(model: nn.Module, batch: RolloutBatch, teacher: TeacherScores, objective: Objective,

@@ -182,10 +182,15 @@ def to_device(data, device):
     return type(data)(**values)
 
 
-def select_rows(data, rows: slice):
-    """The same dataclass with every per-row field (tensors on dim 0, tuples) cut to `rows`."""
+def select_rows(data, rows: slice | Tensor):
+    """The same dataclass with every per-row field (tensors on dim 0, tuples) cut to `rows` (a slice, or
+    row indices [n] in the order wanted)."""
     values = {}
     for item in dataclasses.fields(data):
         value = getattr(data, item.name)
-        values[item.name] = value[rows] if isinstance(value, (Tensor, tuple)) else value
+        if isinstance(value, tuple) and isinstance(rows, Tensor):
+            value = tuple(value[row] for row in rows.tolist())
+        elif isinstance(value, (Tensor, tuple)):
+            value = value[rows]
+        values[item.name] = value
     return type(data)(**values)

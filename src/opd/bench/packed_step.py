@@ -1,11 +1,14 @@
-"""`opd bench step`'s packed-vs-padded variants: the same training step on one rollout batch whose response
-lengths vary widely, with `optim.pack_sequences: false` (`opd-padded`) and `true` (`opd-packed`), measured
-side by side in one run.
+"""`opd bench step`'s packed-vs-padded and grouped-vs-consecutive variants: the same training step on one
+rollout batch whose response lengths vary widely, with `optim.pack_sequences: false` (`opd-padded`) and
+`true` (`opd-packed`), one micro-batch each; and in four padded micro-batches, of consecutive rows
+(`optim.group_by_length: false`, `opd-consecutive`) and of rows grouped by length (`true`, `opd-grouped`).
+Each pair is measured side by side in one run.
 
 Random tiny models practically never sample an end-of-sequence token, so the batch's lengths are set: the
 student samples max_new_tokens for every prompt (opd's own `collect`), then each row is cut as if it had
 stopped there, at lengths spread log-uniformly from MIN_RESPONSE_TOKENS to max_new_tokens (most responses
-short, a few at the cap: the long tail of reasoning rollouts, where padding to the longest costs most).
+short, a few at the cap: the long tail of reasoning rollouts, where padding to the longest costs most),
+given to the rows in a fixed shuffled order (sampled rows do not arrive sorted).
 Each variant, in a fresh process, assembles the run from its config (the models of `bench/step.py`, the
 in-process teacher packed or padded with the student) and runs opd's own step functions on that batch
 (`score_batch`, then `train_step`: forward, loss, backward, AdamW), one warm-up step then the timed ones.
@@ -24,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import re
 import statistics
 import sys
@@ -37,7 +41,11 @@ from opd.bench import run_in_subprocess, unmeasured_row
 # torch and the opd trainer are imported inside `run_variant`, in the variant's own process, so that the
 # parent (which only builds the models) stays small and each variant's memory is its own.
 
-VARIANTS = ("opd-padded", "opd-packed")
+# Two pairs, each judged within itself: one micro-batch padded against packed, and four micro-batches of
+# consecutive rows against four of rows grouped by length (`optim.group_by_length`), both padded.
+PAIRS = (("opd-padded", "opd-packed"), ("opd-consecutive", "opd-grouped"))
+VARIANTS = tuple(variant for pair in PAIRS for variant in pair)
+GROUPED_MICRO_BATCHES = 4
 MIN_RESPONSE_TOKENS = 2  # the shortest response: an answer and its end-of-sequence token
 
 
@@ -50,17 +58,27 @@ def response_lengths(rows: int, max_new_tokens: int) -> list[int]:
     return [round(low * ratio ** (row / (rows - 1))) for row in range(rows)]
 
 
-def run(size: dict, build: Callable[[Path, dict], list[str]], rounds: int) -> list[dict]:
-    """Both variants on the models and prompts `build` writes (bench/step.py's), each in a fresh process,
-    `rounds` times in turn (padded, packed, padded, ...), so that work sharing the machine for a while
-    slows neither variant alone."""
+def run(size: dict, build: Callable[[Path, dict], list[str]], rounds: int,
+        variants: tuple[str, ...] = VARIANTS) -> list[dict]:
+    """Both variants of each pair asked for (a pair runs whole) on the models and prompts `build` writes
+    (bench/step.py's), each in a fresh process, `rounds` times in turn (padded, packed, padded, ...), so that
+    work sharing the machine for a while slows neither variant alone."""
+    chosen = [variant for pair in PAIRS if set(pair) & set(variants) for variant in pair]
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         prompts = build(root, size)
         (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
         measured = [run_in_subprocess("opd.bench.packed_step", variant, str(root), json.dumps(size), timeout=1800)
-                    for _ in range(rounds) for variant in VARIANTS]
-    return [combine_rounds([row for row in measured if row["variant"] == variant]) for variant in VARIANTS]
+                    for _ in range(rounds) for variant in chosen]
+    return [combine_rounds([row for row in measured if row["variant"] == variant]) for variant in chosen]
+
+
+def batch_lengths(rows: int, max_new_tokens: int) -> list[int]:
+    """`response_lengths` in a fixed shuffled order: sampled rows do not arrive sorted, so consecutive
+    micro-batches mix short and long rows."""
+    lengths = response_lengths(rows, max_new_tokens)
+    random.Random(0).shuffle(lengths)
+    return lengths
 
 
 def combine_rounds(rows: list[dict]) -> dict:
@@ -92,7 +110,6 @@ def run_variant(variant: str, root: Path, size: dict) -> dict:
     from opd.assemble import assemble, seed_everything
     from opd.collect import collect
     from opd.config import load_config
-    from opd.packing import forward_tokens
     from opd.teachers import score_batch
     from opd.train import TrainState, build_optimizer, train_step
 
@@ -106,7 +123,10 @@ def run_variant(variant: str, root: Path, size: dict) -> dict:
         "rollout": {"prompts_per_step": size["prompts"], "samples_per_prompt": 1, "max_new_tokens": size["new_tokens"],
                     "batch_size": size["prompts"]},
         "objective": {"name": "opd"},
-        "optim": {"lr": 1e-5, "micro_batch_size": size["prompts"], "pack_sequences": variant == "opd-packed"},
+        "optim": {"lr": 1e-5, "pack_sequences": variant == "opd-packed",
+                  "micro_batch_size": size["prompts"] if variant in PAIRS[0]
+                  else max(size["prompts"] // GROUPED_MICRO_BATCHES, 1),
+                  "group_by_length": variant != "opd-consecutive"},
         "train": {"steps": size["steps"] + 1, "output_dir": str(root / variant), "save_every": 0,
                   "tensorboard": False, "progress": False},
     })
@@ -114,7 +134,7 @@ def run_variant(variant: str, root: Path, size: dict) -> dict:
     run = assemble(config)
     try:
         sampled = collect(run, 0, list(range(size["prompts"])), {})
-        batch = cut_responses(sampled, response_lengths(size["prompts"], size["new_tokens"]),
+        batch = cut_responses(sampled, batch_lengths(size["prompts"], size["new_tokens"]),
                               run.sampling.pad_id)
         state = TrainState(student=run.student, optimizer=build_optimizer(run.student, config.optim))
         resting = reset_peak_resident_bytes()
@@ -135,7 +155,23 @@ def run_variant(variant: str, root: Path, size: dict) -> dict:
             "training_seconds_per_step": [training for _, training in timed],
             "peak_extra_bytes": peak - resting, "first_loss": losses[0],
             "response_tokens": int(batch.response_mask.sum()),
-            "forward_tokens": sum(forward_tokens(batch.prompt_mask, batch.response_mask, run.step.packed))}
+            "forward_tokens": training_forward_tokens(batch, run.step)}
+
+
+def training_forward_tokens(batch, settings) -> int:
+    """Tokens the training forwards run on: real tokens when packed, else each micro-batch's rows times
+    the columns they use (scoring.used_columns: a forward is cut to its own rows' width)."""
+    from opd.packing import forward_tokens
+    from opd.scoring import used_columns
+    from opd.train import micro_batch_rows
+
+    if settings.packed:
+        return sum(forward_tokens(batch.prompt_mask, batch.response_mask, True))
+    total = 0
+    for rows in micro_batch_rows(batch, settings):
+        start, width = used_columns(batch.prompt_mask[rows], batch.response_mask[rows])
+        total += len(rows) * (batch.prompt_mask.shape[1] - start + width)
+    return total
 
 
 def cut_responses(batch, lengths: list[int], pad_id: int):
@@ -179,7 +215,7 @@ def format_table(results: list[dict]) -> str:
     by_name = {r["variant"]: r for r in results}
     lines = ["| variant | forward tokens | training s (fastest, median) | scoring s (fastest, median) | peak extra MiB |",
              "|---|---:|---:|---:|---:|"]
-    for name in VARIANTS:
+    for name in [variant for pair in PAIRS if set(pair) & set(by_name) for variant in pair]:
         row = by_name.get(name)
         missing = unmeasured_row(name, row, 4)
         if missing:
@@ -200,6 +236,18 @@ def format_table(results: list[dict]) -> str:
             f"{packed['response_tokens']} response tokens in {packed['rounds']} rounds of {packed['steps'] // packed['rounds']} "
             f"timed steps; first-step loss {'the same' if same else 'DIFFERS'}: {padded['first_loss']:.6f} padded, "
             f"{packed['first_loss']:.6f} packed")
+    consecutive, grouped = by_name.get("opd-consecutive"), by_name.get("opd-grouped")
+    if consecutive and grouped and "error" not in consecutive and "error" not in grouped:
+        same = math.isclose(consecutive["first_loss"], grouped["first_loss"], rel_tol=1e-4, abs_tol=1e-6)
+        lines.append(
+            f"\nconsecutive / grouped ({GROUPED_MICRO_BATCHES} micro-batches): training time "
+            f"{consecutive['training_seconds'] / grouped['training_seconds']:.2f}, scoring time "
+            f"{consecutive['scoring_seconds'] / grouped['scoring_seconds']:.2f}, peak extra memory "
+            f"{consecutive['peak_extra_bytes'] / max(grouped['peak_extra_bytes'], 1):.2f} (fastest steps; medians: "
+            f"training {consecutive['training_seconds_median'] / grouped['training_seconds_median']:.2f}, scoring "
+            f"{consecutive['scoring_seconds_median'] / grouped['scoring_seconds_median']:.2f}); first-step loss "
+            f"{'the same' if same else 'DIFFERS'}: {consecutive['first_loss']:.6f} consecutive, "
+            f"{grouped['first_loss']:.6f} grouped")
     return "\n".join(lines)
 
 

@@ -32,7 +32,8 @@ VARIANTS = ("trl", "opd", "opd-vllm")  # opd-vllm: opd with rollout.backend vllm
 SERVED_VARIANTS = ("opd-served", "opd-async")
 # Two FSDP2 processes, a vLLM engine in each against HF generate in each (bench/colocated_step.py).
 COLOCATED_VARIANTS = colocated_step.VARIANTS
-# The training step padded against packed, on a batch of widely varying response lengths (bench/packed_step.py).
+# The training step padded against packed, and consecutive against length-grouped micro-batches, on a batch of
+# widely varying response lengths (bench/packed_step.py).
 PACKED_VARIANTS = packed_step.VARIANTS
 ALL_VARIANTS = VARIANTS + SERVED_VARIANTS + COLOCATED_VARIANTS + PACKED_VARIANTS
 
@@ -137,7 +138,8 @@ def run(quick: bool = False, variants: tuple[str, ...] = ALL_VARIANTS) -> list[d
         results += colocated_step.run(QUICK if quick else FULL, _build,
                                       tuple(v for v in COLOCATED_VARIANTS if v in variants))
     if any(variant in variants for variant in PACKED_VARIANTS):
-        results += packed_step.run(QUICK if quick else FULL, _build, rounds=2 if quick else 3)
+        results += packed_step.run(QUICK if quick else FULL, _build, rounds=2 if quick else 3,
+                                   variants=tuple(v for v in PACKED_VARIANTS if v in variants))
     return results
 
 
