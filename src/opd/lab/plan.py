@@ -47,6 +47,22 @@ TABLE_ONLY_SEEDS = (0,)
 # λ = 0.5 feeds one finding (0 < λ < 1 interpolates), whose interval's lower end was 5 to 9 points above 0 in
 # every committed run: three seeds decide it, and the fourth's minute goes to the comparisons still open.
 INTERPOLATION_SEEDS = 3
+# Runs whose every comparison the four-seed run of 2026-12-07 (third) decided with a half-width under ±3
+# keep four seeds; the runs of the comparisons it left open or wider (multi-teacher, strong-to-weak, ExOPD
+# on programs against its teacher, the mismatch objectives) get the scale's seeds (docs/lab.md). A group
+# is a job's name without its seed.
+DECIDED_SEEDS = 4
+DECIDED_GROUPS = ("lam_sweep/lam1.0", "lam_sweep/lam1.25", "lam_sweep/lam1.5", "distillation/opd-programs",
+                  "temperature/base-sums", "temperature/base-programs", "temperature/large-base-sums",
+                  "temperature/mismatched-base-sums", "temperature/large-sums-teacher")
+
+
+def seeds_of(group: str, scale: Scale) -> range:
+    """The seeds a run (a job's name without its seed) is trained or measured at; the table-only runs are
+    chosen in `experiment_jobs` (TABLE_ONLY_SEEDS)."""
+    if group == "lam_sweep/lam0.5":
+        return range(min(INTERPOLATION_SEEDS, scale.seeds))
+    return range(min(DECIDED_SEEDS, scale.seeds)) if group in DECIDED_GROUPS else range(scale.seeds)
 EXPO_SETTINGS = {"single-sums": (["teachers/sums/final"], ("sums",)),
                  "single-programs": (["teachers/programs/final"], ("programs",)),
                  "multi": (["teachers/sums/final", "teachers/programs/final"], ("sums", "programs"))}
@@ -80,9 +96,9 @@ class Scale:
 
 FULL = Scale(small=ModelShape(hidden_size=128, num_layers=4), large=ModelShape(hidden_size=192, num_layers=6),
              pretrain_steps=300, large_pretrain_steps=300, mismatch_pretrain_steps=300, pretrain_batch=128,
-             teacher_steps=20, teacher_prompts=16, distill_steps=60, mismatch_steps=40, prompts_per_step=32,
-             samples_per_prompt=2, lr=1e-4, student_lr=2e-4, train_problems=1500, test_problems=200, test_samples=8,
-             seeds=4)
+             teacher_steps=20, teacher_prompts=16, distill_steps=60, mismatch_steps=30, prompts_per_step=32,
+             samples_per_prompt=2, lr=1e-4, student_lr=2e-4, train_problems=1500, test_problems=200, test_samples=5,
+             seeds=5)
 QUICK = Scale(small=ModelShape(hidden_size=32, num_layers=1, num_heads=2),
               large=ModelShape(hidden_size=48, num_layers=1, num_heads=2),
               pretrain_steps=12, large_pretrain_steps=12, mismatch_pretrain_steps=8, pretrain_batch=16,
@@ -193,6 +209,8 @@ def experiment_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[J
 
     def distill(name, experiment, seed, *, student="models/base/final", teachers, data, objective, labels, domains,
                 steps=None, temperatures=(1.0,)):
+        if seed not in seeds_of(f"{experiment}/{name}", scale):
+            return
         config = _config(scale, student=student, teachers=teachers, data=data, objective=objective,
                          steps=steps or scale.distill_steps, seed=seed, optim=_student_optim(scale))
         jobs.append(Job(name=f"{experiment}/{name}/seed{seed}", kind="train", experiment=experiment, seed=seed,
@@ -201,7 +219,7 @@ def experiment_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[J
 
     if "lam_sweep" in only:  # gopd from the base with the sums teacher; reference = the base, except at λ = 1
         for lam in TRAINED_LAMS:
-            for seed in seed_range[:INTERPOLATION_SEEDS] if lam == 0.5 else seed_range:
+            for seed in seed_range:
                 distill(f"lam{lam}", "lam_sweep", seed,
                         teachers=[_teacher("sums", "teachers/sums/final", reference=_reference(lam))],
                         data="data/sums.jsonl", objective={"name": "gopd", "lam": lam}, domains=("sums",),
@@ -259,12 +277,14 @@ def experiment_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[J
                         labels={"method": variant, "domain": "sums"})
     # The single models every table and verdict is measured against, whatever `only` names; with the lower
     # temperatures they are also the control no paper ran (sharpening by temperature alone).
+    # The control compares the teacher at lower temperatures with the ExOPD students: at their seeds.
+    control_seeds = seeds_of("lam_sweep/lam1.25", scale)
     for name, (model, domains) in SINGLE_MODELS.items():
-        for seed in seed_range:
+        for seed in seeds_of(f"temperature/{name}", scale):
+            lower = (name in CONTROL_EVERY_SEED and seed in control_seeds) or (name in CONTROL_SEED_ZERO and seed == 0)
             jobs.append(Job(name=f"temperature/{name}/seed{seed}", kind="measure", experiment="temperature",
                             seed=seed, model=model, measure_domains=domains,
-                            temperatures=scale.control_temperatures if name in CONTROL_EVERY_SEED
-                            or (name in CONTROL_SEED_ZERO and seed == 0) else (1.0,),
+                            temperatures=scale.control_temperatures if lower else (1.0,),
                             labels={"model": name, "seed": seed}))
     return jobs
 

@@ -128,7 +128,7 @@ class Findings:
         so such a comparison is inconclusive whatever its interval says."""
         factor, digits = _unit_format(unit)
         evidence = (f"{what}: {diff.mean * factor:+.{digits}f}{' ' + unit if unit else ''}, "
-                    f"95% CI [{diff.low * factor:+.{digits}f}, {diff.high * factor:+.{digits}f}]")
+                    f"95% CI [{diff.low * factor:+.{digits}f}, {diff.high * factor:+.{digits}f}], {diff.n} seeds")
         if paper_gain is not None:
             evidence += f"; the paper's gain {paper_gain * factor:+.{digits}f}"
         short = [name for name in room if self.gaps.get(name, 0.0) < MINIMUM_GAP]
@@ -149,6 +149,20 @@ class Findings:
         """A "matches" row: reproduced inside ±EQUAL_MARGIN, not reproduced wholly outside (stats.verdict_equal)."""
         self.add(claim, source, diff, verdict_equal(diff, EQUAL_MARGIN),
                  f"{what} (equal within ±{EQUAL_MARGIN * 100:.0f})", room=room, margin=EQUAL_MARGIN)
+
+
+def _fewer_seeds(results: list[dict], seeds: int) -> str:
+    """The runs (job names without their seed) with fewer than `seeds` seeds, grouped by their count."""
+    counts: dict[str, set[int]] = {}
+    for result in results:
+        group, _, seed = result["name"].rpartition("/seed")
+        if group and result["experiment"] != "models" and seed.isdigit():
+            counts.setdefault(group, set()).add(int(seed))
+    fewer: dict[int, list[str]] = {}
+    for group, found in counts.items():
+        if len(found) < seeds:
+            fewer.setdefault(len(found), []).append(f"`{group}`")
+    return "; ".join(f"{count}: {', '.join(groups)}" for count, groups in sorted(fewer.items(), reverse=True)) or "none"
 
 
 def _unit_format(unit: str) -> tuple[float, int]:
@@ -545,7 +559,9 @@ def write_report(root: Path, results: list[dict], scale: Scale, *, seconds: floa
         f"{seconds / 60:.1f} min wall in the last invocation (finished jobs are reused) · "
         f"machine: {platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}, "
         f"{_versions()}", "",
-        f"Entries are `mean ± half-width of the 95% CI` over {scale.seeds} seeds unless a row says otherwise; "
+        f"Entries are `mean ± half-width of the 95% CI` over {scale.seeds} seeds, except the runs with fewer (where "
+        f"fewer decide every comparison the run feeds, or it fills a table only), by count: "
+        f"{_fewer_seeds(results, scale.seeds)}. A verdict's evidence names the seeds its pairs share; "
         f"each run is measured on {scale.test_problems} held-out problems × {scale.test_samples} samples per domain.",
         "", "Verdicts: every comparison is a paired per-seed difference (a t-interval over the seeds both sides "
         "ran). A seed fixes a run's prompt order, training draws and evaluation sampling seed; a single model (a "
