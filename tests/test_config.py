@@ -47,6 +47,8 @@ def test_minimal_config_loads_with_defaults(tmp_path):
         ({"optim": {"micro_batch_size": 1.5}}, r"optim.micro_batch_size: expected an integer"),
         ({"optim": {"micro_batch_tokens": 0}}, r"optim.micro_batch_tokens: must be >= 1 or null"),
         ({"optim": {"pack_sequences": "yes"}}, r"optim.pack_sequences: expected"),
+        ({"rollout": {"backend": "vllm", "shared_noise": True}}, r"rollout.shared_noise: needs rollout.backend hf"),
+        ({"optim": {"group_by_length": "yes"}}, r"optim.group_by_length: expected"),
         ({"train": {"steps": 0}}, r"train.steps: must be >= 1"),
         ({"teachers": []}, r"teachers: at least one teacher"),
         ({"teachers": [{"domain": "a", "path": "t"}, {"domain": "a", "path": "u"}]}, r"more than one teacher"),

@@ -222,3 +222,31 @@ def test_shared_noise_gives_a_row_the_same_tokens_whatever_the_batch(student):
                                    response_mask=whole.mask, sampler_logprobs=whole.logprobs))
     scored, recorded = rescore(model, batch, 1.0)
     torch.testing.assert_close(recorded, scored, atol=1e-5, rtol=1e-5)
+
+
+def test_rollout_shared_noise_couples_two_students_at_one_step_seed(student):
+    """rollout.shared_noise: the step's rollout seed keys the noise, so a slightly different student asked at
+    the same seed draws nearly the same tokens, where independent draws agree far less; a step without a
+    seed is refused rather than sampled some other way."""
+    import copy
+
+    model, tokenizer = student
+    rows = [p for p in prompts(tokenizer) for _ in range(4)]
+    settings = dataclasses.replace(settings_for(model, tokenizer, temperature=1.0, max_new_tokens=12), seed=11)
+    nearby = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in nearby.parameters():
+            parameter.add_(torch.randn_like(parameter) * 1e-3 * parameter.std().nan_to_num())
+
+    def agreement(shared):
+        torch.manual_seed(0)
+        first = HfSampler(model, shared_noise=shared).sample(rows, settings)
+        torch.manual_seed(1)  # independent draws where the noise is torch's
+        second = HfSampler(nearby, shared_noise=shared).sample(rows, settings)
+        width = min(first.ids.shape[1], second.ids.shape[1])
+        return (first.ids[:, :width] == second.ids[:, :width]).float().mean().item()
+
+    coupled, independent = agreement(True), agreement(False)
+    assert coupled > 0.9 and coupled > independent + 0.3, (coupled, independent)
+    with pytest.raises(ValueError, match="rollout.shared_noise needs the step's rollout seed"):
+        HfSampler(model, shared_noise=True).sample(rows, dataclasses.replace(settings, seed=None))

@@ -287,3 +287,11 @@ def test_sft_resume_reuses_the_checkpointed_teacher_responses(model_dir, prompts
     a, b = parameters_of(straight), parameters_of(resumed)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_rollout_shared_noise_reaches_the_students_sampler(model_dir, prompts_file, tmp_path):
+    """The config key reaches the run's sampler (what it does to the draws: test_rollout.py)."""
+    for shared in (True, False):
+        run = assemble(make_config(model_dir, prompts_file, tmp_path / f"run-{shared}", rollout={"shared_noise": shared}))
+        assert run.sampler.shared_noise is shared
+        run.close()

@@ -249,7 +249,7 @@ def _served_student(config: Config, tokenizer) -> ServedModel:
 # The student's sampler, by rollout.backend. A vLLM engine or server starts from the student's folder; the
 # loop syncs the training weights (a checkpoint's, LoRA's merged) into it before the first step.
 SAMPLERS: dict[str, Callable[[Config, nn.Module, object], Sampler]] = {
-    "hf": lambda config, student, tokenizer: HfSampler(student),
+    "hf": lambda config, student, tokenizer: HfSampler(student, shared_noise=config.rollout.shared_noise),
     "vllm": lambda config, student, tokenizer: VllmEngine(
         engine_settings(config, config.student.path, config.student.dtype, 1)),
     "vllm-server": lambda config, student, tokenizer: _served_student(config, tokenizer),

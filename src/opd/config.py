@@ -174,6 +174,12 @@ class RolloutConfig:
     # max_staleness 0 is the synchronous step on two threads. The YAML key is `async` (a Python keyword).
     async_: bool = field(default=False, metadata={"key": "async"})
     max_staleness: int = 1
+    # Common random numbers (hf only): each step's rollouts draw their tokens by Gumbel-max with noise hashed
+    # from the step's rollout seed (train.seed, rank, step), the row and the position (rollout/hf.py
+    # `shared_uniforms`), instead of torch's generator. Every rollout is still an exact sample of the
+    # student; two runs of one seed (two objectives compared) draw alike wherever their students agree, so
+    # their paired difference loses most of the noise of the trajectories.
+    shared_noise: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -385,6 +391,9 @@ def validate(config: Config) -> None:
     require(0 < rollout.top_p <= 1, "rollout.top_p: must be in (0, 1]")
     require(rollout.max_new_tokens >= 1, "rollout.max_new_tokens: must be >= 1")
     require(rollout.batch_size >= 1, "rollout.batch_size: must be >= 1")
+    require(not rollout.shared_noise or rollout.backend == "hf",
+            f"rollout.shared_noise: needs rollout.backend hf (the {rollout.backend} engine draws with its own "
+            "generator); set shared_noise: false or backend: hf")
     _validate_optim(config, require)
     require(optim.warmup_steps >= 0, "optim.warmup_steps: must be >= 0")
     require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio: must be in [0, 1]")

@@ -192,13 +192,17 @@ class HfSampler:
     """The `Sampler` that is the model itself: `generate` on the training (or a frozen) model, so its
     weights are always current and `sync` has nothing to do."""
 
-    def __init__(self, model: nn.Module, kept_width: int | None = None):
+    def __init__(self, model: nn.Module, kept_width: int | None = None, shared_noise: bool = False):
         self.model = model
         self.kept_width = kept_width  # a teacher's drop_padded_logits: sample from its scored distribution
+        self.shared_noise = shared_noise  # rollout.shared_noise: draw with noise keyed by the step's seed
 
     def sample(self, prompts: list[list[int]], settings: SamplingSettings,
                prefixes: list[list[int]] | None = None) -> Responses:
-        return sample_in_batches(self.model, prompts, settings, prefixes, self.kept_width)
+        if self.shared_noise and settings.seed is None:
+            raise ValueError("rollout.shared_noise needs the step's rollout seed (SamplingSettings.seed); got None")
+        return sample_in_batches(self.model, prompts, settings, prefixes, self.kept_width,
+                                 shared_noise_seed=settings.seed if self.shared_noise else None)
 
     def sync(self, model: nn.Module) -> None:
         pass
