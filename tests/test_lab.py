@@ -630,13 +630,6 @@ def test_the_lab_help_names_the_scales_seeds():
     assert f"(default {FULL.seeds}; quick {QUICK.seeds})" in " ".join(help_text.split())
 
 
-def test_the_students_share_their_draws_and_the_teachers_do_not():
-    jobs = teacher_jobs(FULL) + experiment_jobs(FULL)
-    students = [j for j in jobs if j.kind == "train" and j.experiment != "models"]
-    assert students and all(j.config["rollout"]["shared_noise"] is True for j in students)
-    assert all("shared_noise" not in j.config["rollout"] for j in teacher_jobs(FULL))
-
-
 def test_the_report_header_names_the_runs_with_fewer_seeds():
     from opd.lab.report import _fewer_seeds
 

@@ -209,10 +209,6 @@ def experiment_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[J
             return
         config = _config(scale, student=student, teachers=teachers, data=data, objective=objective,
                          steps=steps or scale.distill_steps, seed=seed, optim=_student_optim(scale))
-        # Common random numbers: the students of one seed draw their rollouts with the same noise, so the
-        # methods compared on that seed see mostly the same samples (docs/lab.md, "Students that share
-        # their draws": the pilot that chose it).
-        config["rollout"]["shared_noise"] = True
         jobs.append(Job(name=f"{experiment}/{name}/seed{seed}", kind="train", experiment=experiment, seed=seed,
                         config=config, measure_domains=domains, temperatures=temperatures,
                         labels={**labels, "seed": seed}))
