@@ -226,29 +226,27 @@ def format_table(results: list[dict]) -> str:
                      f"{row['scoring_seconds_median']:.3f} | {row['peak_extra_bytes'] / 2**20:.1f} |")
     padded, packed = by_name.get("opd-padded"), by_name.get("opd-packed")
     if padded and packed and "error" not in padded and "error" not in packed:
-        same = math.isclose(padded["first_loss"], packed["first_loss"], rel_tol=1e-4, abs_tol=1e-6)
-        lines.append(
-            f"\npadded / packed: training time {padded['training_seconds'] / packed['training_seconds']:.2f}, "
-            f"scoring time {padded['scoring_seconds'] / packed['scoring_seconds']:.2f}, "
-            f"peak extra memory {padded['peak_extra_bytes'] / max(packed['peak_extra_bytes'], 1):.2f} (fastest steps; "
-            f"medians: training {padded['training_seconds_median'] / packed['training_seconds_median']:.2f}, "
-            f"scoring {padded['scoring_seconds_median'] / packed['scoring_seconds_median']:.2f}). "
-            f"{packed['response_tokens']} response tokens in {packed['rounds']} rounds of {packed['steps'] // packed['rounds']} "
-            f"timed steps; first-step loss {'the same' if same else 'DIFFERS'}: {padded['first_loss']:.6f} padded, "
-            f"{packed['first_loss']:.6f} packed")
+        lines.append(_pair_line("padded / packed", padded, packed, ("padded", "packed"),
+                                f". {packed['response_tokens']} response tokens in {packed['rounds']} rounds of "
+                                f"{packed['steps'] // packed['rounds']} timed steps"))
     consecutive, grouped = by_name.get("opd-consecutive"), by_name.get("opd-grouped")
     if consecutive and grouped and "error" not in consecutive and "error" not in grouped:
-        same = math.isclose(consecutive["first_loss"], grouped["first_loss"], rel_tol=1e-4, abs_tol=1e-6)
-        lines.append(
-            f"\nconsecutive / grouped ({GROUPED_MICRO_BATCHES} micro-batches): training time "
-            f"{consecutive['training_seconds'] / grouped['training_seconds']:.2f}, scoring time "
-            f"{consecutive['scoring_seconds'] / grouped['scoring_seconds']:.2f}, peak extra memory "
-            f"{consecutive['peak_extra_bytes'] / max(grouped['peak_extra_bytes'], 1):.2f} (fastest steps; medians: "
-            f"training {consecutive['training_seconds_median'] / grouped['training_seconds_median']:.2f}, scoring "
-            f"{consecutive['scoring_seconds_median'] / grouped['scoring_seconds_median']:.2f}); first-step loss "
-            f"{'the same' if same else 'DIFFERS'}: {consecutive['first_loss']:.6f} consecutive, "
-            f"{grouped['first_loss']:.6f} grouped")
+        lines.append(_pair_line(f"consecutive / grouped ({GROUPED_MICRO_BATCHES} micro-batches)", consecutive, grouped,
+                                ("consecutive", "grouped"), ""))
     return "\n".join(lines)
+
+
+def _pair_line(title: str, base: dict, other: dict, names: tuple[str, str], note: str) -> str:
+    """One pair's ratios (base over other: above 1, `other` is faster or smaller) and whether its first
+    step's loss agrees."""
+    same = math.isclose(base["first_loss"], other["first_loss"], rel_tol=1e-4, abs_tol=1e-6)
+    return (f"\n{title}: training time {base['training_seconds'] / other['training_seconds']:.2f}, "
+            f"scoring time {base['scoring_seconds'] / other['scoring_seconds']:.2f}, "
+            f"peak extra memory {base['peak_extra_bytes'] / max(other['peak_extra_bytes'], 1):.2f} (fastest steps; "
+            f"medians: training {base['training_seconds_median'] / other['training_seconds_median']:.2f}, "
+            f"scoring {base['scoring_seconds_median'] / other['scoring_seconds_median']:.2f}){note}; first-step loss "
+            f"{'the same' if same else 'DIFFERS'}: {base['first_loss']:.6f} {names[0]}, "
+            f"{other['first_loss']:.6f} {names[1]}")
 
 
 if __name__ == "__main__":
