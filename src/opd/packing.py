@@ -65,6 +65,12 @@ def forward_tokens(prompt_mask: Tensor, response_mask: Tensor, packed: bool) -> 
     return [prompt_mask.shape[1] + response_mask.shape[1]] * prompt_mask.shape[0]
 
 
+def shortest_first(prompt_mask: Tensor, response_mask: Tensor) -> Tensor:
+    """Row indices [N] by their real tokens (prompt + response), shortest first, ties in row order: the
+    order in which grouped micro-batches and scoring forwards take rows (optim.group_by_length)."""
+    return torch.sort(prompt_mask.sum(dim=1) + response_mask.sum(dim=1), stable=True).indices
+
+
 def token_budget_slices(row_tokens: list[int], budget: int) -> list[slice]:
     """Consecutive rows, filled greedily while their tokens stay within `budget`. A row longer than the
     budget is a micro-batch of its own: every row is trained on, and no micro-batch is larger than needed."""

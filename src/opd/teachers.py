@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from opd.packing import shortest_first
 from opd.rollout.batch import Sampler, left_pad
 from opd.runtime import distributed
 from opd.runtime.lora import causal_lm, scoring_context
@@ -127,8 +128,7 @@ def score_batch(batch: RolloutBatch, scorers: dict[str, DomainScorer], settings:
         scores.has_teacher[rows] = True
         _pair_idle_forwards(scorer, len(rows), settings)
         if settings.group_by_length and len(rows) > settings.rows_per_forward:  # each chunk at its own width
-            lengths = batch.prompt_mask[rows].sum(dim=1) + batch.response_mask[rows].sum(dim=1)
-            rows = rows[torch.sort(lengths, stable=True).indices]
+            rows = rows[shortest_first(batch.prompt_mask[rows], batch.response_mask[rows])]
         for start in range(0, len(rows), settings.rows_per_forward):
             _score_chunk(scores, scorer, rows[start : start + settings.rows_per_forward], settings)
     return scores.floored()

@@ -38,7 +38,7 @@ from opd.evaluate.run import EvalSettings, evaluate
 from opd.evaluate.sampling import EvalBackend
 from opd.metrics import as_floats, combine, rollout_metrics, topk_metrics
 from opd.objectives import Objective
-from opd.packing import forward_tokens, token_budget_slices
+from opd.packing import forward_tokens, shortest_first, token_budget_slices
 from opd.pipelined import RolloutPipeline, ScoredBatch, check_staleness
 from opd.runtime import distributed
 from opd.runtime.checkpoint import (
@@ -299,11 +299,10 @@ def micro_batch_rows(batch: RolloutBatch, settings: StepSettings) -> list[Tensor
     """Each micro-batch's row indices [n]: micro_batch_size rows, or filled up to micro_batch_tokens. With
     group_by_length and more than one micro-batch, the rows are taken shortest first (prompt + response
     tokens), so that each micro-batch holds rows of similar length and its forward runs at their width."""
-    order = torch.arange(batch.num_rows)
-    if settings.group_by_length and len(_consecutive(batch, settings, order)) > 1:
-        lengths = batch.prompt_mask.sum(dim=1) + batch.response_mask.sum(dim=1)
-        order = torch.sort(lengths, stable=True).indices
-    return _consecutive(batch, settings, order)
+    parts = _consecutive(batch, settings, torch.arange(batch.num_rows))
+    if settings.group_by_length and len(parts) > 1:
+        parts = _consecutive(batch, settings, shortest_first(batch.prompt_mask, batch.response_mask))
+    return parts
 
 
 def _consecutive(batch: RolloutBatch, settings: StepSettings, order: Tensor) -> list[Tensor]:
