@@ -289,7 +289,7 @@ def test_report_reproduces_a_clear_gain_and_rejects_a_clear_loss():
 
 
 def test_the_summary_counts_every_verdict_and_says_why_each_open_finding_is_open():
-    from opd.lab.report import verdict_summary
+    from opd.lab.findings import verdict_summary
 
     def row(claim, verdict, difference, paper_gain=None, margin=None, without_room=()):
         return {"claim": claim, "verdict": verdict, "difference": difference, "unit": "points",

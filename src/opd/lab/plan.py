@@ -199,81 +199,112 @@ def _teacher(domain: str, path: str, *, reference: str | None) -> dict:
 
 
 def experiment_jobs(scale: Scale, only: tuple[str, ...] = EXPERIMENTS) -> list[Job]:
-    """Every experiment's jobs at `scale.seeds` seeds (`opd lab --seeds` replaces the scale's count)."""
+    """Every experiment's jobs at `scale.seeds` seeds (`opd lab --seeds` replaces the scale's count), and the
+    single models every table and verdict is measured against, whatever `only` names."""
     jobs: list[Job] = []
-    seed_range = range(scale.seeds)
+    for experiment, make in (("lam_sweep", _lam_sweep_jobs), ("distillation", _distillation_jobs),
+                             ("strong_to_weak", _strong_to_weak_jobs), ("mismatch", _mismatch_jobs)):
+        if experiment in only:
+            jobs += make(scale)
+    return jobs + _single_model_jobs(scale)
 
-    def distill(name, experiment, seed, *, student="models/base/final", teachers, data, objective, labels, domains,
-                steps=None, temperatures=(1.0,)):
-        if seed not in seeds_of(f"{experiment}/{name}", scale):
-            return
-        config = _config(scale, student=student, teachers=teachers, data=data, objective=objective,
-                         steps=steps or scale.distill_steps, seed=seed, optim=_student_optim(scale))
-        jobs.append(Job(name=f"{experiment}/{name}/seed{seed}", kind="train", experiment=experiment, seed=seed,
-                        config=config, measure_domains=domains, temperatures=temperatures,
-                        labels={**labels, "seed": seed}))
 
-    if "lam_sweep" in only:  # gopd from the base with the sums teacher; reference = the base, except at λ = 1
-        for lam in TRAINED_LAMS:
-            for seed in seed_range:
-                distill(f"lam{lam}", "lam_sweep", seed,
-                        teachers=[_teacher("sums", "teachers/sums/final", reference=_reference(lam))],
-                        data="data/sums.jsonl", objective={"name": "gopd", "lam": lam}, domains=("sums",),
-                        labels={"lam": lam, "method": "OPD" if lam == 1 else f"G-OPD lam={lam}", "domain": "sums"},
-                        # The OPD student at lower temperatures too, for the control's table (no verdict uses
-                        # it, so one evaluation seed, like the table's other models).
-                        temperatures=scale.control_temperatures if lam == 1 and seed == 0 else (1.0,))
-    if "distillation" in only:
-        table_seeds = [seed for seed in seed_range if seed in TABLE_ONLY_SEEDS]
-        for seed in seed_range:
-            if seed in table_seeds:
-                distill("sft-sums", "distillation", seed,
-                        teachers=[_teacher("sums", "teachers/sums/final", reference=None)], data="data/sums.jsonl",
-                        objective={"name": "sft"}, domains=("sums",),
-                        labels={"method": "SFT", "setting": "single", "domain": "sums"})
-            for method, lam in (("SFT", None), ("OPD", 1.0), ("ExOPD", EXOPD_LAM)):
-                objective = {"name": "sft"} if lam is None else {"name": "gopd", "lam": lam}
-                reference = _reference(lam)
-                if method != "SFT" or seed in table_seeds:
-                    distill(f"{method.lower()}-programs", "distillation", seed,
-                            teachers=[_teacher("programs", "teachers/programs/final", reference=reference)],
-                            data="data/programs.jsonl", objective=objective, domains=("programs",),
-                            labels={"method": method, "setting": "single", "domain": "programs"})
-                distill(f"{method.lower()}-multi", "distillation", seed,
-                        teachers=[_teacher(d, f"teachers/{d}/final", reference=reference) for d in ("sums", "programs")],
-                        data="data/mixed.jsonl", objective=objective, domains=("sums", "programs"),
-                        labels={"method": method, "setting": "multi", "domain": "both"})
-        for setting, (_, domains) in EXPO_SETTINGS.items():
-            # One merged model, sampled with every seed's evaluation seed (the multi-teacher merge: a finding).
-            for seed in seed_range if setting == "multi" else table_seeds:
-                jobs.append(Job(name=f"distillation/expo-{setting}/seed{seed}", kind="measure", experiment="distillation",
-                                seed=seed, model=f"models/expo-{setting}/final", measure_domains=domains,
-                                labels={"method": "ExPO", "setting": setting.split("-")[0], "seed": seed,
-                                        "domain": domains[0] if len(domains) == 1 else "both"}))
-    if "strong_to_weak" in only:  # the large teacher (its own base + grpo) into the small base
-        for seed in seed_range:
-            for method, lam, reference in (("OPD", 1.0, _reference(1.0)), ("ExOPD", EXOPD_LAM, _reference(EXOPD_LAM)),
-                                           ("ExOPD + reward correction", EXOPD_LAM, "models/large_base/final")):
-                slug = method.lower().replace(" + ", "-").replace(" ", "-")
-                distill(slug, "strong_to_weak", seed,
-                        teachers=[_teacher("sums", "teachers/large_sums/final", reference=reference)],
-                        data="data/sums.jsonl", objective={"name": "gopd", "lam": lam}, domains=("sums",),
-                        labels={"method": method, "domain": "sums"})
-    if "mismatch" in only:  # a partly spaced-style student distilled from the sums teacher
-        for variant in MISMATCH_VARIANTS:
-            name, _, guidance = variant.partition("+")
-            objective = ({"name": "gopd", "lam": 1.0} if name == "opd"
-                         else {"name": "tropd", "tropd": {"outlier": name.split("-")[1]}})
-            if guidance:
-                objective["guidance"] = {"enabled": True}
-            for seed in seed_range:
-                distill(variant, "mismatch", seed, student="models/mismatched_base/final",
-                        teachers=[_teacher("sums", "teachers/sums/final", reference=None)],  # OPD and TrOPD: no lR
-                        data="data/sums.jsonl", objective=objective, domains=("sums",), steps=scale.mismatch_steps,
-                        labels={"method": variant, "domain": "sums"})
-    # The single models every table and verdict is measured against, whatever `only` names; with the lower
-    # temperatures they are also the control no paper ran (sharpening by temperature alone).
-    # The control compares the teacher at lower temperatures with the ExOPD students: at their seeds.
+def _distill(scale: Scale, name: str, experiment: str, seed: int, *, student: str = "models/base/final",
+             teachers: list[dict], data: str, objective: dict, labels: dict, domains: tuple[str, ...],
+             steps: int | None = None, temperatures: tuple[float, ...] = (1.0,)) -> list[Job]:
+    """One distilled student's job at `seed`, or none where `seeds_of` leaves its run out at that seed."""
+    if seed not in seeds_of(f"{experiment}/{name}", scale):
+        return []
+    config = _config(scale, student=student, teachers=teachers, data=data, objective=objective,
+                     steps=steps or scale.distill_steps, seed=seed, optim=_student_optim(scale))
+    return [Job(name=f"{experiment}/{name}/seed{seed}", kind="train", experiment=experiment, seed=seed,
+                config=config, measure_domains=domains, temperatures=temperatures, labels={**labels, "seed": seed})]
+
+
+def _lam_sweep_jobs(scale: Scale) -> list[Job]:
+    """gopd from the base with the sums teacher; reference = the base, except at λ = 1."""
+    jobs = []
+    for lam in TRAINED_LAMS:
+        for seed in range(scale.seeds):
+            jobs += _distill(scale, f"lam{lam}", "lam_sweep", seed,
+                             teachers=[_teacher("sums", "teachers/sums/final", reference=_reference(lam))],
+                             data="data/sums.jsonl", objective={"name": "gopd", "lam": lam}, domains=("sums",),
+                             labels={"lam": lam, "method": "OPD" if lam == 1 else f"G-OPD lam={lam}", "domain": "sums"},
+                             # The OPD student at lower temperatures too, for the control's table (no verdict uses
+                             # it, so one evaluation seed, like the table's other models).
+                             temperatures=scale.control_temperatures if lam == 1 and seed == 0 else (1.0,))
+    return jobs
+
+
+def _distillation_jobs(scale: Scale) -> list[Job]:
+    """G-OPD Table 2: single- and multi-teacher SFT, OPD and ExOPD, and the ExPO merges measured per seed."""
+    jobs = []
+    table_seeds = [seed for seed in range(scale.seeds) if seed in TABLE_ONLY_SEEDS]
+    for seed in range(scale.seeds):
+        if seed in table_seeds:
+            jobs += _distill(scale, "sft-sums", "distillation", seed,
+                             teachers=[_teacher("sums", "teachers/sums/final", reference=None)], data="data/sums.jsonl",
+                             objective={"name": "sft"}, domains=("sums",),
+                             labels={"method": "SFT", "setting": "single", "domain": "sums"})
+        for method, lam in (("SFT", None), ("OPD", 1.0), ("ExOPD", EXOPD_LAM)):
+            objective = {"name": "sft"} if lam is None else {"name": "gopd", "lam": lam}
+            reference = _reference(lam)
+            if method != "SFT" or seed in table_seeds:
+                jobs += _distill(scale, f"{method.lower()}-programs", "distillation", seed,
+                                 teachers=[_teacher("programs", "teachers/programs/final", reference=reference)],
+                                 data="data/programs.jsonl", objective=objective, domains=("programs",),
+                                 labels={"method": method, "setting": "single", "domain": "programs"})
+            jobs += _distill(scale, f"{method.lower()}-multi", "distillation", seed,
+                             teachers=[_teacher(d, f"teachers/{d}/final", reference=reference)
+                                       for d in ("sums", "programs")],
+                             data="data/mixed.jsonl", objective=objective, domains=("sums", "programs"),
+                             labels={"method": method, "setting": "multi", "domain": "both"})
+    for setting, (_, domains) in EXPO_SETTINGS.items():
+        # One merged model, sampled with every seed's evaluation seed (the multi-teacher merge: a finding).
+        for seed in range(scale.seeds) if setting == "multi" else table_seeds:
+            jobs.append(Job(name=f"distillation/expo-{setting}/seed{seed}", kind="measure", experiment="distillation",
+                            seed=seed, model=f"models/expo-{setting}/final", measure_domains=domains,
+                            labels={"method": "ExPO", "setting": setting.split("-")[0], "seed": seed,
+                                    "domain": domains[0] if len(domains) == 1 else "both"}))
+    return jobs
+
+
+def _strong_to_weak_jobs(scale: Scale) -> list[Job]:
+    """The large teacher (its own base + grpo) into the small base: OPD, ExOPD, ExOPD with reward correction."""
+    jobs = []
+    for seed in range(scale.seeds):
+        for method, lam, reference in (("OPD", 1.0, _reference(1.0)), ("ExOPD", EXOPD_LAM, _reference(EXOPD_LAM)),
+                                       ("ExOPD + reward correction", EXOPD_LAM, "models/large_base/final")):
+            slug = method.lower().replace(" + ", "-").replace(" ", "-")
+            jobs += _distill(scale, slug, "strong_to_weak", seed,
+                             teachers=[_teacher("sums", "teachers/large_sums/final", reference=reference)],
+                             data="data/sums.jsonl", objective={"name": "gopd", "lam": lam}, domains=("sums",),
+                             labels={"method": method, "domain": "sums"})
+    return jobs
+
+
+def _mismatch_jobs(scale: Scale) -> list[Job]:
+    """A partly spaced-style student distilled from the sums teacher by each of MISMATCH_VARIANTS."""
+    jobs = []
+    for variant in MISMATCH_VARIANTS:
+        name, _, guidance = variant.partition("+")
+        objective = ({"name": "gopd", "lam": 1.0} if name == "opd"
+                     else {"name": "tropd", "tropd": {"outlier": name.split("-")[1]}})
+        if guidance:
+            objective["guidance"] = {"enabled": True}
+        for seed in range(scale.seeds):
+            jobs += _distill(scale, variant, "mismatch", seed, student="models/mismatched_base/final",
+                             teachers=[_teacher("sums", "teachers/sums/final", reference=None)],  # OPD and TrOPD: no lR
+                             data="data/sums.jsonl", objective=objective, domains=("sums",), steps=scale.mismatch_steps,
+                             labels={"method": variant, "domain": "sums"})
+    return jobs
+
+
+def _single_model_jobs(scale: Scale) -> list[Job]:
+    """The single models, measured at each seed's evaluation seed; with the lower temperatures they are also
+    the control no paper ran (sharpening by temperature alone), which compares the teacher at lower
+    temperatures with the ExOPD students: at their seeds."""
+    jobs = []
     control_seeds = seeds_of("lam_sweep/lam1.25", scale)
     for name, (model, domains) in SINGLE_MODELS.items():
         for seed in seeds_of(f"temperature/{name}", scale):

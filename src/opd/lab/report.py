@@ -1,68 +1,17 @@
-"""The lab's report: tables in the papers' layout, a verdict per published finding, plots, results.json.
-
-A verdict is decided by a 95% confidence interval (stats.py): "reproduced" only when the interval is on
-the finding's side, "not reproduced" when it is on the other side (for a "beats" finding with a number in
-its paper: wholly below the paper's gain, PAPER_GAINS), "inconclusive" otherwise. Every interval
-is a paired one over seeds: single models (teachers, bases, ExPO merges) are measured at each seed's
-evaluation seed (plan.SINGLE_MODELS), so they pair with the trained students like a method.
-"""
+"""The lab's report: tables in the papers' layout, the verdict table (findings.py), plots (plots.py),
+results.json."""
 
 from __future__ import annotations
 
 import json
-import math
 import platform
-from dataclasses import dataclass
 from pathlib import Path
 
-from opd.lab.plan import EXOPD_LAM, MISMATCH_VARIANTS, SHARPENING_TEMPERATURE, TRAINED_LAMS, Scale
-from opd.lab.stats import Interval, interval, paired_difference, verdict_equal, verdict_greater
-
-EQUAL_MARGIN = 0.05  # "matches the teacher": within 5 accuracy points
-MINIMUM_GAP = 0.15  # a teacher must beat its base by this much for a comparison against it to mean anything
-# The gain each paper reports for a comparison the lab repeats (accuracy points / 100; the papers' tables as
-# digested in docs/lab.md "How verdicts are decided"). A "beats" finding is not reproduced when its interval
-# excludes a gain this large; a finding the papers give no number for has none here (then only an interval
-# wholly below 0 is "not reproduced").
-PAPER_GAINS = {
-    "ExOPD − teacher (sums)": 0.020,  # G-OPD Table 2, math average: 48.0 − 46.0
-    "ExOPD − OPD (sums)": 0.015,  # 48.0 − 46.5
-    "ExOPD − teacher (programs)": 0.009,  # code average: 62.1 − 61.2
-    "ExOPD − OPD (programs)": 0.013,  # 62.1 − 60.8
-    "multi ExOPD − teacher (sums)": 0.017,  # multi-teacher ExOPD 47.7 − math teacher 46.0
-    "multi ExOPD − teacher (programs)": 0.008,  # 62.0 − code teacher 61.2
-    "multi ExOPD − OPD": 0.0135,  # mean of math 47.7 − 46.4 and code 62.0 − 60.6
-    "multi ExOPD − SFT": 0.023,  # mean of 47.7 − 44.3 and 62.0 − 60.8
-    "multi ExOPD − ExPO": 0.0105,  # mean of 47.7 − 45.0 and 62.0 − 62.6
-    "strong-to-weak ExOPD − OPD": 0.023,  # G-OPD Table 3, the smaller of its two students' gains (1.7B: 25.4 − 23.1)
-    "reward correction − ExOPD": 0.006,  # G-OPD Fig. 6, math average: 28.7 − 28.1 (the smaller domain's)
-    "TrOPD-FKL − OPD": 0.022,  # TrOPD Tables 1/5: FKL outlier 49.00 − OPD 46.79 (the lab's variant, no guidance)
-    "guidance": 0.0085,  # TrOPD Table 5: TrOPD FKL (+ guidance) 49.85 − FKL outlier 49.00
-}
-
-
-class Results:
-    def __init__(self, results: list[dict]):
-        self.by_name = {r["name"]: r for r in results}
-        self.all = results
-
-    def runs(self, experiment: str, **labels) -> list[dict]:
-        return [r for r in self.all if r["experiment"] == experiment
-                and all(r["labels"].get(k) == v for k, v in labels.items())]
-
-    def values(self, runs: list[dict], domain: str, temperature: float = 1.0, field: str = "accuracy") -> list[float]:
-        key = f"{domain}@{temperature:g}"
-        return [r["measurements"][key][field] for r in runs if key in r["measurements"]]
-
-    def by_seed(self, runs: list[dict], domain: str, temperature: float = 1.0, field: str = "accuracy") -> dict[int, float]:
-        """The runs' values keyed by seed: what paired comparisons match up."""
-        key = f"{domain}@{temperature:g}"
-        return {r["seed"]: r["measurements"][key][field] for r in runs if key in r["measurements"]}
-
-    def model(self, name: str, domain: str, temperature: float = 1.0) -> dict[int, float]:
-        """A single model's accuracy by evaluation seed (plan.SINGLE_MODELS: sampled with each seed's
-        evaluation seed, so that a student is compared with it seed by seed)."""
-        return self.by_seed(self.runs("temperature", model=name), domain, temperature)
+from opd.lab.findings import (MINIMUM_GAP, PAPER_GAINS, Anchors, Findings, Results, all_greater, lam_sweep_runs,
+                              measure_anchors, seed_mean, verdict_summary)
+from opd.lab.plan import EXOPD_LAM, MISMATCH_VARIANTS, SHARPENING_TEMPERATURE, Scale
+from opd.lab.plots import write_plots
+from opd.lab.stats import Interval, interval, paired_difference, verdict_greater
 
 
 def _cell(values: list[float] | dict[int, float], percent: bool = True) -> str:
@@ -70,85 +19,13 @@ def _cell(values: list[float] | dict[int, float], percent: bool = True) -> str:
     return interval(values).format(percent) if values else "—"
 
 
-def _mean(by_seed: dict[int, float]) -> float:
-    return sum(by_seed.values()) / len(by_seed)
-
-
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
-
-
-def _mean_curve(runs: list[dict], key: str) -> list[float]:
-    curves = [[v for v in r.get("curves", {}).get(key, []) if v is not None] for r in runs]
-    curves = [c for c in curves if c]
-    if not curves:
-        return []
-    length = min(len(c) for c in curves)
-    return [sum(c[i] for c in curves) / len(curves) for i in range(length)]
 
 
 def _run_mean(run: dict, key: str, reduce=lambda v: sum(v) / len(v)) -> float | None:
     values = [v for v in run.get("curves", {}).get(key, []) if v is not None]
     return reduce(values) if values else None
-
-
-@dataclass(frozen=True)
-class Anchors:
-    """The single models every comparison is measured against: accuracy by evaluation seed (empty when not
-    measured)."""
-
-    teacher: dict[str, dict[int, float]]  # by domain: the grpo teacher
-    base: dict[str, dict[int, float]]  # by domain: the pretrained base the students start from
-    large_teacher: dict[int, float]
-    large_base: dict[int, float]
-    gaps: dict[str, float]  # mean teacher − mean base: "sums", "programs", "large_sums" where both are measured
-
-
-def measure_anchors(data: Results) -> Anchors:
-    teacher = {d: data.model(f"{d}-teacher", d) for d in ("sums", "programs")}
-    base = {d: data.model(f"base-{d}", d) for d in ("sums", "programs")}
-    large_teacher, large_base = data.model("large-sums-teacher", "sums"), data.model("large-base-sums", "sums")
-    gaps = {d: _mean(teacher[d]) - _mean(base[d]) for d in teacher if teacher[d] and base[d]}
-    if large_teacher and large_base:
-        gaps["large_sums"] = _mean(large_teacher) - _mean(large_base)
-    return Anchors(teacher=teacher, base=base, large_teacher=large_teacher, large_base=large_base, gaps=gaps)
-
-
-class Findings:
-    """The verdict rows, in the order the sections add them."""
-
-    def __init__(self, gaps: dict[str, float]):
-        self.gaps = gaps
-        self.rows: list[dict] = []
-
-    def add(self, claim: str, source: str, diff: Interval, verdict: str, what: str, *, room: tuple[str, ...] = (),
-            unit: str = "points", paper_gain: float | None = None, margin: float | None = None) -> None:
-        """One verdict row. `room`: the teachers ("sums", "programs", "large_sums") whose gain over their base the
-        finding needs; a teacher that is not clearly better than its base leaves nothing to distil or to pass,
-        so such a comparison is inconclusive whatever its interval says."""
-        factor, digits = _unit_format(unit)
-        evidence = (f"{what}: {diff.mean * factor:+.{digits}f}{' ' + unit if unit else ''}, "
-                    f"95% CI [{diff.low * factor:+.{digits}f}, {diff.high * factor:+.{digits}f}], {diff.n} seeds")
-        if paper_gain is not None:
-            evidence += f"; the paper's gain {paper_gain * factor:+.{digits}f}"
-        short = [name for name in room if self.gaps.get(name, 0.0) < MINIMUM_GAP]
-        if short:
-            verdict = "inconclusive"
-            evidence += (f" (teacher not {MINIMUM_GAP * 100:.0f} points above its base: {', '.join(short)}; "
-                         "nothing to distil)")
-        self.rows.append({"claim": claim, "source": source, "verdict": verdict, "evidence": evidence,
-                          "difference": [diff.mean, diff.low, diff.high], "unit": unit, "paper_gain": paper_gain,
-                          "margin": margin, "teachers_without_room": short})
-
-    def beats(self, claim: str, source: str, diff: Interval, what: str, *, gain: str, room: tuple[str, ...]) -> None:
-        """A "beats" row decided against the paper's own gain, PAPER_GAINS[gain] (stats.verdict_greater)."""
-        paper_gain = PAPER_GAINS[gain]
-        self.add(claim, source, diff, verdict_greater(diff, paper_gain), what, room=room, paper_gain=paper_gain)
-
-    def equals(self, claim: str, source: str, diff: Interval, what: str, *, room: tuple[str, ...]) -> None:
-        """A "matches" row: reproduced inside ±EQUAL_MARGIN, not reproduced wholly outside (stats.verdict_equal)."""
-        self.add(claim, source, diff, verdict_equal(diff, EQUAL_MARGIN),
-                 f"{what} (equal within ±{EQUAL_MARGIN * 100:.0f})", room=room, margin=EQUAL_MARGIN)
 
 
 def _fewer_seeds(results: list[dict], seeds: int) -> str:
@@ -163,17 +40,6 @@ def _fewer_seeds(results: list[dict], seeds: int) -> str:
         if len(found) < seeds:
             fewer.setdefault(len(found), []).append(f"`{group}`")
     return "; ".join(f"{count}: {', '.join(groups)}" for count, groups in sorted(fewer.items(), reverse=True)) or "none"
-
-
-def _unit_format(unit: str) -> tuple[float, int]:
-    """How a difference in `unit` is printed: the factor from the stored fraction, and the decimals."""
-    return {"points": (100.0, 1), "tokens": (1.0, 1)}.get(unit, (1.0, 3))
-
-
-def _all_greater(verdicts: set[str]) -> str:
-    """The verdict of a finding that needs every one of several differences to be positive."""
-    return ("reproduced" if verdicts == {"reproduced"} else
-            "not reproduced" if "not reproduced" in verdicts else "inconclusive")
 
 
 def build_report(results: list[dict], scale: Scale) -> tuple[list[str], list[dict], dict]:
@@ -234,14 +100,6 @@ def sharpening_check(data: Results, scale: Scale) -> list[str]:
             "the base's temperature does not give is not temperature sharpening of the base."]
 
 
-def lam_sweep_runs(data: Results) -> dict[float, list[dict]]:
-    """The sweep's runs by λ; λ = 0 is the base itself (plan.TRAINED_LAMS says why), measured per seed."""
-    sweep = {lam: data.runs("lam_sweep", lam=lam) for lam in TRAINED_LAMS}
-    if not any(sweep.values()):
-        return sweep
-    return {0.0: data.runs("temperature", model="base-sums"), **sweep}
-
-
 def lam_sweep_section(data: Results, anchors: Anchors, sweep: dict[float, list[dict]],
                       findings: Findings) -> tuple[list[str], dict] | None:
     """G-OPD Figures 2-4: accuracy, length and entropy against the reward scale λ."""
@@ -266,7 +124,7 @@ def lam_sweep_section(data: Results, anchors: Anchors, sweep: dict[float, list[d
         low, high = paired_difference(paired[0.5], base["sums"]), paired_difference(paired[1.0], paired[0.5])
         findings.add("0 < λ < 1 interpolates between the base and the teacher", "G-OPD Fig. 2",
                      Interval(mean=min(low.mean, high.mean), low=min(low.low, high.low), high=min(low.high, high.high),
-                              n=low.n), _all_greater({verdict_greater(low), verdict_greater(high)}),
+                              n=low.n), all_greater({verdict_greater(low), verdict_greater(high)}),
                      "the smaller of (λ=0.5 − base) and (λ=1 − λ=0.5)", room=("sums",))
     if acc.get(EXOPD_LAM) and teacher["sums"]:
         diff = paired_difference(paired[EXOPD_LAM], teacher["sums"])
@@ -338,7 +196,7 @@ def _multi_teacher_findings(data: Results, anchors: Anchors, table: dict[tuple[s
     diffs = {d: paired_difference(seeded[("multi", "ExOPD")][d], teacher[d]) for d in ("sums", "programs")}
     weaker = min(diffs, key=lambda d: diffs[d].low)
     findings.add("Multi-teacher ExOPD beats both domain teachers", "G-OPD Table 2", diffs[weaker],
-                 _all_greater({verdict_greater(diffs[d], gains[d]) for d in diffs}),
+                 all_greater({verdict_greater(diffs[d], gains[d]) for d in diffs}),
                  f"the weaker domain's ExOPD − teacher ({weaker})", room=("sums", "programs"), paper_gain=gains[weaker])
     pooled = _both_domains(seeded[("multi", "ExOPD")])
     for other in ("OPD", "SFT", "ExPO"):
@@ -443,7 +301,7 @@ def temperature_section(data: Results, sweep: dict[float, list[dict]], scale: Sc
     lower = [data.model("sums-teacher", "sums", t) for t in temperatures[1:]]
     # The temperature at which the teacher is best on average: choosing it from the same samples favours
     # the teacher, so this finding can only err towards "not reproduced".
-    sharpest = max((m for m in lower if m), key=_mean, default=None)
+    sharpest = max((m for m in lower if m), key=seed_mean, default=None)
     if exopd and sharpest:
         diff = paired_difference(exopd, sharpest)
         findings.add("ExOPD's gain exceeds what sampling the teacher at a lower temperature gives", "control (ours)",
@@ -454,91 +312,6 @@ def temperature_section(data: Results, sweep: dict[float, list[dict]], scale: Sc
         findings.add(f"ExOPD's gain exceeds its uniform-reference target, the teacher at T = 1/λ = "
                      f"{SHARPENING_TEMPERATURE:g}", "control (ours)", diff, verdict_greater(diff),
                      f"ExOPD@T1 − teacher@T{SHARPENING_TEMPERATURE:g}", room=("sums",))
-    return lines
-
-
-def write_plots(root: Path, results: list[dict]) -> list[str]:
-    # Only the plots need matplotlib, and its backend must be chosen before pyplot is imported.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data, written = Results(results), []
-    sweep = {lam: data.values(runs, "sums") for lam, runs in lam_sweep_runs(data).items()}
-    if any(sweep.values()):
-        figure, axis = plt.subplots(figsize=(5, 3.5))
-        points = [(lam, interval(v)) for lam, v in sweep.items() if v]
-        axis.errorbar([p[0] for p in points], [p[1].mean * 100 for p in points],
-                      yerr=[[(p[1].mean - p[1].low) * 100 if math.isfinite(p[1].low) else 0 for p in points],
-                            [(p[1].high - p[1].mean) * 100 if math.isfinite(p[1].high) else 0 for p in points]],
-                      marker="o", capsize=3, label="G-OPD student")
-        for name, style, label in (("sums-teacher", "--", "sums teacher"), ("base-sums", ":", "base")):
-            value = data.model(name, "sums")
-            if value:
-                axis.axhline(_mean(value) * 100, linestyle=style, color="gray", label=label)
-        axis.set_xlabel("λ (reward scale)")
-        axis.set_ylabel("sums accuracy (%), T = 1")
-        axis.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(root / "accuracy_vs_lam.png", dpi=110)
-        plt.close(figure)
-        written.append("accuracy_vs_lam.png")
-    panels = {"lam_sweep": ("rollout/response_length", "student/entropy"),
-              "distillation": ("rollout/response_length", "student/entropy"),
-              "strong_to_weak": ("rollout/response_length", "student/entropy"),
-              "mismatch": ("rollout/response_length", "student/entropy", "optim/grad_norm", "teacher/untrusted_fraction")}
-    for experiment, keys in panels.items():
-        runs = data.runs(experiment)
-        if not any(r.get("curves") for r in runs):
-            continue
-        methods = sorted({json.dumps({k: v for k, v in r["labels"].items() if k != "seed"}, sort_keys=True)
-                          for r in runs if r.get("curves")})
-        figure, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
-        for axis, key in zip(axes, keys):
-            for method in methods:
-                labels = json.loads(method)
-                shown = key
-                if key == "student/entropy" and labels.get("method") == "SFT":
-                    # SFT trains on teacher-written responses: the student's entropy on those tokens
-                    shown = "student/entropy_given_tokens"
-                curve = _mean_curve([r for r in runs if {k: v for k, v in r["labels"].items() if k != "seed"} == labels], shown)
-                if curve:
-                    name = labels.get("method", "?") + (f" ({labels['setting']}, {labels['domain']})" if "setting" in labels else "")
-                    axis.plot(range(1, len(curve) + 1), curve, label=name, linewidth=1)
-            sft = key == "student/entropy" and any(json.loads(m).get("method") == "SFT" for m in methods)
-            axis.set_title(key + ("\n(SFT: on its teacher's tokens)" if sft else ""), fontsize=9)
-            axis.set_xlabel("step")
-        axes[0].legend(fontsize=6)
-        figure.tight_layout()
-        figure.savefig(root / f"curves_{experiment}.png", dpi=110)
-        plt.close(figure)
-        written.append(f"curves_{experiment}.png")
-    return written
-
-
-def verdict_summary(findings: list[dict]) -> list[str]:
-    """The verdict table in words: how many findings each verdict has and which, the findings that came out
-    "not reproduced" listed as prominently as the reproduced ones, and why each open one is open."""
-    def why_open(row: dict) -> str:
-        factor, digits = _unit_format(row["unit"])
-        bounds = f"[{row['difference'][1] * factor:+.{digits}f}, {row['difference'][2] * factor:+.{digits}f}]"
-        if row["teachers_without_room"]:
-            return "its teacher is too close to its base"
-        if row["paper_gain"]:
-            return f"its interval {bounds} holds both 0 and the paper's gain {row['paper_gain'] * factor:+.{digits}f}"
-        if row["margin"]:  # verdict_equal: decided only inside the band or wholly outside it
-            return f"its interval {bounds} crosses the ±{row['margin'] * factor:.0f}-point band"
-        return f"its interval {bounds} holds 0"
-
-    groups = {verdict: [row for row in findings if row["verdict"] == verdict]
-              for verdict in ("reproduced", "not reproduced", "inconclusive")}
-    lines = [f"**In short.** Of {len(findings)} findings, {len(groups['reproduced'])} are reproduced, "
-             f"{len(groups['not reproduced'])} not reproduced and {len(groups['inconclusive'])} inconclusive.", ""]
-    lines += [f"- Reproduced: {'; '.join(row['claim'] for row in groups['reproduced']) or 'none'}."]
-    lines += [f"- Not reproduced: {'; '.join(row['claim'] for row in groups['not reproduced']) or 'none'}."]
-    open_rows = "; ".join(f"{row['claim']} ({why_open(row)})" for row in groups["inconclusive"])
-    lines += [f"- Inconclusive: {open_rows or 'none'}."]
     return lines
 
 
