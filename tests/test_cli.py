@@ -43,6 +43,20 @@ def test_python_m_opd_cli_reaches_every_command():
     assert "--benchmark NAME" in result.stderr, result.stderr
 
 
+def test_every_command_is_reachable_and_bench_help_names_every_step_variant():
+    """The parser knows every command run_command dispatches to, and `opd bench --help` lists every variant
+    `opd bench step --variants` accepts (the help is written out: importing the benchmarks would import torch)."""
+    from opd.bench.step import ALL_VARIANTS
+    from opd.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {"train", "lab", "demo", "merge", "eval", "serve", "report", "bench"}
+    variants_help = next(action.help for action in commands["bench"]._actions if "--variants" in action.option_strings)
+    listed = variants_help.split("default: all of ", 1)[1].split(")", 1)[0]
+    assert [name.strip() for name in listed.split(",")] == list(ALL_VARIANTS)
+
+
 def test_opd_train_reports_a_bad_config_and_exits_nonzero(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("student: {path: s}\nteachers: [{domain: d, path: t}]\ndata: {path: x.jsonl}\noptim: {lr: fast}\n")

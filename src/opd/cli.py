@@ -47,7 +47,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_lab, _add_demo, _add_merge, _add_eval, _add_serve, _add_report, _add_bench):
+        add(commands)
+    return parser
 
+
+def _add_train(commands) -> None:
     train_parser = commands.add_parser("train", help="train a student against its teachers")
     train_parser.add_argument("config", help="YAML config file (see configs/)")
     train_parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.lam=1.25")
@@ -59,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--nproc", type=int, default=1,
                               help="processes on this machine (re-launches under torchrun; FSDP2 data parallel)")
 
+
+def _add_lab(commands) -> None:
     lab_parser = commands.add_parser("lab", help="reproduce the papers' findings with tiny models on the CPU")
     lab_parser.add_argument("--quick", action="store_true",
                             help="the whole pipeline shrunk to about a minute on 2 idle cores (CI: checks the "
@@ -69,10 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  "mismatch, temperature")
     lab_parser.add_argument("--output", default=None, help="lab folder (default runs/lab or runs/lab-quick)")
     lab_parser.add_argument("--workers", type=int, default=None, help="worker processes (default: 2)")
+
+
+def _add_demo(commands) -> None:
     demo_parser = commands.add_parser("demo", help="build two tiny models and distill one into the other (CPU)")
     demo_parser.add_argument("--output-dir", default="runs/demo")
     demo_parser.add_argument("--steps", type=int, default=None, help="OPD steps (default 40)")
 
+
+def _add_merge(commands) -> None:
     merge_parser = commands.add_parser("merge", help="merge model weights without training (ExPO)")
     merge_parser.add_argument("--expo", action="store_true", required=True,
                               help="theta = mean(teachers) + alpha * (mean(teachers) - student)")
@@ -82,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge_parser.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     merge_parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
+
+def _add_eval(commands) -> None:
     eval_parser = commands.add_parser("eval", help="sample, grade and report benchmarks offline")
     eval_parser.add_argument("model", nargs="?", help="a local HF model folder (omit with --responses)")
     eval_parser.add_argument("--benchmarks",
@@ -117,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--max-model-len", type=int, default=None,
                              help="--backend vllm: tokens per sequence (default: the model's max_position_embeddings)")
 
+
+def _add_serve(commands) -> None:
     serve_parser = commands.add_parser("serve", help="start a vLLM server with what opd needs (README \"Layouts\")")
     serve_parser.add_argument("model", help="a local HF model folder")
     serve_parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: other hosts)")
@@ -132,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--weight-transfer", choices=("nccl",), default=None,
                               help="take the student's weights over NCCL (rollout.server.sync: nccl; GPUs only)")
 
+
+def _add_report(commands) -> None:
     report_parser = commands.add_parser(
         "report", help="write RUN_DIR/report.html: every metric's curve and the logged samples token by token",
         description="Write one self-contained HTML page (no network: inline plots, styles and script) from a run "
@@ -141,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     report_parser.add_argument("--output", default=None, metavar="PATH",
                                help="where to write the page (default RUN_DIR/report.html; replaced if present)")
 
+
+def _add_bench(commands) -> None:
     bench_parser = commands.add_parser("bench", help="speed and memory benchmarks, as ratios measured in one run")
     bench_parser.add_argument("name", choices=["memory", "overhead", "step", "rollout"])
     bench_parser.add_argument("--quick", action="store_true", help="reduced sizes (what CI runs)")
@@ -148,9 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--tokens", type=int, nargs="+", help="memory: only these response-token counts")
     bench_parser.add_argument("--variants", help="step: only these comma-separated variants (default: all of trl, "
                                                  "opd, opd-vllm, opd-served, opd-async, opd-2proc, opd-colocated, "
-                                                 "opd-padded, opd-packed)")
-
-    return parser
+                                                 "opd-padded, opd-packed, opd-consecutive, opd-grouped)")
 
 
 def run_command(args) -> None:
@@ -213,7 +231,6 @@ def run_command(args) -> None:
         scale = DemoScale() if args.steps is None else dataclasses.replace(DemoScale(), distill_steps=args.steps)
         run_demo(args.output_dir, scale=scale)
         print(f"opd: demo finished; runs (metrics.jsonl, final/ student folders) under {args.output_dir}")
-
 
 
 def run_bench(name: str, quick: bool, output: str | None, tokens: list[int] | None = None,
