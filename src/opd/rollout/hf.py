@@ -118,17 +118,8 @@ def generate_responses(
     prefixes = prefixes or [[] for _ in prompts]
     prompt_ids, prompt_mask = left_pad([p + x for p, x in zip(prompts, prefixes, strict=True)], settings.pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(model.device), prompt_mask.to(model.device)
-    recorder = _SampledLogprobRecorder()
     greedy = settings.temperature == 0  # evaluation only (opd eval --temperature 0): rollouts sample at > 0
-    processors = [] if greedy else [TemperatureLogitsWarper(settings.temperature)]
-    if kept_width is not None:
-        processors.insert(0, _DropColumns(kept_width))
-    if settings.top_p < 1.0 and not greedy:  # the argmax is in every top-p set
-        processors.append(TopPLogitsWarper(top_p=settings.top_p))
-    processors.append(recorder)  # greedy: the log-probs of the untempered distribution
-    if shared_noise is not None and not greedy:  # after the recorder: it keeps the noiseless distribution
-        processors.append(_SharedGumbelNoise(shared_noise[0], shared_noise[1], prompt_ids.shape[1]))
-    longest_prefix = max(len(x) for x in prefixes)
+    processors, recorder = _logits_processors(settings, kept_width, shared_noise, prompt_ids.shape[1])
     generation_config = GenerationConfig(
         do_sample=not greedy and shared_noise is None,  # shared noise: the noise is added, generate takes the argmax
         temperature=1.0,  # ours are in `processors`, ahead of the recorder
@@ -160,11 +151,36 @@ def generate_responses(
     # may modify in place and save for backward (an inference tensor may do neither).
     generated = sequences[:, prompt_ids.shape[1] :].cpu()
     logprobs, entropy = (t.cpu() for t in recorder.finish(sequences[:, -1]))
-    if longest_prefix == 0:
+    if max(len(x) for x in prefixes) == 0:
         return finish_responses(generated, logprobs, entropy, torch.zeros_like(generated, dtype=torch.bool), settings)
+    return _after_prefixes(prefixes, generated, logprobs, entropy, settings)
+
+
+def _logits_processors(settings: SamplingSettings, kept_width: int | None, shared_noise: tuple[int, int] | None,
+                       prompt_width: int) -> tuple[list, _SampledLogprobRecorder]:
+    """generate's processors, in order: the kept columns, the temperature, top-p, the recorder of the
+    sampled tokens' log-probs (of the distribution sampled from), then the shared noise (the recorder keeps
+    the noiseless distribution)."""
+    recorder = _SampledLogprobRecorder()
+    greedy = settings.temperature == 0
+    processors = [] if greedy else [TemperatureLogitsWarper(settings.temperature)]
+    if kept_width is not None:
+        processors.insert(0, _DropColumns(kept_width))
+    if settings.top_p < 1.0 and not greedy:  # the argmax is in every top-p set
+        processors.append(TopPLogitsWarper(top_p=settings.top_p))
+    processors.append(recorder)  # greedy: the log-probs of the untempered distribution
+    if shared_noise is not None and not greedy:
+        processors.append(_SharedGumbelNoise(shared_noise[0], shared_noise[1], prompt_width))
+    return processors, recorder
+
+
+def _after_prefixes(prefixes: list[list[int]], generated: Tensor, logprobs: Tensor, entropy: Tensor,
+                    settings: SamplingSettings) -> Responses:
+    """Each row's response: its teacher prefix (flagged in `from_teacher`, log-prob and entropy 0), then what
+    the model generated after it, cut at max_new_tokens."""
     width = settings.max_new_tokens
     ids, from_teacher = place_prefixes(prefixes, width, settings.pad_id)
-    row_logprobs, row_entropy = torch.zeros(len(prompts), width), torch.zeros(len(prompts), width)
+    row_logprobs, row_entropy = torch.zeros(len(prefixes), width), torch.zeros(len(prefixes), width)
     for row, prefix in enumerate(prefixes):
         take = min(len(prefix), width)
         rest = min(width - take, generated.shape[1])
