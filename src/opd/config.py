@@ -358,7 +358,7 @@ def validate(config: Config) -> None:
         if not ok:
             problems.append(message)
 
-    _validate_teachers(config, require, problems)
+    _validate_teachers(config, require)
     problems += _objective_problems(config)
     _validate_objective_settings(config, require)
     _validate_vllm(config, require)
@@ -373,7 +373,7 @@ def validate(config: Config) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
-def _validate_teachers(config: Config, require, problems: list[str]) -> None:
+def _validate_teachers(config: Config, require) -> None:
     """One teacher per domain, each with a finite λ, a known grader, and a reference wherever λ needs one."""
     require(len(config.teachers) > 0, "teachers: at least one teacher is needed")
     domains = [teacher.domain for teacher in config.teachers]
@@ -385,12 +385,10 @@ def _validate_teachers(config: Config, require, problems: list[str]) -> None:
         require(math.isfinite(lam), f"{where}.lam: must be finite, got {lam}")
         grader = grader_problem(teacher.grader, f"{where}.grader")
         require(grader is None, grader or "")
-        if teacher.reference is None and lam != 1.0:
-            problems.append(
+        require(teacher.reference is not None or lam == 1.0,
                 f"{where}.reference: lam = {lam} for domain '{teacher.domain}' needs a reference model "
                 "(G-OPD reward lam*(log pi_T - log pi_ref)); set reference to 'student_init' or a model "
-                "folder. opd never falls back to plain OPD silently."
-            )
+                "folder. opd never falls back to plain OPD silently.")
 
 
 def _validate_padded_logits(config: Config, require) -> None:
@@ -559,6 +557,11 @@ def _validate_vllm(config: Config, require) -> None:
                 "or use backend hf")
 
 
+def is_server_url(value: str | None) -> bool:
+    """A reference given as the URL of a vLLM server rather than a folder."""
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
 def _validate_sync(server: ServerConfig, require) -> None:
     """The chosen sync's own settings, and none of the other's (it would be ignored)."""
     if server.sync == "nccl":
@@ -622,11 +625,6 @@ def _validate_server_block(server: ServerConfig, key: str, used: bool, require, 
     require(server.attempts >= 1, f"{key}.attempts: must be >= 1")
     require(server.backoff_seconds >= 0, f"{key}.backoff_seconds: must be >= 0")
     require(server.probe_tolerance > 0, f"{key}.probe_tolerance: must be > 0")
-
-
-def is_server_url(value: str | None) -> bool:
-    """A reference given as the URL of a vLLM server rather than a folder."""
-    return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
 # --------------------------------------------------------------------------- loading
