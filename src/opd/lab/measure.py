@@ -54,6 +54,17 @@ class GradeStore:
                                     "tests TEXT, completion TEXT, grade REAL, PRIMARY KEY (domain, prompt, "
                                     "answer, tests, completion))")
 
+    def __enter__(self) -> "GradeStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        # A lab worker runs many jobs in one process: each job's connection is closed when the job ends, not
+        # whenever the garbage collector gets to it.
+        self.connection.close()
+
     def get(self, key: tuple) -> float | None:
         row = self.connection.execute("SELECT grade FROM grades WHERE domain = ? AND prompt = ? AND answer = ? "
                                       "AND tests = ? AND completion = ?", key).fetchone()

@@ -69,7 +69,6 @@ def _curves(run_dir: Path) -> dict[str, list[float]]:
 def execute(job: Job, root: Path, scale: Scale) -> dict:
     """Run one job in this process; returns (and saves) its result."""
     from opd.config import load_config
-    from opd.lab.measure import GradeStore, measure
     from opd.lab.pretrain import pretrain
     from opd.merge import expo_merge
     from opd.train import train
@@ -97,20 +96,29 @@ def execute(job: Job, root: Path, scale: Scale) -> dict:
                    job.merge["alpha"], str(model))
     else:
         model = root / job.model
-    measurements = {}
-    store = GradeStore(root / GRADES) if job.measure_domains else None
-    for domain in job.measure_domains:
-        test = problems(domain, scale.test_problems, seed=0, test=True)
-        for temperature in job.temperatures:
-            # The sampling seed is the run's seed: seeds of deterministic jobs (ExPO) differ only in sampling.
-            m = measure(str(model), test, temperature=temperature, samples=scale.test_samples, seed=1000 + job.seed,
-                        store=store)
-            measurements[f"{domain}@{temperature:g}"] = dataclasses.asdict(m)
-    result["measurements"] = measurements
+    result["measurements"] = _measure_model(job, root, scale, model)
     result["seconds"] = time.perf_counter() - started
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RESULT).write_text(json.dumps(result, indent=1))
     return result
+
+
+def _measure_model(job: Job, root: Path, scale: Scale, model: Path) -> dict[str, dict]:
+    """The job's held-out measurements, by "domain@temperature"; grades shared through the lab's store."""
+    from opd.lab.measure import GradeStore, measure
+
+    measurements: dict[str, dict] = {}
+    if not job.measure_domains:
+        return measurements
+    with GradeStore(root / GRADES) as store:
+        for domain in job.measure_domains:
+            test = problems(domain, scale.test_problems, seed=0, test=True)
+            for temperature in job.temperatures:
+                # The sampling seed is the run's seed: seeds of deterministic jobs (ExPO) differ only in sampling.
+                m = measure(str(model), test, temperature=temperature, samples=scale.test_samples,
+                            seed=1000 + job.seed, store=store)
+                measurements[f"{domain}@{temperature:g}"] = dataclasses.asdict(m)
+    return measurements
 
 
 def _execute_in_worker(arguments) -> dict:
