@@ -151,7 +151,7 @@ def generate_responses(
     # may modify in place and save for backward (an inference tensor may do neither).
     generated = sequences[:, prompt_ids.shape[1] :].cpu()
     logprobs, entropy = (t.cpu() for t in recorder.finish(sequences[:, -1]))
-    if max(len(x) for x in prefixes) == 0:
+    if not any(prefixes):  # no teacher prefix in any row
         return finish_responses(generated, logprobs, entropy, torch.zeros_like(generated, dtype=torch.bool), settings)
     return _after_prefixes(prefixes, generated, logprobs, entropy, settings)
 
