@@ -185,14 +185,13 @@ def test_vllm_logging_is_quiet_unless_asked_for(monkeypatch):
 
 def test_shared_noise_draws_each_token_from_the_tempered_distribution():
     """Gumbel-max with the hashed uniforms: over many rows, the argmax lands on each token with its
-    probability under softmax(scores) (the processor adds noise to already tempered scores)."""
-    from opd.rollout.hf import _SharedGumbelNoise
+    probability under softmax(scores) (the chooser adds noise to already tempered scores)."""
+    from opd.rollout.hf import shared_noise_chooser
 
     scores = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]))[None, :].repeat(40_000, 1)
     frequencies = []
     for position in (0, 1):  # a second position draws afresh
-        noise = _SharedGumbelNoise(seed=11, first_row=0, prompt_width=3)
-        chosen = noise(torch.zeros(40_000, 3 + position, dtype=torch.long), scores.clone()).argmax(dim=-1)
+        chosen = shared_noise_chooser(seed=11, first_row=0)(scores.clone(), torch.arange(40_000), position)
         frequencies.append(torch.bincount(chosen, minlength=5).double() / 40_000)
     for observed in frequencies:
         torch.testing.assert_close(observed, scores[0].double().exp(), atol=0.008, rtol=0)

@@ -1,47 +1,23 @@
-"""Student rollouts with Hugging Face `generate`, recording the sampler's log-prob of every token.
+"""Student rollouts on the Hugging Face model itself (decode.py's loop), recording the sampler's log-prob of
+every token.
 
 Two traps this module avoids:
 - A checkpoint's own `generation_config.json` (Qwen3 ships temperature 0.6, top_k 20, top_p 0.95)
-  would silently override our sampling settings; we build the generation config from scratch.
-- `output_scores=True` keeps [steps, N, V] logits (gigabytes at 151k vocab); instead a logits processor
-  placed after our temperature / top-p warpers keeps only the previous step's log-probs [N, V] and
-  gathers the sampled token's log-prob when the next step arrives.
+  would silently override our sampling settings under `generate`; the loop reads only our settings.
+- Keeping every step's [N, V] scores (gigabytes at 151k vocab): each step keeps the sampled token's
+  log-prob and the distribution's entropy only.
 
 The recorded lOld is the log-prob under the distribution the token was actually drawn from (after
 temperature and top-p), which is what importance sampling needs.
 """
-
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
+from opd.rollout.decode import Chooser, decode, multinomial_over_the_batch
 from opd.rollout.batch import Responses, SamplingSettings, concatenate, finish_responses, left_pad, place_prefixes
-
-
-class _SampledLogprobRecorder:
-    """Logits processor that records log pi_sampler(token) for each generated token."""
-
-    def __init__(self) -> None:
-        self.previous: Tensor | None = None  # [N, V] log-probs of the last step
-        self.recorded: list[Tensor] = []  # per step: [N]
-        self.entropies: list[Tensor] = []  # per step: [N], entropy of the sampling distribution
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self.previous is not None:
-            self.recorded.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.previous = torch.log_softmax(scores.float(), dim=-1)
-        probabilities = self.previous.exp()
-        # p log p with p = 0 (top-p removed the token, log p = -inf) contributes 0, not NaN.
-        self.entropies.append(-(probabilities * self.previous.nan_to_num(neginf=0.0)).sum(dim=-1))
-        return scores
-
-    def finish(self, last_tokens: Tensor) -> tuple[Tensor, Tensor]:  # log-probs, entropies: [N, steps]
-        if self.previous is not None:
-            self.recorded.append(self.previous.gather(1, last_tokens[:, None]).squeeze(1))
-            self.previous = None
-        return torch.stack(self.recorded, dim=1), torch.stack(self.entropies, dim=1)
 
 
 _LOW_32_BITS = 0xFFFFFFFF
@@ -73,33 +49,24 @@ def shared_uniforms(seed: int, rows: Tensor, position: int, width: int) -> Tenso
     return (bits.float() + 0.5) / 2.0**24
 
 
-class _SharedGumbelNoise:
-    """Logits processor for sampling with shared randomness: adds Gumbel noise made from
-    `shared_uniforms`, and generate takes the argmax. The argmax of (tempered scores + Gumbel noise) is an
-    exact draw from the tempered distribution (the Gumbel-max trick), so each model is sampled as usual;
-    two models asked the same rows draw with the same noise, so where their distributions agree they pick
-    the same tokens. That couples their measurements: the noise of the sampling mostly cancels in a paired
-    difference instead of adding the variance of two independent draws."""
+def shared_noise_chooser(seed: int, first_row: int) -> Chooser:
+    """Sampling with shared randomness: the argmax of the scores plus Gumbel noise made from
+    `shared_uniforms`. The argmax of (tempered scores + Gumbel noise) is an exact draw from the tempered
+    distribution (the Gumbel-max trick), so each model is sampled as usual; two models asked the same rows
+    draw with the same noise, so where their distributions agree they pick the same tokens. That couples
+    their measurements: the noise of the sampling mostly cancels in a paired difference instead of adding
+    the variance of two independent draws. A row is keyed by `first_row` + its index in the batch."""
 
-    def __init__(self, seed: int, first_row: int, prompt_width: int):
-        self.seed, self.first_row, self.prompt_width = seed, first_row, prompt_width
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        rows = torch.arange(self.first_row, self.first_row + scores.shape[0], dtype=torch.long)
-        uniforms = shared_uniforms(self.seed, rows, input_ids.shape[1] - self.prompt_width, scores.shape[1])
+    def choose(scores: Tensor, rows: Tensor, step: int) -> Tensor:
+        uniforms = shared_uniforms(seed, first_row + rows.cpu(), step, scores.shape[1])
         gumbel = -torch.log(-torch.log(uniforms))
-        return scores + gumbel.to(device=scores.device, dtype=scores.dtype)
+        return (scores + gumbel.to(device=scores.device, dtype=scores.dtype)).argmax(dim=-1)
+
+    return choose
 
 
-class _DropColumns:
-    """Logits processor: ids >= kept_width cannot be drawn (the distribution the teacher is scored by)."""
-
-    def __init__(self, kept_width: int):
-        self.kept_width = kept_width
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        scores[:, self.kept_width :] = float("-inf")
-        return scores
+def _greedy(scores: Tensor, rows: Tensor, step: int) -> Tensor:
+    return scores.argmax(dim=-1)
 
 
 @torch.no_grad()
@@ -109,8 +76,8 @@ def generate_responses(
 ) -> Responses:
     """One sampled response per prompt row, continuing `prefixes[i]` (teacher tokens) when given; with
     `kept_width`, from the head's first kept_width ids only (a teacher's dropped padded logits). With
-    `shared_noise` = (seed, index of the first row), rows draw with `_SharedGumbelNoise` (measurements that
-    pair models; a row is keyed by its index among all rows sampled).
+    `shared_noise` = (seed, index of the first row), rows draw with `shared_noise_chooser` (measurements
+    that pair models; a row is keyed by its index among all rows sampled).
 
     A prefix is part of the response (flagged in `from_teacher`), the model continues after it, and the
     whole response is cut at max_new_tokens.
@@ -118,17 +85,6 @@ def generate_responses(
     prefixes = prefixes or [[] for _ in prompts]
     prompt_ids, prompt_mask = left_pad([p + x for p, x in zip(prompts, prefixes, strict=True)], settings.pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(model.device), prompt_mask.to(model.device)
-    greedy = settings.temperature == 0  # evaluation only (opd eval --temperature 0): rollouts sample at > 0
-    processors, recorder = _logits_processors(settings, kept_width, shared_noise, prompt_ids.shape[1])
-    generation_config = GenerationConfig(
-        do_sample=not greedy and shared_noise is None,  # shared noise: the noise is added, generate takes the argmax
-        temperature=1.0,  # ours are in `processors`, ahead of the recorder
-        top_p=1.0,
-        top_k=0,
-        max_new_tokens=max(settings.max_new_tokens - min(len(x) for x in prefixes), 1),
-        eos_token_id=list(settings.end_of_sequence_ids),
-        pad_token_id=settings.pad_id,
-    )
     was_training = model.training
     model.eval()
     # Inference mode skips autograd's version counters and view tracking: about a tenth of a small model's
@@ -137,41 +93,46 @@ def generate_responses(
     mode = torch.no_grad() if settings.synced else torch.inference_mode()
     try:
         with mode:
-            sequences = model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask.long(),
-                generation_config=generation_config,
-                logits_processor=LogitsProcessorList(processors),
-                # Sharded (FSDP) students need every rank in every forward: ranks keep stepping until all finish.
-                synced_gpus=settings.synced,
-            )
+            decoded = decode(model, prompt_ids, prompt_mask,
+                             max_new_tokens=max(settings.max_new_tokens - min(len(x) for x in prefixes), 1),
+                             end_ids=settings.end_of_sequence_ids, pad_id=settings.pad_id,
+                             process=_scores(settings, kept_width), choose=_chooser(settings, shared_noise, len(prompts)),
+                             synced=settings.synced)
+            # Cloned here so that what follows holds ordinary tensors, which training may modify in place and
+            # save for backward (an inference tensor may do neither).
+        generated, logprobs, entropy = (t.cpu().clone() for t in (decoded.tokens, decoded.logprobs, decoded.entropy))
     finally:
         model.train(was_training)
-    # What follows runs outside inference mode, so the returned tensors are ordinary ones, which training
-    # may modify in place and save for backward (an inference tensor may do neither).
-    generated = sequences[:, prompt_ids.shape[1] :].cpu()
-    logprobs, entropy = (t.cpu() for t in recorder.finish(sequences[:, -1]))
     if not any(prefixes):  # no teacher prefix in any row
         return finish_responses(generated, logprobs, entropy, torch.zeros_like(generated, dtype=torch.bool), settings)
     return _after_prefixes(prefixes, generated, logprobs, entropy, settings)
 
 
-def _logits_processors(settings: SamplingSettings, kept_width: int | None, shared_noise: tuple[int, int] | None,
-                       prompt_width: int) -> tuple[list, _SampledLogprobRecorder]:
-    """generate's processors, in order: the kept columns, the temperature, top-p, the recorder of the
-    sampled tokens' log-probs (of the distribution sampled from), then the shared noise (the recorder keeps
-    the noiseless distribution)."""
-    recorder = _SampledLogprobRecorder()
-    greedy = settings.temperature == 0
-    processors = [] if greedy else [TemperatureLogitsWarper(settings.temperature)]
-    if kept_width is not None:
-        processors.insert(0, _DropColumns(kept_width))
+def _scores(settings: SamplingSettings, kept_width: int | None):
+    """A step's logits [R, V] -> the scores tokens are drawn from: the kept columns, then the temperature
+    and top-p (HF's own warpers); greedy decoding (temperature 0) keeps the untempered distribution, whose
+    log-probs are recorded."""
+    greedy = settings.temperature == 0  # evaluation only (opd eval --temperature 0): rollouts sample at > 0
+    warpers = [] if greedy else [TemperatureLogitsWarper(settings.temperature)]
     if settings.top_p < 1.0 and not greedy:  # the argmax is in every top-p set
-        processors.append(TopPLogitsWarper(top_p=settings.top_p))
-    processors.append(recorder)  # greedy: the log-probs of the untempered distribution
-    if shared_noise is not None and not greedy:
-        processors.append(_SharedGumbelNoise(shared_noise[0], shared_noise[1], prompt_width))
-    return processors, recorder
+        warpers.append(TopPLogitsWarper(top_p=settings.top_p))
+
+    def process(logits: Tensor) -> Tensor:
+        if kept_width is not None:  # ids >= kept_width cannot be drawn (the distribution the teacher is scored by)
+            logits[:, kept_width:] = float("-inf")
+        for warper in warpers:
+            logits = warper(None, logits)
+        return logits
+
+    return process
+
+
+def _chooser(settings: SamplingSettings, shared_noise: tuple[int, int] | None, count: int) -> Chooser:
+    if settings.temperature == 0:
+        return _greedy
+    if shared_noise is not None:
+        return shared_noise_chooser(*shared_noise)
+    return multinomial_over_the_batch(count)
 
 
 def _after_prefixes(prefixes: list[list[int]], generated: Tensor, logprobs: Tensor, entropy: Tensor,
