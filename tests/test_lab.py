@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from opd.lab import stats
-from opd.lab.plan import (EXPERIMENTS, FULL, INTERPOLATION_SEEDS, QUICK, SINGLE_MODELS, TABLE_ONLY_SEEDS, experiment_jobs,
+from opd.lab.plan import (BASE_SEEDS, EXPERIMENTS, FULL, INTERPOLATION_SEEDS, QUICK, SINGLE_MODELS, TABLE_ONLY_MODELS,
+                          TABLE_ONLY_SEEDS, experiment_jobs,
                           merge_jobs, model_jobs, teacher_jobs)
 from opd.lab.report import build_report
 from opd.lab.tasks import (
@@ -409,7 +410,7 @@ def test_every_job_depends_on_the_jobs_that_make_the_models_it_reads():
     assert set(needs["distillation/opd-multi/seed0"]) == {"models/base", "teachers/sums", "teachers/programs"}
     assert needs["distillation/expo-multi/seed2"] == ("models/expo-multi",)
     assert set(needs["mismatch/tropd-fkl/seed0"]) == {"models/mismatched_base", "teachers/sums"}
-    assert needs["temperature/large-sums-teacher/seed3"] == ("teachers/large_sums",)
+    assert needs["temperature/large-sums-teacher/seed0"] == ("teachers/large_sums",)
     orphan = Job(name="x/seed0", kind="measure", experiment="temperature", model="teachers/nobody/final")
     with pytest.raises(ValueError, match="teachers/nobody/final"):
         dependencies(jobs + [orphan])
@@ -461,23 +462,32 @@ def test_the_full_plan_covers_every_experiment_with_every_seed():
     assert lams == {0.5, 1.0, 1.25, 1.5}  # λ = 0 is the base itself, measured per seed (plan.TRAINED_LAMS)
     assert {j.labels["method"] for j in by_experiment["mismatch"]} == {"opd", "tropd-fkl", "tropd-fkl+guidance"}
     every_seed = list(range(FULL.seeds))
-    # Single-teacher SFT and ExPO fill G-OPD Table 2's rows and decide nothing: seed 0 only. Every other
-    # student, and every single model's measurement, at every seed.
+    assert FULL.seeds == 6 and BASE_SEEDS == 4
+    # Single-teacher SFT and ExPO fill G-OPD Table 2's rows and decide nothing: seed 0 only. The runs whose
+    # comparisons four seeds left open (plan.EXTRA_SEED_RUNS) at all six; every other student at four.
     table_only = {"distillation/sft-sums", "distillation/sft-programs", "distillation/expo-single-sums",
-                  "distillation/expo-single-programs"}
+                  "distillation/expo-single-programs"} | {f"temperature/{name}" for name in TABLE_ONLY_MODELS}
+    six = {"distillation/exopd-programs", "distillation/exopd-multi", "distillation/opd-multi",
+           "distillation/sft-multi", "strong_to_weak/opd", "strong_to_weak/exopd",
+           "strong_to_weak/exopd-reward-correction", "mismatch/tropd-fkl", "mismatch/tropd-fkl+guidance",
+           "temperature/programs-teacher"}
     for job in jobs:
         if job.experiment != "models":
             group = job.name.rsplit("/", 1)[0]
             same = [j for j in jobs if j.name.rsplit("/", 1)[0] == group]
             expected = (list(TABLE_ONLY_SEEDS) if group in table_only else
-                        every_seed[:INTERPOLATION_SEEDS] if group == "lam_sweep/lam0.5" else every_seed)
+                        every_seed[:INTERPOLATION_SEEDS] if group == "lam_sweep/lam0.5" else
+                        every_seed if group in six else every_seed[:BASE_SEEDS])
             assert sorted(j.seed for j in same) == expected, job.name
     # Single models (teachers, bases, ExPO merges) are measured by their own jobs, one per evaluation seed,
     # never by the job that made them; the sums teacher at every control temperature for every seed.
     assert not any(j.measure_domains for j in jobs if j.experiment == "models")
+    # The single models no verdict pairs with (plan.TABLE_ONLY_MODELS) at evaluation seed 0 alone.
+    assert set(TABLE_ONLY_MODELS) < set(SINGLE_MODELS)
     for name in SINGLE_MODELS:
         measured = [j for j in by_experiment["temperature"] if j.labels["model"] == name]
-        assert [j.seed for j in measured] == every_seed
+        assert [j.seed for j in measured] == ([0] if name in TABLE_ONLY_MODELS else
+                                              every_seed if name == "programs-teacher" else every_seed[:BASE_SEEDS])
         lower = name == "sums-teacher" or (name.startswith(("base-", "large-base-")))  # the sharpening check's bases
         assert all(j.temperatures == (FULL.control_temperatures if lower and (j.seed == 0 or name == "sums-teacher")
                                       else (1.0,)) for j in measured), name
@@ -616,7 +626,7 @@ def test_the_sharpening_control_samples_at_one_over_lam():
     from opd.lab.plan import EXOPD_LAM
 
     teacher = [j for j in experiment_jobs(FULL) if j.labels.get("model") == "sums-teacher"]
-    assert len(teacher) == FULL.seeds and all(1 / EXOPD_LAM in job.temperatures for job in teacher)
+    assert len(teacher) == BASE_SEEDS and all(1 / EXOPD_LAM in job.temperatures for job in teacher)
 
 
 def test_the_sharpening_check_compares_the_base_at_lower_temperatures_with_its_teacher():

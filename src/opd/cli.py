@@ -70,7 +70,7 @@ def _add_lab(commands) -> None:
     lab_parser.add_argument("--quick", action="store_true",
                             help="the whole pipeline shrunk to about a minute on 2 idle cores (CI: checks the "
                                  "plumbing, not the findings)")
-    lab_parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 4; quick 2)")
+    lab_parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 6; quick 2)")
     lab_parser.add_argument("--only", action="append", default=None, metavar="EXPERIMENT",
                             help="run only this experiment (repeatable): lam_sweep, distillation, strong_to_weak, "
                                  "mismatch, temperature")

@@ -46,9 +46,25 @@ CONTROL_SEED_ZERO = ("base-sums", "base-programs", "large-base-sums")
 TABLE_ONLY_SEEDS = (0,)
 # λ = 0.5 feeds one finding (0 < λ < 1 interpolates), whose interval's lower end was 5 to 9 points above 0 in
 # the runs committed before 2026-12-07 (third): three seeds decided it, and the fourth's minute went to the
-# comparisons still open. Since then its lower end was +0.2 (committed) and -1.3 (a five-seed run of the
-# twelfth session, docs/lab.md): t(2) = 4.3 is too wide for one seed that goes further than the others.
+# comparisons still open.
 INTERPOLATION_SEEDS = 3
+# Six seeds decide every finding (docs/lab.md, "What six seeds would decide"), and six seeds of everything
+# do not fit the half hour: every run gets BASE_SEEDS, and the runs whose comparisons four seeds left
+# undecided or wider than ±3 points (the run committed on 2026-12-07, third) get all of `Scale.seeds`.
+# Chosen from that run's verdicts, before the extra seeds ran; what four seeds decided stays as it was.
+BASE_SEEDS = 4
+EXTRA_SEED_RUNS = (
+    "distillation/exopd-programs", "temperature/programs-teacher",  # ExOPD against its programs teacher
+    "distillation/exopd-multi", "distillation/opd-multi", "distillation/sft-multi",  # multi-teacher ExOPD
+    "strong_to_weak/opd", "strong_to_weak/exopd", "strong_to_weak/exopd-reward-correction",  # both findings
+    "mismatch/tropd-fkl", "mismatch/tropd-fkl+guidance",  # guidance
+)
+
+
+# The single models no verdict pairs with, which fill table cells and the teachers' gap over their bases
+# (a mean): measured at evaluation seed 0 alone, so that six seeds of everything a verdict reads fit the
+# half hour (issue #16).
+TABLE_ONLY_MODELS = ("base-programs", "large-base-sums", "large-sums-teacher", "mismatched-base-sums")
 
 
 def seeds_of(group: str, scale: Scale) -> range:
@@ -56,7 +72,11 @@ def seeds_of(group: str, scale: Scale) -> range:
     chosen in `experiment_jobs` (TABLE_ONLY_SEEDS)."""
     if group == "lam_sweep/lam0.5":
         return range(min(INTERPOLATION_SEEDS, scale.seeds))
-    return range(scale.seeds)
+    if group.removeprefix("temperature/") in TABLE_ONLY_MODELS:
+        return range(min(1, scale.seeds))
+    if group in EXTRA_SEED_RUNS:
+        return range(scale.seeds)
+    return range(min(BASE_SEEDS, scale.seeds))
 
 
 EXPO_SETTINGS = {"single-sums": (["teachers/sums/final"], ("sums",)),
@@ -94,7 +114,7 @@ FULL = Scale(small=ModelShape(hidden_size=128, num_layers=4), large=ModelShape(h
              pretrain_steps=300, large_pretrain_steps=300, mismatch_pretrain_steps=300, pretrain_batch=128,
              teacher_steps=20, teacher_prompts=16, distill_steps=60, mismatch_steps=40, prompts_per_step=32,
              samples_per_prompt=2, lr=1e-4, student_lr=2e-4, train_problems=1500, test_problems=200, test_samples=8,
-             seeds=4)
+             seeds=6)
 QUICK = Scale(small=ModelShape(hidden_size=32, num_layers=1, num_heads=2),
               large=ModelShape(hidden_size=48, num_layers=1, num_heads=2),
               pretrain_steps=12, large_pretrain_steps=12, mismatch_pretrain_steps=8, pretrain_batch=16,
@@ -261,7 +281,7 @@ def _distillation_jobs(scale: Scale) -> list[Job]:
                              labels={"method": method, "setting": "multi", "domain": "both"})
     for setting, (_, domains) in EXPO_SETTINGS.items():
         # One merged model, sampled with every seed's evaluation seed (the multi-teacher merge: a finding).
-        for seed in range(scale.seeds) if setting == "multi" else table_seeds:
+        for seed in seeds_of("distillation/expo-multi", scale) if setting == "multi" else table_seeds:
             jobs.append(Job(name=f"distillation/expo-{setting}/seed{seed}", kind="measure", experiment="distillation",
                             seed=seed, model=f"models/expo-{setting}/final", measure_domains=domains,
                             labels={"method": "ExPO", "setting": setting.split("-")[0], "seed": seed,
