@@ -467,8 +467,7 @@ def test_the_full_plan_covers_every_experiment_with_every_seed():
     # comparisons four seeds left open (plan.EXTRA_SEED_RUNS) at all six; every other student at four.
     table_only = {"distillation/sft-sums", "distillation/sft-programs", "distillation/expo-single-sums",
                   "distillation/expo-single-programs"} | {f"temperature/{name}" for name in TABLE_ONLY_MODELS}
-    six = {"distillation/exopd-programs", "distillation/exopd-multi", "distillation/opd-multi",
-           "distillation/sft-multi", "strong_to_weak/opd", "strong_to_weak/exopd",
+    six = {"distillation/exopd-programs", "strong_to_weak/opd", "strong_to_weak/exopd",
            "strong_to_weak/exopd-reward-correction", "mismatch/tropd-fkl", "mismatch/tropd-fkl+guidance",
            "temperature/programs-teacher"}
     for job in jobs:
