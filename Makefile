@@ -17,7 +17,7 @@ test-slow: env
 	$(PY) -m pytest -m slow $(PYTEST_FLAGS)
 
 # The main job on its embedded default: the lab reproduces both papers' findings with tiny models on the CPU
-# (about 28 minutes on 2 cores; finished jobs are reused when it runs again). Report: runs/lab/results.md.
+# (about 31 minutes on 2 cores; finished jobs are reused when it runs again). Report: runs/lab/results.md.
 lab: env
 	$(VENV)/bin/opd lab
 

@@ -139,10 +139,16 @@ def test_response_lengths_spread_from_a_few_tokens_to_the_cap():
 
 def test_bench_rollout_quick(tmp_path):
     table, raw = run_bench("rollout", tmp_path)
-    assert [r["variant"] for r in raw["results"]] == ["hf", "vllm"]
-    assert all("error" not in r for r in raw["results"]), raw["results"]
-    assert all(r["tokens"] > 0 and r["tokens_per_second"] > 0 for r in raw["results"])
-    assert "throughput / HF generate" in table
+    results = raw["results"]
+    assert [(r["workload"], r["variant"]) for r in results] == [
+        (workload, variant) for workload in ("full length", "ragged") for variant in ("generate", "hf", "vllm")]
+    assert all("error" not in r for r in results), results
+    assert all(r["tokens"] > 0 and r["tokens_per_second"] > 0 for r in results)
+    tokens = {(r["workload"], r["variant"]): r["tokens"] for r in results}
+    # Same seed, same model: generate and opd's loop sample the same tokens; the ragged rows end early.
+    assert tokens["full length", "generate"] == tokens["full length", "hf"]
+    assert tokens["ragged", "generate"] == tokens["ragged", "hf"] < tokens["full length", "hf"] / 2
+    assert "throughput / HF generate" in table and "| ragged | opd HF sampler (decode loop) |" in table
 
 
 def test_a_variant_runs_in_its_own_process_and_its_failure_is_reported(tmp_path):

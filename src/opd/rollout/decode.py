@@ -85,15 +85,12 @@ class _ForwardBatch:
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         self.positions = positions if "position_ids" in parameters else None  # [R, P], then [R, 1]
         self.mask = None if bool(prompt_mask.all()) else mask  # [R, P + steps so far]
-        self.cuttable = None  # whether every cache layer can be cut by row (known after the first forward)
 
     def forward(self, inputs: Tensor) -> Tensor:
         """The float32 logits [R, V] of the next token after `inputs` [R, L] (the prompts, then one token)."""
-        outputs = self.model(input_ids=inputs, past_key_values=self.cache, attention_mask=self.mask,
-                             position_ids=self.positions, use_cache=True, return_dict=True, **self.extra) \
-            if self.positions is not None else \
-            self.model(input_ids=inputs, past_key_values=self.cache, attention_mask=self.mask, use_cache=True,
-                       return_dict=True, **self.extra)
+        extra = self.extra if self.positions is None else {**self.extra, "position_ids": self.positions}
+        outputs = self.model(input_ids=inputs, past_key_values=self.cache, attention_mask=self.mask, use_cache=True,
+                             return_dict=True, **extra)
         if self.positions is not None:
             self.positions = self.positions[:, -1:] + 1
         if self.mask is not None:
