@@ -131,7 +131,7 @@ def check_process_count(config: Config, world_size: int) -> None:
     if config.rollout.async_ and world_size > 1 and in_process:
         # The rollout thread scores with the teachers and references and writes teacher responses. Served
         # ones are HTTP requests only; an in-process model may issue collectives there (a sharded one's
-        # domain gathers and paired idle forwards, HF generate's synced_gpus) that would race the training
+        # domain gathers and paired idle forwards, the HF sampler's synced lockstep) that would race the training
         # thread's on the same process group. The rollouts themselves are served (config.py).
         raise StartupError(f"rollout.async with more than one process needs every teacher and reference served: "
                            f"{in_process[0]} runs in the training process, where its collectives would race the "

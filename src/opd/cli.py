@@ -124,7 +124,7 @@ def _add_eval(commands) -> None:
                                   "count as wrong and the coverage is reported (without it, such a file is refused)")
     eval_parser.add_argument("--output-dir", default="runs/eval")
     eval_parser.add_argument("--backend", choices=["hf", "vllm"], default="hf",
-                             help="the sampler: HF generate, or a vLLM engine in this process (opd[vllm])")
+                             help="the sampler: the HF model itself, or a vLLM engine in this process (opd[vllm])")
     eval_parser.add_argument("--server", default=None, metavar="URL",
                              help="sample from a vLLM server serving MODEL (`opd serve MODEL`), e.g. http://127.0.0.1:8000")
     eval_parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="--backend vllm: the engine's KV cache")

@@ -20,7 +20,7 @@ The rollout thread runs only `produce` (collect, grade, score); every collective
 thread. With more than one process each runs its own rollout thread on its share of the prompts, and the
 schedule above holds per process. That needs every teacher and reference served (checks.py): served models
 are HTTP requests, while an in-process one may issue collectives on the rollout thread (a sharded teacher's
-gathers, HF generate's synced_gpus) that would race the trainer's. A sync's reload waits for every process
+gathers, the HF sampler's synced lockstep) that would race the trainer's. A sync's reload waits for every process
 (served/engine.py), so no process's requests are in flight while the servers take new weights.
 """
 
