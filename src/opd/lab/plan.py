@@ -70,7 +70,8 @@ TABLE_ONLY_MODELS = ("base-programs", "large-base-sums", "large-sums-teacher", "
 
 
 def seeds_of(group: str, scale: Scale) -> range:
-    """The seeds a run (a job's name without its seed) is trained or measured at; the table-only runs are
+    """The seeds a run (a job's name without its seed) is trained or measured at: BASE_SEEDS, all of
+    `scale.seeds` for EXTRA_SEED_RUNS, one for TABLE_ONLY_MODELS; the table-only students and merges are
     chosen in `experiment_jobs` (TABLE_ONLY_SEEDS)."""
     if group == "lam_sweep/lam0.5":
         return range(min(INTERPOLATION_SEEDS, scale.seeds))

@@ -85,6 +85,8 @@ class _ForwardBatch:
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         self.positions = positions if "position_ids" in parameters else None  # [R, P], then [R, 1]
         self.mask = None if bool(prompt_mask.all()) else mask  # [R, P + steps so far]
+        # Whether rows may leave the batch: every cache layer can be cut by row (the layers exist from the start).
+        self.cuttable = all(type(layer).__name__ in _ROW_CUT_LAYERS for layer in self.cache.layers)
 
     def forward(self, inputs: Tensor) -> Tensor:
         """The float32 logits [R, V] of the next token after `inputs` [R, L] (the prompts, then one token)."""
@@ -141,7 +143,7 @@ def _rows_to_keep(batch: _ForwardBatch, running: Tensor, synced: bool) -> Tensor
     """Positions in the forward batch of the rows to compute next step: those still running, topped up
     with ended ones to `_FEWEST_ROWS` (or the batch, if smaller; with `synced` a process keeps stepping
     after its rows end). All of them where the cache cannot be cut by row."""
-    if not all(type(layer).__name__ in _ROW_CUT_LAYERS for layer in batch.cache.layers):
+    if not batch.cuttable:
         return torch.arange(len(batch.rows), device=batch.rows.device)
     still = running[batch.rows]
     missing = min(len(batch.rows), _FEWEST_ROWS) - int(still.sum())

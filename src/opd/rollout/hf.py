@@ -10,14 +10,15 @@ Two traps this module avoids:
 The recorded lOld is the log-prob under the distribution the token was actually drawn from (after
 temperature and top-p), which is what importance sampling needs.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-from opd.rollout.decode import Chooser, decode, multinomial_over_the_batch
 from opd.rollout.batch import Responses, SamplingSettings, concatenate, finish_responses, left_pad, place_prefixes
+from opd.rollout.decode import Chooser, decode, multinomial_over_the_batch
 
 
 _LOW_32_BITS = 0xFFFFFFFF
@@ -98,8 +99,8 @@ def generate_responses(
                              end_ids=settings.end_of_sequence_ids, pad_id=settings.pad_id,
                              process=_scores(settings, kept_width), choose=_chooser(settings, shared_noise, len(prompts)),
                              synced=settings.synced)
-            # Cloned here so that what follows holds ordinary tensors, which training may modify in place and
-            # save for backward (an inference tensor may do neither).
+        # Cloned outside inference mode, so that what follows holds ordinary tensors, which training may modify
+        # in place and save for backward (an inference tensor may do neither).
         generated, logprobs, entropy = (t.cpu().clone() for t in (decoded.tokens, decoded.logprobs, decoded.entropy))
     finally:
         model.train(was_training)
